@@ -1,0 +1,1 @@
+"""Compiled kernels (C: AMX, AVX-512, portable) and their Cython wrapper `_core`."""

@@ -1,0 +1,224 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""_core: the Cython face of the C kernels.
+
+Takes raw addresses that ktmoe/experts.py has already validated (it owns every check
+and keeps the Python objects alive), releases the GIL while kernels run, and reads
+DLPack capsules so any tensor library's CPU tensors can be passed without linking it.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
+
+cdef extern from "ktmoe.h":
+    ctypedef struct kt_view3:
+        void *data
+        int dtype
+        long stride[3]
+    ctypedef struct kt_lora_proj:
+        int r
+        kt_view3 A
+        kt_view3 B
+    ctypedef struct kt_lora:
+        float scale
+        kt_lora_proj proj[3]
+    ctypedef struct kt_layer:
+        pass
+    ctypedef struct kt_cpu_features:
+        int avx512, avx512_bf16, avx512_vnni, amx_tile, amx_bf16, amx_int8, amx_os
+    void kt_cpu_detect(kt_cpu_features *f)
+    int kt_amx_request_permission()
+    kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
+                              const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                              const void *down, int down_dtype)
+    void kt_layer_destroy(kt_layer *L) nogil
+    size_t kt_layer_weight_bytes(const kt_layer *L)
+    int kt_layer_set_threads(kt_layer *L, int num_threads)
+    int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
+                          const void *ids, int ids_dtype, const void *weights, int w_dtype,
+                          const kt_lora *lora, int keep, void *y) nogil
+    int kt_submit_backward(kt_layer *L, const void *dy, const kt_lora *grads, void *dx, void *dw) nogil
+    int kt_wait(kt_layer *L) nogil
+    int kt_layer_busy(const kt_layer *L)
+    int kt_layer_has_saved(const kt_layer *L)
+    void kt_layer_release_saved(kt_layer *L)
+    size_t kt_saved_bytes_per_token(int H, int I, int k)
+    long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E) nogil
+
+cdef extern from *:
+    """
+    /* DLPack (v0.8, unversioned capsule "dltensor"): only the fields read here. */
+    typedef struct { int32_t device_type; int32_t device_id; } kt_DLDevice;
+    typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } kt_DLDataType;
+    typedef struct {
+        void *data; kt_DLDevice device; int32_t ndim; kt_DLDataType dtype;
+        int64_t *shape; int64_t *strides; uint64_t byte_offset;
+    } kt_DLTensor;
+    typedef struct kt_DLManagedTensor {
+        kt_DLTensor dl_tensor; void *manager_ctx; void (*deleter)(struct kt_DLManagedTensor *);
+    } kt_DLManagedTensor;
+    """
+    ctypedef struct kt_DLDevice:
+        int32_t device_type
+        int32_t device_id
+    ctypedef struct kt_DLDataType:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+    ctypedef struct kt_DLTensor:
+        void *data
+        kt_DLDevice device
+        int32_t ndim
+        kt_DLDataType dtype
+        int64_t *shape
+        int64_t *strides
+        uint64_t byte_offset
+    ctypedef struct kt_DLManagedTensor:
+        kt_DLTensor dl_tensor
+
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "int32": 2, "int64": 3}
+ISA_CODES = {"portable": 0, "avx512": 1, "amx": 2}
+
+_DL_NAMES = {(0, 32): "int32", (0, 64): "int64", (2, 32): "float32", (4, 16): "bfloat16",
+             (0, 8): "int8", (0, 16): "int16", (1, 8): "uint8", (2, 16): "float16", (2, 64): "float64"}
+
+
+def dlpack_view(capsule):
+    """(address, dtype name, shape, strides in elements or None, device type) of a DLPack capsule."""
+    if not PyCapsule_IsValid(capsule, b"dltensor"):
+        raise TypeError("expected an unconsumed DLPack capsule named 'dltensor'")
+    cdef kt_DLManagedTensor *m = <kt_DLManagedTensor *>PyCapsule_GetPointer(capsule, b"dltensor")
+    cdef kt_DLTensor *t = &m.dl_tensor
+    shape = tuple(int(t.shape[i]) for i in range(t.ndim))
+    strides = None if t.strides == NULL else tuple(int(t.strides[i]) for i in range(t.ndim))
+    name = _DL_NAMES.get((t.dtype.code, t.dtype.bits), f"dlpack(code={t.dtype.code},bits={t.dtype.bits})")
+    if t.dtype.lanes != 1:
+        name = f"{name}x{t.dtype.lanes}"
+    return (<size_t>t.data + t.byte_offset, name, shape, strides, int(t.device.device_type))
+
+
+def cpu_features():
+    cdef kt_cpu_features f
+    kt_cpu_detect(&f)
+    return dict(avx512=bool(f.avx512), avx512_bf16=bool(f.avx512_bf16), avx512_vnni=bool(f.avx512_vnni),
+                amx_tile=bool(f.amx_tile), amx_bf16=bool(f.amx_bf16), amx_int8=bool(f.amx_int8),
+                amx_os=bool(f.amx_os))
+
+
+def amx_request_permission():
+    """0 if Linux granted the AMX tile state to this process, else an errno value."""
+    return kt_amx_request_permission()
+
+
+def saved_bytes_per_token(int H, int I, int k):
+    return kt_saved_bytes_per_token(H, I, k)
+
+
+def find_bad_id(size_t ids, str dtype, long n, int E):
+    cdef long r
+    cdef int code = DTYPE_CODES[dtype]
+    with nogil:
+        r = kt_find_bad_id(<const void *>ids, code, n, E)
+    return r
+
+
+cdef void fill_lora(kt_lora *out, tuple spec):
+    """spec = (scale, [None | (r, A_addr, A_dtype, A_strides, B_addr, B_dtype, B_strides)] * 3)"""
+    out.scale = spec[0]
+    for p in range(3):
+        proj = spec[1][p]
+        if proj is None:
+            out.proj[p].r = 0
+            continue
+        r, a, adt, ast, b, bdt, bst = proj
+        out.proj[p].r = r
+        out.proj[p].A.data = <void *><size_t>a
+        out.proj[p].A.dtype = DTYPE_CODES[adt]
+        out.proj[p].B.data = <void *><size_t>b
+        out.proj[p].B.dtype = DTYPE_CODES[bdt]
+        for i in range(3):
+            out.proj[p].A.stride[i] = ast[i]
+            out.proj[p].B.stride[i] = bst[i]
+
+
+cdef class Layer:
+    """Packed expert weights of one layer plus the state a kept forward leaves for backward."""
+    cdef kt_layer *L
+    cdef readonly int E, H, I, num_threads
+    cdef readonly str isa
+
+    def __cinit__(self, int E, int H, int I, str isa, int num_threads, size_t gate, size_t up,
+                  long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype):
+        self.L = kt_layer_create(E, H, I, ISA_CODES[isa], num_threads, <const void *>gate,
+                                 <const void *>up, gate_up_expert_stride, DTYPE_CODES[w_dtype],
+                                 <const void *>down, DTYPE_CODES[down_dtype])
+        if self.L == NULL:
+            raise MemoryError("ktmoe: could not allocate the packed expert weights or start worker threads")
+        self.E, self.H, self.I, self.isa, self.num_threads = E, H, I, isa, num_threads
+
+    def __dealloc__(self):
+        if self.L != NULL:
+            with nogil:
+                kt_layer_destroy(self.L)
+            self.L = NULL
+
+    @property
+    def weight_bytes(self):
+        return kt_layer_weight_bytes(self.L)
+
+    @property
+    def busy(self):
+        return bool(kt_layer_busy(self.L))
+
+    @property
+    def has_saved(self):
+        return bool(kt_layer_has_saved(self.L))
+
+    def release_saved(self):
+        kt_layer_release_saved(self.L)
+
+    def set_threads(self, int n):
+        if kt_layer_set_threads(self.L, n):
+            raise RuntimeError(f"ktmoe: could not start {n} worker threads")
+        self.num_threads = n
+
+    def submit_forward(self, int T, int k, size_t x, str x_dtype, size_t ids, str ids_dtype,
+                       size_t w, str w_dtype, lora, bint keep, size_t y):
+        cdef kt_lora lo
+        cdef kt_lora *lp = NULL
+        cdef int rc
+        cdef int xd = DTYPE_CODES[x_dtype], idd = DTYPE_CODES[ids_dtype], wd = DTYPE_CODES[w_dtype]
+        if lora is not None:
+            fill_lora(&lo, lora)
+            lp = &lo
+        with nogil:
+            rc = kt_submit_forward(self.L, T, k, <const void *>x, xd, <const void *>ids, idd,
+                                   <const void *>w, wd, lp, keep, <void *>y)
+        _check(rc)
+
+    def submit_backward(self, size_t dy, grads, size_t dx, size_t dw):
+        cdef kt_lora lo
+        cdef kt_lora *lp = NULL
+        cdef int rc
+        if grads is not None:
+            fill_lora(&lo, grads)
+            lp = &lo
+        with nogil:
+            rc = kt_submit_backward(self.L, <const void *>dy, lp, <void *>dx, <void *>dw)
+        _check(rc)
+
+    def wait(self):
+        cdef int rc
+        with nogil:
+            rc = kt_wait(self.L)
+        _check(rc)
+
+
+def _check(int rc):
+    if rc == 0:
+        return
+    if rc == -1:
+        raise RuntimeError("ktmoe: this layer already has a call in flight; wait() for it first")
+    if rc == -2:
+        raise MemoryError("ktmoe: out of memory for this call's buffers")
+    if rc == -3:
+        raise RuntimeError("ktmoe: backward needs a forward with keep_for_backward=True first")
+    raise RuntimeError(f"ktmoe: kernel error {rc}")

@@ -1,0 +1,46 @@
+/* gemm.h: the two bf16 GEMM shapes every ISA path implements.
+ *
+ * Weights are stored plain, row-major bf16 (the torch nn.Linear orientation [out, in]),
+ * so one copy serves the forward ("nt": multiply by W^T) and the backward ("nn": multiply
+ * by W) without a second, transposed copy. Activations are bf16, results fp32.
+ *
+ *   nt:  C[m, n] (+)= sum_k A[m*lda + k] * W[n*ldw + k]     W is [N, K]
+ *   nn:  C[m, n] (+)= sum_k A[m*lda + k] * W[k*ldw + n]     W is [K, N]
+ *
+ * accumulate = 0 overwrites C, 1 adds to it. Any M, N, K >= 0 (tails included); M, N or K
+ * equal to 0 is allowed (K = 0 with accumulate = 0 writes zeros). Strides are in elements.
+ * A, W and C never alias. Single-threaded: callers split the work. Each ISA file defines
+ * kt_gemm_nt_<isa> and kt_gemm_nn_<isa>, <isa> in {portable, avx512, amx}.
+ */
+#ifndef KTMOE_GEMM_H
+#define KTMOE_GEMM_H
+#include <stdint.h>
+
+typedef uint16_t kt_bf16;
+
+#define KT_GEMM_ARGS int M, int N, int K, const kt_bf16 *A, long lda, \
+                     const kt_bf16 *W, long ldw, float *C, long ldc, int accumulate
+
+typedef void (*kt_gemm_fn)(KT_GEMM_ARGS);
+
+void kt_gemm_nt_portable(KT_GEMM_ARGS);
+void kt_gemm_nn_portable(KT_GEMM_ARGS);
+void kt_gemm_nt_avx512(KT_GEMM_ARGS);
+void kt_gemm_nn_avx512(KT_GEMM_ARGS);
+void kt_gemm_nt_amx(KT_GEMM_ARGS);
+void kt_gemm_nn_amx(KT_GEMM_ARGS);
+
+/* AMX needs per-thread tile configuration and OS permission; kt_amx_request_permission()
+ * (cpu_features.c) must have succeeded before any kt_gemm_*_amx call. */
+
+/* bf16 <-> fp32, round to nearest even; NaN stays NaN. */
+static inline float kt_bf16_to_f32(kt_bf16 h) {
+    union { uint32_t u; float f; } v; v.u = (uint32_t)h << 16; return v.f;
+}
+static inline kt_bf16 kt_f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v; v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (kt_bf16)((v.u >> 16) | 0x40u); /* quiet NaN */
+    uint32_t rounding = 0x7fffu + ((v.u >> 16) & 1u);
+    return (kt_bf16)((v.u + rounding) >> 16);
+}
+#endif

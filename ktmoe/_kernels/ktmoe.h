@@ -1,0 +1,80 @@
+/* ktmoe.h: the C interface of one MoE layer's routed experts (what the Cython wrapper calls).
+ *
+ * A kt_layer owns the packed expert weights of one layer and the state a forward keeps
+ * for its backward. Calls are asynchronous: kt_submit_* queue the work on the shared
+ * thread pool and return; kt_wait blocks until it is done. All shapes and ids are
+ * checked by the caller (ktmoe/experts.py) before anything is submitted; the C side
+ * trusts them. Math: SPEC.md sections 2-4.
+ */
+#ifndef KTMOE_H
+#define KTMOE_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum kt_dtype { KT_F32 = 0, KT_BF16 = 1, KT_I32 = 2, KT_I64 = 3 };
+enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX512 = 1, KT_ISA_AMX = 2 };
+enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
+
+/* A strided 3-d tensor view [E, rows, cols]; strides in elements. */
+typedef struct {
+    void *data;
+    int dtype; /* KT_F32 or KT_BF16 */
+    long stride[3];
+} kt_view3;
+
+/* LoRA of one projection: A logical [E, r, in], B logical [E, out, r]. r == 0: none. */
+typedef struct {
+    int r;
+    kt_view3 A, B;
+} kt_lora_proj;
+
+typedef struct {
+    float scale;
+    kt_lora_proj proj[3]; /* KT_GATE, KT_UP, KT_DOWN */
+} kt_lora;
+
+typedef struct kt_layer kt_layer;
+
+/* CPU features (cpu_features.c). */
+typedef struct {
+    int avx512;      /* F + BW + VL + DQ, with OS support for ZMM state */
+    int avx512_bf16;
+    int avx512_vnni;
+    int amx_tile, amx_bf16, amx_int8; /* CPU flags */
+    int amx_os;      /* XCR0 has the tile state enabled */
+} kt_cpu_features;
+void kt_cpu_detect(kt_cpu_features *f);
+/* Asks Linux for the AMX tile state (once per process). 0 on success, else errno. */
+int kt_amx_request_permission(void);
+
+/* Weights: gate/up [E, I, H] (may both point into one fused [E, 2I, H] buffer: then
+ * up = gate + I*H and gate_up_stride = 2*I*H) and down [E, H, I]. Returns NULL on OOM. */
+kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
+                          const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                          const void *down, int down_dtype);
+void kt_layer_destroy(kt_layer *L);
+size_t kt_layer_weight_bytes(const kt_layer *L);
+int kt_layer_set_threads(kt_layer *L, int num_threads);
+
+/* Forward. x, y [T, H] of x_dtype; ids [T, k] (KT_I32/KT_I64); weights [T, k] (KT_F32/KT_BF16).
+ * lora may be NULL; it is copied, so the caller's struct need not outlive the call (its
+ * buffers must, until kt_wait returns). keep != 0 keeps what backward needs.
+ * Returns 0, or -1 if the layer is busy, -2 on OOM. */
+int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
+                      const void *ids, int ids_dtype, const void *weights, int w_dtype,
+                      const kt_lora *lora, int keep, void *y);
+/* Backward of the last kept forward. dy, dx [T, H] of the forward's x_dtype; dw [T, k] of
+ * the forward's weight dtype. grads (may be NULL) has the forward lora's layout; LoRA
+ * gradients are added into it. Returns 0, -1 busy, -2 OOM, -3 nothing kept. */
+int kt_submit_backward(kt_layer *L, const void *dy, const kt_lora *grads, void *dx, void *dw);
+/* Blocks until the submitted call is done. Returns 0, or -2 if it ran out of memory. */
+int kt_wait(kt_layer *L);
+int kt_layer_busy(const kt_layer *L);
+int kt_layer_has_saved(const kt_layer *L);
+void kt_layer_release_saved(kt_layer *L);
+/* Bytes kept per token for backward (x copy + gate/up activations + routing), for docs. */
+size_t kt_saved_bytes_per_token(int H, int I, int k);
+
+/* Index of the first id outside [-1, E) among n ids, or -1 if all are valid. */
+long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E);
+#endif

@@ -1,0 +1,206 @@
+/* moe_layer.c: life cycle of a kt_layer (weights packed at creation), routing of a call
+ * (slots grouped by expert), and the submit/wait plumbing onto the thread pool. The
+ * passes themselves are in moe_passes.c, picked here by the layer's ISA. */
+#include "moe_internal.h"
+#include "threadpool.h"
+#include <stdlib.h>
+#include <string.h>
+
+void *kt_alloc(size_t bytes) {
+    if (bytes == 0) bytes = 64;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (bytes + 63) & ~(size_t)63)) return NULL;
+    return p;
+}
+
+#define KT_SCRATCH_SLOTS 8
+static __thread struct { void *p; size_t n; } scratch[KT_SCRATCH_SLOTS];
+
+void *kt_scratch(int slot, size_t bytes) {
+    if (scratch[slot].n < bytes) {
+        free(scratch[slot].p);
+        scratch[slot].p = kt_alloc(bytes);
+        scratch[slot].n = scratch[slot].p ? bytes : 0;
+    }
+    return scratch[slot].p;
+}
+
+static void to_bf16(kt_bf16 *dst, const void *src, int dtype, size_t n) {
+    if (dtype == KT_BF16) { memcpy(dst, src, n * sizeof(kt_bf16)); return; }
+    const float *s = src;
+    for (size_t i = 0; i < n; i++) dst[i] = kt_f32_to_bf16(s[i]);
+}
+
+kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
+                          const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                          const void *down, int down_dtype) {
+    kt_layer *L = calloc(1, sizeof *L);
+    if (!L) return NULL;
+    L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
+    size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4;
+    L->w_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
+    L->w_down = kt_alloc(sizeof(kt_bf16) * per * E);
+    if (!L->w_gate_up || !L->w_down || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
+    for (int e = 0; e < E; e++) {
+        const char *g = (const char *)gate + (size_t)e * gate_up_expert_stride * esz;
+        const char *u = (const char *)up + (size_t)e * gate_up_expert_stride * esz;
+        to_bf16(L->w_gate_up + 2 * per * e, g, w_dtype, per);
+        to_bf16(L->w_gate_up + 2 * per * e + per, u, w_dtype, per);
+    }
+    to_bf16(L->w_down, down, down_dtype, per * E);
+    pthread_mutex_init(&L->mu, NULL);
+    pthread_cond_init(&L->cv, NULL);
+    return L;
+}
+
+size_t kt_layer_weight_bytes(const kt_layer *L) {
+    return sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H;
+}
+
+int kt_layer_set_threads(kt_layer *L, int num_threads) {
+    if (kt_pool_ensure(num_threads)) return -1;
+    L->num_threads = num_threads;
+    return 0;
+}
+
+void kt_layer_release_saved(kt_layer *L) {
+    kt_routing_free(&L->rt);
+    free(L->xb); L->xb = NULL;
+    free(L->gu); L->gu = NULL;
+    for (int p = 0; p < 3; p++) {
+        free(L->lora[p].A); free(L->lora[p].BT);
+        L->lora[p] = (kt_lora_f32){0};
+    }
+    L->has_saved = 0;
+}
+
+void kt_layer_destroy(kt_layer *L) {
+    if (!L) return;
+    if (L->w_gate_up && L->w_down) kt_wait(L);
+    kt_layer_release_saved(L);
+    free(L->w_gate_up);
+    free(L->w_down);
+    free(L);
+}
+
+size_t kt_saved_bytes_per_token(int H, int I, int k) {
+    return sizeof(kt_bf16) * ((size_t)H + (size_t)k * 2 * I)  /* x copy, gate/up */
+           + (size_t)k * (sizeof(int) + sizeof(long) + sizeof(float)); /* routing */
+}
+
+/* ---- routing ---- */
+
+static long id_at(const void *ids, int dtype, long i) {
+    return dtype == KT_I64 ? (long)((const int64_t *)ids)[i] : (long)((const int32_t *)ids)[i];
+}
+
+long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E) {
+    for (long i = 0; i < n; i++) {
+        long v = id_at(ids, ids_dtype, i);
+        if (v < -1 || v >= E) return i;
+    }
+    return -1;
+}
+
+void kt_routing_free(kt_routing *rt) {
+    free(rt->offset); free(rt->slot_of_pos); free(rt->pos_of_slot); free(rt->hit); free(rt->w);
+    memset(rt, 0, sizeof *rt);
+}
+
+int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int ids_dtype,
+                     const void *weights, int w_dtype) {
+    long n = (long)T * k;
+    rt->T = T; rt->k = k;
+    rt->offset = calloc((size_t)E + 1, sizeof(long));
+    rt->pos_of_slot = kt_alloc(sizeof(long) * n);
+    rt->slot_of_pos = kt_alloc(sizeof(int) * n);
+    rt->hit = kt_alloc(sizeof(int) * E);
+    rt->w = kt_alloc(sizeof(float) * n);
+    if (!rt->offset || !rt->pos_of_slot || !rt->slot_of_pos || !rt->hit || !rt->w) {
+        kt_routing_free(rt);
+        return -2;
+    }
+    for (long s = 0; s < n; s++) {
+        long e = id_at(ids, ids_dtype, s);
+        if (e >= 0) rt->offset[e + 1]++;
+        rt->w[s] = w_dtype == KT_BF16 ? kt_bf16_to_f32(((const kt_bf16 *)weights)[s])
+                                      : ((const float *)weights)[s];
+    }
+    rt->nhit = 0;
+    for (int e = 0; e < E; e++) {
+        if (rt->offset[e + 1]) rt->hit[rt->nhit++] = e;
+        rt->offset[e + 1] += rt->offset[e];
+    }
+    rt->npos = rt->offset[E];
+    long *fill = calloc((size_t)E, sizeof(long));
+    if (!fill) { kt_routing_free(rt); return -2; }
+    for (long s = 0; s < n; s++) {
+        long e = id_at(ids, ids_dtype, s);
+        if (e < 0) { rt->pos_of_slot[s] = -1; continue; }
+        long p = rt->offset[e] + fill[e]++;
+        rt->pos_of_slot[s] = p;
+        rt->slot_of_pos[p] = (int)s;
+    }
+    free(fill);
+    return 0;
+}
+
+/* ---- jobs ---- */
+
+typedef int (*pass_fn)(kt_layer *);
+static const pass_fn forward_pass[3] = {kt_forward_portable, kt_forward_avx512, kt_forward_amx};
+static const pass_fn backward_pass[3] = {kt_backward_portable, kt_backward_avx512, kt_backward_amx};
+
+static void run_job(void *p) {
+    kt_layer *L = p;
+    int status = L->job_kind == 0 ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
+    pthread_mutex_lock(&L->mu);
+    L->status = status;
+    L->busy = 0;
+    pthread_cond_broadcast(&L->cv);
+    pthread_mutex_unlock(&L->mu);
+}
+
+static int start(kt_layer *L) {
+    L->busy = 1;
+    L->status = 0;
+    if (kt_pool_submit(run_job, L)) { L->busy = 0; return -2; }
+    return 0;
+}
+
+int kt_layer_busy(const kt_layer *L) { return L->busy; }
+int kt_layer_has_saved(const kt_layer *L) { return L->has_saved; }
+
+int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
+                      const void *ids, int ids_dtype, const void *weights, int w_dtype,
+                      const kt_lora *lora, int keep, void *y) {
+    if (L->busy) return -1;
+    kt_layer_release_saved(L);
+    L->job_kind = 0;
+    L->x = x; L->x_dtype = x_dtype;
+    L->ids = ids; L->ids_dtype = ids_dtype;
+    L->weights = weights; L->w_dtype = w_dtype;
+    L->keep = keep; L->y = y;
+    L->rt.T = T; L->rt.k = k;
+    L->has_lora = lora != NULL;
+    if (lora) L->lora_in = *lora; else memset(&L->lora_in, 0, sizeof L->lora_in);
+    return start(L);
+}
+
+int kt_submit_backward(kt_layer *L, const void *dy, const kt_lora *grads, void *dx, void *dw) {
+    if (L->busy) return -1;
+    if (!L->has_saved) return -3;
+    L->job_kind = 1;
+    L->dy = dy; L->dx = dx; L->dw = dw;
+    L->has_grads = grads != NULL;
+    if (grads) L->grads_in = *grads; else memset(&L->grads_in, 0, sizeof L->grads_in);
+    return start(L);
+}
+
+int kt_wait(kt_layer *L) {
+    pthread_mutex_lock(&L->mu);
+    while (L->busy) pthread_cond_wait(&L->cv, &L->mu);
+    int s = L->status;
+    pthread_mutex_unlock(&L->mu);
+    return s;
+}

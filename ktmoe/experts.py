@@ -1,0 +1,242 @@
+"""MoEExperts: one MoE layer's routed experts on the CPU (forward, backward, LoRA).
+
+Every argument is checked here, before anything reaches a kernel, and every error names
+the argument; the caller's arrays are never written except the output and gradient
+buffers they hand in. NaN/Inf in inputs propagate to the outputs like any float math.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from . import _cpu
+from ._buffers import Buffer, as_buffer, new_array
+from ._kernels import _core
+from .lora import LoRA, ResolvedLoRA
+
+FLOAT_DTYPES = ("float32", "bfloat16")
+ID_DTYPES = ("int32", "int64")
+
+
+def _array(obj, name: str, ndim: int, dtypes, *, writable: bool = False) -> Buffer:
+    b = as_buffer(obj, name)
+    if b.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype must be one of {list(dtypes)}, got {b.dtype}")
+    if len(b.shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {b.shape}")
+    if not b.contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    if writable and not b.writable:
+        raise ValueError(f"{name}: is read-only")
+    return b
+
+
+def _expect_shape(b: Buffer, shape: tuple, name: str, what: str) -> None:
+    if b.shape != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)} ({what}), got {list(b.shape)}")
+
+
+class MoEExperts:
+    """Packed expert weights of one layer and the kernels that run them.
+
+    Weights: `gate_up` [E, 2I, H] (gate rows first, transformers v5) or `gate` and `up`
+    [E, I, H] each; `down` [E, H, I]; float32 or bfloat16. They are copied once into
+    the kernel's packed bf16 memory; the caller's arrays may be freed afterwards.
+    """
+
+    def __init__(self, gate_up=None, down=None, *, gate=None, up=None, max_tokens: int = 65536,
+                 num_threads: int | None = None, isa: str | None = None):
+        if down is None:
+            raise ValueError("down: the down projection weights are required")
+        if gate_up is not None and (gate is not None or up is not None):
+            raise ValueError("gate_up: give either gate_up or gate + up, not both")
+        d = _array(down, "down", 3, FLOAT_DTYPES)
+        E, H, I = d.shape
+        if gate_up is not None:
+            gu = _array(gate_up, "gate_up", 3, FLOAT_DTYPES)
+            _expect_shape(gu, (E, 2 * I, H), "gate_up", "[E, 2I, H] from down's [E, H, I]")
+            g_addr, u_addr, dtype = gu.addr, gu.offset(I * H), gu.dtype
+            keep = (gu, d)
+        else:
+            if gate is None or up is None:
+                raise ValueError("gate_up: give gate_up, or both gate and up")
+            g = _array(gate, "gate", 3, FLOAT_DTYPES)
+            u = _array(up, "up", 3, FLOAT_DTYPES)
+            _expect_shape(g, (E, I, H), "gate", "[E, I, H] from down's [E, H, I]")
+            _expect_shape(u, (E, I, H), "up", "[E, I, H] from down's [E, H, I]")
+            if g.dtype != u.dtype:
+                raise TypeError(f"up: dtype {u.dtype} differs from gate's {g.dtype}")
+            g_addr, u_addr, dtype = g.addr, u.addr, g.dtype
+            keep = (g, u, d)
+        if min(E, H, I) < 1:
+            raise ValueError(f"down: every dimension must be >= 1, got shape {list(d.shape)}")
+        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+            raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+        if num_threads is None:
+            num_threads = _cpu.default_num_threads()
+        if not isinstance(num_threads, (int, np.integer)) or not 1 <= num_threads <= 256:
+            raise ValueError(f"num_threads: must be an integer in [1, 256], got {num_threads!r}")
+        self.isa, self.isa_reason = _cpu.select_isa(isa)
+        # gate and up are packed side by side per expert: their expert stride is 2*I*H when
+        # fused, I*H when separate
+        stride = 2 * I * H if gate_up is not None else I * H
+        self._layer = _core.Layer(E, H, I, self.isa, int(num_threads), g_addr, u_addr, stride, dtype,
+                                  d.addr, d.dtype)
+        del keep
+        self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.max_tokens = int(max_tokens)
+        self._pending = None   # (kind, result, keep-alive) of a submitted call
+        self._saved = None     # what backward needs to check its arguments
+
+    # ---- properties ----
+    @property
+    def num_threads(self) -> int:
+        return self._layer.num_threads
+
+    @num_threads.setter
+    def num_threads(self, n: int) -> None:
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= 256:
+            raise ValueError(f"num_threads: must be an integer in [1, 256], got {n!r}")
+        self._check_idle()
+        self._layer.set_threads(int(n))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of packed expert weights held by this layer."""
+        return self._layer.weight_bytes
+
+    def saved_bytes_per_token(self, k: int) -> int:
+        """Bytes kept per token between a forward with keep_for_backward and its backward."""
+        return _core.saved_bytes_per_token(self.hidden_size, self.intermediate_size, k)
+
+    def __repr__(self) -> str:
+        return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "
+                f"isa={self.isa!r}, num_threads={self.num_threads})")
+
+    # ---- blocking calls ----
+    def forward(self, x, topk_ids, topk_weights, lora: LoRA | None = None,
+                keep_for_backward: bool = False, out=None):
+        """y [T, H] = sum_j w_tj * expert_{id_tj}(x_t), in x's dtype (SPEC.md section 2)."""
+        self.submit_forward(x, topk_ids, topk_weights, lora, keep_for_backward, out)
+        return self.wait()
+
+    def backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None):
+        """(dx [T, H], dw [T, k]) of the last kept forward; LoRA gradients are added into
+        `lora_grads` (same layout and shapes as the forward's lora)."""
+        self.submit_backward(dy, lora_grads, dx_out, dw_out)
+        return self.wait()
+
+    # ---- non-blocking pair ----
+    def submit_forward(self, x, topk_ids, topk_weights, lora: LoRA | None = None,
+                       keep_for_backward: bool = False, out=None) -> None:
+        self._check_idle()
+        E, H = self.num_experts, self.hidden_size
+        xb = _array(x, "x", 2, FLOAT_DTYPES)
+        T = xb.shape[0]
+        if xb.shape[1] != H:
+            raise ValueError(f"x: expected shape [T, H={H}], got {list(xb.shape)}")
+        if T > self.max_tokens:
+            raise ValueError(f"x: T={T} tokens exceeds max_tokens={self.max_tokens}")
+        ids = _array(topk_ids, "topk_ids", 2, ID_DTYPES)
+        if ids.shape[0] != T:
+            raise ValueError(f"topk_ids: expected {T} rows (one per token of x), got shape {list(ids.shape)}")
+        k = ids.shape[1]
+        if k < 1:
+            raise ValueError("topk_ids: needs at least one expert slot per token (k >= 1)")
+        w = _array(topk_weights, "topk_weights", 2, FLOAT_DTYPES)
+        if w.shape != ids.shape:
+            raise ValueError(f"topk_weights: shape {list(w.shape)} must equal topk_ids' {list(ids.shape)} "
+                             f"(same T and k)")
+        bad = _core.find_bad_id(ids.addr, ids.dtype, T * k, E)
+        if bad >= 0:
+            value = _read_id(ids, bad)
+            raise ValueError(f"topk_ids: expert id {value} at flat index {bad} is outside [-1, {E})")
+        res = None
+        if lora is not None:
+            if not isinstance(lora, LoRA):
+                raise TypeError(f"lora: expected ktmoe.LoRA or None, got {type(lora).__name__}")
+            res = lora.resolve(E, H, self.intermediate_size, "lora")
+        if out is None:
+            out = new_array((T, H), xb.dtype)
+        ob = _array(out, "out", 2, (xb.dtype,), writable=True)
+        _expect_shape(ob, (T, H), "out", "[T, H] like x")
+        self._saved = None
+        if T == 0:
+            self._pending = ("forward", out, None)
+            if keep_for_backward:
+                self._saved = {"T": 0, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
+                               "lora": res.signature() if res else None, "empty": True}
+            return
+        self._layer.submit_forward(T, k, xb.addr, xb.dtype, ids.addr, ids.dtype, w.addr, w.dtype,
+                                   res.kernel_spec() if res else None, bool(keep_for_backward), ob.addr)
+        self._pending = ("forward", out, (xb, ids, w, res, ob))
+        if keep_for_backward:
+            self._saved = {"T": T, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
+                           "lora": res.signature() if res else None, "empty": False}
+
+    def submit_backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None) -> None:
+        self._check_idle()
+        s = self._saved
+        if s is None:
+            raise RuntimeError("backward: needs a preceding forward with keep_for_backward=True "
+                               "(each forward can be backpropagated once)")
+        T, k, H = s["T"], s["k"], self.hidden_size
+        dyb = _array(dy, "dy", 2, (s["x_dtype"],))
+        _expect_shape(dyb, (T, H), "dy", "[T, H] like the forward's x")
+        res = None
+        if lora_grads is not None:
+            if not isinstance(lora_grads, LoRA):
+                raise TypeError(f"lora_grads: expected ktmoe.LoRA or None, got {type(lora_grads).__name__}")
+            if s["lora"] is None:
+                raise ValueError("lora_grads: the forward had no lora, so there are no LoRA gradients")
+            res = lora_grads.resolve(self.num_experts, H, self.intermediate_size, "lora_grads", writable=True)
+            if res.signature() != s["lora"]:
+                raise ValueError(f"lora_grads: must mirror the forward's lora (layout, projections, and "
+                                 f"each factor's shape and dtype); got {_describe(res.signature())}, "
+                                 f"forward had {_describe(s['lora'])}")
+        if dx_out is None:
+            dx_out = new_array((T, H), s["x_dtype"])
+        if dw_out is None:
+            dw_out = new_array((T, k), s["w_dtype"])
+        dxb = _array(dx_out, "dx_out", 2, (s["x_dtype"],), writable=True)
+        _expect_shape(dxb, (T, H), "dx_out", "[T, H] like x")
+        dwb = _array(dw_out, "dw_out", 2, (s["w_dtype"],), writable=True)
+        _expect_shape(dwb, (T, k), "dw_out", "[T, k] like topk_weights")
+        self._saved = None
+        if s["empty"]:
+            self._pending = ("backward", (dx_out, dw_out), None)
+            return
+        self._layer.submit_backward(dyb.addr, res.kernel_spec() if res else None, dxb.addr, dwb.addr)
+        self._pending = ("backward", (dx_out, dw_out), (dyb, res, dxb, dwb))
+
+    def wait(self):
+        """Waits for the submitted call; returns what forward/backward return."""
+        if self._pending is None:
+            raise RuntimeError("wait: nothing was submitted")
+        kind, result, keep = self._pending
+        try:
+            if keep is not None:
+                self._layer.wait()
+        except BaseException:
+            self._saved = None
+            raise
+        finally:
+            self._pending = None
+        return result
+
+    def _check_idle(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError("this layer has a submitted call in flight: call wait() first")
+
+
+def _read_id(ids: Buffer, index: int) -> int:
+    """The id at a flat index of a validated id buffer (only used for error messages)."""
+    ctype = ctypes.c_int64 if ids.dtype == "int64" else ctypes.c_int32
+    return int(ctype.from_address(ids.offset(index)).value)
+
+
+def _describe(signature: tuple) -> str:
+    layout, projs = signature
+    parts = [f"{p}: A {list(sa)} {da}, B {list(sb)} {db}" for p, (sa, da, sb, db) in projs]
+    return f"{layout} layout [{'; '.join(parts)}]"

@@ -1,0 +1,148 @@
+"""LoRA factors of a layer's experts, in the two layouts ktmoe reads (SPEC.md section 4).
+
+- `LoRA(gate=(A, B), up=(A, B), down=(A, B), scale=s)`: one factor pair per projection,
+  A [E, r, in], B [E, out, r] (per-expert nn.Linear LoRA, kt-kernel's layout).
+- `LoRA.peft(gate_up=(A, B), down=(A, B), scale=s)`: PEFT `target_parameters` on
+  transformers v5 fused experts: gate_up A [E*r, H] (expert-major, shared by gate and
+  up), B [2I, E*r] (column j*E + e is rank j of expert e; gate rows first); down A
+  [E*r, I], B [H, E*r].
+
+Any projection may be left out. The same class holds gradient buffers for backward.
+The kernel reads both layouts in place through strides: nothing is reshaped or copied
+here, and no delta weight W + BA is ever formed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._buffers import Buffer, as_buffer
+
+PROJECTIONS = ("gate", "up", "down")
+LORA_DTYPES = ("float32", "bfloat16")
+
+
+class LoRA:
+    """LoRA factor pairs (or their gradient buffers) for the gate, up and down projections."""
+
+    def __init__(self, gate=None, up=None, down=None, *, scale: float = 1.0):
+        self.layout = "per_projection"
+        self.factors = {"gate": gate, "up": up, "down": down}
+        self.scale = float(scale)
+
+    @classmethod
+    def peft(cls, gate_up=None, down=None, *, scale: float = 1.0) -> "LoRA":
+        obj = cls(scale=scale)
+        obj.layout = "peft"
+        obj.factors = {"gate_up": gate_up, "down": down}
+        return obj
+
+    def __repr__(self) -> str:
+        parts = [k for k, v in self.factors.items() if v is not None]
+        return f"LoRA(layout={self.layout!r}, projections={parts}, scale={self.scale})"
+
+    def resolve(self, E: int, H: int, I: int, name: str, writable: bool = False) -> "ResolvedLoRA":
+        """Checks shapes/dtypes against a layer and returns kernel views; raises naming `name`."""
+        if self.layout == "peft":
+            return _resolve_peft(self, E, H, I, name, writable)
+        return _resolve_per_projection(self, E, H, I, name, writable)
+
+
+@dataclass(frozen=True)
+class ProjView:
+    """One projection's factors as the kernel reads them: A [E, r, in], B [E, out, r]."""
+    r: int
+    a_addr: int
+    a_dtype: str
+    a_strides: tuple
+    b_addr: int
+    b_dtype: str
+    b_strides: tuple
+    signature: tuple  # shapes and dtypes of the caller's tensors
+
+
+class ResolvedLoRA:
+    """Checked views of a LoRA, per projection, plus the caller buffers behind them."""
+
+    def __init__(self, layout: str, scale: float):
+        self.layout, self.scale = layout, scale
+        self.proj: dict = {}
+        self.buffers: list[Buffer] = []  # every caller buffer, for keep-alive and checks
+
+    def signature(self) -> tuple:
+        """What a gradient container must match: layout, and shape/dtype of each factor."""
+        return (self.layout, tuple(sorted((k, v.signature) for k, v in self.proj.items())))
+
+    def kernel_spec(self) -> tuple:
+        out = []
+        for p in PROJECTIONS:
+            v = self.proj.get(p)
+            out.append(None if v is None else
+                       (v.r, v.a_addr, v.a_dtype, v.a_strides, v.b_addr, v.b_dtype, v.b_strides))
+        return (self.scale, out)
+
+
+def _pair(value, name: str):
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(f"{name}: expected a pair (A, B) of arrays, got {type(value).__name__}")
+    return value
+
+
+def _buf(obj, name: str, ndim: int, writable: bool) -> Buffer:
+    b = as_buffer(obj, name)
+    if b.dtype not in LORA_DTYPES:
+        raise TypeError(f"{name}: dtype must be float32 or bfloat16, got {b.dtype}")
+    if len(b.shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {b.shape}")
+    if not b.contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    if writable and not b.writable:
+        raise ValueError(f"{name}: gradient buffer is read-only")
+    return b
+
+
+def _resolve_per_projection(lora: LoRA, E, H, I, name, writable) -> ResolvedLoRA:
+    res = ResolvedLoRA("per_projection", lora.scale)
+    dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
+    for p in PROJECTIONS:
+        if lora.factors[p] is None:
+            continue
+        fin, fout = dims[p]
+        A, B = _pair(lora.factors[p], f"{name}.{p}")
+        a = _buf(A, f"{name}.{p} A", 3, writable)
+        b = _buf(B, f"{name}.{p} B", 3, writable)
+        r = a.shape[1]
+        if a.shape[0] != E or a.shape[2] != fin or r < 1:
+            raise ValueError(f"{name}.{p} A: expected shape [E={E}, r, {fin}], got {a.shape}")
+        if b.shape != (E, fout, r):
+            raise ValueError(f"{name}.{p} B: expected shape [E={E}, {fout}, r={r}] to match A, got {b.shape}")
+        sig = (a.shape, a.dtype, b.shape, b.dtype)
+        res.proj[p] = ProjView(r, a.addr, a.dtype, (r * fin, fin, 1), b.addr, b.dtype, (fout * r, r, 1), sig)
+        res.buffers += [a, b]
+    return res
+
+
+def _resolve_peft(lora: LoRA, E, H, I, name, writable) -> ResolvedLoRA:
+    res = ResolvedLoRA("peft", lora.scale)
+    specs = {"gate_up": (H, 2 * I), "down": (I, H)}
+    for key, (fin, fout) in specs.items():
+        if lora.factors[key] is None:
+            continue
+        A, B = _pair(lora.factors[key], f"{name}.{key}")
+        a = _buf(A, f"{name}.{key} A", 2, writable)
+        b = _buf(B, f"{name}.{key} B", 2, writable)
+        if a.shape[1] != fin or a.shape[0] % E or a.shape[0] == 0:
+            raise ValueError(f"{name}.{key} A: expected shape [E*r, {fin}] with E={E}, got {a.shape}")
+        r = a.shape[0] // E
+        if b.shape != (fout, E * r):
+            raise ValueError(f"{name}.{key} B: expected shape [{fout}, E*r={E * r}] to match A, got {b.shape}")
+        sig = (a.shape, a.dtype, b.shape, b.dtype)
+        a_strides = (r * fin, fin, 1)          # A.reshape(E, r, in)
+        b_strides = (1, E * r, E)              # B.reshape(out, r, E).permute(2, 0, 1)
+        if key == "down":
+            res.proj["down"] = ProjView(r, a.addr, a.dtype, a_strides, b.addr, b.dtype, b_strides, sig)
+        else:  # gate and up share A; up's B starts at row I
+            res.proj["gate"] = ProjView(r, a.addr, a.dtype, a_strides, b.addr, b.dtype, b_strides, sig)
+            res.proj["up"] = ProjView(r, a.addr, a.dtype, a_strides, b.offset(I * E * r), b.dtype,
+                                      b_strides, sig)
+        res.buffers += [a, b]
+    return res

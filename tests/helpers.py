@@ -1,0 +1,243 @@
+"""The one test harness: kernel forward + backward against the numpy reference (SPEC.md 6).
+
+    assert_matches_reference(layer_kwargs, x, ids, weights, lora, isa=...)
+
+runs ktmoe.MoEExperts forward (keep_for_backward) and backward, with LoRA gradient buffers
+pre-filled with random values (gradients must ACCUMULATE, and experts with no token must
+be left untouched), then checks y, dx, dw and every LoRA gradient against reference/ with
+the SPEC limits: relative Frobenius error <= 1e-2 and cosine >= 0.9999; where the reference
+is exactly zero the kernel must be exactly zero. The worst error per (ISA, tensor) is kept
+in WORST for the summary printed by conftest.py.
+
+The make_* functions build small random problems of the right scale (every term, LoRA
+included, contributes O(1), so a missing or wrong term shows up well above 1e-2).
+"""
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+
+import ktmoe
+import reference
+
+BF16 = ml_dtypes.bfloat16
+WORST = {}   # (isa, tensor name) -> (largest relative error, smallest cosine)
+
+try:
+    import torch
+except ImportError:   # torch is a test dependency; only test_torch_inputs.py needs it
+    torch = None
+
+
+def is_torch(a):
+    return torch is not None and isinstance(a, torch.Tensor)
+
+
+def to64(a):
+    """float64 numpy copy of a numpy array or torch tensor (bf16 and fp32 convert exactly)."""
+    if is_torch(a):
+        return a.detach().to(torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def to_numpy(a):
+    """A numpy array with the same values and dtype (torch bf16 becomes ml_dtypes bf16)."""
+    if is_torch(a):
+        if a.dtype == torch.bfloat16:
+            return a.detach().float().numpy().astype(BF16)
+        return a.detach().numpy().copy()
+    return a
+
+
+def dtype_name(a):
+    return str(a.dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- random problems
+
+def make_weights(rng, E, H, I, dtype=BF16, fused=True):
+    """Base weights scaled so G, U, D are O(1). Returns MoEExperts keyword arguments."""
+    Wg = rng.standard_normal((E, I, H)) / np.sqrt(H)
+    Wu = rng.standard_normal((E, I, H)) / np.sqrt(H)
+    Wd = rng.standard_normal((E, H, I)) / np.sqrt(I)
+    if fused:
+        return dict(gate_up=np.concatenate([Wg, Wu], axis=1).astype(dtype), down=Wd.astype(dtype))
+    return dict(gate=Wg.astype(dtype), up=Wu.astype(dtype), down=Wd.astype(dtype))
+
+
+def make_routing(rng, T, k, E, minus_one=0.0, id_dtype=np.int32, w_dtype=np.float32):
+    """Distinct experts per token (as a top-k router gives), weights in (0, 1)."""
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(id_dtype)
+    if minus_one:
+        ids[rng.random((T, k)) < minus_one] = -1
+    w = (0.1 + rng.random((T, k))).astype(w_dtype)
+    return ids, w
+
+
+def make_lora(rng, layout, E, H, I, ranks, dtype=np.float32, scale=2.0, zero_B=False):
+    """A reference.LoRA; ranks = {projection: r} ("gate"/"up"/"down", or "gate_up"/"down" for PEFT).
+
+    A is PEFT's kaiming-uniform range; B is random (or zeros, PEFT's init) and sized so the
+    LoRA term is about half the base term.
+    """
+    def pair(r, n_in, n_out, peft):
+        A = rng.uniform(-1, 1, (E * r, n_in) if peft else (E, r, n_in)) / np.sqrt(n_in)
+        B = rng.standard_normal((n_out, E * r) if peft else (E, n_out, r)) * (0.5 / np.sqrt(r))
+        if zero_B:
+            B[...] = 0
+        return A.astype(dtype), B.astype(dtype)
+    dims = {"gate": (H, I), "up": (H, I), "down": (I, H), "gate_up": (H, 2 * I)}
+    params = {name: pair(r, *dims[name], layout == "peft") for name, r in ranks.items()}
+    if layout == "peft":
+        return reference.LoRA.peft(**params, scale=scale)
+    return reference.LoRA(**params, scale=scale)
+
+
+def ktmoe_lora(lora, arrays=None):
+    """The ktmoe.LoRA of a reference.LoRA (same layout), over `arrays` {name: (A, B)} if given."""
+    arrays = lora.params if arrays is None else arrays
+    if lora.layout == "peft":
+        return ktmoe.LoRA.peft(**arrays, scale=lora.scale)
+    return ktmoe.LoRA(**arrays, scale=lora.scale)
+
+
+def reference_weights(layer_kwargs):
+    """(Wg, Wu, Wd) as numpy from MoEExperts keyword arguments (fused or split)."""
+    if layer_kwargs.get("gate_up") is not None:
+        gu = to_numpy(layer_kwargs["gate_up"])
+        I = gu.shape[1] // 2
+        return gu[:, :I], gu[:, I:], to_numpy(layer_kwargs["down"])
+    return tuple(to_numpy(layer_kwargs[n]) for n in ("gate", "up", "down"))
+
+
+def expert_slices(layout, name, E, shape_A):
+    """For each expert e, index expressions selecting its part of (A, B) in this layout."""
+    if layout == "peft":
+        r = shape_A[0] // E
+        return {e: ((slice(e * r, (e + 1) * r),), (slice(None), slice(e, None, E))) for e in range(E)}
+    return {e: ((e,), (e,)) for e in range(E)}
+
+
+# ---------------------------------------------------------------- comparison
+
+def check(name, got, want, isa):
+    """One tensor against the reference; returns (relative error, cosine)."""
+    got, want = to64(got), to64(want)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != reference {want.shape}"
+    if not np.any(want):
+        # exactly-zero reference (B = 0 -> dA, id -1 slots, no token): exactly zero required
+        assert not np.any(got), f"{name}: reference is exactly 0, kernel max |.| = {np.nanmax(np.abs(got))}"
+        err, cos = 0.0, 1.0
+    else:
+        assert np.isfinite(got).all(), f"{name}: kernel has NaN/Inf where the reference is finite"
+        nw, ng = np.linalg.norm(want), np.linalg.norm(got)
+        err = np.linalg.norm(got - want) / nw
+        cos = float(np.vdot(got, want) / (nw * ng)) if ng > 0 else 0.0
+    key = (isa, name)
+    old_err, old_cos = WORST.get(key, (0.0, 1.0))
+    WORST[key] = (max(old_err, err), min(old_cos, cos))
+    assert err <= 1e-2, f"{name}: relative error {err:.3e} > 1e-2 (SPEC.md 6)"
+    assert cos >= 0.9999, f"{name}: cosine {cos:.6f} < 0.9999 (SPEC.md 6)"
+    return err, cos
+
+
+def assert_matches_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=None, layer=None,
+                             dy=None, seed=0, submit=False, use_out=False, backward_calls=1):
+    """Kernel forward + backward vs reference; returns a namespace with errors and kernel results.
+
+    layer_kwargs: MoEExperts keyword arguments (weights and options); `layer` reuses an
+    existing instance instead (then layer_kwargs still gives the weights for the reference).
+    lora: a reference.LoRA (its arrays, numpy or torch, are handed to the kernel as they are).
+    submit: use submit_forward/submit_backward + wait. use_out: pass NaN-filled out buffers.
+    backward_calls: forward + backward this many times into the same gradient buffers; the
+    accumulated increment must equal backward_calls x the reference gradient.
+    """
+    rng = np.random.default_rng(seed)
+    if layer is None:
+        layer = ktmoe.MoEExperts(**layer_kwargs, isa=isa)
+    isa = layer.isa
+    T, H = x.shape
+    if dy is None:
+        dy = rng.standard_normal((T, H)).astype(BF16 if dtype_name(x) == "bfloat16" else np.float32)
+        if is_torch(x):
+            dy = torch.tensor(dy.astype(np.float32)).to(x.dtype)
+
+    # reference, on the same values
+    ref_lora = None
+    if lora is not None:
+        ref_lora = reference.LoRA(scale=lora.scale)
+        ref_lora.layout = lora.layout
+        ref_lora.params = {n: (to_numpy(A), to_numpy(B)) for n, (A, B) in lora.params.items()}
+    y_ref, cache = reference.moe_forward(to_numpy(x), to_numpy(ids), to_numpy(weights),
+                                         *reference_weights(layer_kwargs), ref_lora)
+    dx_ref, dw_ref, g_ref = reference.moe_backward(to_numpy(dy), cache)
+
+    # gradient buffers in the parameters' dtype (and kind), pre-filled at the gradients' scale
+    kt_lora = ktmoe_lora(lora) if lora is not None else None
+    bufs, init = None, None
+    if lora is not None:
+        bufs, init = {}, {}
+        for name, (A, B) in lora.params.items():
+            pair = []
+            for p, g in zip((A, B), g_ref[name]):
+                rms = np.sqrt(np.mean(g ** 2)) or 1.0
+                v = (rng.standard_normal(g.shape) * 0.5 * rms).astype(np.float32)
+                buf = torch.tensor(v).to(p.dtype) if is_torch(p) else v.astype(p.dtype)
+                pair.append(buf)
+            bufs[name] = tuple(pair)
+            init[name] = tuple(to64(b) for b in pair)
+        kt_grads = ktmoe_lora(lora, bufs)
+
+    for _ in range(backward_calls):
+        out = np.full((T, H), np.nan, dtype=BF16 if dtype_name(x) == "bfloat16" else np.float32) if use_out else None
+        fwd = dict(lora=kt_lora, keep_for_backward=True, out=out)
+        if submit:
+            layer.submit_forward(x, ids, weights, **fwd)
+            y = layer.wait()
+        else:
+            y = layer.forward(x, ids, weights, **fwd)
+        bwd = dict(lora_grads=kt_grads if lora is not None else None)
+        if use_out:
+            bwd["dx_out"] = np.full((T, H), np.nan, dtype=out.dtype)
+            bwd["dw_out"] = np.full(ids.shape, np.nan,
+                                    dtype=BF16 if dtype_name(weights) == "bfloat16" else np.float32)
+        if submit:
+            layer.submit_backward(dy, **bwd)
+            dx, dw = layer.wait()
+        else:
+            dx, dw = layer.backward(dy, **bwd)
+        if use_out:
+            assert y is out and dx is bwd["dx_out"] and dw is bwd["dw_out"], "out buffers not returned"
+
+    # dtypes and shapes (SPEC 2: output in the caller's dtype)
+    assert dtype_name(y) == dtype_name(x) and tuple(y.shape) == (T, H), "y"
+    assert dtype_name(dx) == dtype_name(x) and tuple(dx.shape) == (T, H), "dx"
+    assert dtype_name(dw) == dtype_name(weights) and tuple(dw.shape) == tuple(ids.shape), "dw"
+
+    errors = {}
+    errors["y"] = check("y", y, y_ref, isa)
+    errors["dx"] = check("dx", dx, dx_ref, isa)
+    errors["dw"] = check("dw", dw, dw_ref, isa)
+    ids_np = to_numpy(ids)
+    none = ids_np == -1
+    assert np.all(to64(dw)[none] == 0), "dw of id -1 slots must be exactly 0"
+    dead = none.all(axis=1)      # tokens routed nowhere
+    assert np.all(to64(y)[dead] == 0) and np.all(to64(dx)[dead] == 0), "y/dx of a token with only -1 slots"
+
+    if lora is not None:
+        E = cache["Wg"].shape[0]
+        hit = set(np.unique(ids_np[ids_np >= 0]).tolist())
+        for name, (bA, bB) in bufs.items():
+            for tag, buf, start, want in (("dA", bA, init[name][0], g_ref[name][0]),
+                                          ("dB", bB, init[name][1], g_ref[name][1])):
+                assert dtype_name(buf) == dtype_name(lora.params[name][0 if tag == "dA" else 1])
+                got = to64(buf) - start     # the accumulated increment
+                errors[f"{tag}_{name}"] = check(f"{tag}_{name}", got, backward_calls * want, isa)
+            # experts that got no token: buffers untouched (bit-exact values)
+            for e, (ia, ib) in expert_slices(lora.layout, name, E, bA.shape).items():
+                if e not in hit:
+                    assert np.array_equal(to64(bA)[ia], init[name][0][ia]), f"dA_{name} of idle expert {e} touched"
+                    assert np.array_equal(to64(bB)[ib], init[name][1][ib]), f"dB_{name} of idle expert {e} touched"
+
+    return SimpleNamespace(errors=errors, y=y, dx=dx, dw=dw, grads=bufs, layer=layer,
+                           ref=SimpleNamespace(y=y_ref, dx=dx_ref, dw=dw_ref, grads=g_ref))

@@ -1,0 +1,378 @@
+"""Kernel vs reference on every ISA path this CPU has (SPEC.md sections 2-4, 6, 11).
+
+Every test goes through helpers.assert_matches_reference, which checks y, dx, dw and all
+LoRA gradients at relative error <= 1e-2 and cosine >= 0.9999 (SPEC.md 6).
+Shapes stay small (CI has 2 cores); one medium case.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import ktmoe
+from helpers import (BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing,
+                     make_weights)
+import reference
+
+PER = {"gate": 4, "up": 4, "down": 4}
+PEFT = {"gate_up": 4, "down": 4}
+
+
+def layout_ranks(layout, r):
+    if layout == "peft":
+        return {"gate_up": r, "down": r}
+    if layout == "per_projection":
+        return {"gate": r, "up": r, "down": r}
+    return None
+
+
+# ---------------------------------------------------------------- API surface
+
+def test_available_isas_and_cpu_info():
+    isas = ktmoe.available_isas()
+    assert "portable" in isas and set(isas) <= {"amx", "avx512", "portable"}
+    order = ["amx", "avx512", "portable"]
+    assert isas == sorted(isas, key=order.index), "best first"
+    info = ktmoe.cpu_info()
+    assert {"features", "isa", "reason", "num_threads"} <= set(info)
+    assert isinstance(info["features"], list) and all(isinstance(f, str) for f in info["features"])
+    assert info["isa"] in isas and isinstance(info["reason"], str) and info["reason"]
+    assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
+
+
+@pytest.mark.skipif("KTMOE_ISA" in os.environ, reason="KTMOE_ISA forces the default path")
+def test_default_isa_is_best():
+    rng = np.random.default_rng(0)
+    layer = ktmoe.MoEExperts(**make_weights(rng, 2, 32, 16))
+    assert layer.isa == ktmoe.available_isas()[0]
+
+
+def test_layer_attributes(isa):
+    rng = np.random.default_rng(0)
+    layer = ktmoe.MoEExperts(**make_weights(rng, 3, 40, 24), max_tokens=17, num_threads=1, isa=isa)
+    assert (layer.num_experts, layer.hidden_size, layer.intermediate_size) == (3, 40, 24)
+    assert (layer.isa, layer.num_threads, layer.max_tokens) == (isa, 1, 17)
+
+
+# ---------------------------------------------------------------- routing / shape grid
+
+def _grid_case(name, rng):
+    """(E, H, I, r, ids, weights) for one named case of SPEC.md 11."""
+    if name == "T1":
+        E, H, I, r, T, k = 4, 64, 32, 4, 1, 2
+        ids, w = make_routing(rng, T, k, E)
+    elif name == "every_expert_hit":
+        E, H, I, r, T, k = 8, 64, 32, 4, 16, 2
+        ids, w = make_routing(rng, T, k, E)
+        ids[:, 0] = np.arange(T) % E
+        ids[:, 1] = (np.arange(T) + 3) % E
+    elif name == "expert_without_token":
+        E, H, I, r, T, k = 6, 64, 32, 4, 20, 2
+        ids = np.stack([rng.choice([0, 1, 2, 4, 5], 2, replace=False) for _ in range(T)]).astype(np.int32)
+        w = (0.1 + rng.random((T, k))).astype(np.float32)
+    elif name == "one_expert_takes_all":
+        E, H, I, r, T, k = 5, 64, 32, 4, 24, 2
+        ids, w = make_routing(rng, T, k, E - 1)
+        ids[:, 0] = E - 1            # the last expert has every token; others share the second slot
+    elif name == "k1_all_on_last_expert":
+        E, H, I, r, T, k = 5, 64, 32, 4, 24, 1
+        ids, w = make_routing(rng, T, k, E)
+        ids[:] = E - 1
+    elif name == "minus_one_slots":
+        E, H, I, r, T, k = 6, 64, 32, 4, 16, 3
+        ids, w = make_routing(rng, T, k, E, minus_one=0.3)
+        ids[5] = -1                  # a token routed nowhere
+    elif name == "all_minus_one":
+        E, H, I, r, T, k = 4, 64, 32, 4, 8, 2
+        ids, w = make_routing(rng, T, k, E)
+        ids[:] = -1
+    elif name == "tails_40_24_r3":
+        E, H, I, r, T, k = 4, 40, 24, 3, 13, 2
+        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+    elif name == "tails_72_56_r5":
+        E, H, I, r, T, k = 5, 72, 56, 5, 19, 3
+        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+    elif name == "odd_tiny_17_9_r1":
+        E, H, I, r, T, k = 3, 17, 9, 1, 7, 2
+        ids, w = make_routing(rng, T, k, E)
+    elif name == "medium_256_160":
+        E, H, I, r, T, k = 8, 256, 160, 8, 64, 2
+        ids, w = make_routing(rng, T, k, E)
+    else:
+        raise KeyError(name)
+    return E, H, I, r, ids, w
+
+
+GRID = ["T1", "every_expert_hit", "expert_without_token", "one_expert_takes_all",
+        "k1_all_on_last_expert", "minus_one_slots", "all_minus_one", "tails_40_24_r3",
+        "tails_72_56_r5", "odd_tiny_17_9_r1", "medium_256_160"]
+
+
+@pytest.mark.parametrize("layout", ["per_projection", "peft", None])
+@pytest.mark.parametrize("case", GRID)
+def test_grid(case, layout, isa):
+    rng = np.random.default_rng(GRID.index(case))
+    E, H, I, r, ids, w = _grid_case(case, rng)
+    T = ids.shape[0]
+    weights = make_weights(rng, E, H, I, fused=layout != "per_projection")
+    x = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, r)) if layout else None
+    assert_matches_reference(weights, x, ids, w, lora, isa=isa)
+
+
+# ---------------------------------------------------------------- dtypes and layouts
+
+DTYPES = [  # (base weights, x, LoRA params, topk_weights, topk_ids)
+    (BF16, BF16, np.float32, np.float32, np.int32),     # bf16 model, PEFT's fp32 LoRA upcast
+    (BF16, BF16, BF16, BF16, np.int64),
+    (np.float32, np.float32, np.float32, np.float32, np.int64),
+    (BF16, np.float32, BF16, np.float32, np.int32),     # mixed
+    (np.float32, BF16, np.float32, BF16, np.int32),
+]
+
+
+@pytest.mark.parametrize("layout", ["per_projection", "peft"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: "-".join(np.dtype(t).name for t in d))
+def test_dtypes(dtypes, layout, isa):
+    wdt, xdt, ldt, rwdt, idt = dtypes
+    rng = np.random.default_rng(1)
+    E, H, I, T, k = 6, 72, 40, 21, 2
+    weights = make_weights(rng, E, H, I, dtype=wdt, fused=layout == "peft")
+    ids, w = make_routing(rng, T, k, E, minus_one=0.1, id_dtype=idt, w_dtype=rwdt)
+    x = rng.standard_normal((T, H)).astype(xdt)
+    lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, 5), dtype=ldt)
+    assert_matches_reference(weights, x, ids, w, lora, isa=isa)
+
+
+@pytest.mark.parametrize("layout,ranks", [
+    ("per_projection", {"gate": 3}),
+    ("per_projection", {"up": 3}),
+    ("per_projection", {"down": 3}),
+    ("per_projection", {"gate": 2, "down": 6}),
+    ("per_projection", {"gate": 2, "up": 5, "down": 3}),    # r differs per projection
+    ("peft", {"gate_up": 3}),
+    ("peft", {"down": 3}),
+    ("peft", {"gate_up": 2, "down": 7}),
+])
+def test_some_projections(layout, ranks, isa):
+    rng = np.random.default_rng(2)
+    E, H, I, T, k = 4, 48, 40, 15, 2
+    weights = make_weights(rng, E, H, I, fused=False)
+    ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, layout, E, H, I, ranks)
+    assert_matches_reference(weights, x, ids, w, lora, isa=isa)
+
+
+def test_fused_and_split_weights_agree(isa):
+    rng = np.random.default_rng(3)
+    E, H, I, T, k = 4, 40, 24, 9, 2
+    fused = make_weights(rng, E, H, I, fused=True)
+    I_ = fused["gate_up"].shape[1] // 2
+    split = dict(gate=fused["gate_up"][:, :I_].copy(), up=fused["gate_up"][:, I_:].copy(), down=fused["down"])
+    ids, w = make_routing(rng, T, k, E)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    a = assert_matches_reference(fused, x, ids, w, isa=isa)
+    b = assert_matches_reference(split, x, ids, w, isa=isa)
+    check("y fused vs split", b.y, a.y, isa)   # same packed weights either way
+
+
+# ---------------------------------------------------------------- LoRA semantics
+
+@pytest.mark.parametrize("ldtype", [np.float32, BF16])
+@pytest.mark.parametrize("layout", ["per_projection", "peft"])
+def test_lora_B_zero_is_exactly_no_lora(layout, ldtype, isa):
+    """PEFT init (B = 0): y, dx, dw bit-identical to no LoRA, no NaN, dA exactly 0 (SPEC 4, 11)."""
+    rng = np.random.default_rng(4)
+    E, H, I, T, k = 5, 72, 56, 19, 2
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    dy = rng.standard_normal((T, H)).astype(BF16)
+    layer = ktmoe.MoEExperts(**weights, isa=isa)
+    lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, 5), dtype=ldtype, zero_B=True)
+    base = assert_matches_reference(weights, x, ids, w, None, layer=layer, dy=dy)
+    with_lora = assert_matches_reference(weights, x, ids, w, lora, layer=layer, dy=dy)
+    for t in ("y", "dx", "dw"):
+        got, want = getattr(with_lora, t), getattr(base, t)
+        assert np.array_equal(got, want), f"{t}: B = 0 must contribute exactly nothing"
+        assert not np.isnan(np.asarray(got, np.float32)).any()
+    for name, (gA, gB) in with_lora.ref.grads.items():   # the helper checked the kernel's dA == 0 exactly
+        assert not np.any(gA) and np.any(gB)
+
+
+@pytest.mark.parametrize("ldtype", [np.float32, BF16])
+@pytest.mark.parametrize("layout", ["per_projection", "peft"])
+def test_lora_grads_accumulate_over_two_backwards(layout, ldtype, isa):
+    """Two forward+backward calls into the same buffers add twice the gradient (torch .grad)."""
+    rng = np.random.default_rng(5)
+    E, H, I, T, k = 4, 40, 24, 13, 2
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, 3), dtype=ldtype)
+    assert_matches_reference(weights, x, ids, w, lora, isa=isa, backward_calls=2)
+
+
+@pytest.mark.parametrize("start_B_zero", [False, True])
+@pytest.mark.parametrize("layout", ["per_projection", "peft"])
+def test_optimizer_step_between_forwards(layout, start_B_zero, isa):
+    """In-place updates of the LoRA arrays are seen by the next forward (no stale packed copy)."""
+    rng = np.random.default_rng(6)
+    E, H, I, T, k = 4, 40, 24, 11, 2
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, 3), zero_B=start_B_zero)
+    layer = ktmoe.MoEExperts(**weights, isa=isa)
+    first = assert_matches_reference(weights, x, ids, w, lora, layer=layer, seed=1)
+    for A, B in lora.params.values():          # "optimizer.step()": in place, same arrays
+        A -= 0.3 * rng.standard_normal(A.shape).astype(A.dtype) / np.sqrt(A.shape[-1])
+        B += 0.5 * rng.standard_normal(B.shape).astype(B.dtype)
+    second = assert_matches_reference(weights, x, ids, w, lora, layer=layer, seed=1)
+    assert not np.array_equal(first.y, second.y)
+
+
+# ---------------------------------------------------------------- one instance, many calls
+
+@pytest.mark.parametrize("layout", ["per_projection", None])
+def test_varying_T_on_one_instance(layout, isa):
+    """After warm-up: T = max_tokens, then 1, then in between, then max again (SPEC 11)."""
+    rng = np.random.default_rng(7)
+    E, H, I, k, max_tokens = 6, 72, 56, 2, 48
+    weights = make_weights(rng, E, H, I)
+    layer = ktmoe.MoEExperts(**weights, max_tokens=max_tokens, isa=isa)
+    lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, 5)) if layout else None
+    for i, T in enumerate([8, max_tokens, 1, 23, max_tokens, 2]):
+        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+        x = rng.standard_normal((T, H)).astype(BF16)
+        assert_matches_reference(weights, x, ids, w, lora, layer=layer, seed=i)
+
+
+def test_submit_wait_matches_blocking(isa):
+    rng = np.random.default_rng(8)
+    E, H, I, T, k = 6, 72, 56, 19, 3
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, "peft", E, H, I, PEFT)
+    layer = ktmoe.MoEExperts(**weights, isa=isa)
+    blocking = assert_matches_reference(weights, x, ids, w, lora, layer=layer, seed=3)
+    submitted = assert_matches_reference(weights, x, ids, w, lora, layer=layer, seed=3, submit=True)
+    submitted_out = assert_matches_reference(weights, x, ids, w, lora, layer=layer, seed=3, submit=True,
+                                             use_out=True)
+    for t in ("y", "dx", "dw"):
+        check(f"{t} submit vs blocking", getattr(submitted, t), getattr(blocking, t), isa)
+        check(f"{t} submit(out) vs blocking", getattr(submitted_out, t), getattr(blocking, t), isa)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
+def test_out_buffers(dtype, isa):
+    """out / dx_out / dw_out are filled and returned (they start as NaN: every element written)."""
+    rng = np.random.default_rng(9)
+    E, H, I, T, k = 4, 40, 24, 10, 2
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E, minus_one=0.2, w_dtype=dtype)
+    ids[3] = -1
+    x = rng.standard_normal((T, H)).astype(dtype)
+    lora = make_lora(rng, "per_projection", E, H, I, PER)
+    assert_matches_reference(weights, x, ids, w, lora, isa=isa, use_out=True)
+
+
+def test_two_layers_keep_their_own_saved_state(isa):
+    """forward A, forward B, backward A, backward B: no shared live scratch (SPEC 11)."""
+    rng = np.random.default_rng(10)
+    H, T, k = 40, 12, 2
+    problems = []
+    for E, I, layout in ((4, 24, "per_projection"), (6, 56, "peft")):
+        weights = make_weights(rng, E, H, I)
+        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
+        x = rng.standard_normal((T, H)).astype(BF16)
+        dy = rng.standard_normal((T, H)).astype(BF16)
+        lora = make_lora(rng, layout, E, H, I, layout_ranks(layout, 3))
+        grads = {n: (np.zeros_like(A), np.zeros_like(B)) for n, (A, B) in lora.params.items()}
+        layer = ktmoe.MoEExperts(**weights, isa=isa)
+        Wg, Wu, Wd = (weights["gate_up"][:, :I], weights["gate_up"][:, I:], weights["down"])
+        y_ref, cache = reference.moe_forward(x, ids, w, Wg, Wu, Wd, lora)
+        problems.append(dict(layer=layer, x=x, ids=ids, w=w, dy=dy, lora=lora, grads=grads,
+                             ref=(y_ref,) + reference.moe_backward(dy, cache)))
+    ys = [p["layer"].forward(p["x"], p["ids"], p["w"], lora=ktmoe_lora(p["lora"]), keep_for_backward=True)
+          for p in problems]
+    for p, y in zip(problems, ys):
+        dx, dw = p["layer"].backward(p["dy"], lora_grads=ktmoe_lora(p["lora"], p["grads"]))
+        y_ref, dx_ref, dw_ref, g_ref = p["ref"]
+        check("y", y, y_ref, isa)
+        check("dx", dx, dx_ref, isa)
+        check("dw", dw, dw_ref, isa)
+        for n, (gA, gB) in p["grads"].items():
+            check(f"dA_{n}", gA, g_ref[n][0], isa)
+            check(f"dB_{n}", gB, g_ref[n][1], isa)
+
+
+def test_caller_buffers_reused_between_forward_and_backward(isa):
+    """Zeroing the grads and overwriting y's buffer after forward must not change backward (SPEC 11)."""
+    rng = np.random.default_rng(11)
+    E, H, I, T, k = 4, 40, 24, 14, 2
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    dy = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, "peft", E, H, I, PEFT)
+    grads = {n: (np.full(A.shape, 7.0, A.dtype), np.full(B.shape, 7.0, B.dtype)) for n, (A, B) in lora.params.items()}
+    Wg, Wu, Wd = weights["gate_up"][:, :I], weights["gate_up"][:, I:], weights["down"]
+    y_ref, cache = reference.moe_forward(x, ids, w, Wg, Wu, Wd, lora)
+    dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
+
+    layer = ktmoe.MoEExperts(**weights, isa=isa)
+    out = np.empty((T, H), BF16)
+    y = layer.forward(x, ids, w, lora=ktmoe_lora(lora), keep_for_backward=True, out=out)
+    check("y", y, y_ref, isa)
+    out[...] = np.nan                          # the caller reuses y's memory
+    for gA, gB in grads.values():              # optimizer.zero_grad()
+        gA[...] = 0
+        gB[...] = 0
+    dx, dw = layer.backward(dy, lora_grads=ktmoe_lora(lora, grads))
+    check("dx", dx, dx_ref, isa)
+    check("dw", dw, dw_ref, isa)
+    for n, (gA, gB) in grads.items():
+        check(f"dA_{n}", gA, g_ref[n][0], isa)
+        check(f"dB_{n}", gB, g_ref[n][1], isa)
+
+
+# ---------------------------------------------------------------- numerics
+
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
+def test_silu_over_minus_100_to_100(dtype, isa):
+    """G spans [-100, 100] (exp(100) overflows fp32): no NaN/Inf, matches the reference (SPEC 11)."""
+    rng = np.random.default_rng(12)
+    E, H, I, T, k = 3, 32, 48, 24, 2
+    weights = make_weights(rng, E, H, I, dtype=np.float64, fused=True)
+    gu = weights["gate_up"]
+    gu[:, :I, 0] = np.linspace(-100, 100, I)   # G[t, i] ~ x[t, 0] * linspace(-100, 100)
+    gu[:, :I, 1:] *= 0.01
+    weights = {n: a.astype(dtype) for n, a in weights.items()}
+    x = (0.01 * rng.standard_normal((T, H))).astype(dtype)
+    x[:, 0] = np.linspace(-1, 1, T).astype(dtype)
+    ids, w = make_routing(rng, T, k, E)
+    lora = make_lora(rng, "per_projection", E, H, I, PER, dtype=np.float32)
+    # the case itself: the reference's G really reaches both ends of [-100, 100]
+    _, cache = reference.moe_forward(x, ids, w, weights["gate_up"][:, :I], weights["gate_up"][:, I:],
+                                     weights["down"], lora)
+    G = np.concatenate([c["G"] for c in cache["experts"].values()])
+    assert G.min() < -90 and G.max() > 90
+    r = assert_matches_reference(weights, x, ids, w, lora, isa=isa)
+    for t in (r.y, r.dx, r.dw, *[g for pair in r.grads.values() for g in pair]):
+        assert np.isfinite(np.asarray(t, np.float32)).all()
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_num_threads(num_threads, isa):
+    rng = np.random.default_rng(13)
+    E, H, I, T, k = 8, 128, 96, 48, 2
+    weights = make_weights(rng, E, H, I)
+    ids, w = make_routing(rng, T, k, E, minus_one=0.05)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, "peft", E, H, I, PEFT)
+    layer = ktmoe.MoEExperts(**weights, num_threads=num_threads, isa=isa)
+    assert layer.num_threads == num_threads
+    assert_matches_reference(weights, x, ids, w, lora, layer=layer)
