@@ -37,23 +37,39 @@ static void row_from_f32(void *dst, int dtype, const float *src, int n) {
     kt_bf16 *d = dst;
     for (int i = 0; i < n; i++) d[i] = kt_f32_to_bf16(src[i]);
 }
-static float load_elem(const void *p, int dtype, long i) {
-    return dtype == KT_BF16 ? kt_bf16_to_f32(((const kt_bf16 *)p)[i]) : ((const float *)p)[i];
+/* dst[i] = v[start + i * step] as fp32, for i < n. */
+static void load_row(float *dst, const kt_view3 *v, long start, long step, int n) {
+    if (v->dtype == KT_BF16) {
+        const kt_bf16 *p = (const kt_bf16 *)v->data + start;
+        for (int i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(p[i * step]);
+    } else {
+        const float *p = (const float *)v->data + start;
+        for (int i = 0; i < n; i++) dst[i] = p[i * step];
+    }
 }
 
 /* ---- small fp32 products for the rank-r LoRA factors ---- */
+
+/* sum_k a[k] * b[k] with 16 independent partial sums, so the compiler can vectorise it
+ * without reassociating (no -ffast-math). */
+static float dot_f32(const float *a, const float *b, int n) {
+    enum { LANES = 16 };
+    float part[LANES] = {0};
+    int k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += a[k + l] * b[k + l];
+    float s = 0.f;
+    for (; k < n; k++) s += a[k] * b[k];
+    for (int l = 0; l < LANES; l++) s += part[l];
+    return s;
+}
 
 /* C[m, j] = sum_k A[m, k] * W[j, k]; A bf16 [M, K] (lda), W fp32 [R, K], C fp32 (ldc). */
 static void lora_nt(int M, int R, int K, const kt_bf16 *A, long lda, const float *W,
                     float *C, long ldc, float *tmp /* [K] */) {
     for (int m = 0; m < M; m++) {
         row_to_f32(tmp, A + m * lda, K);
-        for (int j = 0; j < R; j++) {
-            const float *w = W + (long)j * K;
-            float s = 0.f;
-            for (int k = 0; k < K; k++) s += tmp[k] * w[k];
-            C[m * ldc + j] = s;
-        }
+        for (int j = 0; j < R; j++) C[m * ldc + j] = dot_f32(tmp, W + (long)j * K, K);
     }
 }
 
@@ -140,12 +156,8 @@ static void copy_lora_expert(kt_layer *L, int e) {
         if (!d->r) continue;
         float *A = d->A + (long)e * d->r * d->in, *BT = d->BT + (long)e * d->r * d->out;
         for (int j = 0; j < d->r; j++) {
-            for (int i = 0; i < d->in; i++)
-                A[(long)j * d->in + i] = load_elem(s->A.data, s->A.dtype,
-                    e * s->A.stride[0] + j * s->A.stride[1] + i * s->A.stride[2]);
-            for (int o = 0; o < d->out; o++)
-                BT[(long)j * d->out + o] = load_elem(s->B.data, s->B.dtype,
-                    e * s->B.stride[0] + o * s->B.stride[1] + j * s->B.stride[2]);
+            load_row(A + (long)j * d->in, &s->A, e * s->A.stride[0] + j * s->A.stride[1], s->A.stride[2], d->in);
+            load_row(BT + (long)j * d->out, &s->B, e * s->B.stride[0] + j * s->B.stride[2], s->B.stride[1], d->out);
         }
     }
 }

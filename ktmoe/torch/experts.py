@@ -1,0 +1,173 @@
+"""A transformers v5 experts module whose routed experts run in the ktmoe CPU kernel.
+
+`convert(module)` checks that an experts module (a class decorated with transformers'
+`@use_experts_implementation`) has the form the kernel computes (fused `gate_up_proj`
+[E, 2I, H] gate rows first, `down_proj` [E, H, I], SiLU gate, no bias, not transposed, no
+post-expert norm, no expert parallelism), copies the weights into the kernel's packed bf16
+CPU memory, releases the torch storage and turns the module into a `KtMoE<Class>`:
+
+- `gate_up_proj` / `down_proj` stay registered parameters (shape, dtype, CPU device, numel
+  unchanged, requires_grad False, so PEFT and parameter counts see what they expect), but
+  their data is a one-element placeholder broadcast to the full shape. Reading their values
+  is meaningless; the real weights live only in the kernel.
+- `state_dict()` returns those two entries as `meta` tensors (right shape and dtype, no
+  data): anything that reads or saves their values (`save_pretrained` of the base model,
+  `.cpu()`, `.numpy()`) fails loudly instead of writing placeholders. LoRA adapters save
+  normally. `load_state_dict` with real tensors for both entries repacks the kernel.
+- `.to()`, `.cuda()`, `.half()` ... leave the module as it is: experts stay on the CPU.
+- forward runs the kernel, with LoRA factors when PEFT wraps the module (see peft.py) and
+  with factors merged by PEFT's `merge` (kept as frozen factors, never as W + BA).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .function import KernelExperts, LoraFactors, experts_apply
+
+PARAMS = ("gate_up_proj", "down_proj")
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for modules built by a `@use_experts_implementation` class (or already converted)."""
+    return is_converted(module) or all(hasattr(module, a) for a in ("has_gate", "is_transposed", "_is_expert_parallel"))
+
+
+def is_converted(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "_ktmoe", None), KernelExperts)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why the kernel cannot run this experts module, or None when it can."""
+    if is_converted(module):
+        return None
+    checks = [
+        (not getattr(module, "has_gate", False), "experts without a gate projection (has_gate=False)"),
+        (getattr(module, "has_bias", False), "expert projections with bias (has_bias=True)"),
+        (getattr(module, "is_transposed", False), "transposed expert weight layout (is_transposed=True)"),
+        (not getattr(module, "is_concatenated", True), "interleaved gate/up layout (is_concatenated=False)"),
+        (getattr(module, "has_post_expert_norm", False), "a post-expert norm (has_post_expert_norm=True)"),
+        (getattr(module, "_is_expert_parallel", False), "expert parallelism"),
+    ]
+    for bad, why in checks:
+        if bad:
+            return why
+    act = getattr(module, "act_fn", None)
+    if type(act).__name__ not in ("SiLUActivation", "SiLU"):
+        return f"activation {type(act).__name__} (the kernel computes silu(gate) * up)"
+    from transformers.integrations.moe import _default_apply_gate
+    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        return "a custom _apply_gate (the kernel computes silu(gate) * up)"
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3 or dn.dim() != 3:
+        return "expected 3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I] parameters"
+    E, H, I = dn.shape
+    if tuple(gu.shape) != (E, 2 * I, H):
+        return f"gate_up_proj shape {list(gu.shape)} does not match down_proj {list(dn.shape)} as [E, 2I, H]"
+    if gu.device.type == "meta" or dn.device.type == "meta":
+        return "expert weights are on the meta device (not loaded)"
+    return None
+
+
+def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_threads: int | None = None,
+            isa: str | None = None) -> nn.Module:
+    """Packs the module's expert weights into the kernel and releases them (in place)."""
+    if is_converted(module):
+        return module
+    reason = unsupported_reason(module)
+    if reason is not None:
+        raise ValueError(f"ktmoe cannot run {type(module).__name__}{' at ' + where if where else ''}: {reason}")
+    import ktmoe
+    gu, dn = module.gate_up_proj, module.down_proj
+    layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
+                             num_threads=num_threads, isa=isa)
+    module._ktmoe = KernelExperts(layer)
+    module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
+    for name in PARAMS:
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False))
+    module.__class__ = _ktmoe_class(type(module))
+    return module
+
+
+def _kernel_copy(p: torch.Tensor) -> torch.Tensor:
+    """The weights as a contiguous CPU tensor the kernel reads (fp16 etc. widened to fp32)."""
+    p = p.detach()
+    if p.dtype not in (torch.float32, torch.bfloat16):
+        p = p.to(torch.float32)
+    return p.to("cpu").contiguous()
+
+
+def _placeholder(shape, dtype) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype).expand(shape)
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                    lora: LoraFactors | None = None) -> torch.Tensor:
+    """The `experts_implementation="ktmoe"` forward (registered in transformers' ExpertsInterface).
+    A module not converted yet (from_pretrained path) is converted on its first call."""
+    if not is_converted(self):
+        convert(self, type(self).__name__)
+    if self.gate_up_proj.requires_grad or self.down_proj.requires_grad:
+        raise NotImplementedError(f"ktmoe experts ({type(self).__name__}): the base expert weights are frozen in the "
+                                  f"kernel; training them (requires_grad=True) is not supported, use LoRA")
+    if lora is None:
+        lora = merged_lora(self)
+    return experts_apply(self._ktmoe, hidden_states, top_k_index, top_k_weights, lora)
+
+
+def merged_lora(module) -> LoraFactors | None:
+    """Factors PEFT merged into this module (frozen), as one kernel LoRA, or None."""
+    from .peft import combine
+    return combine({p: [(a, b, s, False) for _, a, b, s in module._ktmoe_merged[p]] for p in PARAMS},
+                   module._ktmoe.layer.num_experts)
+
+
+def _apply_keep_cpu(self, fn, recurse=True):
+    return self   # expert weights live in the kernel's CPU memory; placeholders stay as they are
+
+
+def _save_to_state_dict(self, destination, prefix, keep_vars):
+    nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+    for name in PARAMS:
+        p = getattr(self, name)
+        destination[prefix + name] = torch.empty(p.shape, dtype=p.dtype, device="meta")
+
+
+def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs):
+    given = {n: state_dict.get(prefix + n) for n in PARAMS}
+    real = {n: t for n, t in given.items() if t is not None and t.device.type != "meta"}
+    if real:
+        if len(real) != len(PARAMS):
+            error_msgs.append(f"{prefix}: ktmoe experts reload both {PARAMS} together, got only {sorted(real)}")
+            return
+        import ktmoe
+        old = self._ktmoe.layer
+        layer = ktmoe.MoEExperts(gate_up=_kernel_copy(real["gate_up_proj"]), down=_kernel_copy(real["down_proj"]),
+                                 max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa)
+        self._ktmoe = KernelExperts(layer)
+    # the placeholders themselves are never overwritten
+    rest = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in PARAMS}}
+    nn.Module._load_from_state_dict(self, rest, prefix, local_metadata, False, missing_keys, unexpected_keys,
+                                    error_msgs)
+    for n in PARAMS:
+        if strict and given[n] is None:
+            missing_keys.append(prefix + n)
+
+
+def _extra_repr(self) -> str:
+    k = self._ktmoe.layer
+    return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, isa={k.isa}, " \
+           f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU"
+
+
+_CLASSES: dict = {}
+
+
+def _ktmoe_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"KtMoE{cls.__name__}", (cls,), {
+            "forward": experts_forward, "_apply": _apply_keep_cpu, "_save_to_state_dict": _save_to_state_dict,
+            "_load_from_state_dict": _load_from_state_dict, "extra_repr": _extra_repr, "__module__": __name__})
+    return _CLASSES[cls]

@@ -1,0 +1,170 @@
+"""PEFT interop: LoRA on ktmoe experts through `LoraConfig(target_parameters=[...gate_up_proj,
+...down_proj])`.
+
+PEFT wraps a targeted experts module in one `ParamWrapper` per parameter (nested). Its own
+forward registers a parametrization that materialises W + B A for every expert on every
+call; for a ktmoe experts module that must never run. `install()` therefore overrides three
+`ParamWrapper` methods, and only for wrappers whose base layer is a ktmoe experts module
+(every other ParamWrapper keeps PEFT's behaviour):
+
+- forward: walks the wrapper chain, reads each wrapper's active adapters' `lora_A` /
+  `lora_B` weights and `scaling` (honouring `disable_adapters` and `merged` as PEFT does) and
+  hands the factors to the kernel. Gradients reach the factors through autograd.
+- merge / unmerge: instead of `W += B A`, the factors are cloned (frozen) into the experts
+  module, which applies them as part of its base computation; `merge_and_unload()` keeps
+  them there. The merged model computes the same function; no delta weight is formed.
+
+Unsupported configurations raise: LoRA dropout, DoRA / other variants, lora_bias,
+mixed-adapter batches, and two trainable adapters (or rank/alpha patterns giving gate_up
+and down different scales) on one experts module, which the kernel's single LoRA cannot
+hold.
+"""
+from __future__ import annotations
+
+import torch
+
+from .function import LoraFactors
+
+_ORIGINAL: dict = {}
+
+
+def _chain(wrapper):
+    """The ParamWrappers from `wrapper` inward, and the base layer under them."""
+    from peft.tuners.lora.layer import ParamWrapper
+    chain, m = [], wrapper
+    while isinstance(m, ParamWrapper):
+        chain.append(m)
+        m = m.base_layer
+    return chain, m
+
+
+def _is_ktmoe(wrapper) -> bool:
+    from .experts import is_converted
+    return is_converted(wrapper.get_base_layer())
+
+
+def _check_options(w, adapter: str) -> None:
+    where = f"ktmoe experts LoRA on {w.parameter_name!r} (adapter {adapter!r})"
+    drop = w.lora_dropout[adapter] if adapter in w.lora_dropout else None
+    if drop is not None and not isinstance(drop, torch.nn.Identity):
+        raise ValueError(f"{where}: lora_dropout > 0 is not supported")
+    if w.use_dora.get(adapter, False) or adapter in getattr(w, "lora_variant", {}):
+        raise ValueError(f"{where}: DoRA / LoRA variants are not supported")
+    if w.lora_bias.get(adapter, False) or w.lora_B[adapter].bias is not None:
+        raise ValueError(f"{where}: lora_bias is not supported")
+    if not getattr(w, "_did_swap_in_out_features", False):
+        raise ValueError(f"{where}: expected [E, out, in] expert weights (PEFT saw a transposed layout)")
+
+
+def combine(sources: dict, E: int) -> LoraFactors | None:
+    """One kernel LoRA from {param name: [(A, B, scale, trainable), ...]}.
+
+    A single source per projection is passed as is. Frozen sources (merged adapters) are
+    concatenated along the rank with their scale folded into B; a trainable source cannot
+    be concatenated (its gradient would land in a copy) and sets the kernel's scale.
+    """
+    trainable = {s for srcs in sources.values() for (_, _, s, t) in srcs if t}
+    if len(trainable) > 1:
+        raise NotImplementedError(f"ktmoe experts: trainable LoRA factors with different scales {sorted(trainable)} "
+                                  f"on one experts module (the kernel takes one scale per layer)")
+    singles = {s for srcs in sources.values() if len(srcs) == 1 for (_, _, s, _) in srcs}
+    scale = trainable.pop() if trainable else (singles.pop() if len(singles) == 1 else 1.0)
+    pairs = {}
+    for name, srcs in sources.items():
+        if not srcs:
+            pairs[name] = None
+        elif len(srcs) == 1 and srcs[0][2] == scale:
+            pairs[name] = (srcs[0][0], srcs[0][1])
+        elif any(t for (_, _, _, t) in srcs):
+            raise NotImplementedError(f"ktmoe experts: a trainable LoRA on {name} together with another adapter "
+                                      f"(merged or active) is not supported")
+        else:
+            pairs[name] = _concat([(a.detach(), b.detach() * (s / scale)) for a, b, s, _ in srcs], E)
+    if all(p is None for p in pairs.values()):
+        return None
+    return LoraFactors(gate_up=pairs["gate_up_proj"], down=pairs["down_proj"], scale=scale)
+
+
+def _concat(pairs, E: int):
+    """Stacks PEFT-layout factors along the rank: A [E*r, in] is expert-major, B [out, E*r] has
+    column j*E + e for rank j of expert e."""
+    A = torch.cat([a.float().reshape(E, -1, a.shape[-1]) for a, _ in pairs], dim=1)
+    B = torch.cat([b.float().reshape(b.shape[0], -1, E) for _, b in pairs], dim=1)
+    return A.reshape(-1, A.shape[-1]).contiguous(), B.reshape(B.shape[0], -1).contiguous()
+
+
+def lora_of(wrapper, E: int) -> LoraFactors | None:
+    """Kernel factors of a ParamWrapper chain over a ktmoe experts module (PEFT semantics for
+    disable_adapters / merged), plus factors merged earlier."""
+    chain, base = _chain(wrapper)
+    sources = {n: [(a, b, s, False) for _, a, b, s in base._ktmoe_merged[n]] for n in base._ktmoe_merged}
+    for w in chain:
+        if w.disable_adapters:
+            if w.merged:
+                w.unmerge()
+            continue
+        if w.merged:
+            continue
+        for adapter in w.active_adapters:
+            if adapter not in w.lora_A:
+                continue
+            _check_options(w, adapter)
+            if w.parameter_name not in sources:
+                raise ValueError(f"ktmoe experts: LoRA on parameter {w.parameter_name!r} is not supported "
+                                 f"(only {sorted(sources)})")
+            a, b = w.lora_A[adapter].weight, w.lora_B[adapter].weight
+            sources[w.parameter_name].append((a, b, w.scaling[adapter], a.requires_grad or b.requires_grad))
+    return combine(sources, E)
+
+
+def _forward(self, x, *args, **kwargs):
+    if not _is_ktmoe(self):
+        return _ORIGINAL["forward"](self, x, *args, **kwargs)
+    if kwargs.pop("adapter_names", None) is not None:
+        raise ValueError("ktmoe experts: mixed-adapter batches (adapter_names=...) are not supported")
+    from .experts import experts_forward
+    _, base = _chain(self)
+    return experts_forward(base, x, *args, lora=lora_of(self, base._ktmoe.layer.num_experts), **kwargs)
+
+
+def _merge(self, safe_merge: bool = False, adapter_names=None):
+    if not _is_ktmoe(self):
+        return _ORIGINAL["merge"](self, safe_merge=safe_merge, adapter_names=adapter_names)
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+    base = self.get_base_layer()
+    for adapter in check_adapters_to_merge(self, adapter_names):
+        if adapter not in self.lora_A:
+            continue
+        _check_options(self, adapter)
+        a = self.lora_A[adapter].weight.detach().clone()
+        b = self.lora_B[adapter].weight.detach().clone()
+        if safe_merge and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        base._ktmoe_merged[self.parameter_name].append((adapter, a, b, self.scaling[adapter]))
+        self.merged_adapters.append(adapter)
+
+
+def _unmerge(self):
+    if not _is_ktmoe(self):
+        return _ORIGINAL["unmerge"](self)
+    if not self.merged:
+        import warnings
+        warnings.warn("Already unmerged. Nothing to do.")
+        return
+    merged = self.get_base_layer()._ktmoe_merged[self.parameter_name]
+    while self.merged_adapters:
+        adapter = self.merged_adapters.pop()
+        for i in range(len(merged) - 1, -1, -1):
+            if merged[i][0] == adapter:
+                del merged[i]
+                break
+
+
+def install() -> None:
+    """Routes PEFT ParamWrappers over ktmoe experts to the kernel (idempotent)."""
+    from peft.tuners.lora.layer import ParamWrapper
+    if _ORIGINAL:
+        return
+    for name, fn in (("forward", _forward), ("merge", _merge), ("unmerge", _unmerge)):
+        _ORIGINAL[name] = getattr(ParamWrapper, name)
+        setattr(ParamWrapper, name, fn)
