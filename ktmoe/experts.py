@@ -106,9 +106,10 @@ class MoEExperts:
         """Bytes of packed expert weights held by this layer."""
         return self._layer.weight_bytes
 
-    def saved_bytes_per_token(self, k: int) -> int:
-        """Bytes kept per token between a forward with keep_for_backward and its backward."""
-        return _core.saved_bytes_per_token(self.hidden_size, self.intermediate_size, k)
+    def saved_bytes_per_token(self, k: int, lora_rank: int = 0) -> int:
+        """Bytes kept per token between a forward with keep_for_backward and its backward,
+        with rank-`lora_rank` LoRA on all three projections (0: no LoRA)."""
+        return _core.saved_bytes_per_token(self.hidden_size, self.intermediate_size, k, 3 * lora_rank)
 
     def __repr__(self) -> str:
         return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "

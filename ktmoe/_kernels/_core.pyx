@@ -40,7 +40,7 @@ cdef extern from "ktmoe.h":
     int kt_layer_busy(const kt_layer *L)
     int kt_layer_has_saved(const kt_layer *L)
     void kt_layer_release_saved(kt_layer *L)
-    size_t kt_saved_bytes_per_token(int H, int I, int k)
+    size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks)
     long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E) nogil
 
 cdef extern from *:
@@ -108,8 +108,8 @@ def amx_request_permission():
     return kt_amx_request_permission()
 
 
-def saved_bytes_per_token(int H, int I, int k):
-    return kt_saved_bytes_per_token(H, I, k)
+def saved_bytes_per_token(int H, int I, int k, int lora_ranks):
+    return kt_saved_bytes_per_token(H, I, k, lora_ranks)
 
 
 def find_bad_id(size_t ids, str dtype, long n, int E):

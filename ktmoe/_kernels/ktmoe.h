@@ -72,8 +72,11 @@ int kt_wait(kt_layer *L);
 int kt_layer_busy(const kt_layer *L);
 int kt_layer_has_saved(const kt_layer *L);
 void kt_layer_release_saved(kt_layer *L);
-/* Bytes kept per token for backward (x copy + gate/up activations + routing), for docs. */
-size_t kt_saved_bytes_per_token(int H, int I, int k);
+/* Bytes kept per token between a kept forward and its backward: x as bf16, gate/up
+ * pre-activations as bf16, the scaled LoRA products X A^T (bf16, lora_ranks = sum of the
+ * ranks of the projections with LoRA) and the routing. The layer keeps these buffers
+ * (and bf16 copies of the LoRA factors) for reuse by later calls. */
+size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks);
 
 /* Index of the first id outside [-1, E) among n ids, or -1 if all are valid. */
 long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E);

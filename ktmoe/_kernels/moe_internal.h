@@ -1,5 +1,5 @@
-/* moe_internal.h: the layer object shared by moe_layer.c (life cycle, routing, job
- * plumbing) and moe_passes.c (the forward/backward passes, compiled once per ISA). */
+/* moe_internal.h: the layer object shared by moe_layer.c (life cycle, routing, buffers,
+ * job plumbing) and moe_passes.c (the forward/backward passes, compiled once per ISA). */
 #ifndef KTMOE_MOE_INTERNAL_H
 #define KTMOE_MOE_INTERNAL_H
 #include "ktmoe.h"
@@ -7,12 +7,28 @@
 #include <pthread.h>
 #include <stddef.h>
 
-/* Column chunk widths: one task = one expert x one chunk of output columns. */
-#define KT_CHUNK_I 64   /* intermediate columns per gate/up task (plus the same up columns) */
-#define KT_CHUNK_H 128  /* hidden columns per down / dx task */
+/* Column chunks: one task = one expert x one chunk of output columns.
+ * Gate and up weights are packed chunk-interleaved: chunk c of the intermediate dimension
+ * (columns c*KT_CHUNK_I .. +n) occupies rows 2*c*KT_CHUNK_I .. +2n of the packed
+ * [2I, H] expert matrix, its n gate rows first, then its n up rows. One GEMM then yields
+ * both halves of a chunk, and the backward's dX = [dG | dU] [Wg; Wu] is one GEMM over 2I.
+ * Activations over 2I (gate/up pre-activations, dG | dU) use the same column order. */
+#define KT_CHUNK_I 64
+#define KT_CHUNK_H 128
 
-/* LoRA factors copied (fp32, contiguous, hit experts only) for one call:
- * A[e] is [r, in], BT[e] is B transposed, [r, out]. Gradients use the same layout. */
+static inline int kt_chunk_n(int chunk, int width, int total) {
+    int n = total - chunk * width;
+    return n < width ? n : width;
+}
+
+/* Split-bf16 copies of one projection's LoRA factors for the experts of a call
+ * (moe_passes.c): A[e] is [3r, in] = [hi; hi; lo] of A, BT[e] the same of B^T ([3r, out]). */
+typedef struct {
+    int r, in, out;
+    kt_bf16 *A, *BT;
+} kt_lora_bf16;
+
+/* fp32 LoRA gradients of a backward, same layout. */
 typedef struct {
     int r, in, out;
     float *A, *BT;
@@ -30,9 +46,14 @@ typedef struct {
     float *w;           /* [T * k] router weights as fp32 */
 } kt_routing;
 
+/* A buffer that is reused between calls and only grows. */
+typedef struct { void *p; size_t n; } kt_buf;
+void *kt_buf_get(kt_buf *b, size_t bytes); /* NULL on OOM */
+void kt_buf_free(kt_buf *b);
+
 struct kt_layer {
     int E, H, I, isa, num_threads;
-    kt_bf16 *w_gate_up; /* [E, 2I, H] */
+    kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
     kt_bf16 *w_down;    /* [E, H, I] */
 
     /* job plumbing */
@@ -48,14 +69,23 @@ struct kt_layer {
     kt_lora lora_in, grads_in;
     int has_lora, has_grads;
 
-    /* state of a forward (kept for backward when keep) */
+    /* state of a forward, kept for backward when keep (buffers reused between calls) */
     int has_saved;
     kt_routing rt;
-    kt_bf16 *xb;        /* [T, H] input as bf16 */
-    kt_bf16 *gu;        /* [npos, 2I] gate (first I) and up pre-activations, bf16 */
-    kt_lora_f32 lora[3];
     float scale;
+    kt_lora_bf16 lora[3];
+    kt_buf xb;          /* [T, H] input as bf16 */
+    kt_buf gu;          /* [npos, 2I] gate/up pre-activations, bf16, chunk-interleaved */
+    kt_buf pgu;         /* [npos, 3(rg + ru)] s X Ag^T | s X Au^T as split-bf16 rows */
+    kt_buf pd;          /* [npos, 3 rd] s Hh Ad^T as split-bf16 rows */
+    kt_buf lora_a[3], lora_bt[3];
 };
+
+/* Process-wide scratch for the transient buffers of the running job (jobs run one at a
+ * time on the pool's worker 0, so one set serves every layer). */
+enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB,
+       KT_WS_GRAD0, KT_WS_COUNT = KT_WS_GRAD0 + 6 };
+void *kt_workspace(int slot, size_t bytes);
 
 /* moe_layer.c helpers used by the passes */
 int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int ids_dtype,

@@ -5,13 +5,38 @@
 #include "threadpool.h"
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+
+#define KT_HUGE (2u << 20)
 
 void *kt_alloc(size_t bytes) {
     if (bytes == 0) bytes = 64;
     void *p = NULL;
-    if (posix_memalign(&p, 64, (bytes + 63) & ~(size_t)63)) return NULL;
+    size_t align = bytes >= 4 * (size_t)KT_HUGE ? KT_HUGE : 64;
+    if (posix_memalign(&p, align, (bytes + 63) & ~(size_t)63)) return NULL;
+    /* big buffers: ask for transparent huge pages (fewer page faults and TLB misses) */
+    if (align == KT_HUGE) madvise(p, bytes, MADV_HUGEPAGE);
     return p;
 }
+
+void *kt_buf_get(kt_buf *b, size_t bytes) {
+    if (b->n < bytes || !b->p) {
+        free(b->p);
+        b->p = kt_alloc(bytes);
+        b->n = b->p ? bytes : 0;
+    }
+    return b->p;
+}
+
+void kt_buf_free(kt_buf *b) {
+    free(b->p);
+    b->p = NULL;
+    b->n = 0;
+}
+
+static kt_buf workspace[KT_WS_COUNT];
+
+void *kt_workspace(int slot, size_t bytes) { return kt_buf_get(&workspace[slot], bytes); }
 
 #define KT_SCRATCH_SLOTS 8
 static __thread struct { void *p; size_t n; } scratch[KT_SCRATCH_SLOTS];
@@ -41,11 +66,16 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
     L->w_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
     L->w_down = kt_alloc(sizeof(kt_bf16) * per * E);
     if (!L->w_gate_up || !L->w_down || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
+    /* gate/up rows chunk-interleaved (moe_internal.h): chunk c = n gate rows, n up rows */
     for (int e = 0; e < E; e++) {
         const char *g = (const char *)gate + (size_t)e * gate_up_expert_stride * esz;
         const char *u = (const char *)up + (size_t)e * gate_up_expert_stride * esz;
-        to_bf16(L->w_gate_up + 2 * per * e, g, w_dtype, per);
-        to_bf16(L->w_gate_up + 2 * per * e + per, u, w_dtype, per);
+        kt_bf16 *dst = L->w_gate_up + 2 * per * e;
+        for (int c = 0; c * KT_CHUNK_I < I; c++) {
+            size_t i0 = (size_t)c * KT_CHUNK_I, n = (size_t)kt_chunk_n(c, KT_CHUNK_I, I);
+            to_bf16(dst + 2 * i0 * H, g + i0 * H * esz, w_dtype, n * H);
+            to_bf16(dst + (2 * i0 + n) * H, u + i0 * H * esz, w_dtype, n * H);
+        }
     }
     to_bf16(L->w_down, down, down_dtype, per * E);
     pthread_mutex_init(&L->mu, NULL);
@@ -63,14 +93,9 @@ int kt_layer_set_threads(kt_layer *L, int num_threads) {
     return 0;
 }
 
+/* Forgets the kept forward; its buffers stay with the layer for the next call. */
 void kt_layer_release_saved(kt_layer *L) {
     kt_routing_free(&L->rt);
-    free(L->xb); L->xb = NULL;
-    free(L->gu); L->gu = NULL;
-    for (int p = 0; p < 3; p++) {
-        free(L->lora[p].A); free(L->lora[p].BT);
-        L->lora[p] = (kt_lora_f32){0};
-    }
     L->has_saved = 0;
 }
 
@@ -78,14 +103,17 @@ void kt_layer_destroy(kt_layer *L) {
     if (!L) return;
     if (L->w_gate_up && L->w_down) kt_wait(L);
     kt_layer_release_saved(L);
+    kt_buf *bufs[] = {&L->xb, &L->gu, &L->pgu, &L->pd, &L->lora_a[0], &L->lora_a[1], &L->lora_a[2],
+                      &L->lora_bt[0], &L->lora_bt[1], &L->lora_bt[2]};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
     free(L->w_gate_up);
     free(L->w_down);
     free(L);
 }
 
-size_t kt_saved_bytes_per_token(int H, int I, int k) {
-    return sizeof(kt_bf16) * ((size_t)H + (size_t)k * 2 * I)  /* x copy, gate/up */
-           + (size_t)k * (sizeof(int) + sizeof(long) + sizeof(float)); /* routing */
+size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks) {
+    return sizeof(kt_bf16) * ((size_t)H + (size_t)k * (2 * (size_t)I + 3 * (size_t)lora_ranks)) /* x, gate/up, LoRA products */
+           + (size_t)k * (sizeof(int) + sizeof(long) + sizeof(float));              /* routing */
 }
 
 /* ---- routing ---- */
