@@ -3,45 +3,64 @@
  *   nt:  C[m, n] (+)= sum_k A[m*lda + k] * W[n*ldw + k]     W is [N, K]
  *   nn:  C[m, n] (+)= sum_k A[m*lda + k] * W[k*ldw + n]     W is [K, N]
  *
- * Blocking. K is cut into panels of KT_KP (512) values and N into chunks of KT_NC (128)
- * columns. For every (K panel, N chunk) the matching piece of W is packed once into a
- * thread-local buffer (128 KiB, L2 resident) and reused for all of M: M is walked in blocks of
- * 32 rows, and each 32-row A block (32 KiB) meets every 32-column block of the chunk in turn.
- * One 32x32 output block uses all 8 tiles: tmm0..3 hold the 2x2 fp32 C tiles (16x16 each),
- * tmm4/5 two A tiles (16 rows x 32 k), tmm6/7 two B tiles (32 k x 16 n); every 32-wide K step
- * is 4 tile loads and 4 TDPBF16PS. C tiles start from zero (first panel, accumulate = 0) or
- * from C, and are stored straight back; only the tiles cut by the M or N edge go through a
- * zero-padded fp32 staging tile and masked AVX-512 loads/stores. Later K panels always add.
- * Blocks with only 16 rows or 16 columns skip the unused tiles.
+ * TDPBF16PS computes Ct (+)= At * Bt: At is 16 rows x 32 bf16 (contraction along the row), Bt
+ * is the "VNNI" layout, 16 rows of 64 bytes where row kk holds, for n = 0..15, the pair
+ * (B[2kk, n], B[2kk+1, n]). W stays plain row-major (one copy serves nt and nn); the operand
+ * that needs the VNNI layout is repacked per call into a per-thread scratch area.
  *
- * VNNI packing. TDPBF16PS wants its B operand as 16 rows of 64 bytes where row kk holds, for
- * n = 0..15, the bf16 pair (B[2kk, n], B[2kk+1, n]). For nt, B[k, n] = W[n, k]: a pair is one
- * 32-bit word of a W row, so a 32(k) x 16(n) B tile is the 16x16 transpose, in 32-bit words,
- * of 16 W rows of 32 bf16 each (done in AVX-512 registers). For nn, B[k, n] = W[k, n]: row kk
- * interleaves W rows 2kk and 2kk+1 element by element (one VPERMT2W per 16 columns).
- * Tails are zero padded while packing: K beyond the panel and N beyond the matrix.
+ * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048):
+ *  1. Small M: nt with M < KT_AMX_MSMALL_NT (2), nn with M < KT_AMX_MSMALL_NN (6) call
+ *     kt_gemm_*_avx512 (gemm_avx512.c): for 1 row (nt) or 1..5 rows (nn, whose W must be packed)
+ *     the AVX-512 BF16 kernels are as fast or faster.
+ *  2. nt with M <= KT_AMX_MCT (64), "transposed output": compute C^T = W * A^T. The At operand is
+ *     then W itself, tile-loaded straight from W with stride ldw, so W is never packed; the Bt
+ *     operand is A^T in VNNI layout, i.e. 16x16 transposes (in 32-bit words = k pairs) of 16
+ *     rows of A, packed once per K panel (M x KT_AMX_KP). Blocks of 32 W rows x 32 A rows use
+ *     all 8 tiles (4 fp32 accumulators, 2 W tiles, 2 A^T tiles) for the whole K panel; each
+ *     16x16 C^T accumulator is then stored to a scratch tile, transposed in AVX-512 registers
+ *     and written (or added) into C with masked stores. W tiles cut by the N edge or the K tail
+ *     are staged through a zero-padded 16x32 scratch tile.
+ *  3. Otherwise (nn, and nt with M > 64), "packed": for each N chunk of KT_AMX_NC (128) columns
+ *     and K panel of KT_AMX_KP (512) values, W is packed into VNNI tiles (nt: 16x16 word
+ *     transposes of 16 W rows; nn: rows 2kk and 2kk+1 interleaved element-wise by VPERMT2W) and
+ *     reused for all of M. The first panel of a chunk is packed up front; panel p + 1 is packed
+ *     into a second buffer a few units per K step inside the kernel loop of panel p, so that the
+ *     packing (shuffle ports, W loads) overlaps the tile multiplies. M is walked in blocks of 32
+ *     rows, each meeting every 32-column block of the chunk: 2x2 fp32 accumulator tiles, 2 A + 2 B
+ *     tile loads and 4 TDPBF16PS per 32-wide K step, C tiles loaded / stored once per K panel
+ *     (full 16x16 C tiles straight from/to C, edge ones through a zero-padded fp32 staging tile
+ *     and masked AVX-512 loads/stores); later K panels add into C. A tiles are loaded straight
+ *     from A when all 16 rows and 32 k are valid, else (M edge, K tail) through a zero-padded
+ *     staging tile. (Copying A blocks into contiguous tiles was tried, also overlapped with the
+ *     multiplies: on this machine the copy cost more than the strided tile loads it saves.)
+ * Packed layout ("pairs"): for every two 16-row/16-column tiles, per K step, tile 0 then tile 1
+ * (2 KiB per step, read sequentially). K beyond the panel and rows/columns beyond M or N are
+ * zero in packed tiles.
  *
- * Bounds. W is read with AVX-512 masked loads (masked-out lanes never fault), so only its
- * [N x K] / [K x N] region is touched. A tiles are loaded straight from A when all 16 rows and
- * 32 k values are valid; otherwise (M tail, K tail) the valid part is copied, with masked
- * loads, into a zero-padded 16x32 staging tile. Full C tiles are loaded/stored in place with
- * the tile instructions (exactly 16 rows x 16 floats), cut ones with masked loads/stores. Tiles are
- * configured once per call, all 8 as full 16 rows x 64 bytes (palette 1): tails go through
- * the padded scratch buffers, never through a smaller tile shape.
+ * Bounds. A and W are only read through masked AVX-512 loads (masked-out lanes never fault) or
+ * through tile loads of fully valid 16 x 32 regions, so nothing outside A [M x K] and the
+ * [N x K] / [K x N] region of W is touched; C outside [M x N] is never read or written.
+ * Tiles are configured once per call, all 8 as full 16 rows x 64 bytes (palette 1).
  *
  * Compiler notes (gcc 12). Its _tile_loadconfig tells the compiler that only the first 8 bytes
  * of the 64-byte configuration are read, so at -O2/-O3 the stores that fill the rest may be
  * deleted or sunk past the ldtilecfg (result: SIGILL/SIGSEGV at the first tile instruction).
- * Likewise its _tile_loadd takes the address as a plain register operand, without declaring a
- * memory read, so stores into a scratch buffer may be moved after the tile load that reads it.
+ * Likewise its _tile_loadd / _tile_stored are volatile asm with the address as a plain register
+ * operand, declaring no memory access, so stores into a buffer may be moved after the tile load
+ * that reads it, and loads of a buffer may be moved before the tile store that fills it.
  * KT_MEM_BARRIER (an empty asm that takes the buffer's address and clobbers memory) is placed
- * between filling any buffer and the tile instruction that reads it.
+ * between filling any buffer and the tile load that reads it, and between a tile store and
+ * plain reads of what it wrote.
  *
  * The caller must have obtained AMX permission (arch_prctl ARCH_REQ_XCOMP_PERM) for the process.
- * Single-threaded; scratch buffers are thread-local, so concurrent calls from threads are safe.
+ * Single-threaded; the scratch area (~330 KiB) is allocated per thread on first use (freed at
+ * thread exit), so concurrent calls from threads are safe; if it cannot be allocated the call
+ * falls back to the AVX-512 kernels.
  */
 #include "gemm.h"
 #include <immintrin.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef KT_AMX_KP
@@ -50,25 +69,58 @@
 #ifndef KT_AMX_NC
 #define KT_AMX_NC 128   /* columns of W packed at once, a multiple of 32 */
 #endif
+#ifndef KT_AMX_MSMALL_NT
+#define KT_AMX_MSMALL_NT 2 /* nt with M below this: AVX-512 */
+#endif
+#ifndef KT_AMX_MSMALL_NN
+#define KT_AMX_MSMALL_NN 6 /* nn with M below this: AVX-512 */
+#endif
+#ifndef KT_AMX_MCT
+#define KT_AMX_MCT 64   /* nt with M up to this: transposed-output path (no W packing) */
+#endif
 enum {
     KT_KP = KT_AMX_KP,
     KT_NC = KT_AMX_NC,
-    KT_KSTEPS = KT_KP / 32,       /* 32-wide K steps per panel */
-    KT_TILE_ELEMS = 16 * 32,      /* bf16 values in one 16 x 64-byte tile */
-    KT_BLOCK_ELEMS = KT_KSTEPS * 2 * KT_TILE_ELEMS, /* one packed 32-column block */
+    KT_MCT = KT_AMX_MCT,
+    KT_TILE = 16 * 32,            /* bf16 values in one 16 x 64-byte tile */
+    KT_PAIR = 2 * KT_TILE,        /* one K step of a packed tile pair */
+    KT_AROWS = KT_MCT > 64 ? (KT_MCT + 31) / 32 * 32 : 64, /* rows of the A^T scratch */
 };
 _Static_assert(KT_KP % 32 == 0 && KT_KP > 0 && KT_NC % 32 == 0 && KT_NC > 0, "KT_AMX_KP, KT_AMX_NC: multiples of 32");
+_Static_assert(KT_AMX_MSMALL_NT >= 1 && KT_AMX_MSMALL_NN >= 1 && KT_MCT >= 0, "KT_AMX_MSMALL_*: >= 1");
+
+#define KT_AI static inline __attribute__((always_inline))
 
 /* Compiler-only barrier: the buffer at p (and all memory) must be up to date here. */
 #define KT_MEM_BARRIER(p) __asm__ __volatile__("" : : "r"(p) : "memory")
 
-/* Packed W for one (K panel, column chunk): KT_NC / 32 blocks of 32 columns; within a block,
- * per K step, the B tile of columns 0..15 then the one of columns 16..31. */
-static __thread _Alignas(64) kt_bf16 kt_bpack[(KT_NC / 32) * KT_BLOCK_ELEMS];
-/* Zero-padded staging for partial A tiles (one per A tile register). */
-static __thread _Alignas(64) kt_bf16 kt_astage[2][KT_TILE_ELEMS];
-/* Staging for partial fp32 C tiles (tmm0..3). */
-static __thread _Alignas(64) float kt_cstage[4][16 * 16];
+/* Per-thread scratch. b: packed W of one (chunk, panel); a: packed A block (packed path) or
+ * A^T (transposed path); wst: W edge staging; cst: fp32 C staging / C^T output tiles. */
+typedef struct {
+    _Alignas(64) kt_bf16 b[2][KT_NC * KT_KP];
+    _Alignas(64) kt_bf16 a[KT_AROWS * KT_KP]; /* A^T, up to KT_AMX_MCT rows */
+    _Alignas(64) kt_bf16 wst[2][KT_TILE];
+    _Alignas(64) float cst[4][16 * 16];
+} kt_scratch;
+
+static pthread_key_t kt_scratch_key;
+static pthread_once_t kt_scratch_once = PTHREAD_ONCE_INIT;
+static int kt_scratch_key_ok;
+static __thread kt_scratch *kt_scratch_tls;
+
+static void kt_scratch_free(void *p) { free(p); }
+static void kt_scratch_key_init(void) { kt_scratch_key_ok = pthread_key_create(&kt_scratch_key, kt_scratch_free) == 0; }
+
+static kt_scratch *kt_get_scratch(void) {
+    kt_scratch *s = kt_scratch_tls;
+    if (s) return s;
+    pthread_once(&kt_scratch_once, kt_scratch_key_init);
+    void *p = NULL;
+    if (posix_memalign(&p, 64, sizeof(kt_scratch)) != 0) return NULL;
+    if (kt_scratch_key_ok) pthread_setspecific(kt_scratch_key, p); /* freed at thread exit */
+    kt_scratch_tls = p;
+    return p;
+}
 
 typedef struct {
     uint8_t palette_id;
@@ -97,7 +149,7 @@ static inline __mmask16 kt_mask16(int n) { return (__mmask16)(n >= 16 ? 0xffffu 
 static inline int kt_min(int a, int b) { return a < b ? a : b; }
 
 /* In-register transpose of a 16x16 matrix of 32-bit words: r[i] word j -> r[j] word i. */
-static inline void kt_transpose16x16_epi32(__m512i r[16]) {
+KT_AI void kt_transpose16x16_epi32(__m512i r[16]) {
     __m512i t[16], u[16];
     for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -110,7 +162,6 @@ static inline void kt_transpose16x16_epi32(__m512i r[16]) {
         u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
         u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
     }
-    /* t[c] (c < 4): lanes = rows 0-3 | rows 4-7 (cols c, c+8 interleaved by 0x88/0xdd) */
     for (int c = 0; c < 4; c++) {
         t[c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);      /* cols c, c+8 of rows 0-7 */
         t[c + 4] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);  /* cols c+4, c+12 */
@@ -123,29 +174,38 @@ static inline void kt_transpose16x16_epi32(__m512i r[16]) {
     }
 }
 
-/* nt: W points at W[n0, k0]; pack nc (1..KT_NC) columns of N by kp (1..KT_KP) values of K. */
-static void kt_pack_nt(const kt_bf16 *W, long ldw, int nc, int kp) {
-    const int nks = (kp + 31) / 32;
-    const int nsub = (nc + 15) / 16; /* 16-column B tiles */
-    for (int t = 0; t < nsub; t++) {
-        const int rows = kt_min(16, nc - 16 * t);
-        const kt_bf16 *w = W + (long)(16 * t) * ldw;
-        kt_bf16 *dst = kt_bpack + (t >> 1) * KT_BLOCK_ELEMS + (t & 1) * KT_TILE_ELEMS;
-        for (int s = 0; s < nks; s++) {
-            const __mmask32 km = kt_mask32(kp - 32 * s);
-            __m512i r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = i < rows ? _mm512_maskz_loadu_epi16(km, w + (long)i * ldw + 32 * s) : _mm512_setzero_si512();
-            kt_transpose16x16_epi32(r);
-            kt_bf16 *d = dst + 2 * s * KT_TILE_ELEMS;
-            for (int i = 0; i < 16; i++) _mm512_store_si512((void *)(d + 32 * i), r[i]);
-        }
+/* ---- packing (pair layout: tile t, K step s at dst + (t / 2) * ks * KT_PAIR + s * KT_PAIR +
+ * (t % 2) * KT_TILE) ---------------------------------------------------------------------- */
+
+/* One unit of a VNNI pack of S (rows x kp, row-major, stride ld, contraction along the row):
+ * tile t (rows 16t..16t+15 of S become the 16 columns of the Bt tile), K step s; a 16x16
+ * transpose of 32-bit k pairs. Rows >= rows and k >= kp are zero. Used for W (nt, packed
+ * path) and for A (nt, transposed path). */
+static void kt_unit_rows_vnni(const kt_bf16 *S, long ld, int rows, int kp, kt_bf16 *dst, int ks, int t, int s) {
+    const int tr = kt_min(16, rows - 16 * t);
+    const kt_bf16 *src = S + (long)(16 * t) * ld + 32 * s;
+    const __mmask32 km = kt_mask32(kp - 32 * s);
+    __m512i r[16];
+    if (tr == 16 && km == 0xffffffffu) {
+        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(src + (long)i * ld));
+    } else {
+        for (int i = 0; i < 16; i++)
+            r[i] = i < tr ? _mm512_maskz_loadu_epi16(km, src + (long)i * ld) : _mm512_setzero_si512();
     }
+    kt_transpose16x16_epi32(r);
+    kt_bf16 *d = dst + (long)(t >> 1) * ks * KT_PAIR + (long)s * KT_PAIR + (t & 1) * KT_TILE;
+    for (int i = 0; i < 16; i++) _mm512_store_si512((void *)(d + 32 * i), r[i]);
 }
 
-/* nn: W points at W[k0, n0]; pack nc (1..KT_NC) columns of N by kp (1..KT_KP) rows of K.
- * Each pair of W rows is read once across the whole chunk (long contiguous runs). */
-static void kt_pack_nn(const kt_bf16 *W, long ldw, int nc, int kp) {
+static void kt_pack_rows_vnni(const kt_bf16 *S, long ld, int rows, int kp, kt_bf16 *dst, int ks) {
+    for (int t = 0; t < (rows + 15) / 16; t++)
+        for (int s = 0; s < ks; s++) kt_unit_rows_vnni(S, ld, rows, kp, dst, ks, t, s);
+}
+
+/* One unit of the nn pack of W (at W[k0, n0], kp x nc, stride ldw): 32-column block b, K step s.
+ * Row kk of each Bt tile interleaves W rows 32s + 2kk and 32s + 2kk + 1 element-wise (VPERMT2W);
+ * rows beyond kp and columns beyond nc are zero. */
+static void kt_unit_nn(const kt_bf16 *W, long ldw, int nc, int kp, kt_bf16 *dst, int ks, int b, int s) {
     static const uint16_t idx_tab[64] = {
         0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
@@ -153,46 +213,61 @@ static void kt_pack_nn(const kt_bf16 *W, long ldw, int nc, int kp) {
         24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
     const __m512i idx_lo = _mm512_loadu_si512((const void *)idx_tab);
     const __m512i idx_hi = _mm512_loadu_si512((const void *)(idx_tab + 32));
-    const int nb = (nc + 31) / 32;
-    for (int k = 0; k < kp; k += 2) {
-        const int s = k >> 5, kk = (k & 31) >> 1;
-        const kt_bf16 *w0 = W + (long)k * ldw;
-        const kt_bf16 *w1 = k + 1 < kp ? w0 + ldw : NULL;
-        kt_bf16 *dst = kt_bpack + 2 * s * KT_TILE_ELEMS + 32 * kk;
-        for (int b = 0; b < nb; b++) {
-            const int cols = kt_min(32, nc - 32 * b);
-            const __mmask32 nm = kt_mask32(cols);
-            const __m512i a = _mm512_maskz_loadu_epi16(nm, w0 + 32 * b);
-            const __m512i c = w1 ? _mm512_maskz_loadu_epi16(nm, w1 + 32 * b) : _mm512_setzero_si512();
-            kt_bf16 *d = dst + b * KT_BLOCK_ELEMS;
-            _mm512_store_si512((void *)d, _mm512_permutex2var_epi16(a, idx_lo, c));
-            if (cols > 16) _mm512_store_si512((void *)(d + KT_TILE_ELEMS), _mm512_permutex2var_epi16(a, idx_hi, c));
+    const int cols = kt_min(32, nc - 32 * b), kv = kt_min(32, kp - 32 * s);
+    const __mmask32 nm = kt_mask32(cols);
+    const kt_bf16 *w = W + (long)(32 * s) * ldw + 32 * b;
+    kt_bf16 *d = dst + (long)b * ks * KT_PAIR + (long)s * KT_PAIR;
+    if (cols == 32 && kv == 32) {
+        for (int kk = 0; kk < 16; kk++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(w + (long)(2 * kk) * ldw));
+            const __m512i y = _mm512_loadu_si512((const void *)(w + (long)(2 * kk + 1) * ldw));
+            _mm512_store_si512((void *)(d + 32 * kk), _mm512_permutex2var_epi16(x, idx_lo, y));
+            _mm512_store_si512((void *)(d + KT_TILE + 32 * kk), _mm512_permutex2var_epi16(x, idx_hi, y));
         }
+        return;
     }
-    /* zero the rows of the last K step that lie beyond kp (pairs kk >= ceil(kp / 2) % 16) */
-    const int nks = (kp + 31) / 32, kk0 = ((kp + 1) / 2) & 15;
-    if (kk0)
-        for (int b = 0; b < nb; b++)
-            for (int t = 0; t < 2; t++) {
-                kt_bf16 *d = kt_bpack + b * KT_BLOCK_ELEMS + (2 * (nks - 1) + t) * KT_TILE_ELEMS;
-                memset(d + 32 * kk0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - kk0));
-            }
+    for (int kk = 0; kk < 16; kk++) {
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i x = 2 * kk < kv ? _mm512_maskz_loadu_epi16(nm, w + (long)(2 * kk) * ldw) : z;
+        const __m512i y = 2 * kk + 1 < kv ? _mm512_maskz_loadu_epi16(nm, w + (long)(2 * kk + 1) * ldw) : z;
+        _mm512_store_si512((void *)(d + 32 * kk), _mm512_permutex2var_epi16(x, idx_lo, y));
+        if (cols > 16) _mm512_store_si512((void *)(d + KT_TILE + 32 * kk), _mm512_permutex2var_epi16(x, idx_hi, y));
+    }
 }
 
-/* Copy rows [0, rows) x k [0, kv) of A into staging tile buf (rows >= rows were zeroed). */
-static inline void kt_stage_a(kt_bf16 *buf, const kt_bf16 *A, long lda, int rows, int kv) {
-    const __mmask32 km = kt_mask32(kv);
-    for (int r = 0; r < rows; r++)
-        _mm512_store_si512((void *)(buf + 32 * r), _mm512_maskz_loadu_epi16(km, A + (long)r * lda));
+/* Side work done between the tile instructions of the packed kernel: packing the next B panel
+ * (into the other of two buffers, so the tile loads in flight never read what it writes).
+ * Units (nt: 16 W rows x one K step; nn: 32 W columns x one K step) are done in order up to
+ * bend; the job is resumable. */
+typedef struct {
+    const kt_bf16 *w; long ldw; int w_is_kn, nc, kp, ks; kt_bf16 *bdst; int bu, bend, bn;
+} kt_side;
+
+static void kt_side_b(kt_side *j, int n) {
+    int u = j->bu;
+    const int end = kt_min(j->bend, u + n);
+    for (; u < end; u++) {
+        const int t = u / j->ks, s = u - t * j->ks;
+        if (j->w_is_kn) kt_unit_nn(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
+        else kt_unit_rows_vnni(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
+    }
+    j->bu = u;
 }
+
+/* Out of line on purpose: it keeps the kernel's loop small; it touches no tile register. */
+static __attribute__((noinline)) void kt_side_work(kt_side *j, int nb) {
+    if (j->bu < j->bend) kt_side_b(j, nb);
+}
+
+/* ---- C tiles ---------------------------------------------------------------------------- */
 
 /* Partial C tile <-> zero-padded 16x16 fp32 staging tile. */
-static inline void kt_stage_c(float *buf, const float *C, long ldc, int rows, int cols) {
+KT_AI void kt_stage_c(float *buf, const float *C, long ldc, int rows, int cols) {
     const __mmask16 m = kt_mask16(cols);
     for (int r = 0; r < 16; r++)
         _mm512_store_ps(buf + 16 * r, r < rows ? _mm512_maskz_loadu_ps(m, C + (long)r * ldc) : _mm512_setzero_ps());
 }
-static inline void kt_unstage_c(float *C, long ldc, const float *buf, int rows, int cols) {
+KT_AI void kt_unstage_c(float *C, long ldc, const float *buf, int rows, int cols) {
     const __mmask16 m = kt_mask16(cols);
     for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(C + (long)r * ldc, m, _mm512_load_ps(buf + 16 * r));
 }
@@ -205,9 +280,9 @@ static inline void kt_unstage_c(float *C, long ldc, const float *buf, int rows, 
         } else if ((rows) == 16 && (cols) == 16) {                                      \
             _tile_loadd(t, (c), sc);                                                    \
         } else {                                                                        \
-            kt_stage_c(kt_cstage[t], (c), ldc, (rows), (cols));                         \
-            KT_MEM_BARRIER(kt_cstage[t]);                                               \
-            _tile_loadd(t, kt_cstage[t], 64);                                           \
+            kt_stage_c(cst[t], (c), ldc, (rows), (cols));                               \
+            KT_MEM_BARRIER(cst[t]);                                                     \
+            _tile_loadd(t, cst[t], 64);                                                 \
         }                                                                               \
     } while (0)
 #define KT_C_END(t, c, rows, cols)                                                      \
@@ -215,72 +290,239 @@ static inline void kt_unstage_c(float *C, long ldc, const float *buf, int rows, 
         if ((rows) == 16 && (cols) == 16) {                                             \
             _tile_stored(t, (c), sc);                                                   \
         } else {                                                                        \
-            _tile_stored(t, kt_cstage[t], 64);                                          \
-            kt_unstage_c((c), ldc, kt_cstage[t], (rows), (cols));                       \
+            _tile_stored(t, cst[t], 64);                                                \
+            KT_MEM_BARRIER(cst[t]);                                                     \
+            kt_unstage_c((c), ldc, cst[t], (rows), (cols));                             \
         }                                                                               \
     } while (0)
 
-/* C[mr x nc] = (acc ? C : 0) + A[mr x kp] * B, mr, nc in 1..32, B the packed block at bp.
- * A points at A[m0, k0], C at C[m0, n0]. */
-static void kt_block(const kt_bf16 *A, long lda, int mr, int nc, int kp, const kt_bf16 *bp,
-                     float *C, long ldc, int acc) {
-    const int two_m = mr > 16, two_n = nc > 16;
-    const int r0 = kt_min(mr, 16), r1 = mr - r0;
-    const int c0 = kt_min(nc, 16), c1 = nc - c0;
-    const int nks = (kp + 31) / 32;
-    const long sa = lda * (long)sizeof(kt_bf16), sc = ldc * (long)sizeof(float);
-    const kt_bf16 *A1 = two_m ? A + 16 * lda : A; /* second A tile: rows 16..31 */
-    float *C1 = two_m ? C + 16 * ldc : C;
+/* ---- packed path kernel ----------------------------------------------------------------- */
 
-    KT_MEM_BARRIER(C); /* C may have been written by plain stores of an earlier panel */
+/* Copy rows [0, rows) x k [0, kv) of X (stride ld) into staging tile buf (rows >= rows stay zero). */
+KT_AI void kt_stage_rows(kt_bf16 *buf, const kt_bf16 *X, long ld, int rows, int kv) {
+    const __mmask32 km = kt_mask32(kv);
+    for (int r = 0; r < rows; r++)
+        _mm512_store_si512((void *)(buf + 32 * r), _mm512_maskz_loadu_epi16(km, X + (long)r * ld));
+}
+
+/* C[rows x cols] (+)= A[rows x kp] * Bp over ks K steps; rows, cols in 1..32; tm = rows > 16,
+ * tn = cols > 16 are compile-time constants in each instance. A tiles are loaded straight from
+ * A when all 16 rows and 32 k values are valid, else through the zero-padded staging tiles.
+ * Per K step, nb units of side work (the next B panel) when nb > 0. */
+KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, long lda, int kp, const kt_bf16 *bp,
+                                 int ks, float *C, long ldc, int rows, int cols, int acc, kt_scratch *S,
+                                 kt_side *side, int nb) {
+    const long sc = ldc * (long)sizeof(float), sa = lda * (long)sizeof(kt_bf16);
+    const int r0 = kt_min(rows, 16), r1 = rows - r0, c0 = kt_min(cols, 16), c1 = cols - c0;
+    const int kfull = kp / 32;
+    const int d0 = r0 == 16 ? kfull : 0, d1 = r1 == 16 ? kfull : 0; /* steps loaded straight from A */
+    float (*cst)[256] = S->cst;
+    float *C1 = C + 16 * ldc;
+    const kt_bf16 *A1 = A + 16 * lda;
+    KT_MEM_BARRIER(C); /* C may have been written by plain stores */
     KT_C_BEGIN(0, C, r0, c0);
-    if (two_n) KT_C_BEGIN(1, C + 16, r0, c1);
-    if (two_m) {
-        KT_C_BEGIN(2, C1, r1, c0);
-        if (two_n) KT_C_BEGIN(3, C1 + 16, r1, c1);
-    }
-
-    /* Partial A tiles go through staging: zero the padding rows once per block. */
-    const int ktail = kp & 31;
-    if (r0 < 16 || ktail) memset(kt_astage[0] + 32 * r0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r0));
-    if (two_m && (r1 < 16 || ktail)) memset(kt_astage[1] + 32 * r1, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r1));
-
-    for (int s = 0; s < nks; s++) {
-        const kt_bf16 *b = bp + 2 * s * KT_TILE_ELEMS;
-        const int kv = kt_min(32, kp - 32 * s);
-        if (r0 == 16 && kv == 32) {
+    if (tn) KT_C_BEGIN(1, C + 16, r0, c1);
+    if (tm) KT_C_BEGIN(2, C1, r1, c0);
+    if (tm && tn) KT_C_BEGIN(3, C1 + 16, r1, c1);
+    if (d0 < ks) memset(S->wst[0] + 32 * r0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r0));
+    if (tm && d1 < ks) memset(S->wst[1] + 32 * r1, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r1));
+    for (int s = 0; s < ks; s++) {
+        const kt_bf16 *b = bp + (long)s * KT_PAIR;
+        if (s < d0) {
             _tile_loadd(4, A + 32 * s, sa);
         } else {
-            kt_stage_a(kt_astage[0], A + 32 * s, lda, r0, kv);
-            KT_MEM_BARRIER(kt_astage[0]);
-            _tile_loadd(4, kt_astage[0], 64);
+            kt_stage_rows(S->wst[0], A + 32 * s, lda, r0, kp - 32 * s);
+            KT_MEM_BARRIER(S->wst[0]);
+            _tile_loadd(4, S->wst[0], 64);
         }
         _tile_loadd(6, b, 64);
-        if (two_n) _tile_loadd(7, b + KT_TILE_ELEMS, 64);
-        if (two_m) {
-            if (r1 == 16 && kv == 32) {
+        _tile_dpbf16ps(0, 4, 6);
+        if (tn) {
+            _tile_loadd(7, b + KT_TILE, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (tm) {
+            if (s < d1) {
                 _tile_loadd(5, A1 + 32 * s, sa);
             } else {
-                kt_stage_a(kt_astage[1], A1 + 32 * s, lda, r1, kv);
-                KT_MEM_BARRIER(kt_astage[1]);
-                _tile_loadd(5, kt_astage[1], 64);
+                kt_stage_rows(S->wst[1], A1 + 32 * s, lda, r1, kp - 32 * s);
+                KT_MEM_BARRIER(S->wst[1]);
+                _tile_loadd(5, S->wst[1], 64);
             }
-        }
-        _tile_dpbf16ps(0, 4, 6);
-        if (two_n) _tile_dpbf16ps(1, 4, 7);
-        if (two_m) {
             _tile_dpbf16ps(2, 5, 6);
-            if (two_n) _tile_dpbf16ps(3, 5, 7);
+            if (tn) _tile_dpbf16ps(3, 5, 7);
         }
+        if (nb) kt_side_work(side, nb); /* writes only the other B buffer */
     }
-
     KT_C_END(0, C, r0, c0);
-    if (two_n) KT_C_END(1, C + 16, r0, c1);
-    if (two_m) {
-        KT_C_END(2, C1, r1, c0);
-        if (two_n) KT_C_END(3, C1 + 16, r1, c1);
+    if (tn) KT_C_END(1, C + 16, r0, c1);
+    if (tm) KT_C_END(2, C1, r1, c0);
+    if (tm && tn) KT_C_END(3, C1 + 16, r1, c1);
+    KT_MEM_BARRIER(C); /* the tile stores above wrote C */
+}
+
+static void kt_kernel_packed(const kt_bf16 *A, long lda, int kp, const kt_bf16 *bp, int ks, float *C, long ldc,
+                             int rows, int cols, int acc, kt_scratch *S, kt_side *side, int nb) {
+    if (rows > 16) {
+        if (cols > 16) kt_kernel_packed_body(1, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
+        else kt_kernel_packed_body(1, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
+    } else {
+        if (cols > 16) kt_kernel_packed_body(0, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
+        else kt_kernel_packed_body(0, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
     }
 }
+
+static inline int kt_cdiv(int a, int b) { return (a + b - 1) / b; }
+
+/* Set up the B job for panel k0 of the chunk at n0, packing into dst. */
+static void kt_side_set_b(kt_side *j, const kt_bf16 *W, long ldw, int w_is_kn, int n0, int nc, int k0, int K,
+                          kt_bf16 *dst) {
+    memset(j, 0, sizeof *j);
+    j->kp = kt_min(KT_KP, K - k0);
+    j->ks = kt_cdiv(j->kp, 32);
+    j->w_is_kn = w_is_kn, j->nc = nc, j->ldw = ldw, j->bdst = dst;
+    j->w = w_is_kn ? W + (long)k0 * ldw + n0 : W + (long)n0 * ldw + k0;
+    j->bn = (w_is_kn ? kt_cdiv(nc, 32) : kt_cdiv(nc, 16)) * j->ks;
+}
+
+/* Packed path. Order: N chunks, K panels, 32-row blocks of M, 32-column blocks of the chunk.
+ * The first B panel of a chunk is packed up front; while panel p computes, panel p + 1 is
+ * packed (into the other buffer) a few units per K step, spread evenly over the M blocks. */
+static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S) {
+    const int nmb = kt_cdiv(M, 32), npan = kt_cdiv(K, KT_KP);
+    kt_side bj;
+    for (int n0 = 0; n0 < N; n0 += KT_NC) {
+        const int nc = kt_min(KT_NC, N - n0), nblk = kt_cdiv(nc, 32);
+        kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, 0, K, S->b[0]);
+        bj.bend = bj.bn;
+        kt_side_b(&bj, bj.bn);
+        for (int p = 0; p < npan; p++) {
+            const int k0 = p * KT_KP, kp = kt_min(KT_KP, K - k0), ks = kt_cdiv(kp, 32);
+            const int acc = accumulate || p > 0;
+            const kt_bf16 *bp = S->b[p & 1];
+            const int nextp = p + 1 < npan;
+            if (nextp) kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, k0 + KT_KP, K, S->b[(p + 1) & 1]);
+            KT_MEM_BARRIER(S);
+            for (int i = 0; i < nmb; i++) {
+                const int m0 = 32 * i, rows = kt_min(32, M - m0);
+                int nb = 0;
+                if (nextp) {
+                    bj.bend = (int)(((long)bj.bn * (i + 1) + nmb - 1) / nmb);
+                    nb = kt_cdiv(bj.bend - bj.bu, nblk * ks);
+                }
+                for (int j = 0; j < nc; j += 32)
+                    kt_kernel_packed(A + (long)m0 * lda + k0, lda, kp, bp + (long)(j / 32) * ks * KT_PAIR, ks,
+                                     C + (long)m0 * ldc + n0 + j, ldc, rows, kt_min(32, nc - j), acc, S, &bj, nb);
+                if (nextp) kt_side_b(&bj, bj.bend - bj.bu); /* finish this block's share */
+            }
+        }
+    }
+}
+
+/* ---- transposed-output path (nt, small M) ----------------------------------------------- */
+
+/* Copy rows [0, rows) x k [0, kv) of W into staging tile buf (rows >= rows stay zero). */
+KT_AI void kt_stage_w(kt_bf16 *buf, const kt_bf16 *W, long ldw, int rows, int kv) {
+    const __mmask32 km = kt_mask32(kv);
+    for (int r = 0; r < rows; r++)
+        _mm512_store_si512((void *)(buf + 32 * r), _mm512_maskz_loadu_epi16(km, W + (long)r * ldw));
+}
+
+/* C^T output tile (16 n x 16 m, fp32, in buf) -> C[m, n] for m < mv, n < nv, (+)=. */
+KT_AI void kt_ct_store(float *C, long ldc, float *buf, int mv, int nv, int acc) {
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512((const void *)(buf + 16 * i));
+    kt_transpose16x16_epi32(r);
+    const __mmask16 m = kt_mask16(nv);
+    for (int i = 0; i < mv; i++) {
+        __m512 v = _mm512_castsi512_ps(r[i]);
+        if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, C + (long)i * ldc));
+        _mm512_mask_storeu_ps(C + (long)i * ldc, m, v);
+    }
+}
+
+#define KT_CT_OUT(t, cc, mv, nv)                                                        \
+    do {                                                                                \
+        _tile_stored(t, S->cst[t], 64);                                                 \
+        KT_MEM_BARRIER(S->cst[t]);                                                      \
+        kt_ct_store((cc), ldc, S->cst[t], (mv), (nv), acc);                             \
+    } while (0)
+
+/* C[m, n] (+)= sum_k W[n, k] A[m, k] for n < nr (1..32), m < mr (1..32), k < kp, with W at
+ * W[n0, k0] and A^T packed (pair layout, ks steps) at atp; tn = nr > 16, tm = mr > 16. */
+KT_AI void kt_kernel_ct_body(const int tn, const int tm, const kt_bf16 *W, long ldw, int nr, int kp, int ks,
+                             const kt_bf16 *atp, int mr, float *C, long ldc, int acc, kt_scratch *S) {
+    const long sw = ldw * (long)sizeof(kt_bf16);
+    const int r0 = kt_min(nr, 16), r1 = nr - r0, m0v = kt_min(mr, 16), m1v = mr - m0v;
+    const int kfull = kp / 32; /* K steps whose 32 values are all valid */
+    const kt_bf16 *W1 = W + 16 * ldw;
+    _tile_zero(0);
+    if (tm) _tile_zero(1);
+    if (tn) _tile_zero(2);
+    if (tn && tm) _tile_zero(3);
+    /* edge W tiles go through staging: zero their padding rows once */
+    if (r0 < 16 || kfull < ks) memset(S->wst[0] + 32 * r0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r0));
+    if (tn && (r1 < 16 || kfull < ks)) memset(S->wst[1] + 32 * r1, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r1));
+    const int d0 = r0 == 16 ? kfull : 0, d1 = r1 == 16 ? kfull : 0; /* steps loaded straight from W */
+    for (int s = 0; s < ks; s++) {
+        const kt_bf16 *b = atp + (long)s * KT_PAIR;
+        if (s < d0) {
+            _tile_loadd(4, W + 32 * s, sw);
+        } else {
+            kt_stage_w(S->wst[0], W + 32 * s, ldw, r0, kp - 32 * s);
+            KT_MEM_BARRIER(S->wst[0]);
+            _tile_loadd(4, S->wst[0], 64);
+        }
+        _tile_loadd(6, b, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (tm) {
+            _tile_loadd(7, b + KT_TILE, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (tn) {
+            if (s < d1) {
+                _tile_loadd(5, W1 + 32 * s, sw);
+            } else {
+                kt_stage_w(S->wst[1], W1 + 32 * s, ldw, r1, kp - 32 * s);
+                KT_MEM_BARRIER(S->wst[1]);
+                _tile_loadd(5, S->wst[1], 64);
+            }
+            _tile_dpbf16ps(2, 5, 6);
+            if (tm) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    KT_MEM_BARRIER(C);
+    KT_CT_OUT(0, C, m0v, r0);
+    if (tm) KT_CT_OUT(1, C + 16 * ldc, m1v, r0);
+    if (tn) KT_CT_OUT(2, C + 16, m0v, r1);
+    if (tn && tm) KT_CT_OUT(3, C + 16 * ldc + 16, m1v, r1);
+}
+
+static void kt_kernel_ct(const kt_bf16 *W, long ldw, int nr, int kp, int ks, const kt_bf16 *atp, int mr, float *C,
+                         long ldc, int acc, kt_scratch *S) {
+    if (nr > 16) {
+        if (mr > 16) kt_kernel_ct_body(1, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
+        else kt_kernel_ct_body(1, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
+    } else {
+        if (mr > 16) kt_kernel_ct_body(0, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
+        else kt_kernel_ct_body(0, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
+    }
+}
+
+static void kt_gemm_nt_ct(KT_GEMM_ARGS, kt_scratch *S) {
+    for (int k0 = 0; k0 < K; k0 += KT_KP) {
+        const int kp = kt_min(KT_KP, K - k0), ks = (kp + 31) / 32;
+        const int acc = accumulate || k0 > 0;
+        kt_pack_rows_vnni(A + k0, lda, M, kp, S->a, ks);
+        KT_MEM_BARRIER(S);
+        for (int n0 = 0; n0 < N; n0 += 32)
+            for (int m0 = 0; m0 < M; m0 += 32)
+                kt_kernel_ct(W + (long)n0 * ldw + k0, ldw, kt_min(32, N - n0), kp, ks, S->a + (long)(m0 / 32) * ks * KT_PAIR,
+                             kt_min(32, M - m0), C + (long)m0 * ldc + n0, ldc, acc, S);
+    }
+}
+
+/* ---- entry points ----------------------------------------------------------------------- */
 
 static void kt_gemm_amx(KT_GEMM_ARGS, int w_is_kn) {
     if (M <= 0 || N <= 0) return;
@@ -289,24 +531,16 @@ static void kt_gemm_amx(KT_GEMM_ARGS, int w_is_kn) {
             for (int m = 0; m < M; m++) memset(C + (long)m * ldc, 0, sizeof(float) * (size_t)N);
         return;
     }
-    kt_amx_configure();
-    for (int k0 = 0; k0 < K; k0 += KT_KP) {
-        const int kp = kt_min(KT_KP, K - k0);
-        const int acc = accumulate || k0 > 0;
-        for (int n0 = 0; n0 < N; n0 += KT_NC) {
-            const int nc = kt_min(KT_NC, N - n0);
-            if (w_is_kn)
-                kt_pack_nn(W + (long)k0 * ldw + n0, ldw, nc, kp);
-            else
-                kt_pack_nt(W + (long)n0 * ldw + k0, ldw, nc, kp);
-            KT_MEM_BARRIER(kt_bpack);
-            /* the 32-row A block stays in L1 while it meets every 32-column block of the chunk */
-            for (int m0 = 0; m0 < M; m0 += 32)
-                for (int j = 0; j < nc; j += 32)
-                    kt_block(A + (long)m0 * lda + k0, lda, kt_min(32, M - m0), kt_min(32, nc - j), kp,
-                             kt_bpack + (j / 32) * KT_BLOCK_ELEMS, C + (long)m0 * ldc + n0 + j, ldc, acc);
-        }
+    kt_scratch *S = M < (w_is_kn ? KT_AMX_MSMALL_NN : KT_AMX_MSMALL_NT) ? NULL : kt_get_scratch();
+    if (!S) {
+        (w_is_kn ? kt_gemm_nn_avx512 : kt_gemm_nt_avx512)(M, N, K, A, lda, W, ldw, C, ldc, accumulate);
+        return;
     }
+    kt_amx_configure();
+    if (!w_is_kn && M <= KT_MCT)
+        kt_gemm_nt_ct(M, N, K, A, lda, W, ldw, C, ldc, accumulate, S);
+    else
+        kt_gemm_packed(M, N, K, A, lda, W, ldw, C, ldc, accumulate, w_is_kn, S);
 }
 
 void kt_gemm_nt_amx(KT_GEMM_ARGS) { kt_gemm_amx(M, N, K, A, lda, W, ldw, C, ldc, accumulate, 0); }

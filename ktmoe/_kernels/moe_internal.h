@@ -13,8 +13,8 @@
  * [2I, H] expert matrix, its n gate rows first, then its n up rows. One GEMM then yields
  * both halves of a chunk, and the backward's dX = [dG | dU] [Wg; Wu] is one GEMM over 2I.
  * Activations over 2I (gate/up pre-activations, dG | dU) use the same column order. */
-#define KT_CHUNK_I 64
-#define KT_CHUNK_H 128
+#define KT_CHUNK_I 128
+#define KT_CHUNK_H 256
 
 static inline int kt_chunk_n(int chunk, int width, int total) {
     int n = total - chunk * width;

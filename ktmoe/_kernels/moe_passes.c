@@ -77,7 +77,9 @@ typedef struct {
     kt_layer *L;
     int r[3], rgu;        /* LoRA ranks per projection (0 = none), rg + ru */
     int nci, nch;         /* column chunks over I and over H */
-    kt_bf16 *rows;        /* [npos, H]: gathered x / dy, then down outputs / dx rows */
+    kt_bf16 *rows;        /* [npos, ldr]: gathered x / dy, then down outputs / dx rows */
+    long ldr;             /* H padded by one cache line: a power-of-two row stride would put
+                             every row of a GEMM tile in the same L1 set */
     kt_bf16 *hh;          /* forward: [npos, I] SiLU(G) * U */
     kt_bf16 *dgu;         /* backward: [npos, 2I] dG | dU, chunk-interleaved */
     kt_bf16 *q;           /* backward: [npos, 3(rd + rg + ru)] split s dy Bd | s dG Bg | s dU Bu */
@@ -92,6 +94,7 @@ static void setup(pass *c, kt_layer *L) {
     c->rgu = c->r[KT_GATE] + c->r[KT_UP];
     c->nci = (L->I + KT_CHUNK_I - 1) / KT_CHUNK_I;
     c->nch = (L->H + KT_CHUNK_H - 1) / KT_CHUNK_H;
+    c->ldr = L->H + 32;
 }
 
 /* Positions of expert e: first one and count. */
@@ -211,11 +214,11 @@ static void task_gather_x(void *ctx, long task, int thread) {
     copy_lora_expert(L, e);
     const kt_bf16 *xb = L->xb.p;
     for (int i = 0; i < m; i++)
-        memcpy(c->rows + (p0 + i) * H, xb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
+        memcpy(c->rows + (p0 + i) * c->ldr, xb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
     kt_bf16 *pgu = (kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
-    if (c->r[KT_GATE]) lora_product(m, c->r[KT_GATE], H, c->rows + p0 * H, H,
+    if (c->r[KT_GATE]) lora_product(m, c->r[KT_GATE], H, c->rows + p0 * c->ldr, c->ldr,
                                     L->lora[KT_GATE].A + (long)e * 3 * c->r[KT_GATE] * H, L->scale, pgu, 3 * c->rgu);
-    if (c->r[KT_UP]) lora_product(m, c->r[KT_UP], H, c->rows + p0 * H, H,
+    if (c->r[KT_UP]) lora_product(m, c->r[KT_UP], H, c->rows + p0 * c->ldr, c->ldr,
                                   L->lora[KT_UP].A + (long)e * 3 * c->r[KT_UP] * H, L->scale,
                                   pgu + 3 * c->r[KT_GATE], 3 * c->rgu);
 }
@@ -229,7 +232,7 @@ static void task_gate_up(void *ctx, long task, int thread) {
     long p0;
     int m = expert_rows(L, e, &p0);
     float *gu = kt_scratch(0, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
-    GEMM_NT(m, 2 * n, H, c->rows + p0 * H, H, L->w_gate_up + ((long)e * 2 * I + 2 * i0) * H, H, gu, 2 * n, 0);
+    GEMM_NT(m, 2 * n, H, c->rows + p0 * c->ldr, c->ldr, L->w_gate_up + ((long)e * 2 * I + 2 * i0) * H, H, gu, 2 * n, 0);
     const kt_bf16 *pgu = (const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
@@ -268,7 +271,7 @@ static void task_down(void *ctx, long task, int thread) {
     GEMM_NT(m, n, I, c->hh + p0 * I, I, L->w_down + ((long)e * H + h0) * I, I, d, n, 0);
     if (rd) GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
                     L->lora[KT_DOWN].BT + (long)e * 3 * rd * H + h0, H, d, n, 1);
-    for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * H + h0, d + (size_t)i * n, n, 1.f);
+    for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
 }
 
 /* y_t = sum_j w_tj D_(t,j) (forward), or dx_t = sum_j dX_(t,j) and dw (backward). */
@@ -286,7 +289,7 @@ static void task_combine(void *ctx, long task, int thread) {
             long p = L->rt.pos_of_slot[t * k + j];
             if (p >= 0) {
                 float w = backward ? 1.f : L->rt.w[t * k + j];
-                row_to_f32(row, c->rows + p * H, H);
+                row_to_f32(row, c->rows + p * c->ldr, H);
                 for (int h = 0; h < H; h++) acc[h] += w * row[h];
             }
             if (backward) {
@@ -323,7 +326,7 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     if ((rc = alloc_lora_copies(L))) goto done;
     setup(&c, L);
     long npos = L->rt.npos, nhit = L->rt.nhit;
-    c.rows = kt_workspace(KT_WS_ROWS, sizeof(kt_bf16) * (size_t)npos * H);
+    c.rows = kt_workspace(KT_WS_ROWS, sizeof(kt_bf16) * (size_t)npos * c.ldr);
     c.hh = kt_workspace(KT_WS_HH, sizeof(kt_bf16) * (size_t)npos * I);
     int ok = c.rows && c.hh && kt_buf_get(&L->xb, sizeof(kt_bf16) * (size_t)T * H)
              && kt_buf_get(&L->pgu, sizeof(kt_bf16) * 3 * (size_t)npos * c.rgu)
@@ -365,14 +368,14 @@ static void task_gather_dy(void *ctx, long task, int thread) {
     long p0;
     int m = expert_rows(L, e, &p0);
     for (int i = 0; i < m; i++)
-        memcpy(c->rows + (p0 + i) * H, c->dyb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
+        memcpy(c->rows + (p0 + i) * c->ldr, c->dyb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
     for (int q = 0; q < 3; q++) { /* this expert's fp32 gradient accumulators start at zero */
         kt_lora_f32 *g = &c->grad[q];
         if (!g->r) continue;
         memset(g->A + (long)e * g->r * g->in, 0, sizeof(float) * g->r * g->in);
         memset(g->BT + (long)e * g->r * g->out, 0, sizeof(float) * g->r * g->out);
     }
-    if (rd) lora_product(m, rd, H, c->rows + p0 * H, H, L->lora[KT_DOWN].BT + (long)e * 3 * rd * H, L->scale,
+    if (rd) lora_product(m, rd, H, c->rows + p0 * c->ldr, c->ldr, L->lora[KT_DOWN].BT + (long)e * 3 * rd * H, L->scale,
                          c->q + p0 * qld(c), qld(c));
 }
 
@@ -388,7 +391,7 @@ static void task_dhh(void *ctx, long task, int thread) {
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     kt_bf16 *hh = kt_scratch(1, sizeof(kt_bf16) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
-    GEMM_NN(m, n, H, c->rows + p0 * H, H, L->w_down + (long)e * H * I + i0, I, d, n, 0);
+    GEMM_NN(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->w_down + (long)e * H * I + i0, I, d, n, 0);
     if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
     const kt_bf16 *gu = L->gu.p;
     for (int i = 0; i < m; i++) {
@@ -430,7 +433,7 @@ static void task_lora_grads(void *ctx, long task, int thread) {
         float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
         for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
         const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd, m, rd, w, 3);
-        grad_gemm(rd, H, m, pt, c->rows + p0 * H, H, c->grad[KT_DOWN].BT + (long)e * rd * H, H);
+        grad_gemm(rd, H, m, pt, c->rows + p0 * c->ldr, c->ldr, c->grad[KT_DOWN].BT + (long)e * rd * H, H);
     }
     if (!c->rgu) return;
     kt_bf16 *xe = NULL;
@@ -481,7 +484,7 @@ static void task_dx(void *ctx, long task, int thread) {
         if (r) GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
                        qld(c), L->lora[p].A + (long)e * 3 * r * H + h0, H, d, n, 1);
     }
-    for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * H + h0, d + (size_t)i * n, n, 1.f);
+    for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
 }
 
 /* Adds one expert's fp32 LoRA gradients into the caller's buffers (any layout/dtype).
@@ -510,7 +513,7 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     memset(c.grad, 0, sizeof c.grad);
     long npos = L->rt.npos, nhit = L->rt.nhit;
     c.dyb = kt_workspace(KT_WS_DYB, sizeof(kt_bf16) * (size_t)T * H);
-    c.rows = kt_workspace(KT_WS_ROWS, sizeof(kt_bf16) * (size_t)npos * H);
+    c.rows = kt_workspace(KT_WS_ROWS, sizeof(kt_bf16) * (size_t)npos * c.ldr);
     c.dgu = kt_workspace(KT_WS_DGU, sizeof(kt_bf16) * (size_t)npos * 2 * I);
     c.q = kt_workspace(KT_WS_Q, sizeof(kt_bf16) * (size_t)npos * qld(&c));
     c.dwpart = kt_workspace(KT_WS_DW, sizeof(float) * (size_t)npos * c.nci);
