@@ -31,5 +31,5 @@ def pytest_terminal_summary(terminalreporter):
         row = {t: e for (i, t), e in worst.items() if i == isa}
         tr.write_line(f"{isa}:")
         for tensor in sorted(row):
-            err, cos = row[tensor]
-            tr.write_line(f"    {tensor:28s} rel {err:.2e}   min cosine {cos:.6f}")
+            err, cos, where = row[tensor]
+            tr.write_line(f"    {tensor:28s} rel {err:.2e}   min cosine {cos:.6f}   worst in {where}")

@@ -265,12 +265,18 @@ def test_constructor_rejects(case, kwargs, names, s):
     expect_rejected(s, lambda: ktmoe.MoEExperts(**kwargs(w)), names)
 
 
-MISSING_ISAS = [i for i in ("amx", "avx512") if i not in ktmoe.available_isas()]
-
-
-@pytest.mark.parametrize("missing", MISSING_ISAS)
-def test_isa_this_cpu_lacks(missing, s):
+@pytest.mark.parametrize("missing", ["amx", "avx512"])
+def test_isa_this_cpu_lacks(missing, s, monkeypatch):
+    """A path the CPU cannot run is refused, never replaced by another. The CPU probe is
+    replaced by one of a CPU with neither AMX nor AVX-512, so this runs on every machine."""
+    import ktmoe._cpu as cpu
+    why = {"amx": "the CPU has no AMX-BF16 tiles", "avx512": "the CPU or OS lacks AVX-512 F/BW/VL/DQ"}
+    monkeypatch.setattr(cpu, "_probe", lambda: (("portable",), why, {}))
     expect_rejected(s, lambda: ktmoe.MoEExperts(**s.weights, isa=missing), ["isa"], ValueError)
+    monkeypatch.setenv("KTMOE_ISA", missing)
+    expect_rejected(s, lambda: ktmoe.MoEExperts(**s.weights), ["isa"], ValueError)
+    monkeypatch.delenv("KTMOE_ISA")
+    assert ktmoe.MoEExperts(**s.weights).isa == "portable"
 
 
 # -------------------------------------------------------------- NaN / Inf: propagate, never crash
