@@ -181,27 +181,79 @@ static void task_convert_x(void *ctx, long task, int thread) {
     else row_to_bf16(xb + off, (const float *)L->x + off, (int)n, 1.f);
 }
 
-/* Split copy of r rows of length n: blk = [hi; hi; lo] ([3r, n]); row j of the source
- * starts at v[start + j * jstep], its elements step apart. */
-static void copy_factor(kt_bf16 *blk, const kt_view3 *v, long start, long jstep, long step, int r, int n) {
-    float *row = kt_scratch(7, sizeof(float) * (size_t)n);
-    for (int j = 0; j < r; j++) {
-        kt_bf16 *hi = blk + (long)j * n, *hi2 = hi + (long)r * n, *lo = hi2 + (long)r * n;
-        load_row(row, v, start + j * jstep, step, n);
-        for (int i = 0; i < n; i++) split(row[i], &hi[i], &lo[i]);
-        memcpy(hi2, hi, sizeof(kt_bf16) * (size_t)n);
+/* ---- moving LoRA factors in and gradients out ----
+ * The caller's factors are copied (split) into the layer's [3r, n] blocks, and the fp32
+ * gradients added back, in tasks that each touch a cache-friendly part of the caller's
+ * tensors: A (rows contiguous in both layouts) one task per expert; B, whose PEFT
+ * layout interleaves the experts along its columns, one task per block of BLOCK_O output
+ * rows across all experts of the call. An expert's A task handles every projection in
+ * turn, so PEFT's A shared by gate and up is never written by two threads. */
+enum { BLOCK_O = 32 };
+
+static inline float load1(const kt_view3 *v, long i) {
+    return v->dtype == KT_BF16 ? kt_bf16_to_f32(((const kt_bf16 *)v->data)[i]) : ((const float *)v->data)[i];
+}
+
+static inline void add1(const kt_view3 *v, long i, float x) {
+    if (v->dtype == KT_BF16) {
+        kt_bf16 *p = (kt_bf16 *)v->data + i;
+        *p = kt_f32_to_bf16(kt_bf16_to_f32(*p) + x);
+    } else {
+        ((float *)v->data)[i] += x;
     }
 }
 
-/* Split copies of the caller's LoRA factors of expert e: A as [3r, in], B^T as [3r, out]. */
-static void copy_lora_expert(kt_layer *L, int e) {
+/* Number of B tasks, and the decoding of task t >= nhit into (projection, first row). */
+static long b_tasks(const kt_layer *L) {
+    long n = 0;
+    for (int p = 0; p < 3; p++)
+        if (L->lora[p].r) n += (L->lora[p].out + BLOCK_O - 1) / BLOCK_O;
+    return n;
+}
+
+static int b_task(const kt_layer *L, long t, int *o0) {
     for (int p = 0; p < 3; p++) {
-        kt_lora_bf16 *d = &L->lora[p];
-        const kt_lora_proj *s = &L->lora_in.proj[p];
-        if (!d->r) continue;
-        copy_factor(d->A + (long)e * 3 * d->r * d->in, &s->A, e * s->A.stride[0], s->A.stride[1], s->A.stride[2], d->r, d->in);
-        copy_factor(d->BT + (long)e * 3 * d->r * d->out, &s->B, e * s->B.stride[0], s->B.stride[2], s->B.stride[1], d->r, d->out);
+        if (!L->lora[p].r) continue;
+        long nb = (L->lora[p].out + BLOCK_O - 1) / BLOCK_O;
+        if (t < nb) { *o0 = (int)t * BLOCK_O; return p; }
+        t -= nb;
     }
+    return -1;
+}
+
+static void task_copy_lora(void *ctx, long task, int thread) {
+    (void)thread;
+    kt_layer *L = ((pass *)ctx)->L;
+    long nhit = L->rt.nhit;
+    if (task < nhit) {
+        int e = L->rt.hit[task];
+        float *row = kt_scratch(7, sizeof(float) * (size_t)(L->H > L->I ? L->H : L->I));
+        for (int p = 0; p < 3; p++) {
+            const kt_lora_bf16 *d = &L->lora[p];
+            const kt_view3 *A = &L->lora_in.proj[p].A;
+            int r = d->r, n = d->in;
+            for (int j = 0; j < r; j++) {
+                kt_bf16 *hi = d->A + ((long)e * 3 * r + j) * n, *hi2 = hi + (long)r * n, *lo = hi2 + (long)r * n;
+                load_row(row, A, e * A->stride[0] + j * A->stride[1], A->stride[2], n);
+                for (int i = 0; i < n; i++) split(row[i], &hi[i], &lo[i]);
+                memcpy(hi2, hi, sizeof(kt_bf16) * (size_t)n);
+            }
+        }
+        return;
+    }
+    int o0, p = b_task(L, task - nhit, &o0);
+    const kt_lora_bf16 *d = &L->lora[p];
+    const kt_view3 *B = &L->lora_in.proj[p].B;
+    int r = d->r, out = d->out, o1 = o0 + BLOCK_O < out ? o0 + BLOCK_O : out;
+    for (int o = o0; o < o1; o++)
+        for (int j = 0; j < r; j++)
+            for (long h = 0; h < nhit; h++) {
+                int e = L->rt.hit[h];
+                kt_bf16 *blk = d->BT + (long)e * 3 * r * out;
+                split(load1(B, e * B->stride[0] + o * B->stride[1] + j * B->stride[2]),
+                      &blk[(long)j * out + o], &blk[(long)(2 * r + j) * out + o]);
+                blk[(long)(r + j) * out + o] = blk[(long)j * out + o];
+            }
 }
 
 static void task_gather_x(void *ctx, long task, int thread) {
@@ -211,7 +263,6 @@ static void task_gather_x(void *ctx, long task, int thread) {
     int e = L->rt.hit[task], H = L->H;
     long p0;
     int m = expert_rows(L, e, &p0);
-    copy_lora_expert(L, e);
     const kt_bf16 *xb = L->xb.p;
     for (int i = 0; i < m; i++)
         memcpy(c->rows + (p0 + i) * c->ldr, xb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
@@ -335,6 +386,7 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     if (!ok) { rc = -2; goto done; }
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     kt_parallel_for(nt, ntok, task_convert_x, &c);
+    if (L->has_lora) kt_parallel_for(nt, nhit + b_tasks(L), task_copy_lora, &c);
     kt_parallel_for(nt, nhit, task_gather_x, &c);
     kt_parallel_for(nt, nhit * c.nci, task_gate_up, &c);
     if (c.r[KT_DOWN]) kt_parallel_for(nt, nhit, task_down_lora, &c);
@@ -487,23 +539,34 @@ static void task_dx(void *ctx, long task, int thread) {
     for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
 }
 
-/* Adds one expert's fp32 LoRA gradients into the caller's buffers (any layout/dtype).
- * One task per expert, projections in turn, so a shared A (PEFT gate_up) is safe. */
+/* Adds the fp32 LoRA gradients into the caller's buffers (any layout and dtype); tasks
+ * as in task_copy_lora. */
 static void task_export_grads(void *ctx, long task, int thread) {
     (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
-    int e = L->rt.hit[task];
-    for (int p = 0; p < 3; p++) {
-        const kt_lora_f32 *g = &c->grad[p];
-        const kt_lora_proj *d = &L->grads_in.proj[p];
-        if (!g->r) continue;
-        const float *A = g->A + (long)e * g->r * g->in, *BT = g->BT + (long)e * g->r * g->out;
-        for (int j = 0; j < g->r; j++) {
-            add_row(&d->A, e * d->A.stride[0] + j * d->A.stride[1], d->A.stride[2], A + (long)j * g->in, 1, g->in);
-            add_row(&d->B, e * d->B.stride[0] + j * d->B.stride[2], d->B.stride[1], BT + (long)j * g->out, 1, g->out);
+    long nhit = L->rt.nhit;
+    if (task < nhit) {
+        int e = L->rt.hit[task];
+        for (int p = 0; p < 3; p++) {
+            const kt_lora_f32 *g = &c->grad[p];
+            const kt_view3 *A = &L->grads_in.proj[p].A;
+            for (int j = 0; j < g->r; j++)
+                add_row(A, e * A->stride[0] + j * A->stride[1], A->stride[2],
+                        g->A + ((long)e * g->r + j) * g->in, 1, g->in);
         }
+        return;
     }
+    int o0, p = b_task(L, task - nhit, &o0);
+    const kt_lora_f32 *g = &c->grad[p];
+    const kt_view3 *B = &L->grads_in.proj[p].B;
+    int r = g->r, out = g->out, o1 = o0 + BLOCK_O < out ? o0 + BLOCK_O : out;
+    for (int o = o0; o < o1; o++)
+        for (int j = 0; j < r; j++)
+            for (long h = 0; h < nhit; h++) {
+                int e = L->rt.hit[h];
+                add1(B, e * B->stride[0] + o * B->stride[1] + j * B->stride[2], g->BT[((long)e * r + j) * out + o]);
+            }
 }
 
 int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
@@ -534,7 +597,7 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     if (c.rgu || (c.r[KT_DOWN] && L->has_grads)) kt_parallel_for(nt, nhit, task_lora_grads, &c);
     kt_parallel_for(nt, nhit * c.nch, task_dx, &c);
     kt_parallel_for(nt, ntok, task_combine, &c);
-    if (L->has_grads) kt_parallel_for(nt, nhit, task_export_grads, &c);
+    if (L->has_grads) kt_parallel_for(nt, nhit + b_tasks(L), task_export_grads, &c);
 done:
     kt_layer_release_saved(L);
     return rc;
