@@ -19,7 +19,7 @@ _NUMPY_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "
                 np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 NUMPY_DTYPES = {name: dt for dt, name in _NUMPY_NAMES.items()}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "int32": 4, "int64": 8}
-_DLPACK_CPU = 1
+_DLPACK_HOST = {1: "CPU", 3: "CUDA pinned host", 11: "ROCm pinned host"}  # DLPack device types in host memory
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ def as_buffer(obj: Any, name: str) -> Buffer:
     if hasattr(obj, "__dlpack__"):
         if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
             obj = obj.detach()  # torch refuses to export tensors that require grad
-        device = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else (_DLPACK_CPU, 0)
-        if int(device[0]) != _DLPACK_CPU:
+        device = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else (1, 0)
+        if int(device[0]) not in _DLPACK_HOST:
             raise TypeError(f"{name}: must be in CPU memory (DLPack device type {int(device[0])})")
         capsule = obj.__dlpack__()
         addr, dtype, shape, strides, _ = _core.dlpack_view(capsule)

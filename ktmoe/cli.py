@@ -1,8 +1,14 @@
-"""The `ktmoe` command: `info` (CPU features and the kernel path chosen) and `verify`
-(each kernel path on this CPU against the numpy reference, with errors and timings)."""
+"""The `ktmoe` command: `finetune` (the main job: LoRA SFT of a MoE model), `bench`
+(layer benchmarks against the roofline and torch), `info` (CPU features and the kernel
+path chosen) and `verify` (each kernel path on this CPU against the numpy reference).
+
+`finetune` and `bench` live in their own modules, each exposing add_arguments(parser)
+and run(args) -> exit code; they import torch only inside run().
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -86,9 +92,22 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+# subcommand -> (module, help)
+EXTERNAL_COMMANDS = {
+    "finetune": ("ktmoe.finetune.cli", "LoRA fine-tuning of a MoE model (built-in tiny model by default)"),
+    "bench": ("ktmoe.bench", "benchmark the expert layer against the roofline and torch baselines"),
+}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ktmoe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ktmoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(fn=module.run)
     sub.add_parser("info", help="CPU features and the kernel path in use").set_defaults(fn=cmd_info)
     v = sub.add_parser("verify", help="check every kernel path on this CPU against the numpy reference")
     v.add_argument("--isa", choices=_cpu.ISAS, help="check one path only")

@@ -1,0 +1,81 @@
+"""Checks that make the benchmark numbers meaningful (cheap; they run with timing disabled too):
+the roofline probes return sane values, the FLOP/byte formulas count what they say, and the
+three implementations compute the same layer (a small shape, every output and gradient)."""
+import pytest
+import torch
+
+from ktmoe import bench
+
+SMALL = bench.Shape("small", "qwen3_moe", 8, 256, 128, 2, 64)
+TOL = 1e-2   # SPEC.md section 6: relative Frobenius error allowed for bf16 kernels
+
+
+def test_roofline_probes(roofline):
+    import ktmoe
+    assert roofline.read_bw > 1e8, "streaming read below 0.1 GB/s: the probe is broken"
+    if "amx" in ktmoe.available_isas():
+        # a 2-core AMX machine measured ~6.9 TFLOP/s bf16; anything below 0.1 is broken
+        assert roofline.bf16_flops > 1e11 and roofline.int8_ops > roofline.bf16_flops * 0.9
+
+
+def test_amx_peak_rejects_bad_arguments():
+    from ktmoe._kernels import _roofline
+    with pytest.raises(ValueError, match="threads"):
+        _roofline.amx_peak(0, 0.1)
+    with pytest.raises(ValueError, match="kind"):
+        _roofline.amx_peak(1, 0.1, "fp8")
+    with pytest.raises(ValueError, match="nbytes"):
+        _roofline.read_bandwidth(2, 100)
+
+
+def test_formulas_count_by_hand():
+    s = bench.SHAPES["qwen3-4096"]
+    H, I, r = s.H, s.I, bench.LORA_R
+    fwd = bench.layer_flops(s, 1, "fwd")
+    assert fwd == 2 * (H * 2 * I + I * H) + 2 * (H * r + r * 2 * I + I * r + r * H)
+    assert bench.layer_flops(s, 10, "fwdbwd") == 10 * (fwd + 6 * H * I + 2 * r * (4 * H + 6 * I) + 2 * H)
+    # weights: each hit expert's gate_up + down in bf16, once per pass
+    one = bench.layer_bytes(s, 1, "fwd") - bench.layer_bytes(s, 0, "fwd")
+    assert one == 3 * H * I * 2 + r * (3 * H + 3 * I) * 4
+
+
+def test_problem_routing():
+    p = bench.Problem(SMALL)
+    ids = p.ids
+    assert ids.shape == (SMALL.T, SMALL.k)
+    assert all(len(set(row.tolist())) == SMALL.k for row in ids), "top-k must be without replacement"
+    assert torch.allclose(p.weights.sum(1), torch.ones(SMALL.T))
+    assert p.hit == len(set(ids.flatten().tolist())) and p.pairs == SMALL.T * SMALL.k
+    assert all(float(b.abs().max()) > 0 for _, b in p.lora.values()), "LoRA B must be nonzero"
+
+
+def test_implementations_agree(threads):
+    p = bench.Problem(SMALL)
+    runs = {i: bench.make_runner(i, p, threads) for i in bench.IMPLS}
+    k = runs["ktmoe"]
+    y_fwd = {i: r.fwd().float().clone() for i, r in runs.items()}
+    y_bwd = {i: r.fwdbwd().float().clone() for i, r in runs.items()}
+    for impl in bench.BASELINES:
+        r = runs[impl]
+        errs = {"y fwd": bench.rel_error(y_fwd[impl], y_fwd["ktmoe"]),
+                "y fwdbwd": bench.rel_error(y_bwd[impl], y_bwd["ktmoe"]),
+                "dx": bench.rel_error(r.x.grad.float(), k.dx.float()),
+                "dw": bench.rel_error(r.w.grad.float(), k.dw.float())}
+        for name, (da, db) in _lora_grads(r).items():
+            errs[f"d{name} A"] = bench.rel_error(da, k.grads[name][0])
+            errs[f"d{name} B"] = bench.rel_error(db, k.grads[name][1])
+        assert len(errs) == 8
+        bad = {n: e for n, e in errs.items() if not e <= TOL}
+        assert not bad, f"{impl} differs from ktmoe beyond {TOL}: {bad}"
+
+
+def _lora_grads(runner):
+    """name -> (dA, dB) of a torch baseline, in PEFT layout."""
+    if isinstance(runner, bench.GroupedRunner):
+        return {n: (a.grad, b.grad) for n, (a, b) in runner.params.items()}
+    out = {}
+    for name, param in runner.model.named_parameters():
+        if "lora_" in name:
+            which = "gate_up" if ".base_layer.lora_" in name else "down"
+            out.setdefault(which, [None, None])[0 if "lora_A" in name else 1] = param.grad
+    return {n: tuple(v) for n, v in out.items()}

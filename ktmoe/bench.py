@@ -1,0 +1,591 @@
+"""`ktmoe bench`: the expert layer against this machine's roofline and two torch baselines.
+
+What is measured (SPEC.md section 10), all in one process, one run:
+- the roofline: AMX bf16 (and int8) peak of a register-only tile loop and the streaming read
+  bandwidth (ktmoe._kernels._roofline), on the same number of threads as the layer;
+- the layer shapes below, forward and forward+backward, LoRA r = 16 (PEFT layout, fp32
+  factors, B != 0), for ktmoe and the two torch baselines:
+    eager:   transformers v5's experts module (loop over experts, default eager
+             implementation) wrapped by PEFT `LoraConfig(target_parameters=[gate_up_proj,
+             down_proj])`, which materialises W + BA for every expert on every call;
+    grouped: a hand-written torch loop over experts (tokens sorted by expert, bf16 F.linear,
+             LoRA factors cast to bf16 in the graph, SiLU gate, fp32 scatter-add).
+Routing: uniform random top-k without replacement per token, softmax-normalised weights, a
+fixed seed. Forward-only runs are inference (ktmoe keep_for_backward=False, torch no_grad);
+forward+backward differentiates x, topk_weights and the LoRA factors.
+
+The bench/ pytest-benchmark suite (`pytest bench/ --benchmark-enable`) imports this module
+for the shapes, problems, runners, roofline formulas and table, so both fronts measure the
+same thing. torch, transformers and PEFT are imported only when a problem is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+
+LORA_R = 16
+LORA_ALPHA = 32          # scale s = alpha / r = 2
+SEED = 0
+PASSES = ("fwd", "fwdbwd")
+IMPLS = ("ktmoe", "grouped", "eager")
+BASELINES = ("eager", "grouped")
+
+# Targets of the kernel work this benchmark checks (the issue's item 4)
+TARGET_ROOFLINE_T4096 = 0.60      # qwen3-4096 fwdbwd: >= 60 % of the roofline bound
+TARGET_GROUPED_T4096 = 15.0       # qwen3-4096 fwdbwd: >= 15x the grouped torch loop
+TARGET_BW_T16 = 1.5               # qwen3-16: time <= 1.5x the bandwidth bound
+TARGET_PACKED = 1.05              # packed weights <= 1.05x raw bf16 bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    family: str   # transformers model type whose experts module is the eager baseline
+    E: int
+    H: int
+    I: int
+    k: int
+    T: int
+
+
+SHAPES = {s.name: s for s in (
+    Shape("qwen3-16", "qwen3_moe", 128, 2048, 768, 8, 16),
+    Shape("qwen3-256", "qwen3_moe", 128, 2048, 768, 8, 256),
+    Shape("qwen3-4096", "qwen3_moe", 128, 2048, 768, 8, 4096),
+    Shape("dsv2-2048", "deepseek_v2", 64, 2048, 1408, 6, 2048),
+)}
+
+
+# ---------------------------------------------------------------- roofline
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    threads: int
+    bf16_flops: float | None   # FLOP/s of the AMX bf16 tile loop (None: no AMX here)
+    int8_ops: float | None     # OP/s of the AMX int8 tile loop
+    read_bw: float             # bytes/s of a streaming read
+    read_bytes: int            # size of the buffer read
+
+    def as_dict(self) -> dict:
+        return {"threads": self.threads,
+                "amx_bf16_tflops": None if self.bf16_flops is None else self.bf16_flops / 1e12,
+                "amx_int8_tops": None if self.int8_ops is None else self.int8_ops / 1e12,
+                "read_gbs": self.read_bw / 1e9, "read_buffer_mib": self.read_bytes / 2**20}
+
+
+def _llc_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_LEVEL3_CACHE_SIZE")) or 0
+    except (ValueError, OSError):
+        return 0
+
+
+def measure_roofline(threads: int, seconds: float = 0.5, nbytes: int | None = None) -> Roofline:
+    """AMX peaks (skipped without AMX) and read bandwidth on `threads` threads. The buffer is
+    max(1 GiB, 4x the last-level cache), at most 4 GiB, unless `nbytes` is given."""
+    from . import _cpu
+    from ._kernels import _roofline
+    if nbytes is None:
+        nbytes = min(max(1 << 30, 4 * _llc_bytes()), 4 << 30)
+    bf16 = int8 = None
+    if "amx" in _cpu.available_isas():
+        bf16 = _roofline.amx_peak(threads, seconds, "bf16")
+        int8 = _roofline.amx_peak(threads, seconds, "int8")
+    bw = _roofline.read_bandwidth(threads, int(nbytes), 3)
+    return Roofline(threads, bf16, int8, bw, int(nbytes))
+
+
+def layer_flops(shape: Shape, pairs: int, passes: str, r: int = LORA_R) -> float:
+    """FLOPs of one call, counted per routed (token, expert) pair (`pairs`, ids != -1):
+
+        forward   6*H*I              gate+up (2*H*2I) and down (2*I*H)
+                + 2*r*(2H + 3I)      LoRA: x A_gu^T (H*r), (.) B_gu^T (r*2I), Hh A_d^T (I*r),
+                                     (.) B_d^T (r*H), 2 FLOP per multiply-add
+        backward  6*H*I              dHh = g Wd (H*I), dX = dG Wg + dU Wu (2*I*H)
+                + 2*r*(4H + 6I)      LoRA: g B_d, (.) A_d, dB_d, dA_d (2H + 2I) and
+                                     [dG dU] B_gu, (.) A_gu, dB_gu, dA_gu (2*2I + 2H), reusing
+                                     the forward's x A^T and Hh A_d^T
+                + 2*H                dw = <dy, D>
+    Elementwise work (SiLU, weighting) is not counted."""
+    H, I = shape.H, shape.I
+    fwd = 6 * H * I + 2 * r * (2 * H + 3 * I)
+    bwd = 6 * H * I + 2 * r * (4 * H + 6 * I) + 2 * H
+    return float(pairs) * (fwd + (bwd if passes == "fwdbwd" else 0))
+
+
+def layer_bytes(shape: Shape, hit: int, passes: str, r: int = LORA_R, lora_itemsize: int = 4) -> float:
+    """Bytes one call must move at least, for `hit` distinct experts with tokens:
+
+        forward   hit * 6*H*I            bf16 gate_up + down of each hit expert, read once
+                + hit * r*(3H + 3I) * s  LoRA factors of the hit experts (s = 4: fp32)
+                + T*H*2 * 2              x read, y written (bf16)
+                + T*k*(8 + 4)            ids (int64) and weights (fp32) read
+        backward  the same weights and LoRA factors read again, LoRA gradients read and
+                  written (2x the factor bytes), dy read, x read again, dx written
+                  (3 * T*H*2), ids/weights read and dw written (T*k*(8 + 4 + 4)),
+                + 2 * T*k*2I*2           gate/up pre-activations (bf16) written by the
+                                         forward and read back by the backward
+    """
+    H, I, T, k = shape.H, shape.I, shape.T, shape.k
+    weights = hit * 6 * H * I
+    lora = hit * r * (3 * H + 3 * I) * lora_itemsize
+    fwd = weights + lora + 2 * T * H * 2 + T * k * 12
+    if passes != "fwdbwd":
+        return float(fwd)
+    bwd = weights + 3 * lora + 3 * T * H * 2 + T * k * 16
+    return float(fwd + bwd + 2 * T * k * 2 * I * 2)
+
+
+def bound_seconds(roof: Roofline, flops: float, nbytes: float) -> tuple[float, float, float]:
+    """(bound, compute time at peak, memory time at bandwidth); bound = the larger."""
+    t_c = flops / roof.bf16_flops if roof.bf16_flops else 0.0
+    t_m = nbytes / roof.read_bw
+    return max(t_c, t_m), t_c, t_m
+
+
+# ---------------------------------------------------------------- problems and runners
+
+def _torch():
+    import torch
+    return torch
+
+
+class Problem:
+    """Weights, inputs, routing and LoRA factors of one shape, as torch tensors shared (not
+    copied) by every runner. Weights ~N(0, 1/fan_in) in bf16; LoRA A uniform(+-1/sqrt(in)),
+    B ~N(0, 0.02) (nonzero), fp32 in PEFT's target_parameters layout."""
+
+    def __init__(self, shape: Shape, r: int = LORA_R, seed: int = SEED):
+        torch = _torch()
+        g = torch.Generator().manual_seed(seed)
+        E, H, I, k, T = shape.E, shape.H, shape.I, shape.k, shape.T
+        self.shape, self.r, self.scale = shape, r, LORA_ALPHA / r
+        bf16 = torch.bfloat16
+        self.gate_up = torch.empty(E, 2 * I, H, dtype=bf16)
+        self.down = torch.empty(E, H, I, dtype=bf16)
+        for e in range(E):   # one expert at a time: no full-size fp32 temporary
+            self.gate_up[e] = torch.randn(2 * I, H, generator=g) * H ** -0.5
+            self.down[e] = torch.randn(H, I, generator=g) * I ** -0.5
+        self.x = torch.randn(T, H, generator=g).to(bf16)
+        self.dy = (torch.randn(T, H, generator=g) * 0.1).to(bf16)
+        self.ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k].contiguous()   # int64
+        self.weights = torch.randn(T, k, generator=g).softmax(dim=-1).contiguous()    # fp32
+        self.lora = {   # name -> (A [E*r, in], B [out, E*r])
+            "gate_up": ((torch.rand(E * r, H, generator=g) * 2 - 1) * H ** -0.5,
+                        torch.randn(2 * I, E * r, generator=g) * 0.02),
+            "down": ((torch.rand(E * r, I, generator=g) * 2 - 1) * I ** -0.5,
+                     torch.randn(H, E * r, generator=g) * 0.02),
+        }
+        self.hit = int(torch.unique(self.ids[self.ids >= 0]).numel())
+        self.pairs = int((self.ids >= 0).sum())
+
+    @property
+    def raw_weight_bytes(self) -> int:
+        s = self.shape
+        return 3 * s.E * s.H * s.I * 2
+
+    def flops(self, passes: str) -> float:
+        return layer_flops(self.shape, self.pairs, passes, self.r)
+
+    def nbytes(self, passes: str) -> float:
+        return layer_bytes(self.shape, self.hit, passes, self.r)
+
+
+class KtmoeRunner:
+    """ktmoe.MoEExperts with LoRA.peft on the problem's tensors (threads: `threads`)."""
+    name = "ktmoe"
+
+    def __init__(self, p: Problem, threads: int | None = None):
+        import ktmoe
+        torch = _torch()
+        self.p = p
+        self.layer = ktmoe.MoEExperts(gate_up=p.gate_up, down=p.down, num_threads=threads,
+                                      max_tokens=max(p.shape.T, 1))
+        self.lora = ktmoe.LoRA.peft(gate_up=p.lora["gate_up"], down=p.lora["down"], scale=p.scale)
+        self.grads = {n: tuple(torch.zeros_like(t) for t in ab) for n, ab in p.lora.items()}
+        self.lora_grads = ktmoe.LoRA.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
+        self.y = torch.empty_like(p.x)
+        self.dx = torch.empty_like(p.x)
+        self.dw = torch.empty_like(p.weights)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.layer.weight_bytes
+
+    def fwd(self):
+        p = self.p
+        return self.layer.forward(p.x, p.ids, p.weights, lora=self.lora, keep_for_backward=False, out=self.y)
+
+    def fwdbwd(self):
+        p = self.p
+        self.layer.forward(p.x, p.ids, p.weights, lora=self.lora, keep_for_backward=True, out=self.y)
+        self.layer.backward(p.dy, lora_grads=self.lora_grads, dx_out=self.dx, dw_out=self.dw)
+        return self.y
+
+    def close(self):
+        self.layer = None
+
+
+class _TorchRunner:
+    """Shared by both torch baselines: leaves that require grad, and the two passes."""
+
+    def __init__(self, p: Problem):
+        self.p = p
+        self.x = p.x.detach().clone().requires_grad_(True)
+        self.w = p.weights.detach().clone().requires_grad_(True)
+
+    def _call(self, x, w):
+        raise NotImplementedError
+
+    def fwd(self):
+        torch = _torch()
+        with torch.no_grad():
+            return self._call(self.p.x, self.p.weights)
+
+    def fwdbwd(self):
+        self.x.grad = None
+        self.w.grad = None
+        y = self._call(self.x, self.w)
+        y.backward(self.p.dy)
+        return y.detach()
+
+    def close(self):
+        pass
+
+
+class GroupedRunner(_TorchRunner):
+    """Hand-written torch loop: tokens sorted by expert, bf16 F.linear per expert (oneDNN
+    uses AMX), LoRA in bf16 (factors cast inside the graph, so fp32 .grad), fp32 scatter-add."""
+    name = "grouped"
+
+    def __init__(self, p: Problem):
+        super().__init__(p)
+        self.params = {n: tuple(t.detach().clone().requires_grad_(True) for t in ab)
+                       for n, ab in p.lora.items()}
+
+    def _call(self, x, w):
+        torch = _torch()
+        F = torch.nn.functional
+        p, s = self.p, self.p.shape
+        E, I, k, r, scale = s.E, s.I, s.k, p.r, p.scale
+        bf16 = torch.bfloat16
+        (a_gu, b_gu), (a_d, b_d) = self.params["gate_up"], self.params["down"]
+        # PEFT layout -> per expert: A [E, r, in], B [E, out, r] (column j*E + e of B), split
+        # with unbind so backward stacks the per-expert gradients once (indexing [e] would
+        # scatter each one into a full-size zero tensor)
+        A_gu = a_gu.to(bf16).view(E, r, -1).unbind(0)
+        B_gu = b_gu.to(bf16).view(-1, r, E).permute(2, 0, 1).unbind(0)
+        A_d = a_d.to(bf16).view(E, r, -1).unbind(0)
+        B_d = b_d.to(bf16).view(-1, r, E).permute(2, 0, 1).unbind(0)
+        flat = p.ids.reshape(-1)
+        valid = (flat >= 0).nonzero().squeeze(1)
+        order = valid[torch.argsort(flat[valid], stable=True)]
+        counts = torch.bincount(flat[order], minlength=E).tolist()
+        tok = order // k
+        xs = x[tok]
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = xs[start:start + n]
+            start += n
+            gu = F.linear(xe, p.gate_up[e]) + scale * F.linear(F.linear(xe, A_gu[e]), B_gu[e])
+            hh = F.silu(gu[:, :I]) * gu[:, I:]
+            outs.append(F.linear(hh, p.down[e]) + scale * F.linear(F.linear(hh, A_d[e]), B_d[e]))
+        d = torch.cat(outs).float() * w.reshape(-1)[order].unsqueeze(1)
+        y = torch.zeros(x.shape, dtype=torch.float32).index_add(0, tok, d)
+        return y.to(x.dtype)
+
+
+class EagerRunner(_TorchRunner):
+    """transformers v5 experts module (eager) + PEFT target_parameters LoRA, same weights."""
+    name = "eager"
+
+    def __init__(self, p: Problem):
+        super().__init__(p)
+        torch = _torch()
+        from peft import LoraConfig, get_peft_model
+        s = p.shape
+        experts_cls, config = _hf_experts(s)
+        config._experts_implementation = "eager"
+
+        class Holder(torch.nn.Module):   # PEFT wants a model with named submodules
+            def __init__(self):
+                super().__init__()
+                with torch.device("meta"):
+                    self.experts = experts_cls(config)
+                self.experts.gate_up_proj = torch.nn.Parameter(p.gate_up, requires_grad=False)
+                self.experts.down_proj = torch.nn.Parameter(p.down, requires_grad=False)
+
+            def forward(self, x, ids, w):
+                return self.experts(x, ids, w)
+
+        cfg = LoraConfig(r=p.r, lora_alpha=LORA_ALPHA, target_modules=[],
+                         target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+        self.model = get_peft_model(Holder(), cfg)
+        loaded = 0
+        for name, param in self.model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                # the outer wrapper holds down_proj's LoRA, the inner one gate_up_proj's
+                which = "gate_up" if ".base_layer.lora_" in name else "down"
+                src = p.lora[which][0 if "lora_A" in name else 1]
+                if param.shape != src.shape:
+                    raise RuntimeError(f"PEFT parameter {name} has shape {list(param.shape)}, "
+                                       f"expected {list(src.shape)}")
+                with torch.no_grad():
+                    param.copy_(src)
+                loaded += 1
+        if loaded != 4:
+            raise RuntimeError(f"expected 4 PEFT LoRA factors, found {loaded}")
+
+    def _call(self, x, w):
+        return self.model(x, self.p.ids, w)
+
+
+def _hf_experts(s: Shape):
+    if s.family == "qwen3_moe":
+        from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+        return Qwen3MoeExperts, Qwen3MoeConfig(num_experts=s.E, hidden_size=s.H, moe_intermediate_size=s.I,
+                                               num_experts_per_tok=s.k, hidden_act="silu")
+    if s.family == "deepseek_v2":
+        from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+        return DeepseekV2Experts, DeepseekV2Config(n_routed_experts=s.E, hidden_size=s.H, moe_intermediate_size=s.I,
+                                                   num_experts_per_tok=s.k, hidden_act="silu")
+    raise ValueError(f"unknown model family {s.family!r}")
+
+
+RUNNERS = {"ktmoe": KtmoeRunner, "grouped": GroupedRunner, "eager": EagerRunner}
+
+
+def make_runner(impl: str, p: Problem, threads: int | None = None):
+    return KtmoeRunner(p, threads) if impl == "ktmoe" else RUNNERS[impl](p)
+
+
+def rel_error(a, b) -> float:
+    """Relative Frobenius error ||a - b|| / ||b|| (in float64)."""
+    a, b = a.double(), b.double()
+    nb = float(b.norm())
+    return float((a - b).norm() / nb) if nb else float(a.norm())
+
+
+# ---------------------------------------------------------------- results and table
+
+@dataclasses.dataclass
+class Result:
+    shape: str
+    passes: str
+    impl: str
+    seconds: float              # median of the timed rounds
+    rounds: int
+    T: int
+    flops: float
+    nbytes: float
+    bound: float
+    t_compute: float
+    t_memory: float
+    weight_ratio: float | None = None  # ktmoe: packed weight bytes / raw bf16 bytes
+    speedup: dict = dataclasses.field(default_factory=dict)  # baseline -> its time / ours
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.T / self.seconds
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.seconds / 1e12
+
+    @property
+    def gbs(self) -> float:
+        return self.nbytes / self.seconds / 1e9
+
+    @property
+    def roofline_fraction(self) -> float:
+        return self.bound / self.seconds
+
+    def extra_info(self) -> dict:
+        d = {"T": self.T, "tokens_per_s": self.tokens_per_s, "tflops": self.tflops, "gbs": self.gbs,
+             "roofline_fraction": self.roofline_fraction, "bound_ms": 1e3 * self.bound,
+             "compute_bound_ms": 1e3 * self.t_compute, "memory_bound_ms": 1e3 * self.t_memory,
+             "flops": self.flops, "bytes": self.nbytes}
+        if self.weight_ratio is not None:
+            d["packed_weight_ratio"] = self.weight_ratio
+        for b, x in self.speedup.items():
+            d[f"speedup_vs_{b}"] = x
+        return d
+
+
+def make_result(roof: Roofline, p: Problem, passes: str, impl: str, seconds: float, rounds: int,
+                weight_ratio: float | None = None) -> Result:
+    flops, nbytes = p.flops(passes), p.nbytes(passes)
+    bound, t_c, t_m = bound_seconds(roof, flops, nbytes)
+    return Result(p.shape.name, passes, impl, seconds, rounds, p.shape.T, flops, nbytes, bound, t_c, t_m,
+                  weight_ratio)
+
+
+def add_speedups(results: list) -> None:
+    """Fills each ktmoe result's speedup over every baseline measured for the same case."""
+    by_case = {(r.shape, r.passes, r.impl): r for r in results}
+    for r in results:
+        if r.impl != "ktmoe":
+            continue
+        for b in BASELINES:
+            base = by_case.get((r.shape, r.passes, b))
+            if base is not None:
+                r.speedup[b] = base.seconds / r.seconds
+
+
+def format_table(roof: Roofline, results: list) -> list[str]:
+    """The result table as lines of aligned plain text."""
+    lines = [roofline_line(roof)]
+    head = (f"{'shape':<11} {'pass':<6} {'impl':<7} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+            f"{'bound ms':>9} {'by':>3} {'%roof':>6} {'x eager':>8} {'x grouped':>9}")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        by = "mem" if r.t_memory >= r.t_compute else "cmp"
+        sp = [f"{r.speedup[b]:.2f}" if b in r.speedup else "" for b in BASELINES]
+        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<7} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
+                     f"{r.tflops:8.3f} {r.gbs:7.1f} {1e3 * r.bound:9.1f} {by:>3} "
+                     f"{100 * r.roofline_fraction:5.1f}% {sp[0]:>8} {sp[1]:>9}")
+    ratios = {r.shape: r.weight_ratio for r in results if r.weight_ratio is not None}
+    if ratios:
+        lines.append("packed weights / raw bf16 bytes: "
+                     + ", ".join(f"{s} {x:.3f}" for s, x in ratios.items()))
+    return lines
+
+
+def roofline_line(roof: Roofline) -> str:
+    amx = ("AMX bf16 {:.2f} TFLOP/s, int8 {:.2f} TOP/s".format(roof.bf16_flops / 1e12, roof.int8_ops / 1e12)
+           if roof.bf16_flops else "no AMX here: compute bound not measured")
+    return (f"roofline ({roof.threads} threads): {amx}; streaming read {roof.read_bw / 1e9:.1f} GB/s "
+            f"({roof.read_bytes >> 20} MiB buffer)")
+
+
+def check_targets(results: list) -> list[tuple[str, str, str]]:
+    """(target, measured, PASS/FAIL/n.a.) for the kernel targets of the issue."""
+    def get(shape, passes):
+        return next((r for r in results if r.shape == shape and r.passes == passes and r.impl == "ktmoe"), None)
+    out = []
+    r = get("qwen3-4096", "fwdbwd")
+    out.append((f"qwen3-4096 fwdbwd >= {TARGET_ROOFLINE_T4096:.0%} of roofline",
+                f"{r.roofline_fraction:.1%}" if r else "not run",
+                "n.a." if r is None else "PASS" if r.roofline_fraction >= TARGET_ROOFLINE_T4096 else "FAIL"))
+    sp = r.speedup.get("grouped") if r else None
+    out.append((f"qwen3-4096 fwdbwd >= {TARGET_GROUPED_T4096:g}x grouped",
+                f"{sp:.2f}x" if sp else "not run",
+                "n.a." if sp is None else "PASS" if sp >= TARGET_GROUPED_T4096 else "FAIL"))
+    for passes in PASSES:
+        r = get("qwen3-16", passes)
+        ratio = r.seconds / r.t_memory if r else None
+        out.append((f"qwen3-16 {passes} <= {TARGET_BW_T16:g}x bandwidth bound",
+                    f"{ratio:.2f}x" if r else "not run",
+                    "n.a." if r is None else "PASS" if ratio <= TARGET_BW_T16 else "FAIL"))
+    ratios = [r.weight_ratio for r in results if r.weight_ratio is not None]
+    worst = max(ratios) if ratios else None
+    out.append((f"packed weights <= {TARGET_PACKED:g}x raw bf16", f"{worst:.3f}x" if worst else "not run",
+                "n.a." if worst is None else "PASS" if worst <= TARGET_PACKED else "FAIL"))
+    return out
+
+
+def format_targets(results: list) -> list[str]:
+    return [f"  {status:<5} {what:<44} measured {got}" for what, got, status in check_targets(results)]
+
+
+# ---------------------------------------------------------------- timing (the CLI's own)
+
+def time_calls(fn, repeat: int, budget_s: float) -> tuple[float, int, object]:
+    """One warm-up call, then up to `repeat` timed calls (fewer once `budget_s` is spent,
+    at least 1). Returns (median seconds, calls timed, last output)."""
+    out = fn()
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times), len(times), out
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated layer shapes (default: all of {','.join(SHAPES)})")
+    parser.add_argument("--passes", default=",".join(PASSES), help="fwd, fwdbwd or both (default: both)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="comma-separated torch baselines run in the same process: eager,grouped (default), "
+                             "one of them, or 'none'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for ktmoe, torch and the roofline (default: all usable cores)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed calls per case after one warm-up (default 5; slow cases stop "
+                             "early after ~10 s)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _split(value: str, allowed, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if what == "baselines" and items == ["none"]:
+        return []
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what}: unknown {bad or value!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run(args) -> int:
+    import json
+    from . import _cpu
+    shapes = _split(args.shapes, SHAPES, "shapes")
+    passes = _split(args.passes, PASSES, "passes")
+    baselines = _split(args.baselines, BASELINES, "baselines")
+    threads = args.threads or _cpu.default_num_threads()
+    if args.repeat < 1:
+        raise SystemExit("--repeat: must be >= 1")
+    torch = _torch()
+    torch.set_num_threads(threads)
+    print(f"ktmoe bench: path {_cpu.select_isa()[0]}, {threads} threads, torch {torch.__version__}, "
+          f"LoRA r={LORA_R} (PEFT layout, fp32)")
+    roof = measure_roofline(threads)
+    print(roofline_line(roof), flush=True)
+    results, notes = [], []
+    for name in shapes:
+        p = Problem(SHAPES[name])
+        print(f"{name}: E={p.shape.E} H={p.shape.H} I={p.shape.I} k={p.shape.k} T={p.shape.T}, "
+              f"{p.hit} experts hit", flush=True)
+        for impl in [i for i in IMPLS if i == "ktmoe" or i in baselines]:
+            runner = make_runner(impl, p, threads)
+            ratio = runner.weight_bytes / p.raw_weight_bytes if impl == "ktmoe" else None
+            for ps in passes:
+                sec, n, y = time_calls(getattr(runner, ps), args.repeat, budget_s=10.0)
+                r = make_result(roof, p, ps, impl, sec, n, ratio)
+                results.append(r)
+                if ps == passes[0] and impl == "ktmoe":
+                    ktmoe_y = y.float().clone()   # ktmoe runs first: the baselines are compared to it
+                elif ps == passes[0]:
+                    notes.append(f"{name} {impl}: y differs from ktmoe's by {rel_error(y.float(), ktmoe_y):.1e} "
+                                 f"(relative Frobenius)")
+                print(f"  {impl:<7} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
+            runner.close()
+            del runner
+        del p
+    add_speedups(results)
+    print()
+    for line in format_table(roof, results):
+        print(line)
+    print("targets (ktmoe):")
+    for line in format_targets(results):
+        print(line)
+    for line in notes:
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"roofline": roof.as_dict(), "results": [
+                {"shape": r.shape, "pass": r.passes, "impl": r.impl, "ms": 1e3 * r.seconds, "rounds": r.rounds,
+                 **r.extra_info()} for r in results]}, f, indent=2)
+    return 0

@@ -1,0 +1,111 @@
+"""`ktmoe finetune`: flags, defaults and error reporting (the job itself is in train.py).
+
+With no flags it fine-tunes the built-in tiny Qwen3-MoE (tiny.py) on the shipped data set
+into ./ktmoe-finetune. Problems with the user's input (model directory, data file, flags,
+--out) end with one "ktmoe finetune: error: ..." line and exit status 2; torch and
+transformers are imported only when the job runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import FinetuneError
+
+TARGETS = ("attention", "experts", "router")
+DEFAULT_OUT = "ktmoe-finetune"
+
+
+def _targets(text: str) -> list:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in TARGETS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(TARGETS)}, got {text!r}")
+    return sorted(set(parts), key=TARGETS.index)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has a plain one (None / False / lists say it in the text)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or isinstance(action.default, list):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = _Help
+    p.description = ("LoRA fine-tuning (SFT) of a Mixture-of-Experts model whose routed experts run in ktmoe's "
+                     "CPU kernels; attention, router and the rest run in torch (on the GPU when one is present). "
+                     "With no flags: the built-in tiny Qwen3-MoE on the shipped instruction data set.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, tokenizer, "
+                   "safetensors single-file or sharded with an index; experts fused or per expert). "
+                   "Default: the built-in tiny Qwen3-MoE, written to OUT/base-model")
+    g.add_argument("--data", metavar="FILE", help="JSON lines: {\"messages\": [{\"role\", \"content\"}, ...]} or "
+                   "{\"prompt\", \"response\"}; trained on assistant turns. Default: the shipped tiny instruction "
+                   "set (with --model, --data is required)")
+    g.add_argument("--max-seq-len", type=_positive(int), metavar="N", help="longer examples are truncated to N tokens "
+                   "(with a warning). Default: the model's max_position_embeddings, at most 4096")
+    g.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="adapter, checkpoints, log.jsonl, loss.png, "
+                   "summary.json")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (same flags)")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
+    t = p.add_argument_group("training (defaults in brackets are the built-in tiny job's)")
+    t.add_argument("--steps", type=_positive(int), help="optimizer steps (overrides --epochs)")
+    t.add_argument("--epochs", type=_positive(int), help="passes over the data [1; tiny 16]")
+    t.add_argument("--lr", type=_positive(float), help="peak learning rate of AdamW [2e-4; tiny 3e-3]")
+    t.add_argument("--warmup-steps", type=int, help="linear warm-up, then cosine decay to 10%% [5%% of the steps]")
+    t.add_argument("--batch-tokens", type=_positive(int), help="padded tokens per optimizer step [4096; tiny 1024]")
+    t.add_argument("--lora-r", type=_positive(int), help="LoRA rank [16]")
+    t.add_argument("--lora-alpha", type=_positive(float), help="LoRA alpha (scale alpha/r) [32]")
+    t.add_argument("--targets", type=_targets, default=["attention", "experts"],
+                   help="what to train, comma-separated: attention (LoRA on the attention projections), "
+                   "experts (LoRA on the routed experts, in the kernel), router (the router weights, saved in "
+                   "the adapter as modules_to_save). Default: attention,experts")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    t.add_argument("--seed", type=int, default=0, help="LoRA initialisation and data order")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward "
+                   "(less memory; the experts kernel then keeps nothing between passes)")
+    t.add_argument("--save-every", type=_positive(int), help="checkpoint every N steps, and at the end [100; tiny 50]")
+    t.add_argument("--stop-after", type=_positive(int), metavar="N", help="stop after step N with a checkpoint "
+                   "(the schedule still spans every step); continue later with --resume")
+    t.add_argument("--keep-checkpoints", type=_positive(int), default=2, help="how many checkpoints to keep")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--weights", choices=("bf16", "int8", "int4"), default="bf16",
+                   help="expert weight format in the kernel (int8/int4: not supported yet)")
+    h.add_argument("--threads", type=_positive(int), help="CPU threads for the experts kernel and torch "
+                   "(default: every core this process may use)")
+    h.add_argument("--torch-threads", type=_positive(int), help="intra-op threads of torch's CPU work (attention "
+                   "etc. when there is no GPU). Default: --threads; 1 for the built-in tiny model, whose small "
+                   "matrices only lose from threading (and two thread pools contend on a busy machine)")
+    h.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="dtype of the non-expert "
+                   "weights: auto = bf16 on a GPU, fp32 on the CPU")
+    h.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the non-expert part runs (auto: the GPU when there is one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    try:
+        from . import train
+        return train.main(args)
+    except FinetuneError as e:
+        print(f"ktmoe finetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ktmoe finetune: interrupted (the latest checkpoint in --out can be continued with --resume)",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,454 @@
+"""The `ktmoe finetune` job: load, wrap with LoRA, train, checkpoint, report.
+
+Order of work: every input is checked first (flags, --out, model directory and safetensors
+headers, tokenizer, the whole data file), then the model is loaded (loading.py), wrapped
+with PEFT LoRA, and trained with AdamW (linear warm-up, cosine decay to 10%, gradient
+clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
+
+--out holds:
+- adapter/: the PEFT adapter (adapter_config.json + adapter_model.safetensors) and the
+  tokenizer; `PeftModel.from_pretrained(base, OUT/adapter)` on plain transformers loads it.
+- checkpoints/step-NNNNNN/: trainable.safetensors (every trainable tensor by name),
+  optimizer.pt, scheduler.pt, rng.pt (torch CPU/CUDA and Python RNG) and state.json (step,
+  settings). `--resume` restores all of it and continues exactly where the run stopped:
+  the data order is a pure function of (--seed, epoch), so the same batches follow.
+- log.jsonl (one JSON object per step), loss.png, summary.json; base-model/ for the
+  built-in tiny model.
+Everything is written under a temporary name and renamed into place (output.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import FinetuneError, data, loading, output, tiny
+from .checkpoint import Checkpoint
+
+RUN_FILES = ("adapter", "checkpoints", "log.jsonl", "loss.png", "summary.json")
+# settings that must match for --resume to continue the same run
+RESUME_KEYS = ("model", "data_sha256", "lr", "warmup_steps", "total_steps", "batch_tokens", "lora_r", "lora_alpha",
+               "targets", "seed", "max_seq_len", "max_grad_norm", "weights", "dtype", "grad_checkpointing")
+SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".', "What is 7 + 5?"]
+
+
+def main(args) -> int:
+    t_start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        # transformers' own deprecation notice, triggered by PEFT, not by anything the user can change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+        return _main(args, t_start)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"ktmoe finetune: warning: {message}", file=sys.stderr)
+
+
+def _main(args, t_start) -> int:
+    if args.weights != "bf16":
+        raise FinetuneError(f"--weights {args.weights}: not supported yet (the kernel runs bf16 expert weights "
+                            f"only; int8/int4 kernels are a separate issue). Use --weights bf16")
+    if args.model and not args.data:
+        raise FinetuneError("--data FILE is required with --model (the shipped data set is for the built-in model)")
+    if args.targets == ["router"]:
+        raise FinetuneError("--targets router: add attention and/or experts (the router is trained next to LoRA)")
+    out = Path(args.out).expanduser()
+    output.check_writable(out)
+    _prepare_out(out, args)
+
+    # ---- inputs, checked before anything heavy ----
+    import torch
+    import transformers
+
+    import ktmoe.torch  # noqa: F401  (registers the experts implementation and the PEFT hooks)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    builtin = not args.model
+    if builtin and not (out / "base-model" / tiny.MARKER).is_file():
+        print(f"ktmoe finetune: building the built-in tiny model into {out / 'base-model'}")
+    model_dir = tiny.ensure(out / "base-model") if builtin else Path(args.model).expanduser()
+    ckpt = Checkpoint(model_dir)
+    data_path = Path(args.data).expanduser() if args.data else tiny.dataset_path()
+    defaults = dict(tiny.DEFAULTS) if builtin else dict(lr=2e-4, batch_tokens=4096, epochs=1, lora_r=16,
+                                                        lora_alpha=32, save_every=100)
+    opt = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    tokenizer = _tokenizer(ckpt)
+    max_pos = _max_positions(ckpt)
+    if args.max_seq_len is not None and max_pos is not None and args.max_seq_len > max_pos:
+        raise FinetuneError(f"--max-seq-len {args.max_seq_len}: longer than the model's maximum of {max_pos} "
+                            f"positions (max_position_embeddings)")
+    max_len = args.max_seq_len or min(max_pos or 4096, 4096)
+    examples = data.load(data_path, tokenizer, max_len)
+    schedule = data.Schedule(examples, opt["batch_tokens"], args.seed)
+    total = args.steps if args.steps else schedule.steps_for_epochs(opt["epochs"])
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total))
+    if not 0 <= warmup <= total:
+        raise FinetuneError(f"--warmup-steps {warmup}: must be between 0 and the {total} training steps")
+    device = _device(args.device, torch)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch_threads = args.torch_threads or (1 if builtin else args.threads)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    settings = {"model": str(model_dir.resolve()), "data": str(data_path.resolve()),
+                "data_sha256": _sha256(data_path), "lr": opt["lr"], "warmup_steps": warmup, "total_steps": total,
+                "batch_tokens": opt["batch_tokens"], "lora_r": opt["lora_r"], "lora_alpha": opt["lora_alpha"],
+                "targets": args.targets, "seed": args.seed, "max_seq_len": max_len,
+                "max_grad_norm": args.max_grad_norm, "weights": args.weights, "dtype": str(dtype).split(".")[-1],
+                "grad_checkpointing": args.grad_checkpointing}
+    resume_from = _latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        _check_resume(resume_from, settings)
+    elif args.overwrite:
+        _clear_earlier_run(out)
+    n_tokens = sum(len(e.ids) for e in examples)
+    n_trained = sum(e.trained_tokens for e in examples)
+    what = "built-in tiny Qwen3-MoE (random weights)" if builtin else ckpt.config.get("model_type")
+    print(f"ktmoe finetune: model {model_dir} ({what})")
+    print(f"  data {data_path}: {len(examples)} examples, {n_tokens:,} tokens ({n_trained:,} trained)")
+
+    # ---- model ----
+    def load_progress(i, n):
+        if not args.quiet:
+            print(f"\r  loading experts: layer {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+    max_tokens = max(opt["batch_tokens"], max_len)
+    model, ls = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=args.threads,
+                             progress=load_progress)
+    rss_loaded = _rss_now()
+    kernel = loading.experts_modules(model)[0][1]._ktmoe.layer
+    print(f"  loaded in {ls.seconds:.2f} s: {ls.expert_layers} MoE layers, experts ({ls.expert_format} in the "
+          f"checkpoint) {_mib(ls.packed_bytes)} packed in the kernel ({kernel.isa}, {kernel.num_threads} threads), "
+          f"other weights {_mib(ls.other_bytes)} on {device.type} ({settings['dtype']}); host memory now "
+          f"{_mib(rss_loaded)}")
+    if ls.ignored:
+        warnings.warn(f"{len(ls.ignored)} checkpoint tensor(s) are not used by the model, e.g. {ls.ignored[0]}")
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _wrap_lora(model, args.targets, opt["lora_r"], opt["lora_alpha"], args.seed)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_train = sum(p.numel() for _, p in params)
+    epochs_txt = f"{args.steps} steps" if args.steps else f"{total} steps ({opt['epochs']} epochs)"
+    print(f"  LoRA r={opt['lora_r']} alpha={opt['lora_alpha']:g} on {', '.join(args.targets)}: {n_train:,} "
+          f"trainable parameters; {epochs_txt}, batches of <= {opt['batch_tokens']} tokens, lr {opt['lr']:g}")
+
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=opt["lr"], weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total))
+    start = 0
+    log_path = out / "log.jsonl"
+    if resume_from is not None:
+        start = _restore(resume_from, model, params, optimizer, scheduler, torch)
+        _truncate_log(log_path, start)
+        print(f"  resumed from {resume_from} (step {start} of {total})")
+    log = _read_log(log_path)
+
+    # ---- training ----
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    save_every = opt["save_every"]
+    stop_at = min(total, args.stop_after) if args.stop_after else total
+    bar = _progress(total, start, args.quiet)
+    model.train()
+    t_train = time.perf_counter()
+    tokens_done, recent = 0, []
+    with open(log_path, "a", encoding="utf-8") as logf:
+        for step in range(start, stop_at):
+            epoch, epoch_f, indices = schedule.at(step)
+            batch, n_real = data.collate(examples, indices, pad_id)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss = model(**batch).loss
+            loss.backward()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
+            dt = time.perf_counter() - t0
+            tokens_done += n_real
+            recent = (recent + [(n_real, dt)])[-20:]
+            tps = sum(n for n, _ in recent) / max(sum(t for _, t in recent), 1e-9)
+            entry = {"step": step + 1, "epoch": round(epoch_f, 4), "loss": value, "lr": lr, "tokens": n_real,
+                     "trained_tokens": int((batch["labels"] != -100).sum()), "seconds": round(dt, 4),
+                     "tokens_per_s": round(n_real / dt, 1)}
+            log.append(entry)
+            logf.write(json.dumps(entry) + "\n")
+            logf.flush()
+            if bar is not None:
+                bar.set_postfix_str(f"loss {value:.3f}, {tps:,.0f} tok/s, epoch {epoch_f:.2f}", refresh=False)
+                bar.update(1)
+            if (step + 1) % save_every == 0 or step + 1 == stop_at:
+                _save_checkpoint(out, step + 1, model, params, optimizer, scheduler, settings, args.keep_checkpoints,
+                                 torch)
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t_train
+    done = stop_at == total
+
+    # ---- results ----
+    if done:
+        with output.atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    if log:
+        output.plot_loss(out / "loss.png", [e["step"] for e in log], [e["loss"] for e in log],
+                         f"ktmoe finetune: {what}, LoRA r={opt['lora_r']} on {', '.join(args.targets)}")
+    peak_host = _peak_rss()
+    peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    wall = time.perf_counter() - t_start
+    first = log[0]["loss"] if log else float("nan")
+    last = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
+    summary = {"finished": done, "steps": len(log), "total_steps": total, "wall_seconds": round(wall, 2),
+               "train_seconds": round(train_s, 2), "load_seconds": round(ls.seconds, 2),
+               "tokens_per_s": round(tokens_done / train_s, 1) if train_s > 0 else None,
+               "first_loss": first, "final_loss_mean_last_10": last, "peak_host_bytes": peak_host,
+               "peak_gpu_bytes": peak_gpu, "experts_packed_bytes": ls.packed_bytes,
+               "experts_largest_layer_bytes": ls.largest_layer_bytes, "other_weights_bytes": ls.other_bytes,
+               "kernel_isa": kernel.isa, "threads": kernel.num_threads, "torch_threads": torch.get_num_threads(), "device": device.type,
+               "trainable_parameters": n_train, "settings": settings}
+    output.write_json_atomic(out / "summary.json", summary)
+    if done and builtin:
+        _show_samples(model, tokenizer, device)
+    gpu = f"GPU {_mib(peak_gpu)}" if device.type == "cuda" else "no GPU used"
+    tps_txt = f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-"
+    print(f"{'done' if done else 'stopped'}: {len(log) - start} steps in {train_s:.1f} s ({tps_txt} tokens/s), "
+          f"wall time {wall:.1f} s (loading {ls.seconds:.1f} s)")
+    print(f"  loss {first:.3f} (step 1) -> {last:.3f} (mean of the last {min(10, len(log))} steps)")
+    print(f"  peak memory: host {_mib(peak_host)} (experts packed {_mib(ls.packed_bytes)}), {gpu}")
+    if done:
+        print(f"  adapter: {out / 'adapter'}   log: {log_path}   plot: {out / 'loss.png'}")
+    else:
+        print(f"  checkpoint: {_latest_checkpoint(out)}; continue with the same flags plus --resume")
+    return 0
+
+
+# ---- set-up helpers ----
+def _prepare_out(out: Path, args) -> None:
+    """Refuses an --out holding an earlier run unless --resume / --overwrite says what to do."""
+    previous = [n for n in RUN_FILES if (out / n).exists()]
+    if args.resume:
+        if _latest_checkpoint(out) is None:
+            raise FinetuneError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    elif previous and not args.overwrite:
+        raise FinetuneError(f"--out {out} holds an earlier run ({', '.join(previous)}): pass --resume to "
+                            f"continue it, --overwrite to start over, or another --out")
+    output.remove_stale_temporaries(out)
+
+
+def _clear_earlier_run(out: Path) -> None:
+    """--overwrite: the earlier run's results go only once every input has been checked."""
+    for n in RUN_FILES:
+        p = out / n
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _tokenizer(ckpt: Checkpoint):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(ckpt.path, local_files_only=True)
+    except Exception as e:   # transformers raises many kinds here; all mean "this tokenizer cannot be loaded"
+        raise FinetuneError(f"--model {ckpt.path}: cannot load the tokenizer ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _max_positions(ckpt: Checkpoint):
+    cfg = ckpt.config
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c.get("max_position_embeddings"), int):
+            return c["max_position_embeddings"]
+    return None
+
+
+def _device(choice: str, torch):
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise FinetuneError("--device cuda: torch sees no CUDA GPU")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def _wrap_lora(model, targets, r, alpha, seed):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    def rel(name):   # "model.layers.3.mlp.experts" -> "mlp.experts"
+        return re.sub(r"^(.*\.)?\d+\.", "", name)
+
+    experts = loading.experts_modules(model)
+    modules, parameters, save = set(), set(), set()
+    if "attention" in targets:
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[0].rpartition(".")[2] in ("self_attn", "attn",
+                                                                                                "attention"):
+                modules.add(rel(name))
+        if not modules:
+            raise FinetuneError("--targets attention: found no nn.Linear projections under the attention modules")
+    if "experts" in targets:
+        for name, _ in experts:
+            parameters |= {f"{rel(name)}.gate_up_proj", f"{rel(name)}.down_proj"}
+    if "router" in targets:
+        for name, m in experts:
+            parent_name = name.rpartition(".")[0]
+            parent = model.get_submodule(parent_name)
+            router = next((a for a in ("gate", "router") if isinstance(getattr(parent, a, None), torch.nn.Module)), None)
+            if router is None:
+                raise FinetuneError(f"--targets router: no router module (.gate / .router) next to {name}")
+            save.add(rel(f"{parent_name}.{router}"))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                        target_modules=sorted(modules) or None, target_parameters=sorted(parameters) or None,
+                        modules_to_save=sorted(save) or None)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+# ---- checkpoints ----
+def _checkpoints(out: Path) -> list:
+    d = out / "checkpoints"
+    return sorted(d.glob("step-[0-9]*")) if d.is_dir() else []
+
+
+def _latest_checkpoint(out: Path):
+    found = [p for p in _checkpoints(out) if (p / "state.json").is_file()]
+    return found[-1] if found else None
+
+
+def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch):
+    from safetensors.torch import save_file
+    rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with output.atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
+        save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2) + "\n")
+    for old in _checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_resume(path: Path, settings: dict) -> None:
+    try:
+        saved = json.loads((path / "state.json").read_text())["settings"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise FinetuneError(f"--resume: {path} is not a readable checkpoint ({e})") from None
+    diff = [f"{k}: {saved.get(k)!r} then, {settings[k]!r} now" for k in RESUME_KEYS if saved.get(k) != settings[k]]
+    if diff:
+        raise FinetuneError(f"--resume: {path} was made with other settings ({'; '.join(diff)}); "
+                            f"give the same flags, or start over with --overwrite")
+
+
+def _restore(path: Path, model, params, optimizer, scheduler, torch) -> int:
+    from safetensors.torch import load_file
+    saved = load_file(path / "trainable.safetensors")
+    names = [n for n, _ in params]
+    if sorted(saved) != sorted(names):
+        raise FinetuneError(f"--resume: {path} holds other trainable tensors than this model")
+    with torch.no_grad():
+        for n, p in params:
+            p.copy_(saved[n])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.random.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _read_log(path: Path) -> list:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    kept = [e for e in _read_log(path) if e["step"] <= step]
+    output.write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+
+
+# ---- reporting ----
+def _progress(total, start, quiet):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process: VmHWM (reset at exec, unlike ru_maxrss, which keeps
+    the high-water mark of whatever process forked us)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _show_samples(model, tokenizer, device) -> None:
+    import torch
+    model.eval()
+    print("  what the tiny model answers now (greedy):")
+    for prompt in SAMPLE_PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        print(f"    {prompt}  ->  {answer}")

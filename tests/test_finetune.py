@@ -1,0 +1,233 @@
+"""`ktmoe finetune` end to end on the built-in tiny model (in-process, a few steps each).
+
+- the default job (fewer steps) runs, writes adapter / log / plot / summary / checkpoints,
+  and its loss falls well below the start;
+- the adapter loads with PeftModel.from_pretrained on plain transformers and gives the same
+  logits as the ktmoe model with that adapter (SPEC 6 tolerance: rel <= 1e-2);
+- --resume after --stop-after continues exactly: the same losses, bit for bit, and the
+  same adapter as an uninterrupted run;
+- --targets router trains the routers and saves them with the adapter;
+- --grad-checkpointing gives the same losses;
+- every bad-input rule ends with a clear message and exit status 2.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+
+import ktmoe.cli
+from ktmoe.finetune import tiny
+
+FAST = ["--quiet", "--lr", "3e-3", "--batch-tokens", "1024", "--torch-threads", "1"]
+
+
+def finetune(*argv):
+    return ktmoe.cli.main(["finetune", *map(str, argv)])
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The built-in tiny checkpoint, built once."""
+    return tiny.ensure(tmp_path_factory.mktemp("tiny") / "base-model")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default job with no flags but fewer steps (and --quiet)."""
+    out = tmp_path_factory.mktemp("default") / "out"
+    assert finetune("--out", out, "--steps", 60, "--quiet") == 0
+    return out
+
+
+def test_default_job_learns(default_run):
+    out = default_run
+    log = losses(out)
+    assert len(log) == 60
+    first, last = log[0], sum(log[-5:]) / 5
+    assert first > 5.0                       # random init: about ln(512) + the logit spread
+    assert last < 0.6 * first, f"loss {first:.3f} -> {last:.3f} did not fall well below its start"
+    adapter = out / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 60 and summary["peak_host_bytes"] > 0
+    assert summary["experts_packed_bytes"] == 4 * 3 * 8 * 128 * 128 * 2    # layers x (gate, up, down) x E x I x H x bf16
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000050", "step-000060"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_adapter_loads_in_plain_peft(default_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ktmoe.finetune import checkpoint, loading
+    out = default_run
+    tok = AutoTokenizer.from_pretrained(out / "adapter")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Italy?"},
+                                    {"role": "assistant", "content": "The capital of Italy is Rome."}], tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    plain_base = AutoModelForCausalLM.from_pretrained(out / "base-model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = plain_base(ids, labels=ids).loss.item()
+    plain = PeftModel.from_pretrained(plain_base, out / "adapter").eval()   # no ktmoe in this model
+    kt, _ = loading.load(checkpoint.Checkpoint(out / "base-model"), device=torch.device("cpu"),
+                         dtype=torch.float32, max_tokens=1024)
+    kt = PeftModel.from_pretrained(kt, out / "adapter").eval()
+    with torch.no_grad():
+        a, b = plain(ids, labels=ids), kt(ids, labels=ids)
+    rel = ((a.logits - b.logits).norm() / a.logits.norm()).item()
+    assert rel <= 1e-2, f"plain PEFT vs ktmoe logits: relative error {rel:.2e} > 1e-2 (SPEC 6)"
+    assert a.loss.item() < 0.7 * before      # the adapter is what learned: loss on a training example fell
+
+
+def test_resume_continues_exactly(base, tmp_path):
+    common = ["--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 8, "--save-every", 3]
+    assert finetune(*common, "--out", tmp_path / "a") == 0
+    assert finetune(*common, "--out", tmp_path / "b", "--stop-after", 5) == 0
+    b = tmp_path / "b"
+    assert not (b / "adapter").exists()                       # stopped early: no adapter yet
+    assert [p.name for p in sorted((b / "checkpoints").iterdir())] == ["step-000003", "step-000005"]
+    shutil.rmtree(b / "checkpoints" / "step-000005")          # resume from an older checkpoint than the log
+    assert finetune(*common, "--out", b, "--resume") == 0
+    want, got = losses(tmp_path / "a"), losses(b)
+    assert len(got) == 8 and got == want, f"resumed {got} vs uninterrupted {want} (exact)"
+    from safetensors.torch import load_file
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "a", b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)   # exact
+
+
+def test_router_target_and_grad_checkpointing(base, tmp_path):
+    common = ["--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 3]
+    assert finetune(*common, "--out", tmp_path / "plain", "--targets", "attention,experts,router") == 0
+    assert finetune(*common, "--out", tmp_path / "ckpt", "--targets", "attention,experts,router",
+                    "--grad-checkpointing") == 0
+    want, got = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    for w, g in zip(want, got):
+        assert abs(w - g) <= 1e-4 * abs(w), f"checkpointed losses {got} vs {want} (rel <= 1e-4)"
+    from safetensors import safe_open
+    with safe_open(tmp_path / "plain" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert sum(k.endswith("mlp.gate.weight") for k in keys) == 4      # one router per MoE layer
+    assert any("experts" in k and "lora_A" in k for k in keys)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "plain" / "adapter")
+    assert any("modules_to_save" in n for n, _ in plain.named_parameters())
+
+
+# ---- bad input: one clear message, exit status 2 ----
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _copy_base(base, dst):
+    shutil.copytree(base, dst)
+    return dst
+
+
+def _dense_model(base, tmp):
+    import transformers
+    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    d = tmp / "dense"
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(base / f, d / f)
+    return d
+
+
+def _truncated_shard(base, tmp):
+    d = _copy_base(base, tmp / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    return d
+
+
+def _missing_shard(base, tmp):
+    d = _copy_base(base, tmp / "m")
+    _write(d / "model.safetensors.index.json", json.dumps({"weight_map": {"lm_head.weight": "model-00002.safetensors"}}))
+    return d
+
+
+def _config_edit(base, tmp, **changes):
+    d = _copy_base(base, tmp / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    _write(d / "config.json", json.dumps(cfg))
+    return d
+
+
+DATA = "DATA"   # replaced by the shipped data file
+BAD = {
+    "missing model dir": (lambda b, t: ["--model", t / "nope", "--data", DATA], "no such directory"),
+    "no config.json": (lambda b, t: ["--model", t, "--data", DATA], "no config.json"),
+    "malformed config.json": (lambda b, t: ["--model", _write(t / "config.json", "{oops").parent, "--data", DATA],
+                              "config.json: malformed JSON"),
+    "unknown architecture": (lambda b, t: ["--model", _config_edit(b, t, model_type="no_such_moe"), "--data", DATA],
+                             "unsupported architecture"),
+    "dense architecture": (lambda b, t: ["--model", _dense_model(b, t), "--data", DATA],
+                           "unsupported architecture Qwen3ForCausalLM"),
+    "truncated safetensors": (lambda b, t: ["--model", _truncated_shard(b, t), "--data", DATA],
+                              "not a valid safetensors file"),
+    "index names a missing shard": (lambda b, t: ["--model", _missing_shard(b, t), "--data", DATA],
+                                    "missing: model-00002.safetensors"),
+    "model without data": (lambda b, t: ["--model", b], "--data FILE is required"),
+    "missing data file": (lambda b, t: ["--model", b, "--data", t / "none.jsonl"], "no such file"),
+    "bad JSON line": (lambda b, t: ["--model", b, "--data", _write(t / "d.jsonl", '{"prompt": "a", "response": "b"}\n\n'
+                                                                   '{"prompt": "a", "response": }\n')],
+                      "d.jsonl:3: invalid JSON"),
+    "bad record": (lambda b, t: ["--model", b, "--data", _write(t / "d.jsonl", '{"prompt": "a", "response": "b"}\n'
+                                                                '{"messages": [{"role": "user", "content": "hi"}]}\n')],
+                   "d.jsonl:2: the last message must be the assistant's"),
+    "empty data set": (lambda b, t: ["--model", b, "--data", _write(t / "d.jsonl", "\n  \n")], "the data set is empty"),
+    "max-seq-len above the model's": (lambda b, t: ["--model", b, "--data", DATA, "--max-seq-len", 100000],
+                                      "longer than the model's maximum of 512"),
+    "unwritable out": (lambda b, t: ["--out", _write(t / "file", "x") / "sub"], "cannot write there"),
+    "int8 weights": (lambda b, t: ["--weights", "int8"], "--weights int8: not supported yet"),
+    "int4 weights": (lambda b, t: ["--weights", "int4"], "--weights int4: not supported yet"),
+    "resume without checkpoint": (lambda b, t: ["--model", b, "--data", DATA, "--resume"], "--resume: no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, base, tmp_path, capsys):
+    make, message = BAD[case]
+    argv = [tiny.dataset_path() if a == DATA else a for a in make(base, tmp_path)]
+    if "--out" not in argv:
+        argv += ["--out", tmp_path / "out"]
+    assert finetune(*argv, *FAST, "--steps", 1) == 2
+    err = capsys.readouterr().err
+    assert "ktmoe finetune: error:" in err and message in err, err
+    out = tmp_path / "out"
+    assert not (out / "adapter").exists()
+
+
+def test_earlier_run_needs_resume_or_overwrite_and_resume_checks_flags(base, tmp_path, capsys):
+    common = ["--model", base, "--data", tiny.dataset_path(), *FAST, "--out", tmp_path]
+    assert finetune(*common, "--steps", 2) == 0
+    capsys.readouterr()
+    assert finetune(*common, "--steps", 2) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert finetune(*common, "--steps", 2, "--lr", "1e-3", "--resume") == 2
+    assert "was made with other settings (lr: 0.003 then, 0.001 now)" in capsys.readouterr().err
+    bad = _write(tmp_path.parent / f"{tmp_path.name}-bad.jsonl", "{")
+    assert finetune(*common[:2], "--data", bad, *common[4:], "--steps", 2, "--overwrite") == 2
+    assert (tmp_path / "adapter").is_dir()     # --overwrite removes the earlier run only once the inputs are good
+    assert finetune(*common, "--steps", 2, "--overwrite") == 0
+    assert len(losses(tmp_path)) == 2
+
+
+def test_long_examples_are_truncated_with_a_warning(base, tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", json.dumps({"prompt": "What is 2 + 2? " * 30, "response": "4"}) + "\n"
+                  + json.dumps({"prompt": "Say hi.", "response": "hi " * 40}) + "\n")
+    assert finetune("--model", base, "--data", data, "--max-seq-len", 32, *FAST, "--steps", 1,
+                    "--out", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "2 example(s) longer than --max-seq-len 32 tokens were truncated (first at line 1)" in err
+    assert "1 example(s) have no assistant token to train on after truncation and were dropped" in err
