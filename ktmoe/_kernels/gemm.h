@@ -39,8 +39,9 @@ static inline float kt_bf16_to_f32(kt_bf16 h) {
 }
 static inline kt_bf16 kt_f32_to_bf16(float f) {
     union { uint32_t u; float f; } v; v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (kt_bf16)((v.u >> 16) | 0x40u); /* quiet NaN */
-    uint32_t rounding = 0x7fffu + ((v.u >> 16) & 1u);
-    return (kt_bf16)((v.u + rounding) >> 16);
+    uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (v.u >> 16) | 0x40u;
+    /* a select, not a branch, so loops of conversions vectorise */
+    return (kt_bf16)((v.u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 #endif

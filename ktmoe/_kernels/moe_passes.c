@@ -221,6 +221,16 @@ static int b_task(const kt_layer *L, long t, int *o0) {
     return -1;
 }
 
+/* rows [hi; hi; lo] (each n long, `stride` apart) of the fp32 values v[0:n] */
+static void split_into(kt_bf16 *hi, long stride, const float *v, int n) {
+    kt_bf16 *hi2 = hi + stride, *lo = hi + 2 * stride;
+    for (int i = 0; i < n; i++) {
+        kt_bf16 h = kt_f32_to_bf16(v[i]);
+        hi[i] = hi2[i] = h;
+        lo[i] = kt_f32_to_bf16(v[i] - kt_bf16_to_f32(h));
+    }
+}
+
 static void task_copy_lora(void *ctx, long task, int thread) {
     (void)thread;
     kt_layer *L = ((pass *)ctx)->L;
@@ -233,10 +243,8 @@ static void task_copy_lora(void *ctx, long task, int thread) {
             const kt_view3 *A = &L->lora_in.proj[p].A;
             int r = d->r, n = d->in;
             for (int j = 0; j < r; j++) {
-                kt_bf16 *hi = d->A + ((long)e * 3 * r + j) * n, *hi2 = hi + (long)r * n, *lo = hi2 + (long)r * n;
                 load_row(row, A, e * A->stride[0] + j * A->stride[1], A->stride[2], n);
-                for (int i = 0; i < n; i++) split(row[i], &hi[i], &lo[i]);
-                memcpy(hi2, hi, sizeof(kt_bf16) * (size_t)n);
+                split_into(d->A + ((long)e * 3 * r + j) * n, (long)r * n, row, n);
             }
         }
         return;
@@ -244,16 +252,19 @@ static void task_copy_lora(void *ctx, long task, int thread) {
     int o0, p = b_task(L, task - nhit, &o0);
     const kt_lora_bf16 *d = &L->lora[p];
     const kt_view3 *B = &L->lora_in.proj[p].B;
-    int r = d->r, out = d->out, o1 = o0 + BLOCK_O < out ? o0 + BLOCK_O : out;
-    for (int o = o0; o < o1; o++)
+    int r = d->r, out = d->out, nb = o0 + BLOCK_O < out ? BLOCK_O : out - o0;
+    /* gather the block as [expert][j][o] rows, then split each row */
+    float *blk = kt_scratch(7, sizeof(float) * (size_t)nhit * r * BLOCK_O);
+    for (int o = 0; o < nb; o++)
         for (int j = 0; j < r; j++)
-            for (long h = 0; h < nhit; h++) {
-                int e = L->rt.hit[h];
-                kt_bf16 *blk = d->BT + (long)e * 3 * r * out;
-                split(load1(B, e * B->stride[0] + o * B->stride[1] + j * B->stride[2]),
-                      &blk[(long)j * out + o], &blk[(long)(2 * r + j) * out + o]);
-                blk[(long)(r + j) * out + o] = blk[(long)j * out + o];
-            }
+            for (long h = 0; h < nhit; h++)
+                blk[(h * r + j) * BLOCK_O + o] =
+                    load1(B, L->rt.hit[h] * B->stride[0] + (o0 + o) * B->stride[1] + j * B->stride[2]);
+    for (long h = 0; h < nhit; h++) {
+        kt_bf16 *BT = d->BT + (long)L->rt.hit[h] * 3 * r * out + o0;
+        for (int j = 0; j < r; j++)
+            split_into(BT + (long)j * out, (long)r * out, blk + (h * r + j) * BLOCK_O, nb);
+    }
 }
 
 static void task_gather_x(void *ctx, long task, int thread) {
@@ -560,13 +571,17 @@ static void task_export_grads(void *ctx, long task, int thread) {
     int o0, p = b_task(L, task - nhit, &o0);
     const kt_lora_f32 *g = &c->grad[p];
     const kt_view3 *B = &L->grads_in.proj[p].B;
-    int r = g->r, out = g->out, o1 = o0 + BLOCK_O < out ? o0 + BLOCK_O : out;
-    for (int o = o0; o < o1; o++)
+    int r = g->r, out = g->out, nb = o0 + BLOCK_O < out ? BLOCK_O : out - o0;
+    /* the block's gradients as [expert][j][o] rows, then added in the caller's order */
+    float *blk = kt_scratch(7, sizeof(float) * (size_t)nhit * r * BLOCK_O);
+    for (long h = 0; h < nhit; h++)
         for (int j = 0; j < r; j++)
-            for (long h = 0; h < nhit; h++) {
-                int e = L->rt.hit[h];
-                add1(B, e * B->stride[0] + o * B->stride[1] + j * B->stride[2], g->BT[((long)e * r + j) * out + o]);
-            }
+            memcpy(blk + (h * r + j) * BLOCK_O, g->BT + ((long)L->rt.hit[h] * r + j) * out + o0, sizeof(float) * nb);
+    for (int o = 0; o < nb; o++)
+        for (int j = 0; j < r; j++)
+            for (long h = 0; h < nhit; h++)
+                add1(B, L->rt.hit[h] * B->stride[0] + (o0 + o) * B->stride[1] + j * B->stride[2],
+                     blk[(h * r + j) * BLOCK_O + o]);
 }
 
 int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
