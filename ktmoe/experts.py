@@ -43,10 +43,13 @@ class MoEExperts:
     Weights: `gate_up` [E, 2I, H] (gate rows first, transformers v5) or `gate` and `up`
     [E, I, H] each; `down` [E, H, I]; float32 or bfloat16. They are copied once into
     the kernel's packed bf16 memory; the caller's arrays may be freed afterwards.
+
+    `transposed_weights=True` (opt-in speed mode) also keeps a transposed copy, so the
+    backward reads its weights the way the forward does, at twice the weight memory.
     """
 
     def __init__(self, gate_up=None, down=None, *, gate=None, up=None, max_tokens: int = 65536,
-                 num_threads: int | None = None, isa: str | None = None):
+                 num_threads: int | None = None, isa: str | None = None, transposed_weights: bool = False):
         if down is None:
             raise ValueError("down: the down projection weights are required")
         if gate_up is not None and (gate is not None or up is not None):
@@ -73,6 +76,8 @@ class MoEExperts:
             raise ValueError(f"down: every dimension must be >= 1, got shape {list(d.shape)}")
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
             raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+        if not isinstance(transposed_weights, bool):
+            raise TypeError(f"transposed_weights: must be True or False, got {transposed_weights!r}")
         if num_threads is None:
             num_threads = _cpu.default_num_threads()
         if not isinstance(num_threads, (int, np.integer)) or not 1 <= num_threads <= 256:
@@ -82,10 +87,11 @@ class MoEExperts:
         # fused, I*H when separate
         stride = 2 * I * H if gate_up is not None else I * H
         self._layer = _core.Layer(E, H, I, self.isa, int(num_threads), g_addr, u_addr, stride, dtype,
-                                  d.addr, d.dtype)
+                                  d.addr, d.dtype, transposed_weights)
         del keep
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
         self.max_tokens = int(max_tokens)
+        self.transposed_weights = transposed_weights
         self._pending = None   # (kind, result, keep-alive) of a submitted call
         self._saved = None     # what backward needs to check its arguments
 

@@ -123,6 +123,19 @@ def test_grid(case, layout, isa):
     assert_matches_reference(weights, x, ids, w, lora, isa=isa)
 
 
+@pytest.mark.parametrize("case", ["T1", "minus_one_slots", "tails_72_56_r5", "several_chunks_300_200"])
+def test_transposed_weights_mode(case, isa):
+    """The opt-in transposed weight copy (backward streams W^T) gives the same results."""
+    rng = np.random.default_rng(GRID.index(case))
+    E, H, I, r, ids, w = _grid_case(case, rng)
+    weights = make_weights(rng, E, H, I)
+    x = rng.standard_normal((ids.shape[0], H)).astype(BF16)
+    lora = make_lora(rng, "peft", E, H, I, layout_ranks("peft", r))
+    layer = ktmoe.MoEExperts(**weights, isa=isa, transposed_weights=True)
+    assert layer.weight_bytes == 2 * 3 * E * H * I * 2
+    assert_matches_reference(weights, x, ids, w, lora, layer=layer)
+
+
 # ---------------------------------------------------------------- dtypes and layouts
 
 DTYPES = [  # (base weights, x, LoRA params, topk_weights, topk_ids)

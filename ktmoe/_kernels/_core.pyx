@@ -28,7 +28,7 @@ cdef extern from "ktmoe.h":
     int kt_amx_request_permission()
     kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                               const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                              const void *down, int down_dtype)
+                              const void *down, int down_dtype, int transposed)
     void kt_layer_destroy(kt_layer *L) nogil
     size_t kt_layer_weight_bytes(const kt_layer *L)
     int kt_layer_set_threads(kt_layer *L, int num_threads)
@@ -146,10 +146,10 @@ cdef class Layer:
     cdef readonly str isa
 
     def __cinit__(self, int E, int H, int I, str isa, int num_threads, size_t gate, size_t up,
-                  long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype):
+                  long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype, bint transposed=False):
         self.L = kt_layer_create(E, H, I, ISA_CODES[isa], num_threads, <const void *>gate,
                                  <const void *>up, gate_up_expert_stride, DTYPE_CODES[w_dtype],
-                                 <const void *>down, DTYPE_CODES[down_dtype])
+                                 <const void *>down, DTYPE_CODES[down_dtype], transposed)
         if self.L == NULL:
             raise MemoryError("ktmoe: could not allocate the packed expert weights or start worker threads")
         self.E, self.H, self.I, self.isa, self.num_threads = E, H, I, isa, num_threads

@@ -48,10 +48,12 @@ void kt_cpu_detect(kt_cpu_features *f);
 int kt_amx_request_permission(void);
 
 /* Weights: gate/up [E, I, H] (may both point into one fused [E, 2I, H] buffer: then
- * up = gate + I*H and gate_up_stride = 2*I*H) and down [E, H, I]. Returns NULL on OOM. */
+ * up = gate + I*H and gate_up_stride = 2*I*H) and down [E, H, I]. transposed != 0 also
+ * keeps a transposed copy (twice the weight memory) that the backward streams like the
+ * forward streams the weights. Returns NULL on OOM. */
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                          const void *down, int down_dtype);
+                          const void *down, int down_dtype, int transposed);
 void kt_layer_destroy(kt_layer *L);
 size_t kt_layer_weight_bytes(const kt_layer *L);
 int kt_layer_set_threads(kt_layer *L, int num_threads);

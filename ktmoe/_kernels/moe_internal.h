@@ -55,6 +55,7 @@ struct kt_layer {
     int E, H, I, isa, num_threads;
     kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
     kt_bf16 *w_down;    /* [E, H, I] */
+    kt_bf16 *wt_gate_up, *wt_down; /* opt-in transposed copies [E, H, 2I], [E, I, H], or NULL */
 
     /* job plumbing */
     pthread_mutex_t mu;

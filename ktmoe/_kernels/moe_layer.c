@@ -56,9 +56,18 @@ static void to_bf16(kt_bf16 *dst, const void *src, int dtype, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = kt_f32_to_bf16(s[i]);
 }
 
+/* dst [cols, rows] = src [rows, cols] transposed, in cache-sized blocks */
+static void transpose_bf16(kt_bf16 *dst, const kt_bf16 *src, long rows, long cols) {
+    enum { B = 32 };
+    for (long r0 = 0; r0 < rows; r0 += B)
+        for (long c0 = 0; c0 < cols; c0 += B)
+            for (long r = r0; r < r0 + B && r < rows; r++)
+                for (long c = c0; c < c0 + B && c < cols; c++) dst[c * rows + r] = src[r * cols + c];
+}
+
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                          const void *down, int down_dtype) {
+                          const void *down, int down_dtype, int transposed) {
     kt_layer *L = calloc(1, sizeof *L);
     if (!L) return NULL;
     L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
@@ -78,13 +87,22 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
         }
     }
     to_bf16(L->w_down, down, down_dtype, per * E);
+    if (transposed) {
+        L->wt_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
+        L->wt_down = kt_alloc(sizeof(kt_bf16) * per * E);
+        if (!L->wt_gate_up || !L->wt_down) { kt_layer_destroy(L); return NULL; }
+        for (int e = 0; e < E; e++) {
+            transpose_bf16(L->wt_gate_up + 2 * per * e, L->w_gate_up + 2 * per * e, 2 * (long)I, H);
+            transpose_bf16(L->wt_down + per * e, L->w_down + per * e, H, I);
+        }
+    }
     pthread_mutex_init(&L->mu, NULL);
     pthread_cond_init(&L->cv, NULL);
     return L;
 }
 
 size_t kt_layer_weight_bytes(const kt_layer *L) {
-    return sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H;
+    return sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H * (L->wt_down ? 2 : 1);
 }
 
 int kt_layer_set_threads(kt_layer *L, int num_threads) {
@@ -106,6 +124,8 @@ void kt_layer_destroy(kt_layer *L) {
     kt_buf *bufs[] = {&L->xb, &L->gu, &L->pgu, &L->pd, &L->lora_a[0], &L->lora_a[1], &L->lora_a[2],
                       &L->lora_bt[0], &L->lora_bt[1], &L->lora_bt[2]};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
+    free(L->wt_gate_up);
+    free(L->wt_down);
     free(L->w_gate_up);
     free(L->w_down);
     free(L);

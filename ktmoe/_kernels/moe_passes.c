@@ -454,7 +454,10 @@ static void task_dhh(void *ctx, long task, int thread) {
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     kt_bf16 *hh = kt_scratch(1, sizeof(kt_bf16) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
-    GEMM_NN(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->w_down + (long)e * H * I + i0, I, d, n, 0);
+    if (L->wt_down) /* dy Wd as dy (Wd^T)^T: the transposed copy streams like the forward */
+        GEMM_NT(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->wt_down + (long)e * I * H + (long)i0 * H, H, d, n, 0);
+    else
+        GEMM_NN(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->w_down + (long)e * H * I + i0, I, d, n, 0);
     if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
     const kt_bf16 *gu = L->gu.p;
     for (int i = 0; i < m; i++) {
@@ -541,7 +544,10 @@ static void task_dx(void *ctx, long task, int thread) {
     int m = expert_rows(L, e, &p0);
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
-    GEMM_NN(m, n, 2 * I, c->dgu + p0 * 2 * I, 2 * I, L->w_gate_up + (long)e * 2 * I * H + h0, H, d, n, 0);
+    if (L->wt_gate_up)
+        GEMM_NT(m, n, 2 * I, c->dgu + p0 * 2 * I, 2 * I, L->wt_gate_up + (long)e * 2 * I * H + (long)h0 * 2 * I, 2 * I, d, n, 0);
+    else
+        GEMM_NN(m, n, 2 * I, c->dgu + p0 * 2 * I, 2 * I, L->w_gate_up + (long)e * 2 * I * H + h0, H, d, n, 0);
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
         if (r) GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
