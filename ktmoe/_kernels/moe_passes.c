@@ -35,7 +35,33 @@
 
 enum { TOKENS_PER_TASK = 32 };
 
-static inline float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
+/* e^x for the SiLU, in plain float arithmetic so loops of it vectorise (libm's expf does
+ * not without -ffast-math): 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, p the degree-6 Taylor
+ * polynomial (relative error about 1e-7). x is clamped to [-87, 88] (e^x stays a normal,
+ * finite float); comparisons keep NaN as NaN. */
+static inline float exp_f32(float x) {
+    x = x < -87.f ? -87.f : x;
+    x = x > 88.f ? 88.f : x;
+    const float shift = 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float n = (x * 1.44269504f + shift) - shift;
+    float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int)n + 127) << 23};
+    return p * scale.f;
+}
+
+static inline float sigmoid(float g) { return 1.f / (1.f + exp_f32(-g)); }
+
+/* sum_i a[i] * b[i] with 16 independent partial sums (vectorises without reassociation) */
+static float dot_f32(const float *a, const float *b, int n) {
+    float part[16] = {0}, s = 0.f;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[i + l] * b[i + l];
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int l = 0; l < 16; l++) s += part[l];
+    return s;
+}
 
 static void row_to_f32(float *dst, const kt_bf16 *src, int n) {
     for (int i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(src[i]);
@@ -460,21 +486,22 @@ static void task_dhh(void *ctx, long task, int thread) {
         GEMM_NN(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->w_down + (long)e * H * I + i0, I, d, n, 0);
     if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
     const kt_bf16 *gu = L->gu.p;
+    float *hv = kt_scratch(5, sizeof(float) * (size_t)n);
     for (int i = 0; i < m; i++) {
         long p = p0 + i;
-        float w = L->rt.w[L->rt.slot_of_pos[p]], dot = 0.f;
+        float w = L->rt.w[L->rt.slot_of_pos[p]];
         const kt_bf16 *gr = gu + p * 2 * I + 2 * i0, *ur = gr + n;
         const float *dr = d + (size_t)i * n;
         kt_bf16 *dg = c->dgu + p * 2 * I + 2 * i0, *du = dg + n, *h = hh + (size_t)i * n;
         for (int j = 0; j < n; j++) {
             float g = kt_bf16_to_f32(gr[j]), u = kt_bf16_to_f32(ur[j]), sg = sigmoid(g);
-            float silu = g * sg, hv = silu * u, dh = w * dr[j];
-            dot += dr[j] * hv;
-            h[j] = kt_f32_to_bf16(hv);
+            float silu = g * sg, dh = w * dr[j];
+            hv[j] = silu * u;
+            h[j] = kt_f32_to_bf16(hv[j]);
             dg[j] = kt_f32_to_bf16(dh * u * sg * (1.f + g * (1.f - sg)));
             du[j] = kt_f32_to_bf16(dh * silu);
         }
-        c->dwpart[p * c->nci + chunk] = dot;
+        c->dwpart[p * c->nci + chunk] = dot_f32(dr, hv, n);
     }
     if (rd && c->grad[KT_DOWN].r) {
         /* dAd[:, chunk] += (w s dy Bd)^T Hh[:, chunk] */
