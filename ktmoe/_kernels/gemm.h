@@ -15,6 +15,7 @@
 #ifndef KTMOE_GEMM_H
 #define KTMOE_GEMM_H
 #include <stdint.h>
+#include <string.h>
 
 typedef uint16_t kt_bf16;
 
@@ -33,15 +34,19 @@ void kt_gemm_nn_amx(KT_GEMM_ARGS);
 /* AMX needs per-thread tile configuration and OS permission; kt_amx_request_permission()
  * (cpu_features.c) must have succeeded before any kt_gemm_*_amx call. */
 
-/* bf16 <-> fp32, round to nearest even; NaN stays NaN. */
+/* bf16 <-> fp32, round to nearest even; NaN stays NaN. Bit casts through memcpy (not
+ * unions) and a select instead of a branch, so that loops of conversions vectorise. */
 static inline float kt_bf16_to_f32(kt_bf16 h) {
-    union { uint32_t u; float f; } v; v.u = (uint32_t)h << 16; return v.f;
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 static inline kt_bf16 kt_f32_to_bf16(float f) {
-    union { uint32_t u; float f; } v; v.f = f;
-    uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (v.u >> 16) | 0x40u;
-    /* a select, not a branch, so loops of conversions vectorise */
-    return (kt_bf16)((v.u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return (kt_bf16)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 #endif

@@ -46,8 +46,10 @@ static inline float exp_f32(float x) {
     float n = (x * 1.44269504f + shift) - shift;
     float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
     float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
-    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int)n + 127) << 23};
-    return p * scale.f;
+    uint32_t bits = (uint32_t)((int)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
 static inline float sigmoid(float g) { return 1.f / (1.f + exp_f32(-g)); }
@@ -468,6 +470,21 @@ static void task_gather_dy(void *ctx, long task, int thread) {
                          c->q + p0 * qld(c), qld(c));
 }
 
+/* One row of the SiLU-gate backward: from the kept pre-activations g, u and the raw
+ * dHh row dr (before the router weight w): Hh (fp32 and bf16), dG and dU. */
+static void silu_backward(int n, float w, const kt_bf16 *restrict gr, const kt_bf16 *restrict ur,
+                          const float *restrict dr, float *restrict hv, kt_bf16 *restrict h,
+                          kt_bf16 *restrict dg, kt_bf16 *restrict du) {
+    for (int j = 0; j < n; j++) {
+        float g = kt_bf16_to_f32(gr[j]), u = kt_bf16_to_f32(ur[j]), sg = sigmoid(g);
+        float silu = g * sg, dh = w * dr[j], hj = silu * u;
+        hv[j] = hj;
+        h[j] = kt_f32_to_bf16(hj);
+        dg[j] = kt_f32_to_bf16(dh * u * sg * (1.f + g * (1.f - sg)));
+        du[j] = kt_f32_to_bf16(dh * silu);
+    }
+}
+
 /* dHh for one chunk of I; then dG, dU, the router-weight partial sums and dAd. */
 static void task_dhh(void *ctx, long task, int thread) {
     (void)thread;
@@ -493,14 +510,7 @@ static void task_dhh(void *ctx, long task, int thread) {
         const kt_bf16 *gr = gu + p * 2 * I + 2 * i0, *ur = gr + n;
         const float *dr = d + (size_t)i * n;
         kt_bf16 *dg = c->dgu + p * 2 * I + 2 * i0, *du = dg + n, *h = hh + (size_t)i * n;
-        for (int j = 0; j < n; j++) {
-            float g = kt_bf16_to_f32(gr[j]), u = kt_bf16_to_f32(ur[j]), sg = sigmoid(g);
-            float silu = g * sg, dh = w * dr[j];
-            hv[j] = silu * u;
-            h[j] = kt_f32_to_bf16(hv[j]);
-            dg[j] = kt_f32_to_bf16(dh * u * sg * (1.f + g * (1.f - sg)));
-            du[j] = kt_f32_to_bf16(dh * silu);
-        }
+        silu_backward(n, w, gr, ur, dr, hv, h, dg, du);
         c->dwpart[p * c->nci + chunk] = dot_f32(dr, hv, n);
     }
     if (rd && c->grad[KT_DOWN].r) {
