@@ -178,7 +178,9 @@ def test_peak_host_memory_is_packed_plus_one_layer(tmp_path):
     d = tmp_path / "ckpt"
     save(model, d, "per-expert-bf16")
     del model
-    res = subprocess.run([sys.executable, "-c", MEASURE, str(d)], capture_output=True, text=True, timeout=300)
+    # run outside the repository, so the installed ktmoe is imported, not the source tree
+    res = subprocess.run([sys.executable, "-c", MEASURE, str(d)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     added, packed, layer, other = map(int, res.stdout.split()[-4:])
     assert packed == 8 * layer == 8 * 3 * 16 * 256 * 512 * 2
