@@ -13,7 +13,7 @@ import pytest
 
 from ktmoe import bench
 
-CASES = [(s, p, i) for s in bench.SHAPES for p in bench.PASSES for i in ("ktmoe", "grouped", "eager")]
+CASES = [(s, p, i) for s in bench.SHAPES for p in bench.PASSES for i in bench.IMPLS]
 ROUND_BUDGET_S = 10.0
 
 
@@ -31,7 +31,7 @@ def test_layer(benchmark, record, roofline, threads, problem, shape, passes, imp
         warm = time.perf_counter() - t0
         rounds = max(1, min(10, int(ROUND_BUDGET_S / warm)))
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
-        ratio = runner.weight_bytes / problem.raw_weight_bytes if impl == "ktmoe" else None
+        ratio = runner.weight_bytes / problem.raw_weight_bytes if impl in bench.OURS else None
         r = bench.make_result(roofline, problem, passes, impl, benchmark.stats.stats.median, rounds, ratio)
         record(r)
         benchmark.extra_info.update(r.extra_info())
