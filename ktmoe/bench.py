@@ -286,13 +286,12 @@ class GroupedRunner(_TorchRunner):
         order = valid[torch.argsort(flat[valid], stable=True)]
         counts = torch.bincount(flat[order], minlength=E).tolist()
         tok = order // k
-        xs = x[tok]
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        # split (not slicing in a loop): its backward concatenates the pieces once, where
+        # each slice's backward would zero-fill a full-size gradient
+        outs = []
+        for e, xe in enumerate(x[tok].split(counts)):
+            if xe.shape[0] == 0:
                 continue
-            xe = xs[start:start + n]
-            start += n
             gu = F.linear(xe, p.gate_up[e]) + scale * F.linear(F.linear(xe, A_gu[e]), B_gu[e])
             hh = F.silu(gu[:, :I]) * gu[:, I:]
             outs.append(F.linear(hh, p.down[e]) + scale * F.linear(F.linear(hh, A_d[e]), B_d[e]))

@@ -272,12 +272,6 @@ def test_experts_apply_dtypes(dtype):
     assert x.grad.dtype == dtype and w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
 
 
-def test_zz_report():
-    print("\nlargest gradient relative error vs eager HF+PEFT per architecture:")
-    for arch, (err, name) in sorted(WORST.items()):
-        print(f"  {arch:12s} {err:.3e}  ({name})")
-
-
 def test_two_merged_adapters():
     """Two adapters merged into ktmoe experts are stacked along the rank (scales folded)."""
     ref, kt = tm.peft_pair("qwen3_moe")

@@ -240,6 +240,7 @@ static long b_tasks(const kt_layer *L) {
 }
 
 static int b_task(const kt_layer *L, long t, int *o0) {
+    *o0 = 0;
     for (int p = 0; p < 3; p++) {
         if (!L->lora[p].r) continue;
         long nb = (L->lora[p].out + BLOCK_O - 1) / BLOCK_O;

@@ -24,7 +24,7 @@ static struct {
     atomic_long next_task;
     int running; /* participants (other than worker 0) still working */
     long start_generation[KT_MAX_THREADS]; /* generation when each worker was created */
-} P = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER };
+} P = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .phase_done = PTHREAD_COND_INITIALIZER};
 
 static void run_tasks(int thread) {
     long t;
