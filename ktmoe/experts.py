@@ -13,7 +13,7 @@ import numpy as np
 from . import _cpu
 from ._buffers import Buffer, as_buffer, new_array
 from ._kernels import _core
-from .lora import LoRA, ResolvedLoRA
+from .lora import LoRA
 
 FLOAT_DTYPES = ("float32", "bfloat16")
 ID_DTYPES = ("int32", "int64")
