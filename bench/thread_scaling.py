@@ -2,7 +2,9 @@
 best-of-N forward, backward and forward+backward time per thread count, for the lent many-core
 machine (the 2-core CI machine has nothing to scale). Run from outside the source tree:
 
-    python bench/thread_scaling.py --tokens 4096 --threads 16,8,4,1 [--transposed]
+    python bench/thread_scaling.py --tokens 4096 --threads 16,8,4,1 [--transposed] [--hot]
+
+--hot sends every token's first slot to expert 0 (skewed routing: one expert with T rows).
 """
 import argparse
 import time
@@ -22,6 +24,7 @@ def main():
     ap.add_argument("--threads", default="16,8,4,1", help="comma-separated thread counts")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--transposed", action="store_true", help="the opt-in transposed weight copy")
+    ap.add_argument("--hot", action="store_true", help="skewed routing: every token's first slot on expert 0")
     args = ap.parse_args()
     T = args.tokens
     rng = np.random.default_rng(0)
@@ -29,6 +32,9 @@ def main():
     down = (rng.random((E, H, I), dtype=np.float32) - 0.5).astype(BF16)
     x = (rng.random((T, H), dtype=np.float32) - 0.5).astype(BF16)
     ids = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+    if args.hot:   # expert 0 first for every token (the other slots keep distinct experts)
+        ids = np.argsort(rng.random((T, E - 1)), axis=1)[:, :K].astype(np.int32) + 1
+        ids[:, 0] = 0
     w = rng.random((T, K)).astype(np.float32)
     factors = [(rng.random(s, dtype=np.float32) - 0.5) * 0.02 for s in [(E * R, H), (2 * I, E * R), (E * R, I), (H, E * R)]]
     grads = [np.zeros_like(f) for f in factors]
@@ -36,7 +42,7 @@ def main():
     lora_grads = ktmoe.LoRA.peft(gate_up=tuple(grads[:2]), down=tuple(grads[2:]))
     y, dx, dw = np.empty((T, H), BF16), np.empty((T, H), BF16), np.empty((T, K), np.float32)
     layer = ktmoe.MoEExperts(gate_up=gate_up, down=down, transposed_weights=args.transposed, max_tokens=T)
-    print(f"T={T} path={layer.isa} transposed_weights={args.transposed}")
+    print(f"T={T} path={layer.isa} transposed_weights={args.transposed} hot_expert={args.hot}")
     for n in [int(t) for t in args.threads.split(",")]:
         layer.num_threads = n
         best = [float("inf")] * 2

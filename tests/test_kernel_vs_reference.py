@@ -95,6 +95,11 @@ def _grid_case(name, rng):
     elif name == "odd_tiny_17_9_r1":
         E, H, I, r, T, k = 3, 17, 9, 1, 7, 2
         ids, w = make_routing(rng, T, k, E)
+    elif name == "hot_expert_700_rows":
+        E, H, I, r, T, k = 3, 40, 24, 3, 700, 2     # expert 0 takes every token: more rows than one task block
+        ids, w = make_routing(rng, T, k, E)
+        ids[:, 0] = 0
+        ids[:, 1] = 1 + np.arange(T) % 2
     elif name == "several_chunks_300_200":
         E, H, I, r, T, k = 4, 300, 200, 4, 24, 2   # H, I span more than one column chunk, with tails
         ids, w = make_routing(rng, T, k, E, minus_one=0.1)
@@ -108,7 +113,7 @@ def _grid_case(name, rng):
 
 GRID = ["T1", "every_expert_hit", "expert_without_token", "one_expert_takes_all",
         "k1_all_on_last_expert", "minus_one_slots", "all_minus_one", "tails_40_24_r3",
-        "tails_72_56_r5", "odd_tiny_17_9_r1", "several_chunks_300_200", "medium_256_160"]
+        "tails_72_56_r5", "odd_tiny_17_9_r1", "hot_expert_700_rows", "several_chunks_300_200", "medium_256_160"]
 
 
 @pytest.mark.parametrize("layout", ["per_projection", "peft", None])

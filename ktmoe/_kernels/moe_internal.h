@@ -15,6 +15,9 @@
  * Activations over 2I (gate/up pre-activations, dG | dU) use the same column order. */
 #define KT_CHUNK_I 128
 #define KT_CHUNK_H 256
+/* Rows per GEMM task: an expert with more rows than this (a hot expert under skewed
+ * routing) is split into row blocks too, so it spreads over more threads. */
+#define KT_ROW_BLOCK 512
 
 static inline int kt_chunk_n(int chunk, int width, int total) {
     int n = total - chunk * width;
@@ -84,7 +87,7 @@ struct kt_layer {
 
 /* Process-wide scratch for the transient buffers of the running job (jobs run one at a
  * time on the pool's worker 0, so one set serves every layer). */
-enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB,
+enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB, KT_WS_BLOCKS,
        KT_WS_GRAD0, KT_WS_COUNT = KT_WS_GRAD0 + 6 };
 void *kt_workspace(int slot, size_t bytes);
 

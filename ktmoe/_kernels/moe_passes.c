@@ -5,8 +5,9 @@
  * vectorises the elementwise loops (SiLU, reductions, conversions) for that ISA.
  *
  * A pass is a short sequence of phases; a phase is a parallel loop over tasks, a task
- * being one expert (gathers, LoRA products and gradients) or one expert x one chunk of
- * output columns (the big GEMMs). Rows of one expert are contiguous "positions"
+ * being one expert (gathers, LoRA products and gradients) or one block of an expert's
+ * rows (all of them, unless it has more than KT_ROW_BLOCK) x one chunk of output columns
+ * (the big GEMMs). Rows of one expert are contiguous "positions"
  * (moe_layer.c routing), so each GEMM reads an expert's weights once per pass.
  *
  * LoRA runs through the same bf16 GEMMs as the base weights, at near-fp32 precision:
@@ -108,7 +109,9 @@ typedef struct {
     kt_bf16 *rows;        /* [npos, ldr]: gathered x / dy, then down outputs / dx rows */
     long ldr;             /* H padded by one cache line: a power-of-two row stride would put
                              every row of a GEMM tile in the same L1 set */
-    kt_bf16 *hh;          /* forward: [npos, I] SiLU(G) * U */
+    kt_bf16 *hh;          /* [npos, I] SiLU(G) * U */
+    int *blk_e, *blk_r0;  /* row blocks: expert and first row (within the expert) */
+    long nblk;
     kt_bf16 *dgu;         /* backward: [npos, 2I] dG | dU, chunk-interleaved */
     kt_bf16 *q;           /* backward: [npos, 3(rd + rg + ru)] split s dy Bd | s dG Bg | s dU Bu */
     float *dwpart;        /* backward: [npos, nci] partial router-weight gradients */
@@ -129,6 +132,40 @@ static void setup(pass *c, kt_layer *L) {
 static int expert_rows(const kt_layer *L, int e, long *p0) {
     *p0 = L->rt.offset[e];
     return (int)(L->rt.offset[e + 1] - *p0);
+}
+
+/* Splits every hit expert's rows into blocks of at most KT_ROW_BLOCK. 0 or -2 (OOM). */
+static int build_row_blocks(pass *c) {
+    const kt_routing *rt = &c->L->rt;
+    long n = 0;
+    for (int h = 0; h < rt->nhit; h++) {
+        long m = rt->offset[rt->hit[h] + 1] - rt->offset[rt->hit[h]];
+        n += (m + KT_ROW_BLOCK - 1) / KT_ROW_BLOCK;
+    }
+    c->blk_e = kt_workspace(KT_WS_BLOCKS, sizeof(int) * 2 * (size_t)(n ? n : 1));
+    if (!c->blk_e) return -2;
+    c->blk_r0 = c->blk_e + n;
+    c->nblk = 0;
+    for (int h = 0; h < rt->nhit; h++) {
+        int e = rt->hit[h];
+        long m = rt->offset[e + 1] - rt->offset[e];
+        for (long r0 = 0; r0 < m; r0 += KT_ROW_BLOCK, c->nblk++) {
+            c->blk_e[c->nblk] = e;
+            c->blk_r0[c->nblk] = (int)r0;
+        }
+    }
+    return 0;
+}
+
+/* Task -> (expert, column chunk, first position p0 and row count m of its row block). */
+static int task_block(const pass *c, long task, int nchunks, int *chunk, long *p0, int *m) {
+    long b = task / nchunks;
+    int e = c->blk_e[b], r0 = c->blk_r0[b];
+    long m_e = c->L->rt.offset[e + 1] - c->L->rt.offset[e];
+    *chunk = (int)(task % nchunks);
+    *p0 = c->L->rt.offset[e] + r0;
+    *m = (int)(m_e - r0 < KT_ROW_BLOCK ? m_e - r0 : KT_ROW_BLOCK);
+    return e;
 }
 
 static int task_expert(const pass *c, long task, int nchunks, int *chunk) {
@@ -318,10 +355,10 @@ static void task_gate_up(void *ctx, long task, int thread) {
     (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
-    int chunk, e = task_expert(c, task, c->nci, &chunk), H = L->H, I = L->I;
-    int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
+    int chunk, m, H = L->H, I = L->I;
     long p0;
-    int m = expert_rows(L, e, &p0);
+    int e = task_block(c, task, c->nci, &chunk, &p0, &m);
+    int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *gu = kt_scratch(0, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
     GEMM_NT(m, 2 * n, H, c->rows + p0 * c->ldr, c->ldr, L->w_gate_up + ((long)e * 2 * I + 2 * i0) * H, H, gu, 2 * n, 0);
     const kt_bf16 *pgu = (const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
@@ -354,10 +391,10 @@ static void task_down(void *ctx, long task, int thread) {
     (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
-    int chunk, e = task_expert(c, task, c->nch, &chunk), H = L->H, I = L->I, rd = c->r[KT_DOWN];
-    int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
+    int chunk, m, H = L->H, I = L->I, rd = c->r[KT_DOWN];
     long p0;
-    int m = expert_rows(L, e, &p0);
+    int e = task_block(c, task, c->nch, &chunk, &p0, &m);
+    int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     GEMM_NT(m, n, I, c->hh + p0 * I, I, L->w_down + ((long)e * H + h0) * I, I, d, n, 0);
     if (rd) GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
@@ -423,14 +460,14 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
              && kt_buf_get(&L->pgu, sizeof(kt_bf16) * 3 * (size_t)npos * c.rgu)
              && kt_buf_get(&L->pd, sizeof(kt_bf16) * 3 * (size_t)npos * c.r[KT_DOWN])
              && (!L->keep || kt_buf_get(&L->gu, sizeof(kt_bf16) * (size_t)npos * 2 * I));
-    if (!ok) { rc = -2; goto done; }
+    if (!ok || build_row_blocks(&c)) { rc = -2; goto done; }
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     kt_parallel_for(nt, ntok, task_convert_x, &c);
     if (L->has_lora) kt_parallel_for(nt, nhit + b_tasks(L), task_copy_lora, &c);
     kt_parallel_for(nt, nhit, task_gather_x, &c);
-    kt_parallel_for(nt, nhit * c.nci, task_gate_up, &c);
+    kt_parallel_for(nt, c.nblk * c.nci, task_gate_up, &c);
     if (c.r[KT_DOWN]) kt_parallel_for(nt, nhit, task_down_lora, &c);
-    kt_parallel_for(nt, nhit * c.nch, task_down, &c);
+    kt_parallel_for(nt, c.nblk * c.nch, task_down, &c);
     kt_parallel_for(nt, ntok, task_combine, &c);
 done:
     if (rc || !L->keep) kt_layer_release_saved(L);
@@ -491,12 +528,11 @@ static void task_dhh(void *ctx, long task, int thread) {
     (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
-    int chunk, e = task_expert(c, task, c->nci, &chunk), H = L->H, I = L->I, rd = c->r[KT_DOWN];
-    int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
+    int chunk, m, H = L->H, I = L->I, rd = c->r[KT_DOWN];
     long p0;
-    int m = expert_rows(L, e, &p0);
+    int e = task_block(c, task, c->nci, &chunk, &p0, &m);
+    int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
-    kt_bf16 *hh = kt_scratch(1, sizeof(kt_bf16) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
     if (L->wt_down) /* dy Wd as dy (Wd^T)^T: the transposed copy streams like the forward */
         GEMM_NT(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->wt_down + (long)e * I * H + (long)i0 * H, H, d, n, 0);
@@ -510,17 +546,26 @@ static void task_dhh(void *ctx, long task, int thread) {
         float w = L->rt.w[L->rt.slot_of_pos[p]];
         const kt_bf16 *gr = gu + p * 2 * I + 2 * i0, *ur = gr + n;
         const float *dr = d + (size_t)i * n;
-        kt_bf16 *dg = c->dgu + p * 2 * I + 2 * i0, *du = dg + n, *h = hh + (size_t)i * n;
+        kt_bf16 *dg = c->dgu + p * 2 * I + 2 * i0, *du = dg + n, *h = c->hh + p * I + i0;
         silu_backward(n, w, gr, ur, dr, hv, h, dg, du);
         c->dwpart[p * c->nci + chunk] = dot_f32(dr, hv, n);
     }
-    if (rd && c->grad[KT_DOWN].r) {
-        /* dAd[:, chunk] += (w s dy Bd)^T Hh[:, chunk] */
-        float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
-        for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
-        const kt_bf16 *qt = transpose_split(q, qld(c), m, rd, w, 3);
-        grad_gemm(rd, n, m, qt, hh, n, c->grad[KT_DOWN].A + (long)e * rd * I + i0, I);
-    }
+}
+
+/* dAd[:, chunk] += (w s dy Bd)^T Hh[:, chunk] over all of an expert's rows (one task per
+ * expert and chunk, so row blocks never add into the same gradient at once). */
+static void task_grad_down_a(void *ctx, long task, int thread) {
+    (void)thread;
+    pass *c = ctx;
+    kt_layer *L = c->L;
+    int chunk, e = task_expert(c, task, c->nci, &chunk), I = L->I, rd = c->r[KT_DOWN];
+    int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
+    long p0;
+    int m = expert_rows(L, e, &p0);
+    float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
+    for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
+    const kt_bf16 *qt = transpose_split(c->q + p0 * qld(c), qld(c), m, rd, w, 3);
+    grad_gemm(rd, n, m, qt, c->hh + p0 * I + i0, I, c->grad[KT_DOWN].A + (long)e * rd * I + i0, I);
 }
 
 /* Per expert: dBd, and for gate and up: Q = s dG B (kept for dx), dB, dA. */
@@ -576,10 +621,10 @@ static void task_dx(void *ctx, long task, int thread) {
     (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
-    int chunk, e = task_expert(c, task, c->nch, &chunk), H = L->H, I = L->I;
-    int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
+    int chunk, m, H = L->H, I = L->I;
     long p0;
-    int m = expert_rows(L, e, &p0);
+    int e = task_block(c, task, c->nch, &chunk, &p0, &m);
+    int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
     if (L->wt_gate_up)
@@ -639,7 +684,8 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     c.dgu = kt_workspace(KT_WS_DGU, sizeof(kt_bf16) * (size_t)npos * 2 * I);
     c.q = kt_workspace(KT_WS_Q, sizeof(kt_bf16) * (size_t)npos * qld(&c));
     c.dwpart = kt_workspace(KT_WS_DW, sizeof(float) * (size_t)npos * c.nci);
-    int ok = c.dyb && c.rows && c.dgu && c.q && c.dwpart;
+    c.hh = kt_workspace(KT_WS_HH, sizeof(kt_bf16) * (size_t)npos * I);
+    int ok = c.dyb && c.rows && c.dgu && c.q && c.dwpart && c.hh && !build_row_blocks(&c);
     for (int p = 0; L->has_grads && p < 3; p++) {
         int r = c.r[p], in = L->lora[p].in, out = L->lora[p].out;
         if (!r) continue;
@@ -652,9 +698,10 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     kt_parallel_for(nt, ntok, task_convert_dy, &c);
     kt_parallel_for(nt, nhit, task_gather_dy, &c);
-    kt_parallel_for(nt, nhit * c.nci, task_dhh, &c);
+    kt_parallel_for(nt, c.nblk * c.nci, task_dhh, &c);
+    if (c.r[KT_DOWN] && L->has_grads) kt_parallel_for(nt, nhit * c.nci, task_grad_down_a, &c);
     if (c.rgu || (c.r[KT_DOWN] && L->has_grads)) kt_parallel_for(nt, nhit, task_lora_grads, &c);
-    kt_parallel_for(nt, nhit * c.nch, task_dx, &c);
+    kt_parallel_for(nt, c.nblk * c.nch, task_dx, &c);
     kt_parallel_for(nt, ntok, task_combine, &c);
     if (L->has_grads) kt_parallel_for(nt, nhit + b_tasks(L), task_export_grads, &c);
 done:
