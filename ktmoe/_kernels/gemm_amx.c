@@ -44,8 +44,8 @@
  *
  * Compiler notes (gcc 12). Its _tile_loadconfig tells the compiler that only the first 8 bytes
  * of the 64-byte configuration are read, so at -O2/-O3 the stores that fill the rest may be
- * deleted or sunk past the ldtilecfg (result: SIGILL/SIGSEGV at the first tile instruction).
- * Likewise its _tile_loadd / _tile_stored are volatile asm with the address as a plain register
+ * deleted or sunk past the ldtilecfg (result: SIGILL/SIGSEGV at the first tile instruction);
+ * amx_tiles.h, which configures the tiles, puts a barrier right before it. Likewise its _tile_loadd / _tile_stored are volatile asm with the address as a plain register
  * operand, declaring no memory access, so stores into a buffer may be moved after the tile load
  * that reads it, and loads of a buffer may be moved before the tile store that fills it.
  * KT_MEM_BARRIER (an empty asm that takes the buffer's address and clobbers memory) is placed
@@ -58,6 +58,7 @@
  * falls back to the AVX-512 kernels.
  */
 #include "gemm.h"
+#include "amx_tiles.h"
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -120,28 +121,6 @@ static kt_scratch *kt_get_scratch(void) {
     if (kt_scratch_key_ok) pthread_setspecific(kt_scratch_key, p); /* freed at thread exit */
     kt_scratch_tls = p;
     return p;
-}
-
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} kt_tilecfg;
-
-static void kt_amx_configure(void) {
-    _Alignas(64) kt_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    /* gcc 12's _tile_loadconfig declares only 8 of the 64 bytes as read: without this barrier
-     * the stores above may be dropped at -O2/-O3 and ldtilecfg would load garbage. */
-    KT_MEM_BARRIER(&cfg);
-    _tile_loadconfig(&cfg);
 }
 
 static inline __mmask32 kt_mask32(int n) { return n >= 32 ? 0xffffffffu : n <= 0 ? 0u : ((1u << n) - 1u); }

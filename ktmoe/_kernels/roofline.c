@@ -16,9 +16,8 @@
  * ktmoe.available_isas() whether the SIMD loops may run. AMX needs the per-process tile
  * permission (arch_prctl), which ktmoe._cpu requests before "amx" is reported available.
  *
- * gcc 12 trap (SPEC.md §8): _tile_loadconfig declares only 8 of the 64 config bytes as read,
- * so the stores filling the config can be dropped at -O2; an empty asm taking the config's
- * address and clobbering memory sits right before it.
+ * The tile configuration (and the gcc 12 _tile_loadconfig trap it avoids) is amx_tiles.h's,
+ * shared with the GEMMs.
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -37,7 +36,7 @@ uint64_t kt_rf_simd_read(const void *p, size_t n);
 
 #ifdef KT_ROOFLINE_SIMD
 /* ------------------------------------------------------------------ SIMD build */
-#include <immintrin.h>
+#include "amx_tiles.h"
 #include <string.h>
 #include <time.h>
 
@@ -47,15 +46,6 @@ static double kt_rf_now_simd(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} kt_rf_tilecfg;
-
-/* 32 steps of 4 independent accumulators: C0 += A0 B0, C1 += A0 B1, C2 += A1 B0, C3 += A1 B1. */
 #define KT_RF_STEPS 32
 #define KT_RF_BODY(OP)                                                   \
     for (int s = 0; s < KT_RF_STEPS; s++) {                              \
@@ -63,19 +53,12 @@ typedef struct {
     }
 
 uint64_t kt_rf_simd_amx_loop(int int8, double seconds) {
-    _Alignas(64) kt_rf_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
     /* operands: small bf16 / int8 values, so the fp32 sums stay finite for any run length */
     _Alignas(64) uint8_t src[16 * 64];
     for (int i = 0; i < (int)sizeof src; i++)
         src[i] = int8 ? (uint8_t)(i % 7) : (uint8_t)((i & 1) ? 0x3c : 0x00); /* bf16 ~ 0.0078 */
-    __asm__ __volatile__("" : : "r"(&cfg), "r"(src) : "memory"); /* gcc 12 trap: see header */
-    _tile_loadconfig(&cfg);
+    __asm__ __volatile__("" : : "r"(src) : "memory"); /* src is read by the tile loads below */
+    kt_amx_configure();
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     _tile_loadd(4, src, 64); _tile_loadd(5, src, 64);
     _tile_loadd(6, src, 64); _tile_loadd(7, src, 64);
