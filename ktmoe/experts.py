@@ -16,6 +16,9 @@ from ._kernels import _core
 from .lora import LoRA
 
 FLOAT_DTYPES = ("float32", "bfloat16")
+WEIGHT_FORMATS = ("bf16", "int8", "int4")
+ACTIVATION_MODES = ("bf16", "int8")
+GROUP_SIZES = (32, 64, 128)
 ID_DTYPES = ("int32", "int64")
 
 
@@ -46,10 +49,20 @@ class MoEExperts:
 
     `transposed_weights=True` (opt-in speed mode) also keeps a transposed copy, so the
     backward reads its weights the way the forward does, at twice the weight memory.
+
+    `weights="int8"` / `"int4"` quantize the expert weights once, here (SPEC.md 5): int8
+    with one fp32 scale per output row, int4 with one per output row and `group_size`
+    (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]. Packed memory:
+    int8 rows*cols + 4*rows bytes per matrix, int4 rows*cols/2 + 4*rows*cols/group_size.
+    `activations` picks how they are multiplied: "bf16" (weight-only, the default: the
+    values bf16(q * scale) in bf16 GEMMs) or "int8" (W8A8: activations quantized per row to
+    int8 on the fly, int8 GEMMs with exact int32 sums). Forward and backward use the same
+    stored values; reference/quant.py defines both modes exactly.
     """
 
     def __init__(self, gate_up=None, down=None, *, gate=None, up=None, max_tokens: int = 65536,
-                 num_threads: int | None = None, isa: str | None = None, transposed_weights: bool = False):
+                 num_threads: int | None = None, isa: str | None = None, transposed_weights: bool = False,
+                 weights: str = "bf16", group_size: int | None = None, activations: str = "bf16"):
         if down is None:
             raise ValueError("down: the down projection weights are required")
         if gate_up is not None and (gate is not None or up is not None):
@@ -78,6 +91,7 @@ class MoEExperts:
             raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
         if not isinstance(transposed_weights, bool):
             raise TypeError(f"transposed_weights: must be True or False, got {transposed_weights!r}")
+        group_size = _check_format(weights, group_size, activations, transposed_weights, H, I)
         if num_threads is None:
             num_threads = _cpu.default_num_threads()
         if not isinstance(num_threads, (int, np.integer)) or not 1 <= num_threads <= 256:
@@ -87,9 +101,11 @@ class MoEExperts:
         # fused, I*H when separate
         stride = 2 * I * H if gate_up is not None else I * H
         self._layer = _core.Layer(E, H, I, self.isa, int(num_threads), g_addr, u_addr, stride, dtype,
-                                  d.addr, d.dtype, transposed_weights)
+                                  d.addr, d.dtype, transposed_weights, weights, group_size,
+                                  activations == "int8")
         del keep
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.weights, self.group_size, self.activations = weights, group_size, activations
         self.max_tokens = int(max_tokens)
         self.transposed_weights = transposed_weights
         self._pending = None   # (kind, result, keep-alive) of a submitted call
@@ -112,13 +128,32 @@ class MoEExperts:
         """Bytes of packed expert weights held by this layer."""
         return self._layer.weight_bytes
 
+    def quantized_weights(self, proj: str):
+        """(q, scale) of projection proj ("gate", "up" or "down") as numpy arrays: the stored
+        int8 values one per element, q [E, rows, cols] int8, and scale [E, rows, groups]
+        float32 (groups = 1 for int8). Raises for bf16 weights."""
+        if proj not in ("gate", "up", "down"):
+            raise ValueError(f"proj: must be 'gate', 'up' or 'down', got {proj!r}")
+        if self.weights == "bf16":
+            raise ValueError("quantized_weights: this layer holds bf16 weights (weights='bf16')")
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        rows, cols = (H, I) if proj == "down" else (I, H)
+        groups = 1 if self.weights == "int8" else cols // self.group_size
+        q = np.empty((E, rows, cols), np.int8)
+        scale = np.empty((E, rows, groups), np.float32)
+        self._layer.export_quantized(proj, q.ctypes.data, scale.ctypes.data)
+        return q, scale
+
     def saved_bytes_per_token(self, k: int, lora_rank: int = 0) -> int:
         """Bytes kept per token between a forward with keep_for_backward and its backward,
         with rank-`lora_rank` LoRA on all three projections (0: no LoRA)."""
         return _core.saved_bytes_per_token(self.hidden_size, self.intermediate_size, k, 3 * lora_rank)
 
     def __repr__(self) -> str:
-        return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "
+        fmt = "" if self.weights == "bf16" else (
+            f", weights={self.weights!r}" + (f", group_size={self.group_size}" if self.weights == "int4" else "")
+            + f", activations={self.activations!r}")
+        return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}{fmt}, "
                 f"isa={self.isa!r}, num_threads={self.num_threads})")
 
     # ---- blocking calls ----
@@ -235,6 +270,30 @@ class MoEExperts:
     def _check_idle(self) -> None:
         if self._pending is not None:
             raise RuntimeError("this layer has a submitted call in flight: call wait() first")
+
+
+def _check_format(weights, group_size, activations, transposed_weights, H: int, I: int) -> int:
+    """Validates the weight format options; returns the kernel's group size (0 unless int4)."""
+    if not isinstance(weights, str) or weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights: must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
+    if not isinstance(activations, str) or activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations: must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
+    if activations == "int8" and weights == "bf16":
+        raise ValueError("activations: 'int8' (W8A8) needs quantized weights (weights='int8' or 'int4')")
+    if transposed_weights and weights != "bf16":
+        raise ValueError(f"transposed_weights: the transposed copy exists for bf16 weights only, not {weights!r}")
+    if weights != "int4":
+        if group_size is not None:
+            raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
+        return 0
+    if group_size is None:
+        group_size = 128
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: must be one of {list(GROUP_SIZES)}, got {group_size!r}")
+    for name, n in (("H (hidden size)", H), ("I (intermediate size)", I)):
+        if n % group_size:
+            raise ValueError(f"group_size: {group_size} does not divide {name} = {n}")
+    return int(group_size)
 
 
 def _read_id(ids: Buffer, index: int) -> int:

@@ -5,7 +5,7 @@ Takes raw addresses that ktmoe/experts.py has already validated (it owns every c
 and keeps the Python objects alive), releases the GIL while kernels run, and reads
 DLPack capsules so any tensor library's CPU tensors can be passed without linking it.
 """
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
 
 cdef extern from "ktmoe.h":
@@ -28,7 +28,9 @@ cdef extern from "ktmoe.h":
     int kt_amx_request_permission()
     kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                               const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                              const void *down, int down_dtype, int transposed)
+                              const void *down, int down_dtype, int transposed,
+                              int wformat, int group_size, int act_int8, int *status)
+    int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale) nogil
     void kt_layer_destroy(kt_layer *L) nogil
     size_t kt_layer_weight_bytes(const kt_layer *L)
     int kt_layer_set_threads(kt_layer *L, int num_threads)
@@ -76,6 +78,8 @@ cdef extern from *:
 
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "int32": 2, "int64": 3}
 ISA_CODES = {"portable": 0, "avx512": 1, "amx": 2}
+WEIGHT_FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+PROJ_CODES = {"gate": 0, "up": 1, "down": 2}
 
 _DL_NAMES = {(0, 32): "int32", (0, 64): "int64", (2, 32): "float32", (4, 16): "bfloat16",
              (0, 8): "int8", (0, 16): "int16", (1, 8): "uint8", (2, 16): "float16", (2, 64): "float64"}
@@ -143,16 +147,30 @@ cdef class Layer:
     """Packed expert weights of one layer plus the state a kept forward leaves for backward."""
     cdef kt_layer *L
     cdef readonly int E, H, I, num_threads
-    cdef readonly str isa
+    cdef readonly str isa, weights
+    cdef readonly int group_size
 
     def __cinit__(self, int E, int H, int I, str isa, int num_threads, size_t gate, size_t up,
-                  long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype, bint transposed=False):
+                  long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype, bint transposed=False,
+                  str weights="bf16", int group_size=0, bint act_int8=False):
+        cdef int status = 0
         self.L = kt_layer_create(E, H, I, ISA_CODES[isa], num_threads, <const void *>gate,
                                  <const void *>up, gate_up_expert_stride, DTYPE_CODES[w_dtype],
-                                 <const void *>down, DTYPE_CODES[down_dtype], transposed)
+                                 <const void *>down, DTYPE_CODES[down_dtype], transposed,
+                                 WEIGHT_FORMATS[weights], group_size, act_int8, &status)
         if self.L == NULL:
+            if status == -4:
+                raise ValueError("gate_up: contains NaN or Inf; such weights cannot be quantized")
+            if status == -5:
+                raise ValueError("down: contains NaN or Inf; such weights cannot be quantized")
             raise MemoryError("ktmoe: could not allocate the packed expert weights or start worker threads")
         self.E, self.H, self.I, self.isa, self.num_threads = E, H, I, isa, num_threads
+        self.weights, self.group_size = weights, group_size
+
+    def export_quantized(self, str proj, size_t q, size_t scale):
+        """Writes projection proj's int8 values [E, rows, cols] and scales [E, rows, groups]."""
+        if kt_layer_export_quantized(self.L, PROJ_CODES[proj], <int8_t *>q, <float *>scale):
+            raise ValueError("ktmoe: this layer holds bf16 weights, not quantized ones")
 
     def __dealloc__(self):
         if self.L != NULL:

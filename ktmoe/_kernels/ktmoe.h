@@ -14,6 +14,7 @@
 enum kt_dtype { KT_F32 = 0, KT_BF16 = 1, KT_I32 = 2, KT_I64 = 3 };
 enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX512 = 1, KT_ISA_AMX = 2 };
 enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
+enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2 };
 
 /* A strided 3-d tensor view [E, rows, cols]; strides in elements. */
 typedef struct {
@@ -50,10 +51,20 @@ int kt_amx_request_permission(void);
 /* Weights: gate/up [E, I, H] (may both point into one fused [E, 2I, H] buffer: then
  * up = gate + I*H and gate_up_stride = 2*I*H) and down [E, H, I]. transposed != 0 also
  * keeps a transposed copy (twice the weight memory) that the backward streams like the
- * forward streams the weights. Returns NULL on OOM. */
+ * forward streams the weights (bf16 only).
+ * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 quantize them (SPEC.md 5;
+ * int4 with one scale per group_size columns, group_size dividing H and I). act_int8 != 0
+ * (quantized formats only): W8A8, activations quantized per row for the base products.
+ * Returns NULL and *status = -2 on OOM, -4 / -5 if gate-up / down hold NaN or Inf
+ * (quantized formats), else the layer and *status = 0. */
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                          const void *down, int down_dtype, int transposed);
+                          const void *down, int down_dtype, int transposed,
+                          int wformat, int group_size, int act_int8, int *status);
+/* Copies the quantized values (one int8 per value, in [-127, 127]) and scales of
+ * projection `proj` (KT_GATE, KT_UP, KT_DOWN) in the caller's order: q [E, rows, cols],
+ * scale [E, rows, cols / group]. Returns 0, or -1 if the layer is not quantized. */
+int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale);
 void kt_layer_destroy(kt_layer *L);
 size_t kt_layer_weight_bytes(const kt_layer *L);
 int kt_layer_set_threads(kt_layer *L, int num_threads);

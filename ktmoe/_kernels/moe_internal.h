@@ -49,6 +49,22 @@ typedef struct {
     float *w;           /* [T * k] router weights as fp32 */
 } kt_routing;
 
+/* Quantized base weights of one kind (gate/up or down) for all experts (SPEC.md 5,
+ * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row) or
+ * int4 (one scale per row and group of `group` columns) values. Rows are in the same
+ * order as the bf16 copies (gate/up chunk-interleaved). */
+typedef struct {
+    int fmt;            /* KT_W_INT8 or KT_W_INT4 */
+    int rows, cols, group, ngroups; /* per expert; int8: group = cols, ngroups = 1 */
+    int8_t *q;          /* int8: [E, rows, cols]; int4: [E, rows, cols / 2] bytes, column 2j in
+                           the low nibble and 2j + 1 in the high nibble of byte j */
+    float *scale;       /* [E, rows, ngroups] */
+} kt_qmat;
+
+/* Quantizes n rows of `cols` values (src rows `ld` elements apart, dtype KT_F32/KT_BF16)
+ * into rows dst_row0.. of expert e of W. Returns 0, or 1 if a value is NaN or Inf. */
+int kt_quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, long ld, int dtype);
+
 /* A buffer that is reused between calls and only grows. */
 typedef struct { void *p; size_t n; } kt_buf;
 void *kt_buf_get(kt_buf *b, size_t bytes); /* NULL on OOM */
@@ -59,6 +75,10 @@ struct kt_layer {
     kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
     kt_bf16 *w_down;    /* [E, H, I] */
     kt_bf16 *wt_gate_up, *wt_down; /* opt-in transposed copies [E, H, 2I], [E, I, H], or NULL */
+    int wformat;        /* KT_W_BF16 (w_gate_up / w_down above), KT_W_INT8 or KT_W_INT4 (q_* below) */
+    int act_int8;       /* W8A8: products with base weights on int8 activations */
+    kt_qmat q_gate_up;  /* [E, 2I, H], chunk-interleaved rows, groups along H */
+    kt_qmat q_down;     /* [E, H, I], groups along I */
 
     /* job plumbing */
     pthread_mutex_t mu;

@@ -38,7 +38,7 @@ static kt_buf workspace[KT_WS_COUNT];
 
 void *kt_workspace(int slot, size_t bytes) { return kt_buf_get(&workspace[slot], bytes); }
 
-#define KT_SCRATCH_SLOTS 8
+#define KT_SCRATCH_SLOTS 12
 static __thread struct { void *p; size_t n; } scratch[KT_SCRATCH_SLOTS];
 
 void *kt_scratch(int slot, size_t bytes) {
@@ -65,29 +65,76 @@ static void transpose_bf16(kt_bf16 *dst, const kt_bf16 *src, long rows, long col
                 for (long c = c0; c < c0 + B && c < cols; c++) dst[c * rows + r] = src[r * cols + c];
 }
 
+/* gate/up rows chunk-interleaved (moe_internal.h): chunk c = n gate rows, n up rows */
+typedef int (*pack_rows_fn)(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype);
+
+static int pack_bf16(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
+    (void)ld; /* rows are contiguous: ld == cols */
+    kt_bf16 *dst = dst_row0 < 0 ? L->w_down + (size_t)e * L->H * L->I
+                                : L->w_gate_up + ((size_t)e * 2 * L->I + dst_row0) * L->H;
+    to_bf16(dst, src, dtype, (size_t)n * (dst_row0 < 0 ? L->I : L->H));
+    return 0;
+}
+
+static int pack_quantized(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
+    if (dst_row0 < 0) return kt_quantize_rows(&L->q_down, e, 0, n, src, ld, dtype);
+    return kt_quantize_rows(&L->q_gate_up, e, dst_row0, n, src, ld, dtype);
+}
+
+static int qmat_init(kt_qmat *W, int fmt, int E, int rows, int cols, int group) {
+    W->fmt = fmt;
+    W->rows = rows;
+    W->cols = cols;
+    W->group = fmt == KT_W_INT4 ? group : cols;
+    W->ngroups = cols / W->group;
+    W->q = kt_alloc((size_t)E * rows * (fmt == KT_W_INT4 ? cols / 2 : cols));
+    W->scale = kt_alloc(sizeof(float) * (size_t)E * rows * W->ngroups);
+    return W->q && W->scale ? 0 : -2;
+}
+
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                          const void *down, int down_dtype, int transposed) {
+                          const void *down, int down_dtype, int transposed,
+                          int wformat, int group_size, int act_int8, int *status) {
+    *status = -2;
     kt_layer *L = calloc(1, sizeof *L);
     if (!L) return NULL;
     L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
-    size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4;
-    L->w_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
-    L->w_down = kt_alloc(sizeof(kt_bf16) * per * E);
-    if (!L->w_gate_up || !L->w_down || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
-    /* gate/up rows chunk-interleaved (moe_internal.h): chunk c = n gate rows, n up rows */
-    for (int e = 0; e < E; e++) {
+    L->wformat = wformat;
+    L->act_int8 = wformat != KT_W_BF16 && act_int8;
+    pthread_mutex_init(&L->mu, NULL);
+    pthread_cond_init(&L->cv, NULL);
+    size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4, desz = down_dtype == KT_BF16 ? 2 : 4;
+    int ok;
+    if (wformat == KT_W_BF16) {
+        L->w_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
+        L->w_down = kt_alloc(sizeof(kt_bf16) * per * E);
+        ok = L->w_gate_up && L->w_down;
+    } else {
+        ok = !qmat_init(&L->q_gate_up, wformat, E, 2 * I, H, group_size)
+             & !qmat_init(&L->q_down, wformat, E, H, I, group_size);
+    }
+    if (!ok || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
+    pack_rows_fn pack = wformat == KT_W_BF16 ? pack_bf16 : pack_quantized;
+    int rc = 0; /* pack: 0, 1 (NaN / Inf met) or -2 (OOM) */
+    for (int e = 0; e < E && !rc; e++) {
         const char *g = (const char *)gate + (size_t)e * gate_up_expert_stride * esz;
         const char *u = (const char *)up + (size_t)e * gate_up_expert_stride * esz;
-        kt_bf16 *dst = L->w_gate_up + 2 * per * e;
-        for (int c = 0; c * KT_CHUNK_I < I; c++) {
-            size_t i0 = (size_t)c * KT_CHUNK_I, n = (size_t)kt_chunk_n(c, KT_CHUNK_I, I);
-            to_bf16(dst + 2 * i0 * H, g + i0 * H * esz, w_dtype, n * H);
-            to_bf16(dst + (2 * i0 + n) * H, u + i0 * H * esz, w_dtype, n * H);
+        for (int c = 0; c * KT_CHUNK_I < I && !rc; c++) {
+            int i0 = c * KT_CHUNK_I, n = kt_chunk_n(c, KT_CHUNK_I, I);
+            rc = pack(L, e, 2 * i0, n, g + (size_t)i0 * H * esz, H, w_dtype);
+            if (!rc) rc = pack(L, e, 2 * i0 + n, n, u + (size_t)i0 * H * esz, H, w_dtype);
         }
+        if (rc == 1) rc = -4;
+        if (!rc) rc = pack(L, e, -1, H, (const char *)down + (size_t)e * per * desz, I, down_dtype);
+        if (rc == 1) rc = -5;
     }
-    to_bf16(L->w_down, down, down_dtype, per * E);
-    if (transposed) {
+    if (rc) {
+        *status = rc;
+        kt_layer_destroy(L);
+        return NULL;
+    }
+    if (transposed && wformat == KT_W_BF16) {
         L->wt_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
         L->wt_down = kt_alloc(sizeof(kt_bf16) * per * E);
         if (!L->wt_gate_up || !L->wt_down) { kt_layer_destroy(L); return NULL; }
@@ -96,12 +143,16 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
             transpose_bf16(L->wt_down + per * e, L->w_down + per * e, H, I);
         }
     }
-    pthread_mutex_init(&L->mu, NULL);
-    pthread_cond_init(&L->cv, NULL);
+    *status = 0;
     return L;
 }
 
+static size_t qmat_bytes(const kt_qmat *W, int E) {
+    return (size_t)E * W->rows * ((W->fmt == KT_W_INT4 ? W->cols / 2 : W->cols) + sizeof(float) * W->ngroups);
+}
+
 size_t kt_layer_weight_bytes(const kt_layer *L) {
+    if (L->wformat != KT_W_BF16) return qmat_bytes(&L->q_gate_up, L->E) + qmat_bytes(&L->q_down, L->E);
     return sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H * (L->wt_down ? 2 : 1);
 }
 
@@ -119,7 +170,7 @@ void kt_layer_release_saved(kt_layer *L) {
 
 void kt_layer_destroy(kt_layer *L) {
     if (!L) return;
-    if (L->w_gate_up && L->w_down) kt_wait(L);
+    kt_wait(L);
     kt_layer_release_saved(L);
     kt_buf *bufs[] = {&L->xb, &L->gu, &L->pgu, &L->pd, &L->lora_a[0], &L->lora_a[1], &L->lora_a[2],
                       &L->lora_bt[0], &L->lora_bt[1], &L->lora_bt[2]};
@@ -128,6 +179,12 @@ void kt_layer_destroy(kt_layer *L) {
     free(L->wt_down);
     free(L->w_gate_up);
     free(L->w_down);
+    free(L->q_gate_up.q);
+    free(L->q_gate_up.scale);
+    free(L->q_down.q);
+    free(L->q_down.scale);
+    pthread_mutex_destroy(&L->mu);
+    pthread_cond_destroy(&L->cv);
     free(L);
 }
 

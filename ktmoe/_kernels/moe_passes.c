@@ -24,6 +24,7 @@
  * the gate/up pre-activations (bf16) and the LoRA products; Hh is recomputed.
  */
 #include "moe_internal.h"
+#include "gemm_int8.h"
 #include "threadpool.h"
 #include <math.h>
 #include <stdlib.h>
@@ -33,6 +34,8 @@
 #define CAT(a, b) CAT2(a, b)
 #define GEMM_NT CAT(kt_gemm_nt_, KT_ISA)
 #define GEMM_NN CAT(kt_gemm_nn_, KT_ISA)
+#define IGEMM_NT kt_igemm_nt_portable
+#define IGEMM_NN kt_igemm_nn_portable
 
 enum { TOKENS_PER_TASK = 32 };
 
@@ -234,6 +237,199 @@ static void lora_product(int m, int r, int K, const kt_bf16 *X, long ldx, const 
     for (int i = 0; i < m; i++) split_row(out + i * ldo, tmp + (long)i * 2 * r, tmp + (long)i * 2 * r + r, r, s);
 }
 
+/* ---- products with the base weights, in every weight format (SPEC.md 5) ----
+ * base_nt: C[m, n] = A[m, :K] W_e[row0 : row0 + n, :]^T (K = the weight's columns),
+ * base_nn: C[m, n] = A[m, :K] W_e[:, col0 : col0 + n]    (K = the weight's rows),
+ * W being the layer's gate/up (which = 0) or down (which = 1) weights of expert e.
+ *  - bf16: the GEMMs of gemm.h on the packed copy (or the opt-in transposed copy for nn).
+ *  - int8 / int4 weight-only: the block of W is expanded, one K panel at a time, into bf16
+ *    values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it. The
+ *    forward and the backward expand the same stored values, so the backward multiplies by
+ *    exactly the weights the forward used.
+ *  - W8A8: A's rows are quantized to int8 (scale amax / 127 per row) and the int8 GEMMs of
+ *    gemm_int8.h give exact int32 sums, scaled afterwards in fp32. nt: scales per row of A
+ *    and per W row (int8) or per (W row, group) (int4: one GEMM per group of K). nn: the W
+ *    scales multiply A's columns before A is quantized (per-row scales fold into the
+ *    incoming gradient); for int4 that is done once per group of output columns. No
+ *    transposed or re-quantized copy of W is made. */
+enum { QKP = 512 }; /* K panel of expanded weights: a multiple of every int4 group size */
+
+static const kt_qmat *qmat(const kt_layer *L, int which) { return which ? &L->q_down : &L->q_gate_up; }
+
+/* dst[i, j] = bf16(q * scale) of W_e[r0 + i, c0 + j] for i < nr, j < nc (c0, nc even for int4) */
+static void expand_bf16(const kt_qmat *W, int e, int r0, int nr, int c0, int nc, kt_bf16 *dst, long ldd) {
+    for (int i = 0; i < nr; i++) {
+        long row = (long)e * W->rows + r0 + i;
+        const float *sc = W->scale + row * W->ngroups;
+        kt_bf16 *d = dst + i * ldd - c0;
+        for (int j0 = c0; j0 < c0 + nc;) {
+            int g = j0 / W->group, j1 = (g + 1) * W->group < c0 + nc ? (g + 1) * W->group : c0 + nc;
+            float s = sc[g];
+            if (W->fmt == KT_W_INT8) {
+                const int8_t *q = W->q + row * W->cols;
+                for (int j = j0; j < j1; j++) d[j] = kt_f32_to_bf16((float)q[j] * s);
+            } else {
+                const int8_t *q = W->q + row * (W->cols / 2);
+                for (int j = j0 / 2; j < j1 / 2; j++) {
+                    int8_t b = q[j];
+                    d[2 * j] = kt_f32_to_bf16((float)((int8_t)(b << 4) >> 4) * s);
+                    d[2 * j + 1] = kt_f32_to_bf16((float)(b >> 4) * s);
+                }
+            }
+            j0 = j1;
+        }
+    }
+}
+
+/* dst[i, j] = q of W_e[r0 + i, c0 + j] as int8 (int4 values unpacked; c0, nc even) */
+static void expand_int8(const kt_qmat *W, int e, int r0, int nr, int c0, int nc, int8_t *dst, long ldd) {
+    for (int i = 0; i < nr; i++) {
+        long row = (long)e * W->rows + r0 + i;
+        if (W->fmt == KT_W_INT8) {
+            memcpy(dst + i * ldd, W->q + row * W->cols + c0, (size_t)nc);
+            continue;
+        }
+        const int8_t *q = W->q + row * (W->cols / 2) + c0 / 2;
+        int8_t *d = dst + i * ldd;
+        for (int j = 0; j < nc / 2; j++) {
+            d[2 * j] = (int8_t)((int8_t)(q[j] << 4) >> 4);
+            d[2 * j + 1] = (int8_t)(q[j] >> 4);
+        }
+    }
+}
+
+static inline float round_even(float v) {
+    const float shift = 12582912.f; /* 1.5 * 2^23: exact round-half-even for |v| < 2^22 */
+    return (v + shift) - shift;
+}
+
+/* Rows of A [m, K] (bf16, times fold[k * fstride] when fold is given) -> int8 aq [m, K] and
+ * per-row scales sa (amax / 127; 0 for an all-zero row). NaN / Inf give a NaN / Inf scale,
+ * so they propagate into the products. */
+static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *fold, long fstride,
+                         int8_t *aq, float *sa) {
+    float *v = kt_scratch(11, sizeof(float) * (size_t)(K ? K : 1));
+    for (int i = 0; i < m; i++) {
+        const kt_bf16 *a = A + i * lda;
+        float amax = 0.f;
+        if (fold)
+            for (int k = 0; k < K; k++) v[k] = kt_bf16_to_f32(a[k]) * fold[k * fstride];
+        else
+            for (int k = 0; k < K; k++) v[k] = kt_bf16_to_f32(a[k]);
+        for (int k = 0; k < K; k++) {
+            float x = v[k] < 0 ? -v[k] : v[k];
+            amax = x > amax || x != x ? x : amax;
+        }
+        float s = amax / 127.f;
+        sa[i] = s;
+        int8_t *q = aq + (long)i * K;
+        if (!(s > 0.f) || s > 3.0e38f) { /* zero row, NaN or Inf: the scale carries it */
+            memset(q, 0, (size_t)K);
+            continue;
+        }
+        for (int k = 0; k < K; k++) {
+            float r = round_even(v[k] / s);
+            r = r > 127.f ? 127.f : r;
+            r = r < -127.f ? -127.f : r;
+            q[k] = (int8_t)r;
+        }
+    }
+}
+
+static void base_nt(const pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda,
+                    float *C, long ldc) {
+    const kt_layer *L = c->L;
+    int H = L->H, I = L->I, K = which ? I : H;
+    if (L->wformat == KT_W_BF16) {
+        const kt_bf16 *W = which ? L->w_down + (long)e * H * I : L->w_gate_up + (long)e * 2 * I * H;
+        GEMM_NT(m, n, K, A, lda, W + (long)row0 * K, K, C, ldc, 0);
+        return;
+    }
+    const kt_qmat *W = qmat(L, which);
+    if (!L->act_int8) {
+        kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
+        for (int k0 = 0; k0 < K; k0 += QKP) {
+            int kp = K - k0 < QKP ? K - k0 : QKP;
+            expand_bf16(W, e, row0, n, k0, kp, wb, kp);
+            GEMM_NT(m, n, kp, A + k0, lda, wb, kp, C, ldc, k0 > 0);
+        }
+        return;
+    }
+    int8_t *aq = kt_scratch(9, (size_t)(m ? m : 1) * K);
+    float *sa = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+    int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
+    quantize_act(m, K, A, lda, NULL, 0, aq, sa);
+    const float *sw = W->scale + ((long)e * W->rows + row0) * W->ngroups;
+    if (W->fmt == KT_W_INT8) {
+        IGEMM_NT(m, n, K, aq, K, W->q + ((long)e * W->rows + row0) * K, K, acc, n, 0);
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++) C[i * ldc + j] = sa[i] * sw[j] * (float)acc[(long)i * n + j];
+        return;
+    }
+    int8_t *wq = kt_scratch(8, (size_t)n * QKP);
+    for (int i = 0; i < m; i++) memset(C + i * ldc, 0, sizeof(float) * (size_t)n);
+    for (int k0 = 0; k0 < K; k0 += QKP) {
+        int kp = K - k0 < QKP ? K - k0 : QKP;
+        expand_int8(W, e, row0, n, k0, kp, wq, kp);
+        for (int g0 = k0; g0 < k0 + kp; g0 += W->group) {
+            int g = g0 / W->group;
+            IGEMM_NT(m, n, W->group, aq + g0, K, wq + (g0 - k0), kp, acc, n, 0);
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < n; j++)
+                    C[i * ldc + j] += sa[i] * sw[(long)j * W->ngroups + g] * (float)acc[(long)i * n + j];
+        }
+    }
+}
+
+static void base_nn(const pass *c, int which, int e, int m, int col0, int n, const kt_bf16 *A, long lda,
+                    float *C, long ldc) {
+    const kt_layer *L = c->L;
+    int H = L->H, I = L->I, K = which ? H : 2 * I, cols = which ? I : H;
+    if (L->wformat == KT_W_BF16) {
+        const kt_bf16 *WT = which ? L->wt_down : L->wt_gate_up;
+        if (WT) /* A W as A (W^T)^T: the transposed copy streams like the forward */
+            GEMM_NT(m, n, K, A, lda, WT + (long)e * K * cols + (long)col0 * K, K, C, ldc, 0);
+        else
+            GEMM_NN(m, n, K, A, lda, (which ? L->w_down : L->w_gate_up) + (long)e * K * cols + col0, cols, C, ldc, 0);
+        return;
+    }
+    const kt_qmat *W = qmat(L, which);
+    if (!L->act_int8) {
+        kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
+        for (int k0 = 0; k0 < K; k0 += QKP) {
+            int kp = K - k0 < QKP ? K - k0 : QKP;
+            expand_bf16(W, e, k0, kp, col0, n, wb, n);
+            GEMM_NN(m, n, kp, A + k0, lda, wb, n, C, ldc, k0 > 0);
+        }
+        return;
+    }
+    int8_t *aq = kt_scratch(9, (size_t)(m ? m : 1) * K);
+    float *sa = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+    int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
+    const float *sw = W->scale + (long)e * W->rows * W->ngroups; /* [K, ngroups] */
+    const int8_t *wq;
+    long ldw;
+    if (W->fmt == KT_W_INT8) {
+        wq = W->q + (long)e * K * cols + col0;
+        ldw = cols;
+    } else {
+        int8_t *t = kt_scratch(8, (size_t)K * n);
+        expand_int8(W, e, 0, K, col0, n, t, n);
+        wq = t;
+        ldw = n;
+    }
+    /* output columns in groups that share one scale per row of W (int8: all of them) */
+    for (int j0 = 0; j0 < n;) {
+        int g = (col0 + j0) / W->group, j1 = (g + 1) * W->group - col0;
+        j1 = j1 < n ? j1 : n;
+        quantize_act(m, K, A, lda, sw + g, W->ngroups, aq, sa);
+        IGEMM_NN(m, j1 - j0, K, aq, K, wq + j0, ldw, acc, n, 0);
+        for (int i = 0; i < m; i++)
+            for (int j = j0; j < j1; j++) C[i * ldc + j] = sa[i] * (float)acc[(long)i * n + j - j0];
+        j0 = j1;
+    }
+}
+
 /* ---- forward ---- */
 
 static void task_convert_x(void *ctx, long task, int thread) {
@@ -360,7 +556,7 @@ static void task_gate_up(void *ctx, long task, int thread) {
     int e = task_block(c, task, c->nci, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *gu = kt_scratch(0, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
-    GEMM_NT(m, 2 * n, H, c->rows + p0 * c->ldr, c->ldr, L->w_gate_up + ((long)e * 2 * I + 2 * i0) * H, H, gu, 2 * n, 0);
+    base_nt(c, 0, e, m, 2 * i0, 2 * n, c->rows + p0 * c->ldr, c->ldr, gu, 2 * n);
     const kt_bf16 *pgu = (const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
@@ -396,7 +592,7 @@ static void task_down(void *ctx, long task, int thread) {
     int e = task_block(c, task, c->nch, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
-    GEMM_NT(m, n, I, c->hh + p0 * I, I, L->w_down + ((long)e * H + h0) * I, I, d, n, 0);
+    base_nt(c, 1, e, m, h0, n, c->hh + p0 * I, I, d, n);
     if (rd) GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
                     L->lora[KT_DOWN].BT + (long)e * 3 * rd * H + h0, H, d, n, 1);
     for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
@@ -534,10 +730,7 @@ static void task_dhh(void *ctx, long task, int thread) {
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
-    if (L->wt_down) /* dy Wd as dy (Wd^T)^T: the transposed copy streams like the forward */
-        GEMM_NT(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->wt_down + (long)e * I * H + (long)i0 * H, H, d, n, 0);
-    else
-        GEMM_NN(m, n, H, c->rows + p0 * c->ldr, c->ldr, L->w_down + (long)e * H * I + i0, I, d, n, 0);
+    base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, d, n);
     if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
     const kt_bf16 *gu = L->gu.p;
     float *hv = kt_scratch(5, sizeof(float) * (size_t)n);
@@ -627,10 +820,7 @@ static void task_dx(void *ctx, long task, int thread) {
     int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
-    if (L->wt_gate_up)
-        GEMM_NT(m, n, 2 * I, c->dgu + p0 * 2 * I, 2 * I, L->wt_gate_up + (long)e * 2 * I * H + (long)h0 * 2 * I, 2 * I, d, n, 0);
-    else
-        GEMM_NN(m, n, 2 * I, c->dgu + p0 * 2 * I, 2 * I, L->w_gate_up + (long)e * 2 * I * H + h0, H, d, n, 0);
+    base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, d, n);
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
         if (r) GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
