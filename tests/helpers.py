@@ -111,6 +111,32 @@ def reference_weights(layer_kwargs):
     return tuple(to_numpy(layer_kwargs[n]) for n in ("gate", "up", "down"))
 
 
+def quantized_reference(layer_kwargs, layer):
+    """(Wg, Wu, Wd) for the reference: arrays (bf16 layer) or reference.QuantizedWeight's made
+    by the reference quantizer (quantized layer). For a quantized layer the kernel's stored
+    values and scales must equal the reference quantizer's bit for bit."""
+    weights = reference_weights(layer_kwargs)
+    if layer.weights == "bf16":
+        return weights
+    group = layer.group_size if layer.weights == "int4" else None
+    out = []
+    for proj, w in zip(("gate", "up", "down"), weights):
+        qw = reference.quantize(w, layer.weights, **({"group_size": group} if group else {}))
+        q, scale = layer.quantized_weights(proj)
+        assert np.array_equal(q, qw.q), f"{proj}: kernel's quantized values differ from reference.quantize's"
+        assert np.array_equal(scale, qw.scale.reshape(scale.shape)), f"{proj}: kernel's scales differ from the reference's"
+        out.append(qw)
+    return tuple(out)
+
+
+def path_name(layer):
+    """ISA plus weight format, the key of the error summary (amx, amx int8, amx int4/g32 w8a8...)."""
+    if layer.weights == "bf16":
+        return layer.isa
+    fmt = layer.weights + (f"/g{layer.group_size}" if layer.weights == "int4" else "")
+    return f"{layer.isa} {fmt}{' w8a8' if layer.activations == 'int8' else ''}"
+
+
 def expert_slices(layout, name, E, shape_A):
     """For each expert e, index expressions selecting its part of (A, B) in this layout."""
     if layout == "peft":
@@ -158,7 +184,7 @@ def assert_matches_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=No
     rng = np.random.default_rng(seed)
     if layer is None:
         layer = ktmoe.MoEExperts(**layer_kwargs, isa=isa)
-    isa = layer.isa
+    isa = path_name(layer)
     T, H = x.shape
     if dy is None:
         dy = rng.standard_normal((T, H)).astype(BF16 if dtype_name(x) == "bfloat16" else np.float32)
@@ -172,7 +198,8 @@ def assert_matches_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=No
         ref_lora.layout = lora.layout
         ref_lora.params = {n: (to_numpy(A), to_numpy(B)) for n, (A, B) in lora.params.items()}
     y_ref, cache = reference.moe_forward(to_numpy(x), to_numpy(ids), to_numpy(weights),
-                                         *reference_weights(layer_kwargs), ref_lora)
+                                         *quantized_reference(layer_kwargs, layer), ref_lora,
+                                         activations=layer.activations)
     dx_ref, dw_ref, g_ref = reference.moe_backward(to_numpy(dy), cache)
 
     # gradient buffers in the parameters' dtype (and kind), pre-filled at the gradients' scale
@@ -228,7 +255,7 @@ def assert_matches_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=No
     assert np.all(to64(y)[dead] == 0) and np.all(to64(dx)[dead] == 0), "y/dx of a token with only -1 slots"
 
     if lora is not None:
-        E = cache["Wg"].shape[0]
+        E = layer.num_experts
         hit = set(np.unique(ids_np[ids_np >= 0]).tolist())
         for name, (bA, bB) in bufs.items():
             for tag, buf, start, want in (("dA", bA, init[name][0], g_ref[name][0]),

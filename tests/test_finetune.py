@@ -119,6 +119,21 @@ def test_resume_continues_exactly(base, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)   # exact
 
 
+@pytest.mark.parametrize("fmt", [["--weights", "int8"], ["--weights", "int4", "--group-size", "32"],
+                                 ["--weights", "int8", "--activations", "int8"]], ids=["int8", "int4-g32", "w8a8"])
+def test_quantized_expert_weights_learn(base, tmp_path, capsys, fmt):
+    assert finetune("--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 12, *fmt,
+                    "--out", tmp_path) == 0
+    out = capsys.readouterr().out
+    want = {"int8": "int8 weights, weight-only", "32": "int4 group 32 weights, weight-only", "int8-a": "int8 weights, W8A8"}
+    key = "int8-a" if "--activations" in fmt else fmt[-1]
+    assert want[key] in out, out
+    loss = losses(tmp_path)
+    assert len(loss) == 12 and sum(loss[-3:]) / 3 < 0.8 * loss[0], f"loss did not fall: {loss}"
+    settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
+    assert settings["weights"] == fmt[1] and settings["activations"] == ("int8" if "--activations" in fmt else "bf16")
+
+
 def test_router_target_and_grad_checkpointing(base, tmp_path):
     common = ["--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 3]
     assert finetune(*common, "--out", tmp_path / "plain", "--targets", "attention,experts,router") == 0
@@ -207,8 +222,9 @@ BAD = {
     "max-seq-len above the model's": (lambda b, t: ["--model", b, "--data", DATA, "--max-seq-len", 100000],
                                       "longer than the model's maximum of 512"),
     "unwritable out": (lambda b, t: ["--out", _write(t / "file", "x") / "sub"], "cannot write there"),
-    "int8 weights": (lambda b, t: ["--weights", "int8"], "--weights int8: not supported yet"),
-    "int4 weights": (lambda b, t: ["--weights", "int4"], "--weights int4: not supported yet"),
+    "group size without int4": (lambda b, t: ["--weights", "int8", "--group-size", "64"],
+                                "--group-size: applies to --weights int4 only"),
+    "W8A8 with bf16 weights": (lambda b, t: ["--activations", "int8"], "needs quantized expert weights"),
     "resume without checkpoint": (lambda b, t: ["--model", b, "--data", DATA, "--resume"], "--resume: no checkpoint"),
 }
 

@@ -85,7 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--keep-checkpoints", type=_positive(int), default=2, help="how many checkpoints to keep")
     h = p.add_argument_group("hardware")
     h.add_argument("--weights", choices=("bf16", "int8", "int4"), default="bf16",
-                   help="expert weight format in the kernel (int8/int4: not supported yet)")
+                   help="expert weight format in the kernel: bf16, or quantized at load to int8 (one scale per "
+                   "row) or int4 (one scale per row and group of --group-size columns)")
+    h.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                   help="int4 columns per scale (default 128)")
+    h.add_argument("--activations", choices=("bf16", "int8"), default="bf16",
+                   help="with int8/int4 weights: bf16 = weight-only (default), int8 = W8A8 (activations quantized "
+                   "per row on the fly; faster when compute-bound, less accurate)")
     h.add_argument("--threads", type=_positive(int), help="CPU threads for the experts kernel and torch "
                    "(default: every core this process may use)")
     h.add_argument("--torch-threads", type=_positive(int), help="intra-op threads of torch's CPU work (attention "

@@ -119,8 +119,9 @@ def _canonical(key: str, model_keys) -> str:
 
 
 def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int | None = None,
-         progress=None):
-    """(model, LoadStats): the model of `ckpt` with experts packed in ktmoe, the rest on `device`."""
+         progress=None, kernel_format: dict | None = None):
+    """(model, LoadStats): the model of `ckpt` with experts packed in ktmoe, the rest on `device`.
+    kernel_format: the experts' weights / group_size / activations (ktmoe.MoEExperts), default bf16."""
     from torch import nn
 
     t0 = time.perf_counter()
@@ -135,6 +136,15 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     for key in ckpt.tensors:
         by_model_key.setdefault(_canonical(key, state), key)
     expert_plans = [(name, m, _expert_plan(name, m, by_model_key, ckpt)) for name, m in found]
+    if kernel_format:   # the weight format must fit every layer before a byte of weights is read
+        from ktmoe.experts import _check_format
+        for name, _, plan in expert_plans:
+            try:
+                _check_format(kernel_format.get("weights", "bf16"), kernel_format.get("group_size"),
+                              kernel_format.get("activations", "bf16"), False, plan["H"], plan["I"])
+            except ValueError as e:
+                raise FinetuneError(f"--model {ckpt.path}: {name}: {e} (--weights / --group-size / "
+                                    f"--activations)") from None
     expert_keys = {k for _, _, plan in expert_plans for k in plan["keys"]}
     expert_params = {f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj")}
 
@@ -172,7 +182,8 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
 
     # experts, one layer at a time
     for i, (name, m, plan) in enumerate(expert_plans):
-        layer_bytes = _load_experts(ckpt, name, m, plan, max_tokens=max_tokens, num_threads=num_threads)
+        layer_bytes = _load_experts(ckpt, name, m, plan, max_tokens=max_tokens, num_threads=num_threads,
+                                    kernel_format=kernel_format or {})
         stats.largest_layer_bytes = max(stats.largest_layer_bytes, layer_bytes)
         stats.packed_bytes += m._ktmoe.layer.weight_bytes
         if progress is not None:
@@ -232,7 +243,7 @@ def _buffer_dtype(ckpt, keys):
     return torch.float32, True
 
 
-def _load_experts(ckpt: Checkpoint, name: str, module, plan: dict, *, max_tokens, num_threads) -> int:
+def _load_experts(ckpt: Checkpoint, name: str, module, plan: dict, *, max_tokens, num_threads, kernel_format) -> int:
     """Reads one layer's experts into one buffer pair, packs them into ktmoe, frees the buffers."""
     import torch
     from torch import nn
@@ -268,7 +279,7 @@ def _load_experts(ckpt: Checkpoint, name: str, module, plan: dict, *, max_tokens
     module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
     module.down_proj = nn.Parameter(down, requires_grad=False)
     del gate_up, down
-    convert(module, name, max_tokens=max_tokens, num_threads=num_threads)
+    convert(module, name, max_tokens=max_tokens, num_threads=num_threads, **kernel_format)
     try:
         mem.close()
     except BufferError:   # a tensor view is still alive somewhere: the mapping goes when it does

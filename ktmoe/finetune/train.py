@@ -37,7 +37,8 @@ from .checkpoint import Checkpoint
 RUN_FILES = ("adapter", "checkpoints", "log.jsonl", "loss.png", "summary.json")
 # settings that must match for --resume to continue the same run
 RESUME_KEYS = ("model", "data_sha256", "lr", "warmup_steps", "total_steps", "batch_tokens", "lora_r", "lora_alpha",
-               "targets", "seed", "max_seq_len", "max_grad_norm", "weights", "dtype", "grad_checkpointing")
+               "targets", "seed", "max_seq_len", "max_grad_norm", "weights", "group_size", "activations", "dtype",
+               "grad_checkpointing")
 SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".', "What is 7 + 5?"]
 
 
@@ -55,9 +56,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def _main(args, t_start) -> int:
-    if args.weights != "bf16":
-        raise FinetuneError(f"--weights {args.weights}: not supported yet (the kernel runs bf16 expert weights "
-                            f"only; int8/int4 kernels are a separate issue). Use --weights bf16")
+    if args.weights != "int4" and args.group_size is not None:
+        raise FinetuneError(f"--group-size: applies to --weights int4 only (got --weights {args.weights})")
+    if args.weights == "bf16" and args.activations != "bf16":
+        raise FinetuneError("--activations int8 (W8A8): needs quantized expert weights, --weights int8 or int4")
     if args.model and not args.data:
         raise FinetuneError("--data FILE is required with --model (the shipped data set is for the built-in model)")
     if args.targets == ["router"]:
@@ -104,7 +106,9 @@ def _main(args, t_start) -> int:
                 "data_sha256": _sha256(data_path), "lr": opt["lr"], "warmup_steps": warmup, "total_steps": total,
                 "batch_tokens": opt["batch_tokens"], "lora_r": opt["lora_r"], "lora_alpha": opt["lora_alpha"],
                 "targets": args.targets, "seed": args.seed, "max_seq_len": max_len,
-                "max_grad_norm": args.max_grad_norm, "weights": args.weights, "dtype": str(dtype).split(".")[-1],
+                "max_grad_norm": args.max_grad_norm, "weights": args.weights,
+                "group_size": (args.group_size or 128) if args.weights == "int4" else None,
+                "activations": args.activations, "dtype": str(dtype).split(".")[-1],
                 "grad_checkpointing": args.grad_checkpointing}
     resume_from = _latest_checkpoint(out) if args.resume else None
     if resume_from is not None:
@@ -122,12 +126,14 @@ def _main(args, t_start) -> int:
         if not args.quiet:
             print(f"\r  loading experts: layer {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
     max_tokens = max(opt["batch_tokens"], max_len)
+    kernel_format = {"weights": args.weights, "group_size": settings["group_size"], "activations": args.activations}
     model, ls = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=args.threads,
-                             progress=load_progress)
+                             progress=load_progress, kernel_format=kernel_format)
     rss_loaded = _rss_now()
     kernel = loading.experts_modules(model)[0][1]._ktmoe.layer
     print(f"  loaded in {ls.seconds:.2f} s: {ls.expert_layers} MoE layers, experts ({ls.expert_format} in the "
-          f"checkpoint) {_mib(ls.packed_bytes)} packed in the kernel ({kernel.isa}, {kernel.num_threads} threads), "
+          f"checkpoint) {_mib(ls.packed_bytes)} packed in the kernel ({_format(kernel)}, {kernel.isa}, "
+          f"{kernel.num_threads} threads), "
           f"other weights {_mib(ls.other_bytes)} on {device.type} ({settings['dtype']}); host memory now "
           f"{_mib(rss_loaded)}")
     if ls.ignored:
@@ -344,6 +350,15 @@ def _checkpoints(out: Path) -> list:
 def _latest_checkpoint(out: Path):
     found = [p for p in _checkpoints(out) if (p / "state.json").is_file()]
     return found[-1] if found else None
+
+
+def _format(kernel) -> str:
+    """The kernel's weight format as the command line spells it."""
+    if kernel.weights == "bf16":
+        return "bf16 weights"
+    group = f" group {kernel.group_size}" if kernel.weights == "int4" else ""
+    mode = "W8A8" if kernel.activations == "int8" else "weight-only"
+    return f"{kernel.weights}{group} weights, {mode}"
 
 
 def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch):

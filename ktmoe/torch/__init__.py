@@ -10,8 +10,8 @@ Modules: function.py (autograd bridge), experts.py (the converted experts module
 peft.py (LoRA factors from PEFT's ParamWrapper), patch.py (registry and patch()).
 """
 from .function import LoraFactors, experts_apply
-from .patch import patch, register
+from .patch import from_pretrained, patch, register
 
 register()
 
-__all__ = ["patch", "register", "experts_apply", "LoraFactors"]
+__all__ = ["patch", "from_pretrained", "register", "experts_apply", "LoraFactors"]

@@ -70,8 +70,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_threads: int | None = None,
-            isa: str | None = None) -> nn.Module:
-    """Packs the module's expert weights into the kernel and releases them (in place)."""
+            isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
+            activations: str = "bf16") -> nn.Module:
+    """Packs the module's expert weights into the kernel and releases them (in place).
+    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts)."""
     if is_converted(module):
         return module
     reason = unsupported_reason(module)
@@ -80,7 +82,8 @@ def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_
     import ktmoe
     gu, dn = module.gate_up_proj, module.down_proj
     layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
-                             num_threads=num_threads, isa=isa)
+                             num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
+                             activations=activations)
     module._ktmoe = KernelExperts(layer)
     module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
     for name in PARAMS:
@@ -145,7 +148,8 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
         import ktmoe
         old = self._ktmoe.layer
         layer = ktmoe.MoEExperts(gate_up=_kernel_copy(real["gate_up_proj"]), down=_kernel_copy(real["down_proj"]),
-                                 max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa)
+                                 max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa,
+                                 weights=old.weights, group_size=old.group_size or None, activations=old.activations)
         self._ktmoe = KernelExperts(layer)
     # the placeholders themselves are never overwritten
     rest = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in PARAMS}}
@@ -158,7 +162,9 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
 
 def _extra_repr(self) -> str:
     k = self._ktmoe.layer
-    return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, isa={k.isa}, " \
+    fmt = k.weights + (f"/g{k.group_size}" if k.weights == "int4" else "") + \
+        (f", activations={k.activations}" if k.weights != "bf16" else "")
+    return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \
            f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU"
 
 
