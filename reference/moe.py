@@ -23,11 +23,13 @@ projections) run in one of two modes, chosen by `activations`:
   the router weight afterwards (as the kernel does):
       dHh_raw = qlinear_t(dy_e, Wd_e) + s (dy_e Bd_e) Ad_e,   dHh = w * dHh_raw,
       dw      = sum(dHh_raw * Hh, axis=1)          (= <dy, D> in exact math)
-      dX_e    = qlinear_t(dG, Wg_e) + qlinear_t(dU, Wu_e) + LoRA terms as in bf16 mode.
+      dX_e    = qlinear_t([dG | dU], [Wg_e; Wu_e]) + LoRA terms as in bf16 mode,
+  where [dG | dU] (one row per slot, 2I long) is quantized as ONE row against the stacked
+  gate and up weights, as the kernel does (it keeps gate and up packed together).
 """
 import numpy as np
 
-from .quant import QuantizedWeight, qlinear, qlinear_t
+from .quant import QuantizedWeight, qlinear, qlinear_t, stack_rows
 
 ACTIVATIONS = ("bf16", "int8")
 
@@ -162,7 +164,10 @@ def moe_backward(dy, cache):
         dG = dHh * U * sig * (1.0 + G * (1.0 - sig))
         dU = dHh * G * sig
 
-        dX = _base_t(dG, Wg[e], activations) + _base_t(dU, Wu[e], activations)
+        if activations == "int8":                     # [dG | dU] quantized as one row
+            dX = qlinear_t(np.concatenate([dG, dU], axis=1), stack_rows(Wg[e], Wu[e]))
+        else:
+            dX = dG @ Wg[e] + dU @ Wu[e]
         for name, d in (("gate", dG), ("up", dU)):
             if name in factors:
                 A, B = factors[name]

@@ -86,6 +86,14 @@ class QuantizedWeight:
         return QuantizedWeight(q, scale, self.format, self.group_size, q.shape)
 
 
+def stack_rows(a, b):
+    """The rows of two QuantizedWeights of one format, stacked: [a; b] (e.g. [Wg; Wu])."""
+    if (a.format, a.group_size, a.shape[-1]) != (b.format, b.group_size, b.shape[-1]):
+        raise ValueError("stack_rows: both weights need the same format, group size and columns")
+    q = np.concatenate([a.q, b.q], axis=-2)
+    return QuantizedWeight(q, np.concatenate([a.scale, b.scale], axis=-2), a.format, a.group_size, q.shape)
+
+
 def quantize(w, format, group_size=128):
     """Quantize w [..., rows, cols] (float32 or bf16) per output row; returns a QuantizedWeight.
 
