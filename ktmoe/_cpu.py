@@ -66,9 +66,26 @@ def select_isa(requested: str | None = None) -> tuple[str, str]:
     return requested, f"forced by {source}"
 
 
-def default_num_threads() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0))
+THREADS_ENV_VAR = "KTMOE_NUM_THREADS"
+
+
+def default_num_threads(reserve: int = 0) -> int:
+    """The experts kernel's default thread count: $KTMOE_NUM_THREADS when set, else the cores
+    this process may run on (its affinity mask) minus `reserve` cores left to torch, at least 1.
+
+    ktmoe.torch reserves 1 core when the model's other layers run on a GPU (the torch thread
+    that launches them keeps its core) and none when they run on the CPU: there torch and the
+    kernel take turns within a layer (each waits for the other), so both use every core."""
+    env = os.environ.get(THREADS_ENV_VAR)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 256:
+            raise ValueError(f"${THREADS_ENV_VAR}: must be an integer in [1, 256], got {env!r}")
+        return n
+    return max(1, len(os.sched_getaffinity(0)) - reserve)
 
 
 def cpu_info() -> dict:

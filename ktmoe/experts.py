@@ -50,6 +50,10 @@ class MoEExperts:
     `transposed_weights=True` (opt-in speed mode) also keeps a transposed copy, so the
     backward reads its weights the way the forward does, at twice the weight memory.
 
+    `num_threads` defaults to ktmoe._cpu.default_num_threads(): $KTMOE_NUM_THREADS, else every
+    core of this process's affinity mask (ktmoe.torch leaves one to torch when the rest of the
+    model runs on a GPU).
+
     `weights="int8"` / `"int4"` quantize the expert weights once, here (SPEC.md 5): int8
     with one fp32 scale per output row, int4 with one per output row and `group_size`
     (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]. Packed memory:

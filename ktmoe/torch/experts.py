@@ -84,7 +84,7 @@ def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_
     layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
                              num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
                              activations=activations)
-    module._ktmoe = KernelExperts(layer)
+    module._ktmoe = KernelExperts(layer, auto_threads=num_threads is None)
     module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
     for name in PARAMS:
         old = getattr(module, name)
@@ -150,7 +150,7 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
         layer = ktmoe.MoEExperts(gate_up=_kernel_copy(real["gate_up_proj"]), down=_kernel_copy(real["down_proj"]),
                                  max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa,
                                  weights=old.weights, group_size=old.group_size or None, activations=old.activations)
-        self._ktmoe = KernelExperts(layer)
+        self._ktmoe = KernelExperts(layer, auto_threads=self._ktmoe.auto_threads)
     # the placeholders themselves are never overwritten
     rest = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in PARAMS}}
     nn.Module._load_from_state_dict(self, rest, prefix, local_metadata, False, missing_keys, unexpected_keys,

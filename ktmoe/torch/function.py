@@ -45,9 +45,19 @@ class LoraFactors:
 class KernelExperts:
     """A `ktmoe.MoEExperts` plus which autograd node its kept forward state belongs to."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, auto_threads: bool = False):
         self.layer = layer
         self.owner = None   # token of the forward whose activations the kernel holds
+        self.auto_threads = auto_threads   # no thread count given: follow _cpu.default_num_threads
+
+    def pick_threads(self, device: torch.device) -> None:
+        """With automatic threads: every core when torch computes on the CPU, all but one when
+        the rest of the model is on a GPU (ktmoe._cpu.default_num_threads)."""
+        if self.auto_threads:
+            from .._cpu import default_num_threads
+            n = default_num_threads(reserve=0 if device.type == "cpu" else 1)
+            if n != self.layer.num_threads:
+                self.layer.num_threads = n
 
     def forward(self, x, ids, w, lora, keep: bool, token=None):
         out = torch.empty(x.shape, dtype=x.dtype, pin_memory=_pin())
@@ -100,6 +110,7 @@ def experts_apply(kernel: KernelExperts, x: torch.Tensor, ids: torch.Tensor, w: 
     """y [T, H] = sum_j w_tj * expert_{ids_tj}(x_t) (+ LoRA), differentiable in x, w and the
     LoRA factors; the base expert weights are frozen."""
     factors = lora.tensors() if lora is not None else []
+    kernel.pick_threads(x.device)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *factors])
     if not needs_grad:
         with torch.no_grad():
