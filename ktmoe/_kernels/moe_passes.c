@@ -34,8 +34,8 @@
 #define CAT(a, b) CAT2(a, b)
 #define GEMM_NT CAT(kt_gemm_nt_, KT_ISA)
 #define GEMM_NN CAT(kt_gemm_nn_, KT_ISA)
-#define IGEMM_NT kt_igemm_nt_portable
-#define IGEMM_NN kt_igemm_nn_portable
+#define IGEMM_NT CAT(kt_igemm_nt_, KT_ISA)
+#define IGEMM_NN CAT(kt_igemm_nn_, KT_ISA)
 
 enum { TOKENS_PER_TASK = 32 };
 
