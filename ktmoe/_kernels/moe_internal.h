@@ -107,7 +107,7 @@ struct kt_layer {
 
 /* Process-wide scratch for the transient buffers of the running job (jobs run one at a
  * time on the pool's worker 0, so one set serves every layer). */
-enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB, KT_WS_BLOCKS,
+enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB, KT_WS_BLOCKS, KT_WS_AQ, KT_WS_SA,
        KT_WS_GRAD0, KT_WS_COUNT = KT_WS_GRAD0 + 6 };
 void *kt_workspace(int slot, size_t bytes);
 

@@ -120,6 +120,10 @@ typedef struct {
     float *dwpart;        /* backward: [npos, nci] partial router-weight gradients */
     kt_bf16 *dyb;         /* backward: [T, H] dy as bf16 */
     kt_lora_f32 grad[3];  /* backward: fp32 LoRA gradients */
+    int8_t *aq;           /* W8A8: [npos, lda_q] int8 rows of the next base GEMM's A, quantized
+                             once per call (NULL: each task quantizes its own rows) */
+    float *sa;            /* W8A8: [npos] their scales */
+    long ldq;
 } pass;
 
 static void setup(pass *c, kt_layer *L) {
@@ -307,27 +311,40 @@ static inline float round_even(float v) {
  * per-row scales sa (amax / 127; 0 for an all-zero row). NaN / Inf give a NaN / Inf scale,
  * so they propagate into the products. */
 static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *fold, long fstride,
-                         int8_t *aq, float *sa) {
+                         int8_t *aq, long ldq, float *sa) {
     float *v = kt_scratch(11, sizeof(float) * (size_t)(K ? K : 1));
     for (int i = 0; i < m; i++) {
         const kt_bf16 *a = A + i * lda;
-        float amax = 0.f;
         if (fold)
             for (int k = 0; k < K; k++) v[k] = kt_bf16_to_f32(a[k]) * fold[k * fstride];
         else
             for (int k = 0; k < K; k++) v[k] = kt_bf16_to_f32(a[k]);
-        for (int k = 0; k < K; k++) {
+        /* amax and a finiteness check (v * 0 is NaN for NaN and Inf), in 16 lanes so it vectorises */
+        float lane[16] = {0}, chk[16] = {0}, amax = 0.f, bad = 0.f;
+        int k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int l = 0; l < 16; l++) {
+                float x = v[k + l] < 0 ? -v[k + l] : v[k + l];
+                lane[l] = x > lane[l] ? x : lane[l];
+                chk[l] += v[k + l] * 0.f;
+            }
+        for (; k < K; k++) {
             float x = v[k] < 0 ? -v[k] : v[k];
-            amax = x > amax || x != x ? x : amax;
+            amax = x > amax ? x : amax;
+            bad += v[k] * 0.f;
         }
-        float s = amax / 127.f;
+        for (int l = 0; l < 16; l++) {
+            amax = lane[l] > amax ? lane[l] : amax;
+            bad += chk[l];
+        }
+        float s = bad == 0.f ? amax / 127.f : bad; /* NaN / Inf in the row: a NaN scale */
         sa[i] = s;
-        int8_t *q = aq + (long)i * K;
-        if (!(s > 0.f) || s > 3.0e38f) { /* zero row, NaN or Inf: the scale carries it */
+        int8_t *q = aq + (long)i * ldq;
+        if (!(s > 0.f)) { /* zero row, or NaN: the scale carries it */
             memset(q, 0, (size_t)K);
             continue;
         }
-        for (int k = 0; k < K; k++) {
+        for (k = 0; k < K; k++) {
             float r = round_even(v[k] / s);
             r = r > 127.f ? 127.f : r;
             r = r < -127.f ? -127.f : r;
@@ -337,7 +354,7 @@ static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *
 }
 
 static void base_nt(const pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda,
-                    float *C, long ldc) {
+                    long p0, float *C, long ldc) {
     const kt_layer *L = c->L;
     int H = L->H, I = L->I, K = which ? I : H;
     if (L->wformat == KT_W_BF16) {
@@ -355,13 +372,24 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
         }
         return;
     }
-    int8_t *aq = kt_scratch(9, (size_t)(m ? m : 1) * K);
-    float *sa = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+    const int8_t *aq;
+    const float *sa;
+    long ldq = K;
+    if (c->aq) { /* rows quantized once for every column chunk */
+        aq = c->aq + p0 * c->ldq;
+        sa = c->sa + p0;
+        ldq = c->ldq;
+    } else {
+        int8_t *t = kt_scratch(9, (size_t)(m ? m : 1) * K);
+        float *ts = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+        quantize_act(m, K, A, lda, NULL, 0, t, K, ts);
+        aq = t;
+        sa = ts;
+    }
     int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
-    quantize_act(m, K, A, lda, NULL, 0, aq, sa);
     const float *sw = W->scale + ((long)e * W->rows + row0) * W->ngroups;
     if (W->fmt == KT_W_INT8) {
-        IGEMM_NT(m, n, K, aq, K, W->q + ((long)e * W->rows + row0) * K, K, acc, n, 0);
+        IGEMM_NT(m, n, K, aq, ldq, W->q + ((long)e * W->rows + row0) * K, K, acc, n, 0);
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++) C[i * ldc + j] = sa[i] * sw[j] * (float)acc[(long)i * n + j];
         return;
@@ -373,7 +401,7 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
         expand_int8(W, e, row0, n, k0, kp, wq, kp);
         for (int g0 = k0; g0 < k0 + kp; g0 += W->group) {
             int g = g0 / W->group;
-            IGEMM_NT(m, n, W->group, aq + g0, K, wq + (g0 - k0), kp, acc, n, 0);
+            IGEMM_NT(m, n, W->group, aq + g0, ldq, wq + (g0 - k0), kp, acc, n, 0);
             for (int i = 0; i < m; i++)
                 for (int j = 0; j < n; j++)
                     C[i * ldc + j] += sa[i] * sw[(long)j * W->ngroups + g] * (float)acc[(long)i * n + j];
@@ -382,7 +410,7 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
 }
 
 static void base_nn(const pass *c, int which, int e, int m, int col0, int n, const kt_bf16 *A, long lda,
-                    float *C, long ldc) {
+                    long p0, float *C, long ldc) {
     const kt_layer *L = c->L;
     int H = L->H, I = L->I, K = which ? H : 2 * I, cols = which ? I : H;
     if (L->wformat == KT_W_BF16) {
@@ -403,31 +431,51 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
         }
         return;
     }
-    int8_t *aq = kt_scratch(9, (size_t)(m ? m : 1) * K);
-    float *sa = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
     int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
     const float *sw = W->scale + (long)e * W->rows * W->ngroups; /* [K, ngroups] */
-    const int8_t *wq;
-    long ldw;
-    if (W->fmt == KT_W_INT8) {
-        wq = W->q + (long)e * K * cols + col0;
-        ldw = cols;
-    } else {
-        int8_t *t = kt_scratch(8, (size_t)K * n);
-        expand_int8(W, e, 0, K, col0, n, t, n);
-        wq = t;
-        ldw = n;
+    if (W->fmt == KT_W_INT8) { /* one group: A's rows folded with W's row scales and quantized once */
+        const int8_t *aq;
+        const float *sa;
+        long ldq = K;
+        if (c->aq) {
+            aq = c->aq + p0 * c->ldq;
+            sa = c->sa + p0;
+            ldq = c->ldq;
+        } else {
+            int8_t *t = kt_scratch(9, (size_t)(m ? m : 1) * K);
+            float *ts = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+            quantize_act(m, K, A, lda, sw, 1, t, K, ts);
+            aq = t;
+            sa = ts;
+        }
+        IGEMM_NN(m, n, K, aq, ldq, W->q + (long)e * K * cols + col0, cols, acc, n, 0);
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++) C[i * ldc + j] = sa[i] * (float)acc[(long)i * n + j];
+        return;
     }
-    /* output columns in groups that share one scale per row of W (int8: all of them) */
+    /* int4: the scales change with the output column group, so A is folded and quantized once
+     * per group (each group of a row block is handled by exactly one task: no repetition) */
+    int8_t *aq = kt_scratch(9, (size_t)(m ? m : 1) * K);
+    float *sa = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+    int8_t *wq = kt_scratch(8, (size_t)K * n);
+    expand_int8(W, e, 0, K, col0, n, wq, n);
     for (int j0 = 0; j0 < n;) {
         int g = (col0 + j0) / W->group, j1 = (g + 1) * W->group - col0;
         j1 = j1 < n ? j1 : n;
-        quantize_act(m, K, A, lda, sw + g, W->ngroups, aq, sa);
-        IGEMM_NN(m, j1 - j0, K, aq, K, wq + j0, ldw, acc, n, 0);
+        quantize_act(m, K, A, lda, sw + g, W->ngroups, aq, K, sa);
+        IGEMM_NN(m, j1 - j0, K, aq, K, wq + j0, n, acc, n, 0);
         for (int i = 0; i < m; i++)
             for (int j = j0; j < j1; j++) C[i * ldc + j] = sa[i] * (float)acc[(long)i * n + j - j0];
         j0 = j1;
     }
+}
+
+/* W8A8: c->aq / c->sa rows p0 .. p0 + m of expert e = A's rows quantized (times the W row
+ * scales of `which` when fold). Used where every column chunk would repeat the same work. */
+static void quantize_block(pass *c, int which, int e, int m, long p0, const kt_bf16 *A, long lda, int K, int fold) {
+    const kt_qmat *W = qmat(c->L, which);
+    quantize_act(m, K, A, lda, fold ? W->scale + (long)e * W->rows * W->ngroups : NULL, W->ngroups,
+                 c->aq + p0 * c->ldq, c->ldq, c->sa + p0);
 }
 
 /* ---- forward ---- */
@@ -539,6 +587,7 @@ static void task_gather_x(void *ctx, long task, int thread) {
     const kt_bf16 *xb = L->xb.p;
     for (int i = 0; i < m; i++)
         memcpy(c->rows + (p0 + i) * c->ldr, xb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
+    if (c->aq) quantize_block(c, 0, e, m, p0, c->rows + p0 * c->ldr, c->ldr, H, 0);
     kt_bf16 *pgu = (kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     if (c->r[KT_GATE]) lora_product(m, c->r[KT_GATE], H, c->rows + p0 * c->ldr, c->ldr,
                                     L->lora[KT_GATE].A + (long)e * 3 * c->r[KT_GATE] * H, L->scale, pgu, 3 * c->rgu);
@@ -556,7 +605,7 @@ static void task_gate_up(void *ctx, long task, int thread) {
     int e = task_block(c, task, c->nci, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *gu = kt_scratch(0, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
-    base_nt(c, 0, e, m, 2 * i0, 2 * n, c->rows + p0 * c->ldr, c->ldr, gu, 2 * n);
+    base_nt(c, 0, e, m, 2 * i0, 2 * n, c->rows + p0 * c->ldr, c->ldr, p0, gu, 2 * n);
     const kt_bf16 *pgu = (const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
@@ -570,6 +619,26 @@ static void task_gate_up(void *ctx, long task, int thread) {
         for (int j = 0; j < n; j++) h[j] = kt_f32_to_bf16(g[j] * sigmoid(g[j]) * u[j]);
         if (saved) row_to_bf16(saved + (p0 + i) * 2 * I + 2 * i0, g, 2 * n, 1.f);
     }
+}
+
+/* W8A8: an expert's Hh rows (forward, down projection) or dG | dU rows (backward, folded
+ * with the gate/up row scales), quantized once for all column chunks. */
+static void task_quantize_hh(void *ctx, long task, int thread) {
+    (void)thread;
+    pass *c = ctx;
+    int e = c->L->rt.hit[task], I = c->L->I;
+    long p0;
+    int m = expert_rows(c->L, e, &p0);
+    quantize_block(c, 1, e, m, p0, c->hh + p0 * I, I, I, 0);
+}
+
+static void task_quantize_dgu(void *ctx, long task, int thread) {
+    (void)thread;
+    pass *c = ctx;
+    int e = c->L->rt.hit[task], I = c->L->I;
+    long p0;
+    int m = expert_rows(c->L, e, &p0);
+    quantize_block(c, 0, e, m, p0, c->dgu + p0 * 2 * I, 2 * I, 2 * I, 1);
 }
 
 static void task_down_lora(void *ctx, long task, int thread) {
@@ -592,7 +661,7 @@ static void task_down(void *ctx, long task, int thread) {
     int e = task_block(c, task, c->nch, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
-    base_nt(c, 1, e, m, h0, n, c->hh + p0 * I, I, d, n);
+    base_nt(c, 1, e, m, h0, n, c->hh + p0 * I, I, p0, d, n);
     if (rd) GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
                     L->lora[KT_DOWN].BT + (long)e * 3 * rd * H + h0, H, d, n, 1);
     for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
@@ -627,6 +696,18 @@ static void task_combine(void *ctx, long task, int thread) {
     }
 }
 
+/* W8A8: the buffer of rows quantized once per call (c->aq NULL otherwise). 0 or -2. */
+static int alloc_quantized_rows(pass *c) {
+    const kt_layer *L = c->L;
+    c->aq = NULL;
+    c->sa = NULL;
+    if (!L->act_int8) return 0;
+    long npos = L->rt.npos, K = L->H > 2 * L->I ? L->H : 2 * L->I;
+    c->aq = kt_workspace(KT_WS_AQ, (size_t)(npos ? npos : 1) * K);
+    c->sa = kt_workspace(KT_WS_SA, sizeof(float) * (size_t)(npos ? npos : 1));
+    return c->aq && c->sa ? 0 : -2;
+}
+
 /* The bf16 LoRA copies (layer buffers) for this call's ranks. */
 static int alloc_lora_copies(kt_layer *L) {
     for (int p = 0; p < 3; p++) {
@@ -656,12 +737,17 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
              && kt_buf_get(&L->pgu, sizeof(kt_bf16) * 3 * (size_t)npos * c.rgu)
              && kt_buf_get(&L->pd, sizeof(kt_bf16) * 3 * (size_t)npos * c.r[KT_DOWN])
              && (!L->keep || kt_buf_get(&L->gu, sizeof(kt_bf16) * (size_t)npos * 2 * I));
-    if (!ok || build_row_blocks(&c)) { rc = -2; goto done; }
+    if (!ok || build_row_blocks(&c) || alloc_quantized_rows(&c)) { rc = -2; goto done; }
+    c.ldq = H;
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     kt_parallel_for(nt, ntok, task_convert_x, &c);
     if (L->has_lora) kt_parallel_for(nt, nhit + b_tasks(L), task_copy_lora, &c);
     kt_parallel_for(nt, nhit, task_gather_x, &c);
     kt_parallel_for(nt, c.nblk * c.nci, task_gate_up, &c);
+    if (c.aq) {
+        c.ldq = I;
+        kt_parallel_for(nt, nhit, task_quantize_hh, &c);
+    }
     if (c.r[KT_DOWN]) kt_parallel_for(nt, nhit, task_down_lora, &c);
     kt_parallel_for(nt, c.nblk * c.nch, task_down, &c);
     kt_parallel_for(nt, ntok, task_combine, &c);
@@ -700,6 +786,7 @@ static void task_gather_dy(void *ctx, long task, int thread) {
         memset(g->A + (long)e * g->r * g->in, 0, sizeof(float) * g->r * g->in);
         memset(g->BT + (long)e * g->r * g->out, 0, sizeof(float) * g->r * g->out);
     }
+    if (c->aq) quantize_block(c, 1, e, m, p0, c->rows + p0 * c->ldr, c->ldr, H, 1);
     if (rd) lora_product(m, rd, H, c->rows + p0 * c->ldr, c->ldr, L->lora[KT_DOWN].BT + (long)e * 3 * rd * H, L->scale,
                          c->q + p0 * qld(c), qld(c));
 }
@@ -730,7 +817,7 @@ static void task_dhh(void *ctx, long task, int thread) {
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
-    base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, d, n);
+    base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, p0, d, n);
     if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
     const kt_bf16 *gu = L->gu.p;
     float *hv = kt_scratch(5, sizeof(float) * (size_t)n);
@@ -820,7 +907,7 @@ static void task_dx(void *ctx, long task, int thread) {
     int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
-    base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, d, n);
+    base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, p0, d, n);
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
         if (r) GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
@@ -884,13 +971,22 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
                                   .BT = kt_workspace(KT_WS_GRAD0 + 2 * p + 1, sizeof(float) * (size_t)E * r * out)};
         ok = ok && c.grad[p].A && c.grad[p].BT;
     }
-    if (!ok) { rc = -2; goto done; }
+    if (!ok || alloc_quantized_rows(&c)) { rc = -2; goto done; }
+    /* W8A8 with int8 weights: one fold + quantization per row serves every column chunk; int4
+     * folds per output column group, inside the tasks (c.aq NULL) */
+    int8_t *aq = L->wformat == KT_W_INT8 ? c.aq : NULL;
+    c.aq = aq;
+    c.ldq = H;
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     kt_parallel_for(nt, ntok, task_convert_dy, &c);
     kt_parallel_for(nt, nhit, task_gather_dy, &c);
     kt_parallel_for(nt, c.nblk * c.nci, task_dhh, &c);
     if (c.r[KT_DOWN] && L->has_grads) kt_parallel_for(nt, nhit * c.nci, task_grad_down_a, &c);
     if (c.rgu || (c.r[KT_DOWN] && L->has_grads)) kt_parallel_for(nt, nhit, task_lora_grads, &c);
+    if (aq) {
+        c.ldq = 2 * I;
+        kt_parallel_for(nt, nhit, task_quantize_dgu, &c);
+    }
     kt_parallel_for(nt, c.nblk * c.nch, task_dx, &c);
     kt_parallel_for(nt, ntok, task_combine, &c);
     if (L->has_grads) kt_parallel_for(nt, nhit + b_tasks(L), task_export_grads, &c);
