@@ -8,9 +8,12 @@
  * quad (B[4kk..4kk+3, n]). At the level of 32-bit words this is the bf16 layout of gemm_amx.c
  * (a bf16 pair and an int8 quad are both one word), and this file follows that file's design:
  *
- *  1. Small M: nt with M < KT_IAMX_MSMALL_NT, nn with M < KT_IAMX_MSMALL_NN call
- *     kt_igemm_*_avx512 (gemm_int8_avx512.c), which is as fast or faster there.
- *  2. nt with M <= KT_IAMX_MCT, "transposed output": C^T = W * A^T. The At operand is W itself,
+ *  1. Small M: nt with M < KT_IAMX_MSMALL_NT (4), nn with M < KT_IAMX_MSMALL_NN (12) call
+ *     kt_igemm_*_avx512 (gemm_int8_avx512.c), which is faster there (measured single-thread on
+ *     the 2-core AMX machine, N = 256, K = 2048 / 1536, GOP/s avx512-VNNI vs AMX: nt M = 3: 418
+ *     vs 355, M = 4: 385 vs 475; nn M = 8: 348 vs 285, M = 12: ~360 vs 405, M = 16: 378 vs 625;
+ *     the nn AMX path must pack all of W, the transposed nt path none of it).
+ *  2. nt with M <= KT_IAMX_MCT (64), "transposed output": C^T = W * A^T. The At operand is W itself,
  *     tile-loaded straight from W with stride ldw (W is never packed); the Bt operand is A^T in
  *     VNNI layout, i.e. 16x16 transposes (in 32-bit words = k quads) of 16 rows of A, packed once
  *     per K panel. Blocks of 32 W rows x 32 A rows use all 8 tiles (4 int32 accumulators, 2 W
@@ -64,10 +67,10 @@
 #define KT_IAMX_NC 128  /* columns of W packed at once, a multiple of 64 */
 #endif
 #ifndef KT_IAMX_MSMALL_NT
-#define KT_IAMX_MSMALL_NT 2 /* nt with M below this: AVX-512 */
+#define KT_IAMX_MSMALL_NT 4  /* nt with M below this: AVX-512 */
 #endif
 #ifndef KT_IAMX_MSMALL_NN
-#define KT_IAMX_MSMALL_NN 6 /* nn with M below this: AVX-512 */
+#define KT_IAMX_MSMALL_NN 12 /* nn with M below this: AVX-512 */
 #endif
 #ifndef KT_IAMX_MCT
 #define KT_IAMX_MCT 64  /* nt with M up to this: transposed-output path (no W packing) */

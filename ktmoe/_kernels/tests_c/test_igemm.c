@@ -8,7 +8,11 @@
  *   gcc -O2 -Wall -Wextra -I. tests_c/test_igemm.c /tmp/p.o /tmp/v.o /tmp/x.o -o /tmp/test_igemm
  * Run:
  *   /tmp/test_igemm            correctness of every function against a naive loop
- *   /tmp/test_igemm bench      single-thread GOP/s (2 M N K / time), to choose crossovers
+ *   /tmp/test_igemm bench [name]   single-thread GOP/s (2 M N K / time), to choose crossovers
+ *                                  (only the functions whose name contains name; environment:
+ *                                  KT_BENCH_M=1,3,12 other M values, KT_BENCH_PAD=p strides
+ *                                  p elements longer than the widths)
+ *   /tmp/test_igemm [name]         correctness, only the functions whose name contains name
  *
  * Correctness: random int8 in [-127, 127] (and a +-127-only pass for the largest K), every
  * shape of the M x N x K lists below, lda/ldw/ldc larger than the widths, both accumulate
@@ -140,22 +144,25 @@ static double now(void) {
 }
 
 static double bench_one(const fn_case *f, int M, int N, int K) {
-    const long lda = K, ldw = f->nn ? N : K, ldc = N;
-    int8_t *A = aligned_alloc(64, (size_t)M * K + 64), *W = aligned_alloc(64, (size_t)N * K + 64);
-    int32_t *C = aligned_alloc(64, sizeof(int32_t) * (size_t)M * N + 64);
-    for (long i = 0; i < (long)M * K; i++) A[i] = rnd_i8(0);
-    for (long i = 0; i < (long)N * K; i++) W[i] = rnd_i8(0);
-    memset(C, 0, sizeof(int32_t) * (size_t)M * N);
+    /* KT_BENCH_PAD=p: strides p elements longer than the widths (default 0: packed) */
+    const long pad = getenv("KT_BENCH_PAD") ? atol(getenv("KT_BENCH_PAD")) : 0;
+    const long lda = K + pad, ldw = (f->nn ? N : K) + pad, ldc = N + pad;
+    const size_t an = (size_t)(M * lda), wn = (size_t)((f->nn ? K : N) * ldw), cn = (size_t)(M * ldc);
+    int8_t *A = aligned_alloc(64, an + 64), *W = aligned_alloc(64, wn + 64);
+    int32_t *C = aligned_alloc(64, sizeof(int32_t) * cn + 64);
+    for (size_t i = 0; i < an; i++) A[i] = rnd_i8(0);
+    for (size_t i = 0; i < wn; i++) W[i] = rnd_i8(0);
+    memset(C, 0, sizeof(int32_t) * cn);
     kt_igemm_avx512_force_novnni = f->novnni;
     f->fn(M, N, K, A, lda, W, ldw, C, ldc, 0); /* warm-up */
     double best = 1e30;
-    for (int rep = 0; rep < 5; rep++) {
+    for (int rep = 0; rep < 25; rep++) { /* best of 25 short runs: robust to a busy machine */
         int iters = 0;
         double t0 = now(), t;
         do {
             f->fn(M, N, K, A, lda, W, ldw, C, ldc, 0);
             iters++;
-        } while ((t = now() - t0) < 0.05);
+        } while ((t = now() - t0) < 0.01);
         if (t / iters < best) best = t / iters;
     }
     kt_igemm_avx512_force_novnni = 0;
@@ -170,16 +177,24 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (argc > 1 && !strcmp(argv[1], "bench")) {
-        static const int Ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+        static int Ms[16] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+        unsigned nms = 10;
+        if (getenv("KT_BENCH_M")) { /* KT_BENCH_M=1,3,12: other M values */
+            char *e = getenv("KT_BENCH_M");
+            for (nms = 0; nms < 16 && *e; nms++) {
+                Ms[nms] = (int)strtol(e, &e, 10);
+                if (*e == ',') e++;
+            }
+        }
         for (int nn = 0; nn < 2; nn++) {
             const int N = 256, K = nn ? 1536 : 2048;
             printf("%s N=%d K=%d: GOP/s\n%-12s", nn ? "nn" : "nt", N, K, "M");
-            for (unsigned i = 0; i < sizeof Ms / sizeof Ms[0]; i++) printf("%8d", Ms[i]);
+            for (unsigned i = 0; i < nms; i++) printf("%8d", Ms[i]);
             printf("\n");
             for (int j = 0; j < NFN; j++) {
-                if (FNS[j].nn != nn) continue;
+                if (FNS[j].nn != nn || (argc > 2 && !strstr(FNS[j].name, argv[2]))) continue;
                 printf("%-12s", FNS[j].name);
-                for (unsigned i = 0; i < sizeof Ms / sizeof Ms[0]; i++) {
+                for (unsigned i = 0; i < nms; i++) {
                     printf("%8.1f", bench_one(&FNS[j], Ms[i], N, K));
                     fflush(stdout);
                 }
