@@ -312,26 +312,27 @@ static inline float round_even(float v) {
  * so they propagate into the products. */
 static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *fold, long fstride,
                          int8_t *aq, long ldq, float *sa) {
-    float *v = kt_scratch(11, sizeof(float) * (size_t)(K ? K : 1));
+    float *v = kt_scratch(11, sizeof(float) * (size_t)(K + 16));
     for (int i = 0; i < m; i++) {
         const kt_bf16 *a = A + i * lda;
-        if (fold)
-            for (int k = 0; k < K; k++) v[k] = kt_bf16_to_f32(a[k]) * fold[k * fstride];
-        else
-            for (int k = 0; k < K; k++) v[k] = kt_bf16_to_f32(a[k]);
-        /* amax and a finiteness check (v * 0 is NaN for NaN and Inf), in 16 lanes so it vectorises */
+        /* one pass: the values (times the fold), their amax and a finiteness check (v * 0 is
+         * NaN for NaN and Inf), in 16 lanes so that it vectorises */
         float lane[16] = {0}, chk[16] = {0}, amax = 0.f, bad = 0.f;
         int k = 0;
         for (; k + 16 <= K; k += 16)
             for (int l = 0; l < 16; l++) {
-                float x = v[k + l] < 0 ? -v[k + l] : v[k + l];
-                lane[l] = x > lane[l] ? x : lane[l];
-                chk[l] += v[k + l] * 0.f;
+                float x = kt_bf16_to_f32(a[k + l]) * (fold ? fold[(k + l) * fstride] : 1.f);
+                v[k + l] = x;
+                float ax = x < 0 ? -x : x;
+                lane[l] = ax > lane[l] ? ax : lane[l];
+                chk[l] += x * 0.f;
             }
         for (; k < K; k++) {
-            float x = v[k] < 0 ? -v[k] : v[k];
-            amax = x > amax ? x : amax;
-            bad += v[k] * 0.f;
+            float x = kt_bf16_to_f32(a[k]) * (fold ? fold[k * fstride] : 1.f);
+            v[k] = x;
+            float ax = x < 0 ? -x : x;
+            amax = ax > amax ? ax : amax;
+            bad += x * 0.f;
         }
         for (int l = 0; l < 16; l++) {
             amax = lane[l] > amax ? lane[l] : amax;
@@ -344,8 +345,11 @@ static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *
             memset(q, 0, (size_t)K);
             continue;
         }
+        /* times 1 / s rather than a division per value (4x fewer cycles): a code may differ
+         * by one from reference/quant.py's v / s where that lands within an ulp of a half */
+        float inv = 1.f / s;
         for (k = 0; k < K; k++) {
-            float r = round_even(v[k] / s);
+            float r = round_even(v[k] * inv);
             r = r > 127.f ? 127.f : r;
             r = r < -127.f ? -127.f : r;
             q[k] = (int8_t)r;
