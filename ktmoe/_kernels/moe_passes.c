@@ -357,6 +357,216 @@ static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *
     }
 }
 
+/* ---- weight-only products for experts with few rows (decode-like, memory bound) ----
+ * With at most QSMALL rows the expansion into bf16 panels costs more than the product, so
+ * these loops read each stored code once, convert it in registers and multiply in fp32:
+ *   nt: C[i, j] = sum_g scale[j, g] * sum_{k in g} A[i, k] q[j, k]
+ *   nn: C[i, j] = sum_k (A[i, k] scale[k, g(j)]) q[k, j]
+ * i.e. the weights q * scale without the bf16 rounding of the panel path (a difference
+ * below 2^-9 of each weight; an expert has the same rows in forward and backward, so both
+ * use the same path). Specialised per row count so that the loops vectorise. */
+enum { QSMALL = 4 };
+
+#define KT_AI static inline __attribute__((always_inline))
+
+/* out[i] = sum_k a[i * lda + k] * code(k) over n values of one stored row. For int4, a is
+ * stored per 32 values as 16 even then 16 odd ones (see small_nt) and n is a multiple of 32. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int int4, int n, float *out) {
+    __m512 p[QSMALL][2];
+    for (int i = 0; i < QSMALL; i++) p[i][0] = p[i][1] = _mm512_setzero_ps();
+    int k = 0;
+    if (int4) {
+        for (; k + 32 <= n; k += 32) {
+            __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
+            for (int i = 0; i < M; i++) {
+                p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
+                p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
+            }
+        }
+    } else {
+        for (; k + 32 <= n; k += 32) {
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k + 16))));
+            for (int i = 0; i < M; i++) {
+                p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
+                p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
+            }
+        }
+        for (; k < n; k += 16) {
+            __mmask16 mk = (__mmask16)(n - k >= 16 ? 0xffff : (1u << (n - k)) - 1);
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
+            for (int i = 0; i < M; i++)
+                p[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i * lda + k), w, p[i][0]);
+        }
+    }
+    for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1]));
+}
+#else
+KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int int4, int n, float *out) {
+    for (int i = 0; i < M; i++) {
+        float part[16] = {0}, t = 0.f;
+        const float *ai = a + i * lda;
+        int k = 0;
+        if (int4) {
+            for (; k + 32 <= n; k += 32)
+                for (int l = 0; l < 16; l++) {
+                    int8_t b = q[k / 2 + l];
+                    part[l] += ai[k + l] * (float)(int8_t)((int8_t)(b << 4) >> 4) + ai[k + 16 + l] * (float)(int8_t)(b >> 4);
+                }
+        } else {
+            for (; k + 16 <= n; k += 16)
+                for (int l = 0; l < 16; l++) part[l] += ai[k + l] * (float)q[k + l];
+            for (; k < n; k++) t += ai[k] * (float)q[k];
+        }
+        for (int l = 0; l < 16; l++) t += part[l];
+        out[i] = t;
+    }
+}
+#endif
+
+KT_AI void small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const float *a, long lda,
+                      float *C, long ldc) {
+    int int4 = W->fmt == KT_W_INT4, cols = W->cols;
+    for (int j = 0; j < n; j++) {
+        long row = (long)e * W->rows + row0 + j;
+        const float *sc = W->scale + row * W->ngroups;
+        const int8_t *q = W->q + row * (int4 ? cols / 2 : cols);
+        float acc[QSMALL] = {0}, part[QSMALL];
+        for (int g = 0; g < W->ngroups; g++) {
+            int k0 = g * W->group;
+            qdot(M, a + k0, lda, q + (int4 ? k0 / 2 : k0), int4, W->group, part);
+            for (int i = 0; i < M; i++) acc[i] += sc[g] * part[i];
+        }
+        for (int i = 0; i < M; i++) C[i * ldc + j] = acc[i];
+    }
+}
+
+static void small_nt(const kt_qmat *W, int e, int m, int row0, int n, const kt_bf16 *A, long lda, float *C, long ldc) {
+    int K = W->cols;
+    float *a = kt_scratch(9, sizeof(float) * (size_t)QSMALL * K);
+    for (int i = 0; i < m; i++) {
+        if (W->fmt == KT_W_INT4) /* per 32 values: even ones, then odd ones (qdot's order) */
+            for (int k = 0; k < K; k += 32)
+                for (int l = 0; l < 16; l++) {
+                    a[(long)i * K + k + l] = kt_bf16_to_f32(A[i * lda + k + 2 * l]);
+                    a[(long)i * K + k + 16 + l] = kt_bf16_to_f32(A[i * lda + k + 2 * l + 1]);
+                }
+        else
+            row_to_f32(a + (long)i * K, A + i * lda, K);
+    }
+    switch (m) {
+    case 1: small_nt_m(1, W, e, row0, n, a, K, C, ldc); break;
+    case 2: small_nt_m(2, W, e, row0, n, a, K, C, ldc); break;
+    case 3: small_nt_m(3, W, e, row0, n, a, K, C, ldc); break;
+    default: small_nt_m(4, W, e, row0, n, a, K, C, ldc); break;
+    }
+}
+
+/* C [M, n] = sum over the K stored rows k of (A[i, k] * scale[k, g(j)]) * code[k, col0 + j] */
+#if defined(__AVX512F__)
+/* codes [col0 + j0, + 16 * nv) of one stored row as fp32 vectors: int8 one per lane; int4 the
+ * even columns in w[2v], the odd ones in w[2v + 1] (32 codes per pair) */
+KT_AI __m512 code8(const int8_t *q, int j, __mmask16 mk) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + j)));
+}
+
+KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_bf16 *A, long lda,
+                      float *C, long ldc) {
+    int int4 = W->fmt == KT_W_INT4, cols = W->cols, K = W->rows;
+    /* accumulators [M][n] in L1 (int4: per 32 columns, 16 even then 16 odd ones) */
+    float *acc = kt_scratch(9, sizeof(float) * (size_t)QSMALL * (n + 32));
+    int nv = (n + 15) / 16;
+    for (int i = 0; i < M * nv * 16; i++) acc[i] = 0.f;
+    for (int k = 0; k < K; k++) {
+        long row = (long)e * K + k;
+        const float *sc = W->scale + row * W->ngroups;
+        float ak[QSMALL];
+        for (int i = 0; i < M; i++) ak[i] = kt_bf16_to_f32(A[i * lda + k]);
+        if (!int4) {
+            const int8_t *q = W->q + row * cols + col0;
+            __m512 av[QSMALL];
+            for (int i = 0; i < M; i++) av[i] = _mm512_set1_ps(ak[i] * sc[0]);
+            for (int v = 0; v < nv; v++) {
+                int j = 16 * v;
+                __m512 w = code8(q, j, (__mmask16)(n - j >= 16 ? 0xffff : (1u << (n - j)) - 1));
+                for (int i = 0; i < M; i++) {
+                    float *c = acc + (long)i * nv * 16 + j;
+                    _mm512_storeu_ps(c, _mm512_fmadd_ps(av[i], w, _mm512_loadu_ps(c)));
+                }
+            }
+            continue;
+        }
+        const int8_t *q = W->q + row * (cols / 2) + col0 / 2;
+        for (int j = 0; j < n; j += 32) { /* groups are multiples of 32 columns */
+            int g = (col0 + j) / W->group;
+            __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j / 2)));
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
+            for (int i = 0; i < M; i++) {
+                __m512 as = _mm512_set1_ps(ak[i] * sc[g]);
+                float *c = acc + (long)i * nv * 16 + j;
+                _mm512_storeu_ps(c, _mm512_fmadd_ps(as, w0, _mm512_loadu_ps(c)));
+                _mm512_storeu_ps(c + 16, _mm512_fmadd_ps(as, w1, _mm512_loadu_ps(c + 16)));
+            }
+        }
+    }
+    for (int i = 0; i < M; i++) {
+        const float *a = acc + (long)i * nv * 16;
+        for (int j = 0; j < n; j++)
+            C[i * ldc + j] = int4 ? a[(j & ~31) + (j & 1) * 16 + (j & 31) / 2] : a[j];
+    }
+}
+#else
+KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_bf16 *A, long lda,
+                      float *C, long ldc) {
+    int int4 = W->fmt == KT_W_INT4, cols = W->cols, K = W->rows;
+    float *acc = kt_scratch(9, sizeof(float) * (size_t)QSMALL * (n + 32));
+    for (int i = 0; i < M * n; i++) acc[i] = 0.f;
+    for (int k = 0; k < K; k++) {
+        long row = (long)e * K + k;
+        const float *sc = W->scale + row * W->ngroups;
+        for (int i = 0; i < M; i++) {
+            float ak = kt_bf16_to_f32(A[i * lda + k]);
+            float *c = acc + (long)i * n;
+            if (!int4) {
+                const int8_t *q = W->q + row * cols + col0;
+                float as = ak * sc[0];
+                for (int j = 0; j < n; j++) c[j] += as * (float)q[j];
+                continue;
+            }
+            const int8_t *q = W->q + row * (cols / 2) + col0 / 2;
+            for (int j = 0; j < n; j += 2) {
+                float as = ak * sc[(col0 + j) / W->group];
+                c[j] += as * (float)(int8_t)((int8_t)(q[j / 2] << 4) >> 4);
+                c[j + 1] += as * (float)(int8_t)(q[j / 2] >> 4);
+            }
+        }
+    }
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < n; j++) C[i * ldc + j] = acc[(long)i * n + j];
+}
+#endif
+
+static void small_nn(const kt_qmat *W, int e, int m, int col0, int n, const kt_bf16 *A, long lda, float *C, long ldc) {
+    switch (m) {
+    case 1: small_nn_m(1, W, e, col0, n, A, lda, C, ldc); break;
+    case 2: small_nn_m(2, W, e, col0, n, A, lda, C, ldc); break;
+    case 3: small_nn_m(3, W, e, col0, n, A, lda, C, ldc); break;
+    default: small_nn_m(4, W, e, col0, n, A, lda, C, ldc); break;
+    }
+}
+
+/* Backward nn tasks of a block this small read whole rows of quantized weights (one task per
+ * block instead of one per column chunk): the weights then stream sequentially from memory
+ * instead of as short strided slices, which is what bounds these memory-bound products. */
+static int whole_rows(const kt_layer *L, int m) {
+    return L->wformat != KT_W_BF16 && !L->act_int8 && m <= QSMALL;
+}
+
 static void base_nt(const pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda,
                     long p0, float *C, long ldc) {
     const kt_layer *L = c->L;
@@ -367,6 +577,10 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
         return;
     }
     const kt_qmat *W = qmat(L, which);
+    if (!L->act_int8 && m <= QSMALL) {
+        if (m) small_nt(W, e, m, row0, n, A, lda, C, ldc);
+        return;
+    }
     if (!L->act_int8) {
         kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
         for (int k0 = 0; k0 < K; k0 += QKP) {
@@ -426,6 +640,10 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
         return;
     }
     const kt_qmat *W = qmat(L, which);
+    if (!L->act_int8 && m <= QSMALL) {
+        if (m) small_nn(W, e, m, col0, n, A, lda, C, ldc);
+        return;
+    }
     if (!L->act_int8) {
         kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
         for (int k0 = 0; k0 < K; k0 += QKP) {
@@ -818,21 +1036,26 @@ static void task_dhh(void *ctx, long task, int thread) {
     int chunk, m, H = L->H, I = L->I, rd = c->r[KT_DOWN];
     long p0;
     int e = task_block(c, task, c->nci, &chunk, &p0, &m);
-    int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
+    int whole = whole_rows(L, m); /* the first chunk's task does every chunk */
+    if (whole && chunk) return;
+    int n = whole ? I : kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = whole ? 0 : chunk * KT_CHUNK_I;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
     base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, p0, d, n);
     if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
     const kt_bf16 *gu = L->gu.p;
-    float *hv = kt_scratch(5, sizeof(float) * (size_t)n);
-    for (int i = 0; i < m; i++) {
-        long p = p0 + i;
-        float w = L->rt.w[L->rt.slot_of_pos[p]];
-        const kt_bf16 *gr = gu + p * 2 * I + 2 * i0, *ur = gr + n;
-        const float *dr = d + (size_t)i * n;
-        kt_bf16 *dg = c->dgu + p * 2 * I + 2 * i0, *du = dg + n, *h = c->hh + p * I + i0;
-        silu_backward(n, w, gr, ur, dr, hv, h, dg, du);
-        c->dwpart[p * c->nci + chunk] = dot_f32(dr, hv, n);
+    float *hv = kt_scratch(5, sizeof(float) * KT_CHUNK_I);
+    for (int ch = i0 / KT_CHUNK_I; ch * KT_CHUNK_I < i0 + n; ch++) { /* gate/up rows are chunk-interleaved */
+        int cn = kt_chunk_n(ch, KT_CHUNK_I, I), c0 = ch * KT_CHUNK_I;
+        for (int i = 0; i < m; i++) {
+            long p = p0 + i;
+            float w = L->rt.w[L->rt.slot_of_pos[p]];
+            const kt_bf16 *gr = gu + p * 2 * I + 2 * c0, *ur = gr + cn;
+            const float *dr = d + (size_t)i * n + (c0 - i0);
+            kt_bf16 *dg = c->dgu + p * 2 * I + 2 * c0, *du = dg + cn, *h = c->hh + p * I + c0;
+            silu_backward(cn, w, gr, ur, dr, hv, h, dg, du);
+            c->dwpart[p * c->nci + ch] = dot_f32(dr, hv, cn);
+        }
     }
 }
 
@@ -908,7 +1131,9 @@ static void task_dx(void *ctx, long task, int thread) {
     int chunk, m, H = L->H, I = L->I;
     long p0;
     int e = task_block(c, task, c->nch, &chunk, &p0, &m);
-    int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
+    int whole = whole_rows(L, m); /* the first chunk's task does every chunk */
+    if (whole && chunk) return;
+    int n = whole ? H : kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = whole ? 0 : chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
     base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, p0, d, n);
