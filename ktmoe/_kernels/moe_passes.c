@@ -365,7 +365,7 @@ static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *
  * i.e. the weights q * scale without the bf16 rounding of the panel path (a difference
  * below 2^-9 of each weight; an expert has the same rows in forward and backward, so both
  * use the same path). Specialised per row count so that the loops vectorise. */
-enum { QSMALL = 4 };
+enum { QSMALL = 4, QPREFETCH_NT = 2 };
 
 #define KT_AI static inline __attribute__((always_inline))
 
@@ -435,6 +435,12 @@ KT_AI void small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const flo
         long row = (long)e * W->rows + row0 + j;
         const float *sc = W->scale + row * W->ngroups;
         const int8_t *q = W->q + row * (int4 ? cols / 2 : cols);
+#if defined(__AVX512F__)
+        if (j + QPREFETCH_NT < n) { /* a row a few rows ahead: keeps more misses in flight */
+            long bytes = int4 ? cols / 2 : cols;
+            for (long b = 0; b < bytes; b += 64) _mm_prefetch((const char *)q + QPREFETCH_NT * bytes + b, _MM_HINT_T0);
+        }
+#endif
         float acc[QSMALL] = {0}, part[QSMALL];
         for (int g = 0; g < W->ngroups; g++) {
             int k0 = g * W->group;
@@ -470,6 +476,8 @@ static void small_nt(const kt_qmat *W, int e, int m, int row0, int n, const kt_b
 #if defined(__AVX512F__)
 /* codes [col0 + j0, + 16 * nv) of one stored row as fp32 vectors: int8 one per lane; int4 the
  * even columns in w[2v], the odd ones in w[2v + 1] (32 codes per pair) */
+enum { QPREFETCH = 6 };
+
 KT_AI __m512 code8(const int8_t *q, int j, __mmask16 mk) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + j)));
 }
@@ -486,6 +494,10 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
         const float *sc = W->scale + row * W->ngroups;
         float ak[QSMALL];
         for (int i = 0; i < M; i++) ak[i] = kt_bf16_to_f32(A[i * lda + k]);
+        if (k + QPREFETCH < K) { /* the same columns QPREFETCH rows ahead: keeps more misses in flight */
+            const char *ahead = (const char *)W->q + (row + QPREFETCH) * (int4 ? cols / 2 : cols) + (int4 ? col0 / 2 : col0);
+            for (int b = 0; b < (int4 ? n / 2 : n); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        }
         if (!int4) {
             const int8_t *q = W->q + row * cols + col0;
             __m512 av[QSMALL];
@@ -721,19 +733,6 @@ static void task_convert_x(void *ctx, long task, int thread) {
  * turn, so PEFT's A shared by gate and up is never written by two threads. */
 enum { BLOCK_O = 32 };
 
-static inline float load1(const kt_view3 *v, long i) {
-    return v->dtype == KT_BF16 ? kt_bf16_to_f32(((const kt_bf16 *)v->data)[i]) : ((const float *)v->data)[i];
-}
-
-static inline void add1(const kt_view3 *v, long i, float x) {
-    if (v->dtype == KT_BF16) {
-        kt_bf16 *p = (kt_bf16 *)v->data + i;
-        *p = kt_f32_to_bf16(kt_bf16_to_f32(*p) + x);
-    } else {
-        ((float *)v->data)[i] += x;
-    }
-}
-
 /* Number of B tasks, and the decoding of task t >= nhit into (projection, first row). */
 static long b_tasks(const kt_layer *L) {
     long n = 0;
@@ -787,11 +786,20 @@ static void task_copy_lora(void *ctx, long task, int thread) {
     int r = d->r, out = d->out, nb = o0 + BLOCK_O < out ? BLOCK_O : out - o0;
     /* gather the block as [expert][j][o] rows, then split each row */
     float *blk = kt_scratch(7, sizeof(float) * (size_t)nhit * r * BLOCK_O);
-    for (int o = 0; o < nb; o++)
-        for (int j = 0; j < r; j++)
-            for (long h = 0; h < nhit; h++)
-                blk[(h * r + j) * BLOCK_O + o] =
-                    load1(B, L->rt.hit[h] * B->stride[0] + (o0 + o) * B->stride[1] + j * B->stride[2]);
+    for (long h = 0; h < nhit; h++) { /* one expert's [nb, r] block at a time: its rows stay in L1 */
+        float *bh = blk + h * r * BLOCK_O;
+        long base = L->rt.hit[h] * B->stride[0] + o0 * B->stride[1];
+        for (int o = 0; o < nb; o++) {
+            long at = base + o * B->stride[1];
+            if (B->dtype == KT_F32) {
+                const float *src = (const float *)B->data + at;
+                for (int j = 0; j < r; j++) bh[j * BLOCK_O + o] = src[j * B->stride[2]];
+            } else {
+                const kt_bf16 *src = (const kt_bf16 *)B->data + at;
+                for (int j = 0; j < r; j++) bh[j * BLOCK_O + o] = kt_bf16_to_f32(src[j * B->stride[2]]);
+            }
+        }
+    }
     for (long h = 0; h < nhit; h++) {
         kt_bf16 *BT = d->BT + (long)L->rt.hit[h] * 3 * r * out + o0;
         for (int j = 0; j < r; j++)
@@ -1172,11 +1180,21 @@ static void task_export_grads(void *ctx, long task, int thread) {
     for (long h = 0; h < nhit; h++)
         for (int j = 0; j < r; j++)
             memcpy(blk + (h * r + j) * BLOCK_O, g->BT + ((long)L->rt.hit[h] * r + j) * out + o0, sizeof(float) * nb);
-    for (int o = 0; o < nb; o++)
-        for (int j = 0; j < r; j++)
-            for (long h = 0; h < nhit; h++)
-                add1(B, L->rt.hit[h] * B->stride[0] + (o0 + o) * B->stride[1] + j * B->stride[2],
-                     blk[(h * r + j) * BLOCK_O + o]);
+    for (long h = 0; h < nhit; h++) { /* one expert at a time, as in task_copy_lora */
+        const float *bh = blk + h * r * BLOCK_O;
+        long base = L->rt.hit[h] * B->stride[0] + o0 * B->stride[1];
+        for (int o = 0; o < nb; o++) {
+            long at = base + o * B->stride[1];
+            if (B->dtype == KT_F32) {
+                float *dst = (float *)B->data + at;
+                for (int j = 0; j < r; j++) dst[j * B->stride[2]] += bh[j * BLOCK_O + o];
+            } else {
+                kt_bf16 *dst = (kt_bf16 *)B->data + at;
+                for (int j = 0; j < r; j++)
+                    dst[j * B->stride[2]] = kt_f32_to_bf16(kt_bf16_to_f32(dst[j * B->stride[2]]) + bh[j * BLOCK_O + o]);
+            }
+        }
+    }
 }
 
 int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
