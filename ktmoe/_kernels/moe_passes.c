@@ -572,11 +572,11 @@ static void small_nn(const kt_qmat *W, int e, int m, int col0, int n, const kt_b
     }
 }
 
-/* Backward nn tasks of a block this small read whole rows of quantized weights (one task per
+/* Backward nn tasks of a block this small read whole rows of the weights (one task per
  * block instead of one per column chunk): the weights then stream sequentially from memory
  * instead of as short strided slices, which is what bounds these memory-bound products. */
 static int whole_rows(const kt_layer *L, int m) {
-    return L->wformat != KT_W_BF16 && !L->act_int8 && m <= QSMALL;
+    return !L->act_int8 && m <= QSMALL;
 }
 
 static void base_nt(const pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda,
