@@ -125,10 +125,13 @@ def layer_flops(shape: Shape, pairs: int, passes: str, r: int = LORA_R) -> float
     return float(pairs) * (fwd + (bwd if passes == "fwdbwd" else 0))
 
 
-def layer_bytes(shape: Shape, hit: int, passes: str, r: int = LORA_R, lora_itemsize: int = 4) -> float:
+def layer_bytes(shape: Shape, hit: int, passes: str, r: int = LORA_R, lora_itemsize: int = 4,
+                weight_itemsize: float = 2.0) -> float:
     """Bytes one call must move at least, for `hit` distinct experts with tokens:
 
         forward   hit * 6*H*I            bf16 gate_up + down of each hit expert, read once
+                                         (quantized: weight_itemsize bytes per weight, codes
+                                         and scales, instead of 2)
                 + hit * r*(3H + 3I) * s  LoRA factors of the hit experts (s = 4: fp32)
                 + T*H*2 * 2              x read, y written (bf16)
                 + T*k*(8 + 4)            ids (int64) and weights (fp32) read
@@ -139,7 +142,7 @@ def layer_bytes(shape: Shape, hit: int, passes: str, r: int = LORA_R, lora_items
                                          forward and read back by the backward
     """
     H, I, T, k = shape.H, shape.I, shape.T, shape.k
-    weights = hit * 6 * H * I
+    weights = hit * 3 * H * I * weight_itemsize
     lora = hit * r * (3 * H + 3 * I) * lora_itemsize
     fwd = weights + lora + 2 * T * H * 2 + T * k * 12
     if passes != "fwdbwd":
@@ -148,9 +151,11 @@ def layer_bytes(shape: Shape, hit: int, passes: str, r: int = LORA_R, lora_items
     return float(fwd + bwd + 2 * T * k * 2 * I * 2)
 
 
-def bound_seconds(roof: Roofline, flops: float, nbytes: float) -> tuple[float, float, float]:
-    """(bound, compute time at peak, memory time at bandwidth); bound = the larger."""
-    t_c = flops / roof.bf16_flops if roof.bf16_flops else 0.0
+def bound_seconds(roof: Roofline, flops: float, nbytes: float, int8: bool = False) -> tuple[float, float, float]:
+    """(bound, compute time at peak, memory time at bandwidth); bound = the larger. int8: the
+    int8 peak (W8A8 rows; their LoRA products still run in bf16, so this bound is optimistic)."""
+    peak = roof.int8_ops if int8 else roof.bf16_flops
+    t_c = flops / peak if peak else 0.0
     t_m = nbytes / roof.read_bw
     return max(t_c, t_m), t_c, t_m
 
@@ -199,8 +204,8 @@ class Problem:
     def flops(self, passes: str) -> float:
         return layer_flops(self.shape, self.pairs, passes, self.r)
 
-    def nbytes(self, passes: str) -> float:
-        return layer_bytes(self.shape, self.hit, passes, self.r)
+    def nbytes(self, passes: str, weight_itemsize: float = 2.0) -> float:
+        return layer_bytes(self.shape, self.hit, passes, self.r, weight_itemsize=weight_itemsize)
 
 
 class KtmoeRunner:
@@ -438,8 +443,11 @@ class Result:
 
 def make_result(roof: Roofline, p: Problem, passes: str, impl: str, seconds: float, rounds: int,
                 weight_ratio: float | None = None) -> Result:
-    flops, nbytes = p.flops(passes), p.nbytes(passes)
-    bound, t_c, t_m = bound_seconds(roof, flops, nbytes)
+    """Quantized rows count their own weight bytes (2 * weight_ratio per weight) and, for W8A8,
+    the int8 peak."""
+    itemsize = 2.0 * weight_ratio if impl in QUANTIZED and weight_ratio else 2.0
+    flops, nbytes = p.flops(passes), p.nbytes(passes, itemsize)
+    bound, t_c, t_m = bound_seconds(roof, flops, nbytes, int8=QUANTIZED.get(impl, ("", ""))[1] == "int8")
     return Result(p.shape.name, passes, impl, seconds, rounds, p.shape.T, flops, nbytes, bound, t_c, t_m,
                   weight_ratio)
 
@@ -459,13 +467,13 @@ def add_speedups(results: list) -> None:
 def format_table(roof: Roofline, results: list) -> list[str]:
     """The result table as lines of aligned plain text."""
     lines = [roofline_line(roof)]
-    head = (f"{'shape':<11} {'pass':<6} {'impl':<8} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+    head = (f"{'shape':<11} {'pass':<6} {'impl':<10} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
             f"{'bound ms':>9} {'by':>3} {'%roof':>6} {'x eager':>8} {'x grouped':>9}")
     lines += [head, "-" * len(head)]
     for r in results:
         by = "mem" if r.t_memory >= r.t_compute else "cmp"
         sp = [f"{r.speedup[b]:.2f}" if b in r.speedup else "" for b in BASELINES]
-        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<8} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
+        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<10} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
                      f"{r.tflops:8.3f} {r.gbs:7.1f} {1e3 * r.bound:9.1f} {by:>3} "
                      f"{100 * r.roofline_fraction:5.1f}% {sp[0]:>8} {sp[1]:>9}")
     for impl in OURS:
@@ -505,17 +513,51 @@ def check_targets(results: list, impl: str = "ktmoe") -> list[tuple[str, str, st
         out.append((f"qwen3-16 {passes} <= {TARGET_BW_T16:g}x bandwidth bound",
                     f"{ratio:.2f}x" if r else "not run",
                     "n.a." if r is None else "PASS" if ratio <= TARGET_BW_T16 else "FAIL"))
-    ratios = [r.weight_ratio for r in results if r.weight_ratio is not None]
+    ratios = [r.weight_ratio for r in results if r.weight_ratio is not None and impl != "ktmoe-wT"]
     worst = max(ratios) if ratios else None
     out.append((f"packed weights <= {TARGET_PACKED:g}x raw bf16", f"{worst:.3f}x" if worst else "not run",
                 "n.a." if worst is None else "PASS" if worst <= TARGET_PACKED else "FAIL"))
     return out
 
 
+def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
+    """(impl, target, measured, PASS/FAIL/n.a.) for the INT8/INT4 targets: fwd+bwd speed-ups
+    over ktmoe bf16 measured in the same run, and packed memory against bf16."""
+    by = {(r.shape, r.passes, r.impl): r for r in results}
+    out = []
+    for impl, shape, want in (("ktmoe-int8", "qwen3-16", TARGET_INT8_T16), ("ktmoe-int4", "qwen3-16", TARGET_INT4_T16),
+                              ("ktmoe-w8a8", "qwen3-4096", TARGET_W8A8_T4096)):
+        q, b = by.get((shape, "fwdbwd", impl)), by.get((shape, "fwdbwd", "ktmoe"))
+        sp = b.seconds / q.seconds if q and b else None
+        out.append((impl, f"{shape} fwdbwd >= {want:g}x ktmoe bf16", f"{sp:.2f}x" if sp else "not run",
+                    "n.a." if sp is None else "PASS" if sp >= want else "FAIL"))
+    for impl in ("ktmoe-int8", "ktmoe-int4"):
+        # packed bytes against the format's own raw bytes (codes + fp32 scales) and against bf16
+        rows = [(r.weight_ratio, format_bytes_ratio(SHAPES[r.shape], QUANTIZED[impl][0]))
+                for r in results if r.impl == impl and r.weight_ratio is not None]
+        worst = max(rows, key=lambda t: t[0] / t[1]) if rows else None
+        got = f"{worst[0] / worst[1]:.3f}x (= {worst[0]:.4f} of bf16)" if worst else "not run"
+        out.append((impl, f"packed weights <= {TARGET_PACKED:g}x codes + scales", got,
+                    "n.a." if worst is None else "PASS" if worst[0] / worst[1] <= TARGET_PACKED else "FAIL"))
+    return out
+
+
+def format_bytes_ratio(shape: Shape, weights: str) -> float:
+    """Raw bytes of a quantized format (codes + one fp32 scale per row or per group of
+    INT4_GROUP columns) over raw bf16 bytes, for one expert's gate, up and down."""
+    H, I = shape.H, shape.I
+    rows = 2 * I + H
+    if weights == "int8":
+        return (3 * H * I + 4 * rows) / (6 * H * I)
+    return (3 * H * I / 2 + 4 * (2 * I * H + H * I) / INT4_GROUP) / (6 * H * I)
+
+
 def format_targets(results: list) -> list[str]:
-    return [f"  {status:<5} {impl:<8} {what:<44} measured {got}"
-            for impl in OURS for what, got, status in check_targets(results, impl)
-            if got != "not run" or impl == "ktmoe"]
+    lines = [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
+             for impl in ("ktmoe", "ktmoe-wT") for what, got, status in check_targets(results, impl)
+             if got != "not run" or impl == "ktmoe"]
+    return lines + [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
+                    for impl, what, got, status in check_quant_targets(results) if got != "not run"]
 
 
 # ---------------------------------------------------------------- timing (the CLI's own)

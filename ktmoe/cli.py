@@ -58,35 +58,49 @@ def _problem(rng, E, H, I, T, k, r):
     return w, x, dy, ids, weights, lora
 
 
+VERIFY_FORMATS = [   # (label, weights, group_size, activations)
+    ("bf16", "bf16", None, "bf16"), ("int8", "int8", None, "bf16"), ("int4/g32", "int4", 32, "bf16"),
+    ("w8a8", "int8", None, "int8"), ("w4a8/g32", "int4", 32, "int8")]
+
+
 def cmd_verify(args) -> int:
     from . import reference
     rng = np.random.default_rng(0)
     isas = [args.isa] if args.isa else _cpu.available_isas()
+    formats = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
     worst = 0.0
-    print(f"{'path':<9} {'E,H,I,T,k,r':<22} {'fwd ms':>8} {'bwd ms':>8}  max rel. error (y, dx, dw, LoRA grads)")
+    print(f"{'path':<9} {'weights':<9} {'E,H,I,T,k,r':<22} {'fwd ms':>8} {'bwd ms':>8}  "
+          f"max rel. error (y, dx, dw, LoRA grads)")
     for E, H, I, T, k, r in VERIFY_SHAPES:
         w, x, dy, ids, weights, (ga, gb, da, db) = _problem(rng, E, H, I, T, k, r)
         scale = 2.0
         gu = np.asarray(w["gate_up"], np.float32)
         ref_lora = reference.LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale)
-        y_ref, cache = reference.moe_forward(x, ids, weights, gu[:, :I], gu[:, I:], w["down"], lora=ref_lora)
-        dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
-        for isa in isas:
-            layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=args.threads)
-            grads = [np.zeros(a.shape, np.float32) for a in (ga, gb, da, db)]
-            t0 = time.perf_counter()
-            y = layer.forward(x, ids, weights, LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale),
-                              keep_for_backward=True)
-            t1 = time.perf_counter()
-            dx, dw = layer.backward(dy, LoRA.peft(gate_up=tuple(grads[:2]), down=tuple(grads[2:])))
-            t2 = time.perf_counter()
-            errs = [_rel(y, y_ref), _rel(dx, dx_ref), _rel(dw, dw_ref),
-                    _rel(grads[0], g_ref["gate_up"][0]), _rel(grads[1], g_ref["gate_up"][1]),
-                    _rel(grads[2], g_ref["down"][0]), _rel(grads[3], g_ref["down"][1])]
-            worst = max(worst, *errs)
-            shape = f"{E},{H},{I},{T},{k},{r}"
-            print(f"{isa:<9} {shape:<22} {1e3 * (t1 - t0):8.2f} {1e3 * (t2 - t1):8.2f}  "
-                  + " ".join(f"{e:.1e}" for e in errs))
+        for label, fmt, group, acts in formats:
+            if group and (H % group or I % group):
+                continue
+            base = (gu[:, :I], gu[:, I:], w["down"])
+            if fmt != "bf16":   # the quantized reference: same codes, same rounding (SPEC.md 5-6)
+                base = tuple(reference.quantize(b, fmt, **({"group_size": group} if group else {})) for b in base)
+            y_ref, cache = reference.moe_forward(x, ids, weights, *base, lora=ref_lora, activations=acts)
+            dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
+            for isa in isas:
+                layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=args.threads,
+                                   weights=fmt, group_size=group, activations=acts)
+                grads = [np.zeros(a.shape, np.float32) for a in (ga, gb, da, db)]
+                t0 = time.perf_counter()
+                y = layer.forward(x, ids, weights, LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale),
+                                  keep_for_backward=True)
+                t1 = time.perf_counter()
+                dx, dw = layer.backward(dy, LoRA.peft(gate_up=tuple(grads[:2]), down=tuple(grads[2:])))
+                t2 = time.perf_counter()
+                errs = [_rel(y, y_ref), _rel(dx, dx_ref), _rel(dw, dw_ref),
+                        _rel(grads[0], g_ref["gate_up"][0]), _rel(grads[1], g_ref["gate_up"][1]),
+                        _rel(grads[2], g_ref["down"][0]), _rel(grads[3], g_ref["down"][1])]
+                worst = max(worst, *errs)
+                shape = f"{E},{H},{I},{T},{k},{r}"
+                print(f"{isa:<9} {label:<9} {shape:<22} {1e3 * (t1 - t0):8.2f} {1e3 * (t2 - t1):8.2f}  "
+                      + " ".join(f"{e:.1e}" for e in errs))
     ok = worst <= TOLERANCE
     print(f"{'PASS' if ok else 'FAIL'}: largest relative error {worst:.2e} (tolerance {TOLERANCE:g})")
     return 0 if ok else 1
@@ -112,6 +126,8 @@ def main(argv=None) -> int:
     v = sub.add_parser("verify", help="check every kernel path on this CPU against the numpy reference")
     v.add_argument("--isa", choices=_cpu.ISAS, help="check one path only")
     v.add_argument("--threads", type=int, default=None, help="worker threads (default: all usable cores)")
+    v.add_argument("--weights", choices=["all"] + [f[0] for f in VERIFY_FORMATS], default="all",
+                   help="weight formats to check (default: all; quantized ones against the quantized reference)")
     v.set_defaults(fn=cmd_verify)
     args = parser.parse_args(argv)
     return args.fn(args)

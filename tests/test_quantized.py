@@ -143,3 +143,12 @@ def test_non_finite_weights_cannot_be_quantized(where, value):
     with pytest.raises(ValueError, match=f"{where}: contains NaN or Inf"):
         ktmoe.MoEExperts(**weights, weights="int8")
     ktmoe.MoEExperts(**weights)   # bf16 weights are copied as they are (NaN propagates, SPEC.md 7)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4/g32", "w8a8"])
+def test_cli_verify_quantized(weights, capsys):
+    """`ktmoe verify --weights ...` checks the quantized formats against the quantized reference."""
+    from ktmoe import cli
+    assert cli.main(["verify", "--weights", weights]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f" {weights} ") >= len(ktmoe.available_isas()) and "PASS" in out, out
