@@ -261,6 +261,42 @@ enum { QKP = 512 }; /* K panel of expanded weights: a multiple of every int4 gro
 static const kt_qmat *qmat(const kt_layer *L, int which) { return which ? &L->q_down : &L->q_gate_up; }
 
 /* dst[i, j] = bf16(q * scale) of W_e[r0 + i, c0 + j] for i < nr, j < nc (c0, nc even for int4) */
+#if defined(__AMX_BF16__)
+/* AMX build (its CPUs all have AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
+ * kt_f32_to_bf16 for the finite values met here, one instruction per 16 values */
+#include <immintrin.h>
+static void expand_bf16(const kt_qmat *W, int e, int r0, int nr, int c0, int nc, kt_bf16 *dst, long ldd) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int i = 0; i < nr; i++) {
+        long row = (long)e * W->rows + r0 + i;
+        const float *sc = W->scale + row * W->ngroups;
+        kt_bf16 *d = dst + i * ldd - c0;
+        for (int j0 = c0; j0 < c0 + nc;) {
+            int g = j0 / W->group, j1 = (g + 1) * W->group < c0 + nc ? (g + 1) * W->group : c0 + nc;
+            __m512 s = _mm512_set1_ps(sc[g]);
+            if (W->fmt == KT_W_INT8) {
+                const int8_t *q = W->q + row * W->cols;
+                for (int j = j0; j < j1; j += 16) {
+                    __mmask16 mk = (__mmask16)(j1 - j >= 16 ? 0xffff : (1u << (j1 - j)) - 1);
+                    __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + j))), s);
+                    _mm256_mask_storeu_epi16(d + j, mk, (__m256i)_mm512_cvtneps_pbh(w));
+                }
+            } else { /* groups and chunk edges are multiples of 32 columns */
+                const int8_t *q = W->q + row * (W->cols / 2);
+                for (int j = j0; j < j1; j += 32) {
+                    __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j / 2)));
+                    __m512 even = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), s);
+                    __m512 odd = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28)), s);
+                    __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even); /* [even 0..15, odd 0..15] */
+                    _mm512_storeu_si512(d + j, _mm512_permutexvar_epi16(interleave, both));
+                }
+            }
+            j0 = j1;
+        }
+    }
+}
+#else
 static void expand_bf16(const kt_qmat *W, int e, int r0, int nr, int c0, int nc, kt_bf16 *dst, long ldd) {
     for (int i = 0; i < nr; i++) {
         long row = (long)e * W->rows + r0 + i;
@@ -284,6 +320,8 @@ static void expand_bf16(const kt_qmat *W, int e, int r0, int nr, int c0, int nc,
         }
     }
 }
+
+#endif
 
 /* dst[i, j] = q of W_e[r0 + i, c0 + j] as int8 (int4 values unpacked; c0, nc even) */
 static void expand_int8(const kt_qmat *W, int e, int r0, int nr, int c0, int nc, int8_t *dst, long ldd) {
