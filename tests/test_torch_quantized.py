@@ -11,7 +11,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from peft import get_peft_model
 
 import ktmoe.torch
 import reference
@@ -30,22 +29,6 @@ def _dequantize_experts(model, fmt, group):
                 p.copy_(torch.from_numpy(qw.dequantize().astype(np.float32)))
 
 
-def _peft(ref, kt, arch, seed=0):
-    torch.manual_seed(seed + 1)
-    ref = get_peft_model(ref, tm.lora_config(arch))
-    kt = get_peft_model(kt, tm.lora_config(arch))
-    with torch.no_grad():
-        src = dict(ref.named_parameters())
-        for name, p in kt.named_parameters():
-            if "lora_" in name:
-                p.copy_(src[name])
-    for model in (ref, kt):
-        for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                p.requires_grad_(True)
-    return ref, kt
-
-
 @pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32)])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_weight_only_matches_eager_on_dequantized_weights(arch, fmt, group):
@@ -53,7 +36,7 @@ def test_weight_only_matches_eager_on_dequantized_weights(arch, fmt, group):
     kt = ktmoe.torch.patch(copy.deepcopy(ref), weights=fmt, group_size=group)
     assert all(m._ktmoe.layer.weights == fmt for m in tm.experts_modules(kt))
     _dequantize_experts(ref, fmt, group)
-    ref, kt = _peft(ref, kt, arch)
+    ref, kt = tm.wrap_pair(ref, kt, arch)
     ref.train(); kt.train()
     b = tm.batch()
     out_r, out_k = ref(**b), kt(**b)
@@ -67,7 +50,7 @@ def test_w8a8_trains_close_to_weight_only():
     base = tm.make_model("qwen3_moe", moe_intermediate_size=32)
     wo = ktmoe.torch.patch(copy.deepcopy(base), weights="int8")
     a8 = ktmoe.torch.patch(copy.deepcopy(base), weights="int8", activations="int8")
-    wo, a8 = _peft(wo, a8, "qwen3_moe")
+    wo, a8 = tm.wrap_pair(wo, a8, "qwen3_moe")
     wo.train(); a8.train()
     b = tm.batch()
     out_w, out_a = wo(**b), a8(**b)

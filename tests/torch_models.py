@@ -73,6 +73,11 @@ def lora_config(arch, **kw):
 def peft_pair(arch, seed=0, **lora_kw):
     """(eager HF + PEFT, ktmoe + PEFT) with the same weights, LoRA values and trainable routers."""
     ref, kt = make_pair(arch, seed)
+    return wrap_pair(ref, kt, arch, seed, **lora_kw)
+
+
+def wrap_pair(ref, kt, arch, seed=0, **lora_kw):
+    """Both models wrapped with the same PEFT LoRA (same initial values) and trainable routers."""
     torch.manual_seed(seed + 1)
     ref = get_peft_model(ref, lora_config(arch, **lora_kw))
     kt = get_peft_model(kt, lora_config(arch, **lora_kw))

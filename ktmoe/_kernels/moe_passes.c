@@ -617,6 +617,46 @@ static int whole_rows(const kt_layer *L, int m) {
     return !L->act_int8 && m <= QSMALL;
 }
 
+/* Weight-only product with quantized W: nt (C = A W_e[off : off + n, :]^T) or nn
+ * (C = A W_e[:, off : off + n]); blocks of at most QSMALL rows in registers, others on
+ * bf16 panels expanded one K panel at a time. */
+static void weight_only(const kt_qmat *W, int nt, int e, int m, int off, int n, int K, const kt_bf16 *A, long lda,
+                        float *C, long ldc) {
+    if (m <= QSMALL) {
+        if (m) (nt ? small_nt : small_nn)(W, e, m, off, n, A, lda, C, ldc);
+        return;
+    }
+    kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
+    for (int k0 = 0; k0 < K; k0 += QKP) {
+        int kp = K - k0 < QKP ? K - k0 : QKP;
+        if (nt) {
+            expand_bf16(W, e, off, n, k0, kp, wb, kp);
+            GEMM_NT(m, n, kp, A + k0, lda, wb, kp, C, ldc, k0 > 0);
+        } else {
+            expand_bf16(W, e, k0, kp, off, n, wb, n);
+            GEMM_NN(m, n, kp, A + k0, lda, wb, n, C, ldc, k0 > 0);
+        }
+    }
+}
+
+/* W8A8: A's m rows as int8 codes and scales, from the call's cache (c->aq, rows quantized
+ * once for every column chunk) or quantized here (times fold[k * fstride] when given).
+ * Returns the codes' row stride. */
+static long act_rows(const pass *c, int m, int K, const kt_bf16 *A, long lda, long p0, const float *fold,
+                     long fstride, const int8_t **aq, const float **sa) {
+    if (c->aq) {
+        *aq = c->aq + p0 * c->ldq;
+        *sa = c->sa + p0;
+        return c->ldq;
+    }
+    int8_t *t = kt_scratch(9, (size_t)(m ? m : 1) * K);
+    float *ts = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+    quantize_act(m, K, A, lda, fold, fstride, t, K, ts);
+    *aq = t;
+    *sa = ts;
+    return K;
+}
+
 static void base_nt(const pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda,
                     long p0, float *C, long ldc) {
     const kt_layer *L = c->L;
@@ -627,33 +667,13 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
         return;
     }
     const kt_qmat *W = qmat(L, which);
-    if (!L->act_int8 && m <= QSMALL) {
-        if (m) small_nt(W, e, m, row0, n, A, lda, C, ldc);
-        return;
-    }
     if (!L->act_int8) {
-        kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
-        for (int k0 = 0; k0 < K; k0 += QKP) {
-            int kp = K - k0 < QKP ? K - k0 : QKP;
-            expand_bf16(W, e, row0, n, k0, kp, wb, kp);
-            GEMM_NT(m, n, kp, A + k0, lda, wb, kp, C, ldc, k0 > 0);
-        }
+        weight_only(W, 1, e, m, row0, n, K, A, lda, C, ldc);
         return;
     }
     const int8_t *aq;
     const float *sa;
-    long ldq = K;
-    if (c->aq) { /* rows quantized once for every column chunk */
-        aq = c->aq + p0 * c->ldq;
-        sa = c->sa + p0;
-        ldq = c->ldq;
-    } else {
-        int8_t *t = kt_scratch(9, (size_t)(m ? m : 1) * K);
-        float *ts = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
-        quantize_act(m, K, A, lda, NULL, 0, t, K, ts);
-        aq = t;
-        sa = ts;
-    }
+    long ldq = act_rows(c, m, K, A, lda, p0, NULL, 0, &aq, &sa);
     int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
     const float *sw = W->scale + ((long)e * W->rows + row0) * W->ngroups;
     if (W->fmt == KT_W_INT8) {
@@ -690,17 +710,8 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
         return;
     }
     const kt_qmat *W = qmat(L, which);
-    if (!L->act_int8 && m <= QSMALL) {
-        if (m) small_nn(W, e, m, col0, n, A, lda, C, ldc);
-        return;
-    }
     if (!L->act_int8) {
-        kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
-        for (int k0 = 0; k0 < K; k0 += QKP) {
-            int kp = K - k0 < QKP ? K - k0 : QKP;
-            expand_bf16(W, e, k0, kp, col0, n, wb, n);
-            GEMM_NN(m, n, kp, A + k0, lda, wb, n, C, ldc, k0 > 0);
-        }
+        weight_only(W, 0, e, m, col0, n, K, A, lda, C, ldc);
         return;
     }
     int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
@@ -708,18 +719,7 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
     if (W->fmt == KT_W_INT8) { /* one group: A's rows folded with W's row scales and quantized once */
         const int8_t *aq;
         const float *sa;
-        long ldq = K;
-        if (c->aq) {
-            aq = c->aq + p0 * c->ldq;
-            sa = c->sa + p0;
-            ldq = c->ldq;
-        } else {
-            int8_t *t = kt_scratch(9, (size_t)(m ? m : 1) * K);
-            float *ts = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
-            quantize_act(m, K, A, lda, sw, 1, t, K, ts);
-            aq = t;
-            sa = ts;
-        }
+        long ldq = act_rows(c, m, K, A, lda, p0, sw, 1, &aq, &sa);
         IGEMM_NN(m, n, K, aq, ldq, W->q + (long)e * K * cols + col0, cols, acc, n, 0);
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++) C[i * ldc + j] = sa[i] * (float)acc[(long)i * n + j];
