@@ -25,11 +25,12 @@ projections) run in one of two modes, chosen by `activations`:
       dw      = sum(dHh_raw * Hh, axis=1)          (= <dy, D> in exact math)
       dX_e    = qlinear_t([dG | dU], [Wg_e; Wu_e]) + LoRA terms as in bf16 mode,
   where [dG | dU] (one row per slot, 2I long) is quantized as ONE row against the stacked
-  gate and up weights, as the kernel does (it keeps gate and up packed together).
+  gate and up weights, as the kernel does (it keeps gate and up packed together), and dG, dU
+  are computed from G and U rounded to bf16 (the pre-activations the kernel keeps).
 """
 import numpy as np
 
-from .quant import QuantizedWeight, qlinear, qlinear_t, stack_rows
+from .quant import QuantizedWeight, qlinear, qlinear_t, round_bf16, stack_rows
 
 ACTIVATIONS = ("bf16", "int8")
 
@@ -160,6 +161,10 @@ def moe_backward(dy, cache):
             grads["down"][0][e] += s * (g @ B[e]).T @ Hh
             grads["down"][1][e] += s * g.T @ (Hh @ A[e].T)
 
+        if activations == "int8":
+            # W8A8 quantizes [dG | dU] per row, so a code can flip with any small change of its
+            # input: compute them, as the kernel does, from the pre-activations it keeps (bf16)
+            G, U = round_bf16(G).astype(np.float64), round_bf16(U).astype(np.float64)
         sig = sigmoid(G)
         dG = dHh * U * sig * (1.0 + G * (1.0 - sig))
         dU = dHh * G * sig

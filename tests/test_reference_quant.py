@@ -449,6 +449,20 @@ class QDownWeighted(torch.autograd.Function):
         return w[:, None] * raw, (raw * Hh).sum(dim=1), None, None
 
 
+class Gate(torch.autograd.Function):
+    """silu(G) * U; its backward reads G and U rounded to bf16 (what the kernel keeps)."""
+    @staticmethod
+    def forward(ctx, G, U):
+        ctx.save_for_backward(G, U)
+        return torch.nn.functional.silu(G) * U
+
+    @staticmethod
+    def backward(ctx, dH):
+        G, U = (t_bf16(t).double() for t in ctx.saved_tensors)
+        sig = torch.sigmoid(G)
+        return dH * U * sig * (1 + G * (1 - sig)), dH * G * sig
+
+
 def torch_w8a8(x, ids, w, dy, base, lora, fmt, gs):
     """Forward + autograd backward per (token, slot) row; returns the same dict as forward_backward."""
     qmax = QMAX[fmt]
@@ -472,7 +486,7 @@ def torch_w8a8(x, ids, w, dy, base, lora, fmt, gs):
     I = qg.shape[1]
     G = GU[:, :I] + lora_term(X, "gate")
     U = GU[:, I:] + lora_term(X, "up")
-    Hh = torch.nn.functional.silu(G) * U
+    Hh = Gate.apply(G, U)
     Dw = QDownWeighted.apply(Hh, wr, qd[ep], sd[ep]) + wr[:, None] * lora_term(Hh, "down")
     y = torch.zeros(x.shape, dtype=torch.float64).index_add(0, tp, Dw)
     y.backward(torch.as_tensor(np.asarray(dy, np.float64)))
