@@ -80,14 +80,14 @@ static void row_out(void *dst, int dtype, const float *src, int n) {
     else row_to_bf16(dst, src, n, 1.f);
 }
 
-/* dst[i] = v[start + i * step] as fp32, for i < n. */
-static void load_row(float *dst, const kt_view3 *v, long start, long step, int n) {
+/* dst[i * dst_step] = v[start + i * step] as fp32, for i < n. */
+static void load_row(float *dst, long dst_step, const kt_view3 *v, long start, long step, int n) {
     if (v->dtype == KT_BF16) {
         const kt_bf16 *p = (const kt_bf16 *)v->data + start;
-        for (int i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(p[i * step]);
+        for (int i = 0; i < n; i++) dst[i * dst_step] = kt_bf16_to_f32(p[i * step]);
     } else {
         const float *p = (const float *)v->data + start;
-        for (int i = 0; i < n; i++) dst[i] = p[i * step];
+        for (int i = 0; i < n; i++) dst[i * dst_step] = p[i * step];
     }
 }
 
@@ -812,7 +812,7 @@ static void task_copy_lora(void *ctx, long task, int thread) {
             const kt_view3 *A = &L->lora_in.proj[p].A;
             int r = d->r, n = d->in;
             for (int j = 0; j < r; j++) {
-                load_row(row, A, e * A->stride[0] + j * A->stride[1], A->stride[2], n);
+                load_row(row, 1, A, e * A->stride[0] + j * A->stride[1], A->stride[2], n);
                 split_into(d->A + ((long)e * 3 * r + j) * n, (long)r * n, row, n);
             }
         }
@@ -827,16 +827,7 @@ static void task_copy_lora(void *ctx, long task, int thread) {
     for (long h = 0; h < nhit; h++) { /* one expert's [nb, r] block at a time: its rows stay in L1 */
         float *bh = blk + h * r * BLOCK_O;
         long base = L->rt.hit[h] * B->stride[0] + o0 * B->stride[1];
-        for (int o = 0; o < nb; o++) {
-            long at = base + o * B->stride[1];
-            if (B->dtype == KT_F32) {
-                const float *src = (const float *)B->data + at;
-                for (int j = 0; j < r; j++) bh[j * BLOCK_O + o] = src[j * B->stride[2]];
-            } else {
-                const kt_bf16 *src = (const kt_bf16 *)B->data + at;
-                for (int j = 0; j < r; j++) bh[j * BLOCK_O + o] = kt_bf16_to_f32(src[j * B->stride[2]]);
-            }
-        }
+        for (int o = 0; o < nb; o++) load_row(bh + o, BLOCK_O, B, base + o * B->stride[1], B->stride[2], r);
     }
     for (long h = 0; h < nhit; h++) {
         kt_bf16 *BT = d->BT + (long)L->rt.hit[h] * 3 * r * out + o0;
@@ -1221,17 +1212,7 @@ static void task_export_grads(void *ctx, long task, int thread) {
     for (long h = 0; h < nhit; h++) { /* one expert at a time, as in task_copy_lora */
         const float *bh = blk + h * r * BLOCK_O;
         long base = L->rt.hit[h] * B->stride[0] + o0 * B->stride[1];
-        for (int o = 0; o < nb; o++) {
-            long at = base + o * B->stride[1];
-            if (B->dtype == KT_F32) {
-                float *dst = (float *)B->data + at;
-                for (int j = 0; j < r; j++) dst[j * B->stride[2]] += bh[j * BLOCK_O + o];
-            } else {
-                kt_bf16 *dst = (kt_bf16 *)B->data + at;
-                for (int j = 0; j < r; j++)
-                    dst[j * B->stride[2]] = kt_f32_to_bf16(kt_bf16_to_f32(dst[j * B->stride[2]]) + bh[j * BLOCK_O + o]);
-            }
-        }
+        for (int o = 0; o < nb; o++) add_row(B, base + o * B->stride[1], B->stride[2], bh + o, BLOCK_O, r);
     }
 }
 
