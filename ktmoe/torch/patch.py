@@ -47,16 +47,16 @@ def patch(model: nn.Module, *, max_tokens: int = 65536, num_threads: int | None 
     if not found:
         raise ValueError(f"ktmoe.torch.patch: {what} has no transformers experts module "
                          f"(@use_experts_implementation) to run on ktmoe")
-    from ..experts import _check_format
-    for name, m in found:   # format options, against every layer's sizes, before anything is converted
-        if not _experts.is_converted(m) and _experts.unsupported_reason(m) is None:
-            E, H, I = m.down_proj.shape
-            _check_format(weights, group_size, activations, False, H, I)
     bad = [(name, type(m).__name__, _experts.unsupported_reason(m)) for name, m in found]
     bad = [b for b in bad if b[2] is not None]
     if bad:
         lines = "; ".join(f"{name} ({cls}): {why}" for name, cls, why in bad)
         raise ValueError(f"ktmoe.torch.patch: cannot run the experts of {what}: {lines}")
+    from ..experts import _check_format
+    for name, m in found:   # format options, against every layer's sizes, before anything is converted
+        if not _experts.is_converted(m):
+            E, H, I = m.down_proj.shape
+            _check_format(weights, group_size, activations, False, H, I)
     for name, m in found:
         _experts.convert(m, name, max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
                          group_size=group_size, activations=activations)
