@@ -577,6 +577,21 @@ def time_calls(fn, repeat: int, budget_s: float) -> tuple[float, int, object]:
     return statistics.median(times), len(times), out
 
 
+def profile_case(runner, passes: str, repeat: int, roof: Roofline, title: str) -> dict:
+    """Runs one ktmoe case `repeat` more times with the layer's profile reset first, prints
+    the per-phase table (ktmoe/_profile.py) and returns the raw profile."""
+    from ._profile import format_profile
+    runner.layer.reset_profile()
+    for _ in range(repeat):
+        getattr(runner, passes)()
+    prof = runner.layer.profile()
+    print()
+    for line in format_profile(prof, roof.bf16_flops, f"profile {title} ({prof['threads']} threads, per call):"):
+        print(line)
+    print(flush=True)
+    return {"case": title, **prof}
+
+
 # ---------------------------------------------------------------- command line
 
 def add_arguments(parser) -> None:
@@ -592,6 +607,10 @@ def add_arguments(parser) -> None:
                         help="timed calls per case after one warm-up (default 5; slow cases stop "
                              "early after ~10 s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing each ktmoe case, run it again --repeat times and print where the "
+                             "time goes: per phase wall time, base / LoRA GEMM time and TFLOP/s, other work and "
+                             "idle threads (MoEExperts.profile())")
 
 
 def _split(value: str, allowed, what: str) -> list[str]:
@@ -619,7 +638,7 @@ def run(args) -> int:
           f"LoRA r={LORA_R} (PEFT layout, fp32)")
     roof = measure_roofline(threads)
     print(roofline_line(roof), flush=True)
-    results, notes = [], []
+    results, notes, profiles = [], [], []
     for name in shapes:
         p = Problem(SHAPES[name])
         print(f"{name}: E={p.shape.E} H={p.shape.H} I={p.shape.I} k={p.shape.k} T={p.shape.T}, "
@@ -637,6 +656,8 @@ def run(args) -> int:
                     notes.append(f"{name} {impl}: y differs from ktmoe's by {rel_error(y.float(), ktmoe_y):.1e} "
                                  f"(relative Frobenius)")
                 print(f"  {impl:<8} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
+                if args.profile and impl in OURS:
+                    profiles.append(profile_case(runner, ps, args.repeat, roof, f"{name} {ps} {impl}"))
             runner.close()
             del runner
         del p
@@ -651,7 +672,7 @@ def run(args) -> int:
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"roofline": roof.as_dict(), "results": [
+            json.dump({"roofline": roof.as_dict(), "profiles": profiles, "results": [
                 {"shape": r.shape, "pass": r.passes, "impl": r.impl, "ms": 1e3 * r.seconds, "rounds": r.rounds,
                  **r.extra_info()} for r in results]}, f, indent=2)
     return 0

@@ -132,6 +132,24 @@ class MoEExperts:
         """Bytes of packed expert weights held by this layer."""
         return self._layer.weight_bytes
 
+    def profile(self) -> dict:
+        """Where this layer's calls spent their time since creation or reset_profile().
+
+        Always collected (a clock read per phase and thread and two per GEMM call). Returns
+        {"threads", "passes": {"forward"|"backward": {"calls", "wall_s"}}, "phases": [...]},
+        one entry per phase of the passes in their order (ktmoe/_kernels/ktmoe.h): name,
+        pass, calls, tasks, wall_s, thread_s (threads x wall), busy_s (threads running tasks;
+        thread_s - busy_s is idle time at the phase's barrier), and the thread seconds and
+        FLOPs of the GEMMs inside its tasks: base_gemm_* (products with the expert weights)
+        and lora_gemm_* (LoRA products and gradients). `ktmoe bench --profile` prints it."""
+        self._check_idle()
+        return self._layer.profile()
+
+    def reset_profile(self) -> None:
+        """Zeroes the profile (profile())."""
+        self._check_idle()
+        self._layer.reset_profile()
+
     def quantized_weights(self, proj: str):
         """(q, scale) of projection proj ("gate", "up" or "down") as numpy arrays: the stored
         int8 values one per element, q [E, rows, cols] int8, and scale [E, rows, groups]

@@ -44,6 +44,19 @@ cdef extern from "ktmoe.h":
     void kt_layer_release_saved(kt_layer *L)
     size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks)
     long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E) nogil
+    int KT_NPHASE
+    ctypedef struct kt_phase_stat:
+        long calls, tasks
+        double wall, thread, busy
+        double base_s, base_flops, lora_s, lora_flops
+    ctypedef struct kt_profile:
+        long passes[2]
+        double pass_wall[2]
+        kt_phase_stat ph[1]
+    const char *kt_phase_name(int phase)
+    int kt_phase_is_backward(int phase)
+    void kt_layer_profile(const kt_layer *L, kt_profile *out)
+    void kt_layer_profile_reset(kt_layer *L)
 
 cdef extern from *:
     """
@@ -192,6 +205,26 @@ cdef class Layer:
 
     def release_saved(self):
         kt_layer_release_saved(self.L)
+
+    def profile(self):
+        """The per-phase profile since creation or the last reset_profile() (ktmoe.h)."""
+        cdef kt_profile p
+        cdef int i
+        kt_layer_profile(self.L, &p)
+        phases = []
+        for i in range(KT_NPHASE):
+            st = p.ph[i]
+            phases.append({"name": kt_phase_name(i).decode(), "pass": "backward" if kt_phase_is_backward(i) else "forward",
+                           "calls": st.calls, "tasks": st.tasks, "wall_s": st.wall, "thread_s": st.thread,
+                           "busy_s": st.busy, "base_gemm_s": st.base_s, "base_gemm_flops": st.base_flops,
+                           "lora_gemm_s": st.lora_s, "lora_gemm_flops": st.lora_flops})
+        return {"threads": self.num_threads,
+                "passes": {"forward": {"calls": p.passes[0], "wall_s": p.pass_wall[0]},
+                           "backward": {"calls": p.passes[1], "wall_s": p.pass_wall[1]}},
+                "phases": phases}
+
+    def reset_profile(self):
+        kt_layer_profile_reset(self.L)
 
     def set_threads(self, int n):
         if kt_layer_set_threads(self.L, n):

@@ -91,6 +91,33 @@ void kt_layer_release_saved(kt_layer *L);
  * (and bf16 copies of the LoRA factors) for reuse by later calls. */
 size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks);
 
+/* Per-phase profile (always on: one clock read per phase and thread, two per GEMM call).
+ * A pass is a list of phases (moe_passes.c); each phase is one parallel loop. Per phase:
+ * calls and tasks, wall seconds, thread seconds (threads x wall), busy seconds (threads
+ * running tasks; thread - busy = idle at the phase's end barrier), and the thread seconds
+ * and FLOPs of the GEMM calls inside its tasks, split into base-weight products and LoRA
+ * products (machine FLOPs: the split-bf16 LoRA GEMMs count their 2x / 3x work). */
+enum kt_phase {
+    KT_PH_SETUP_FWD, KT_PH_CONVERT_X, KT_PH_COPY_LORA, KT_PH_GATHER_X, KT_PH_GATE_UP, KT_PH_QUANT_HH,
+    KT_PH_DOWN_LORA, KT_PH_DOWN, KT_PH_COMBINE_Y,
+    KT_PH_SETUP_BWD, KT_PH_CONVERT_DY, KT_PH_GATHER_DY, KT_PH_DHH, KT_PH_GRAD_DOWN_A, KT_PH_LORA_GRADS,
+    KT_PH_QUANT_DGU, KT_PH_DX, KT_PH_COMBINE_DX, KT_PH_EXPORT_GRADS, KT_NPHASE
+};
+typedef struct {
+    long calls, tasks;
+    double wall, thread, busy;
+    double base_s, base_flops, lora_s, lora_flops;
+} kt_phase_stat;
+typedef struct {
+    long passes[2];     /* forward, backward */
+    double pass_wall[2];
+    kt_phase_stat ph[KT_NPHASE];
+} kt_profile;
+const char *kt_phase_name(int phase);
+int kt_phase_is_backward(int phase);
+void kt_layer_profile(const kt_layer *L, kt_profile *out);
+void kt_layer_profile_reset(kt_layer *L);
+
 /* Index of the first id outside [-1, E) among n ids, or -1 if all are valid. */
 long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E);
 #endif

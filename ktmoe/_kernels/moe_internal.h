@@ -70,6 +70,11 @@ typedef struct { void *p; size_t n; } kt_buf;
 void *kt_buf_get(kt_buf *b, size_t bytes); /* NULL on OOM */
 void kt_buf_free(kt_buf *b);
 
+/* What one thread's GEMM calls took during the running phase (the profile, ktmoe.h). */
+typedef struct {
+    _Alignas(64) double base_s, base_flops, lora_s, lora_flops;
+} kt_prof_thread;
+
 struct kt_layer {
     int E, H, I, isa, num_threads;
     kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
@@ -103,6 +108,9 @@ struct kt_layer {
     kt_buf pgu;         /* [npos, 3(rg + ru)] s X Ag^T | s X Au^T as split-bf16 rows */
     kt_buf pd;          /* [npos, 3 rd] s Hh Ad^T as split-bf16 rows */
     kt_buf lora_a[3], lora_bt[3];
+
+    kt_profile prof;
+    kt_prof_thread *prof_thr; /* [KT_MAX_THREADS] */
 };
 
 /* Process-wide scratch for the transient buffers of the running job (jobs run one at a

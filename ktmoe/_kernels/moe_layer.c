@@ -104,6 +104,9 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
     L->act_int8 = wformat != KT_W_BF16 && act_int8;
     pthread_mutex_init(&L->mu, NULL);
     pthread_cond_init(&L->cv, NULL);
+    L->prof_thr = kt_alloc(sizeof(kt_prof_thread) * KT_MAX_THREADS);
+    if (!L->prof_thr) { kt_layer_destroy(L); return NULL; }
+    memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
     size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4, desz = down_dtype == KT_BF16 ? 2 : 4;
     int ok;
     if (wformat == KT_W_BF16) {
@@ -183,6 +186,7 @@ void kt_layer_destroy(kt_layer *L) {
     free(L->q_gate_up.scale);
     free(L->q_down.q);
     free(L->q_down.scale);
+    free(L->prof_thr);
     pthread_mutex_destroy(&L->mu);
     pthread_cond_destroy(&L->cv);
     free(L);
@@ -250,6 +254,20 @@ int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int i
     return 0;
 }
 
+/* ---- profile (ktmoe.h) ---- */
+
+static const char *const phase_names[KT_NPHASE] = {
+    "setup", "convert x", "copy LoRA", "gather x + X A^T", "gate/up + SiLU", "quantize Hh",
+    "Hh Ad^T", "down", "combine y",
+    "setup", "convert dy", "gather dy + dy Bd", "dHh + SiLU'", "dAd", "LoRA grads",
+    "quantize dG|dU", "dx", "combine dx, dw", "export grads"};
+
+const char *kt_phase_name(int phase) { return phase >= 0 && phase < KT_NPHASE ? phase_names[phase] : "?"; }
+int kt_phase_is_backward(int phase) { return phase >= KT_PH_SETUP_BWD; }
+
+void kt_layer_profile(const kt_layer *L, kt_profile *out) { *out = L->prof; }
+void kt_layer_profile_reset(kt_layer *L) { memset(&L->prof, 0, sizeof L->prof); }
+
 /* ---- jobs ---- */
 
 typedef int (*pass_fn)(kt_layer *);
@@ -258,7 +276,11 @@ static const pass_fn backward_pass[3] = {kt_backward_portable, kt_backward_avx51
 
 static void run_job(void *p) {
     kt_layer *L = p;
-    int status = L->job_kind == 0 ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
+    int kind = L->job_kind;
+    double t0 = kt_now();
+    int status = kind == 0 ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
+    L->prof.passes[kind]++;
+    L->prof.pass_wall[kind] += kt_now() - t0;
     pthread_mutex_lock(&L->mu);
     L->status = status;
     L->busy = 0;

@@ -135,6 +135,53 @@ static void setup(pass *c, kt_layer *L) {
     c->ldr = L->H + 32;
 }
 
+/* ---- the profile (ktmoe.h): phases and the GEMM calls inside their tasks ---- */
+
+/* Runs one phase (a parallel loop over ntasks tasks) and adds it to the layer's profile. */
+static void phase(pass *c, int id, long ntasks, kt_task_fn fn) {
+    kt_layer *L = c->L;
+    int nt = L->num_threads;
+    if (ntasks <= 0) return;
+    memset(L->prof_thr, 0, sizeof(kt_prof_thread) * (size_t)nt);
+    double t0 = kt_now();
+    double busy = kt_parallel_for(nt, ntasks, fn, c);
+    double wall = kt_now() - t0;
+    kt_phase_stat *s = &L->prof.ph[id];
+    s->calls++;
+    s->tasks += ntasks;
+    s->wall += wall;
+    s->thread += wall * nt;
+    s->busy += busy;
+    for (int i = 0; i < nt; i++) {
+        const kt_prof_thread *t = &L->prof_thr[i];
+        s->base_s += t->base_s;
+        s->base_flops += t->base_flops;
+        s->lora_s += t->lora_s;
+        s->lora_flops += t->lora_flops;
+    }
+}
+
+/* The single-threaded start of a pass (routing, buffers), from t0 to now. */
+static void phase_serial(kt_layer *L, int id, double t0) {
+    double wall = kt_now() - t0;
+    kt_phase_stat *s = &L->prof.ph[id];
+    s->calls++;
+    s->tasks++;
+    s->wall += wall;
+    s->thread += wall * L->num_threads;
+    s->busy += wall;
+}
+
+/* call, timed into this thread's base or lora GEMM time with its FLOPs */
+#define PROF_GEMM(c, thread, kind, flops, call)                             \
+    do {                                                                   \
+        double t0_ = kt_now();                                             \
+        call;                                                              \
+        kt_prof_thread *pt_ = &(c)->L->prof_thr[thread];                   \
+        pt_->kind##_s += kt_now() - t0_;                                   \
+        pt_->kind##_flops += (double)(flops);                              \
+    } while (0)
+
 /* Positions of expert e: first one and count. */
 static int expert_rows(const kt_layer *L, int e, long *p0) {
     *p0 = L->rt.offset[e];
@@ -225,19 +272,19 @@ static void fold(float *grad, long ldg, const float *tmp, int r, int n) {
 }
 
 /* grad [r, n] (ldg) += At ([2r, m] split transpose) x G [m, n] (leading dimension ldgm). */
-static void grad_gemm(int r, int n, int m, const kt_bf16 *At, const kt_bf16 *G, long ldgm,
+static void grad_gemm(const pass *c, int thread, int r, int n, int m, const kt_bf16 *At, const kt_bf16 *G, long ldgm,
                       float *grad, long ldg) {
     float *tmp = kt_scratch(6, sizeof(float) * 2 * (size_t)r * (n ? n : 1));
-    GEMM_NN(2 * r, n, m, At, m, G, ldgm, tmp, n, 0);
+    PROF_GEMM(c, thread, lora, 4.0 * r * n * m, GEMM_NN(2 * r, n, m, At, m, G, ldgm, tmp, n, 0));
     fold(grad, ldg, tmp, r, n);
 }
 
 /* Product rows out[i] = split(s * sum_k X[i, k] F[j, k]) for m rows, F a factor block
  * [3r, K] ([hi; hi; lo]); out has leading dimension ldo. */
-static void lora_product(int m, int r, int K, const kt_bf16 *X, long ldx, const kt_bf16 *F,
+static void lora_product(const pass *c, int thread, int m, int r, int K, const kt_bf16 *X, long ldx, const kt_bf16 *F,
                          float s, kt_bf16 *out, long ldo) {
     float *tmp = kt_scratch(4, sizeof(float) * (size_t)(m ? m : 1) * 2 * r);
-    GEMM_NT(m, 2 * r, K, X, ldx, F + (long)r * K, K, tmp, 2 * r, 0);
+    PROF_GEMM(c, thread, lora, 4.0 * m * r * K, GEMM_NT(m, 2 * r, K, X, ldx, F + (long)r * K, K, tmp, 2 * r, 0));
     for (int i = 0; i < m; i++) split_row(out + i * ldo, tmp + (long)i * 2 * r, tmp + (long)i * 2 * r + r, r, s);
 }
 
@@ -837,7 +884,6 @@ static void task_copy_lora(void *ctx, long task, int thread) {
 }
 
 static void task_gather_x(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int e = L->rt.hit[task], H = L->H;
@@ -848,15 +894,14 @@ static void task_gather_x(void *ctx, long task, int thread) {
         memcpy(c->rows + (p0 + i) * c->ldr, xb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
     if (c->aq) quantize_block(c, 0, e, m, p0, c->rows + p0 * c->ldr, c->ldr, H, 0);
     kt_bf16 *pgu = (kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
-    if (c->r[KT_GATE]) lora_product(m, c->r[KT_GATE], H, c->rows + p0 * c->ldr, c->ldr,
+    if (c->r[KT_GATE]) lora_product(c, thread, m, c->r[KT_GATE], H, c->rows + p0 * c->ldr, c->ldr,
                                     L->lora[KT_GATE].A + (long)e * 3 * c->r[KT_GATE] * H, L->scale, pgu, 3 * c->rgu);
-    if (c->r[KT_UP]) lora_product(m, c->r[KT_UP], H, c->rows + p0 * c->ldr, c->ldr,
+    if (c->r[KT_UP]) lora_product(c, thread, m, c->r[KT_UP], H, c->rows + p0 * c->ldr, c->ldr,
                                   L->lora[KT_UP].A + (long)e * 3 * c->r[KT_UP] * H, L->scale,
                                   pgu + 3 * c->r[KT_GATE], 3 * c->rgu);
 }
 
 static void task_gate_up(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int chunk, m, H = L->H, I = L->I;
@@ -864,12 +909,13 @@ static void task_gate_up(void *ctx, long task, int thread) {
     int e = task_block(c, task, c->nci, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     float *gu = kt_scratch(0, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
-    base_nt(c, 0, e, m, 2 * i0, 2 * n, c->rows + p0 * c->ldr, c->ldr, p0, gu, 2 * n);
+    PROF_GEMM(c, thread, base, 4.0 * m * n * H, base_nt(c, 0, e, m, 2 * i0, 2 * n, c->rows + p0 * c->ldr, c->ldr, p0, gu, 2 * n));
     const kt_bf16 *pgu = (const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
-        if (r) GEMM_NN(m, n, 3 * r, pgu + (p == KT_UP ? 3 * c->r[KT_GATE] : 0), 3 * c->rgu,
-                       L->lora[p].BT + (long)e * 3 * r * I + i0, I, gu + (p == KT_UP ? n : 0), 2 * n, 1);
+        if (r) PROF_GEMM(c, thread, lora, 6.0 * m * n * r,
+                         GEMM_NN(m, n, 3 * r, pgu + (p == KT_UP ? 3 * c->r[KT_GATE] : 0), 3 * c->rgu,
+                                 L->lora[p].BT + (long)e * 3 * r * I + i0, I, gu + (p == KT_UP ? n : 0), 2 * n, 1));
     }
     kt_bf16 *saved = L->keep ? (kt_bf16 *)L->gu.p : NULL;
     for (int i = 0; i < m; i++) {
@@ -901,18 +947,16 @@ static void task_quantize_dgu(void *ctx, long task, int thread) {
 }
 
 static void task_down_lora(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int e = L->rt.hit[task], I = L->I, rd = c->r[KT_DOWN];
     long p0;
     int m = expert_rows(L, e, &p0);
-    lora_product(m, rd, I, c->hh + p0 * I, I, L->lora[KT_DOWN].A + (long)e * 3 * rd * I, L->scale,
+    lora_product(c, thread, m, rd, I, c->hh + p0 * I, I, L->lora[KT_DOWN].A + (long)e * 3 * rd * I, L->scale,
                  (kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd);
 }
 
 static void task_down(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int chunk, m, H = L->H, I = L->I, rd = c->r[KT_DOWN];
@@ -920,9 +964,10 @@ static void task_down(void *ctx, long task, int thread) {
     int e = task_block(c, task, c->nch, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
-    base_nt(c, 1, e, m, h0, n, c->hh + p0 * I, I, p0, d, n);
-    if (rd) GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
-                    L->lora[KT_DOWN].BT + (long)e * 3 * rd * H + h0, H, d, n, 1);
+    PROF_GEMM(c, thread, base, 2.0 * m * n * I, base_nt(c, 1, e, m, h0, n, c->hh + p0 * I, I, p0, d, n));
+    if (rd) PROF_GEMM(c, thread, lora, 6.0 * m * n * rd,
+                      GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
+                              L->lora[KT_DOWN].BT + (long)e * 3 * rd * H + h0, H, d, n, 1));
     for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
 }
 
@@ -982,7 +1027,8 @@ static int alloc_lora_copies(kt_layer *L) {
 }
 
 int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
-    int E = L->E, H = L->H, I = L->I, T = L->rt.T, k = L->rt.k, nt = L->num_threads;
+    int E = L->E, H = L->H, I = L->I, T = L->rt.T, k = L->rt.k;
+    double t0 = kt_now();
     int rc = kt_routing_build(&L->rt, E, T, k, L->ids, L->ids_dtype, L->weights, L->w_dtype);
     if (rc) return rc;
     L->scale = L->has_lora ? L->lora_in.scale : 0.f;
@@ -999,17 +1045,18 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     if (!ok || build_row_blocks(&c) || alloc_quantized_rows(&c)) { rc = -2; goto done; }
     c.ldq = H;
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
-    kt_parallel_for(nt, ntok, task_convert_x, &c);
-    if (L->has_lora) kt_parallel_for(nt, nhit + b_tasks(L), task_copy_lora, &c);
-    kt_parallel_for(nt, nhit, task_gather_x, &c);
-    kt_parallel_for(nt, c.nblk * c.nci, task_gate_up, &c);
+    phase_serial(L, KT_PH_SETUP_FWD, t0);
+    phase(&c, KT_PH_CONVERT_X, ntok, task_convert_x);
+    if (L->has_lora) phase(&c, KT_PH_COPY_LORA, nhit + b_tasks(L), task_copy_lora);
+    phase(&c, KT_PH_GATHER_X, nhit, task_gather_x);
+    phase(&c, KT_PH_GATE_UP, c.nblk * c.nci, task_gate_up);
     if (c.aq) {
         c.ldq = I;
-        kt_parallel_for(nt, nhit, task_quantize_hh, &c);
+        phase(&c, KT_PH_QUANT_HH, nhit, task_quantize_hh);
     }
-    if (c.r[KT_DOWN]) kt_parallel_for(nt, nhit, task_down_lora, &c);
-    kt_parallel_for(nt, c.nblk * c.nch, task_down, &c);
-    kt_parallel_for(nt, ntok, task_combine, &c);
+    if (c.r[KT_DOWN]) phase(&c, KT_PH_DOWN_LORA, nhit, task_down_lora);
+    phase(&c, KT_PH_DOWN, c.nblk * c.nch, task_down);
+    phase(&c, KT_PH_COMBINE_Y, ntok, task_combine);
 done:
     if (rc || !L->keep) kt_layer_release_saved(L);
     else L->has_saved = 1;
@@ -1031,7 +1078,6 @@ static void task_convert_dy(void *ctx, long task, int thread) {
 static int qld(const pass *c) { return 3 * (c->r[KT_DOWN] + c->rgu); }
 
 static void task_gather_dy(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int e = L->rt.hit[task], H = L->H, rd = c->r[KT_DOWN];
@@ -1046,7 +1092,7 @@ static void task_gather_dy(void *ctx, long task, int thread) {
         memset(g->BT + (long)e * g->r * g->out, 0, sizeof(float) * g->r * g->out);
     }
     if (c->aq) quantize_block(c, 1, e, m, p0, c->rows + p0 * c->ldr, c->ldr, H, 1);
-    if (rd) lora_product(m, rd, H, c->rows + p0 * c->ldr, c->ldr, L->lora[KT_DOWN].BT + (long)e * 3 * rd * H, L->scale,
+    if (rd) lora_product(c, thread, m, rd, H, c->rows + p0 * c->ldr, c->ldr, L->lora[KT_DOWN].BT + (long)e * 3 * rd * H, L->scale,
                          c->q + p0 * qld(c), qld(c));
 }
 
@@ -1067,7 +1113,6 @@ static void silu_backward(int n, float w, const kt_bf16 *restrict gr, const kt_b
 
 /* dHh for one chunk of I; then dG, dU, the router-weight partial sums and dAd. */
 static void task_dhh(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int chunk, m, H = L->H, I = L->I, rd = c->r[KT_DOWN];
@@ -1078,8 +1123,9 @@ static void task_dhh(void *ctx, long task, int thread) {
     int n = whole ? I : kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = whole ? 0 : chunk * KT_CHUNK_I;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
-    base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, p0, d, n);
-    if (rd) GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1);
+    PROF_GEMM(c, thread, base, 2.0 * m * n * H, base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, p0, d, n));
+    if (rd) PROF_GEMM(c, thread, lora, 6.0 * m * n * rd,
+                      GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1));
     const kt_bf16 *gu = L->gu.p;
     float *hv = kt_scratch(5, sizeof(float) * KT_CHUNK_I);
     for (int ch = i0 / KT_CHUNK_I; ch * KT_CHUNK_I < i0 + n; ch++) { /* gate/up rows are chunk-interleaved */
@@ -1099,7 +1145,6 @@ static void task_dhh(void *ctx, long task, int thread) {
 /* dAd[:, chunk] += (w s dy Bd)^T Hh[:, chunk] over all of an expert's rows (one task per
  * expert and chunk, so row blocks never add into the same gradient at once). */
 static void task_grad_down_a(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int chunk, e = task_expert(c, task, c->nci, &chunk), I = L->I, rd = c->r[KT_DOWN];
@@ -1109,12 +1154,11 @@ static void task_grad_down_a(void *ctx, long task, int thread) {
     float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
     for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
     const kt_bf16 *qt = transpose_split(c->q + p0 * qld(c), qld(c), m, rd, w, 3);
-    grad_gemm(rd, n, m, qt, c->hh + p0 * I + i0, I, c->grad[KT_DOWN].A + (long)e * rd * I + i0, I);
+    grad_gemm(c, thread, rd, n, m, qt, c->hh + p0 * I + i0, I, c->grad[KT_DOWN].A + (long)e * rd * I + i0, I);
 }
 
 /* Per expert: dBd, and for gate and up: Q = s dG B (kept for dx), dB, dA. */
 static void task_lora_grads(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int e = L->rt.hit[task], H = L->H, I = L->I, rd = c->r[KT_DOWN], grads = L->has_grads;
@@ -1126,7 +1170,7 @@ static void task_lora_grads(void *ctx, long task, int thread) {
         float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
         for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
         const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd, m, rd, w, 3);
-        grad_gemm(rd, H, m, pt, c->rows + p0 * c->ldr, c->ldr, c->grad[KT_DOWN].BT + (long)e * rd * H, H);
+        grad_gemm(c, thread, rd, H, m, pt, c->rows + p0 * c->ldr, c->ldr, c->grad[KT_DOWN].BT + (long)e * rd * H, H);
     }
     if (!c->rgu) return;
     kt_bf16 *xe = NULL;
@@ -1145,7 +1189,8 @@ static void task_lora_grads(void *ctx, long task, int thread) {
         /* Q = s dG B over the chunk-interleaved columns of this half, against B's [hi; lo] rows */
         for (int ch = 0; ch < c->nci; ch++) {
             int n = kt_chunk_n(ch, KT_CHUNK_I, I), i0 = ch * KT_CHUNK_I;
-            GEMM_NT(m, 2 * r, n, dgu + 2 * i0 + half * n, 2 * I, BT + (long)r * I + i0, I, tmp, 2 * r, ch > 0);
+            PROF_GEMM(c, thread, lora, 4.0 * m * r * n,
+                      GEMM_NT(m, 2 * r, n, dgu + 2 * i0 + half * n, 2 * I, BT + (long)r * I + i0, I, tmp, 2 * r, ch > 0));
         }
         for (int i = 0; i < m; i++)
             split_row(q + (long)i * qld(c), tmp + (long)i * 2 * r, tmp + (long)i * 2 * r + r, r, L->scale);
@@ -1154,15 +1199,14 @@ static void task_lora_grads(void *ctx, long task, int thread) {
         const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu + off, 3 * c->rgu, m, r, NULL, 3);
         for (int ch = 0; ch < c->nci; ch++) {
             int n = kt_chunk_n(ch, KT_CHUNK_I, I), i0 = ch * KT_CHUNK_I;
-            grad_gemm(r, n, m, pt, dgu + 2 * i0 + half * n, 2 * I, c->grad[p].BT + (long)e * r * I + i0, I);
+            grad_gemm(c, thread, r, n, m, pt, dgu + 2 * i0 + half * n, 2 * I, c->grad[p].BT + (long)e * r * I + i0, I);
         }
         const kt_bf16 *qt = transpose_split(q, qld(c), m, r, NULL, 3);
-        grad_gemm(r, H, m, qt, xe, H, c->grad[p].A + (long)e * r * H, H);
+        grad_gemm(c, thread, r, H, m, qt, xe, H, c->grad[p].A + (long)e * r * H, H);
     }
 }
 
 static void task_dx(void *ctx, long task, int thread) {
-    (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
     int chunk, m, H = L->H, I = L->I;
@@ -1173,11 +1217,12 @@ static void task_dx(void *ctx, long task, int thread) {
     int n = whole ? H : kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = whole ? 0 : chunk * KT_CHUNK_H;
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
-    base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, p0, d, n);
+    PROF_GEMM(c, thread, base, 4.0 * m * n * I, base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, p0, d, n));
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p];
-        if (r) GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
-                       qld(c), L->lora[p].A + (long)e * 3 * r * H + h0, H, d, n, 1);
+        if (r) PROF_GEMM(c, thread, lora, 6.0 * m * n * r,
+                         GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
+                                 qld(c), L->lora[p].A + (long)e * 3 * r * H + h0, H, d, n, 1));
     }
     for (int i = 0; i < m; i++) row_to_bf16(c->rows + (p0 + i) * c->ldr + h0, d + (size_t)i * n, n, 1.f);
 }
@@ -1217,7 +1262,8 @@ static void task_export_grads(void *ctx, long task, int thread) {
 }
 
 int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
-    int E = L->E, H = L->H, I = L->I, T = L->rt.T, nt = L->num_threads, rc = 0;
+    int E = L->E, H = L->H, I = L->I, T = L->rt.T, rc = 0;
+    double t0 = kt_now();
     pass c;
     setup(&c, L);
     memset(c.grad, 0, sizeof c.grad);
@@ -1244,18 +1290,19 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     c.aq = aq;
     c.ldq = H;
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
-    kt_parallel_for(nt, ntok, task_convert_dy, &c);
-    kt_parallel_for(nt, nhit, task_gather_dy, &c);
-    kt_parallel_for(nt, c.nblk * c.nci, task_dhh, &c);
-    if (c.r[KT_DOWN] && L->has_grads) kt_parallel_for(nt, nhit * c.nci, task_grad_down_a, &c);
-    if (c.rgu || (c.r[KT_DOWN] && L->has_grads)) kt_parallel_for(nt, nhit, task_lora_grads, &c);
+    phase_serial(L, KT_PH_SETUP_BWD, t0);
+    phase(&c, KT_PH_CONVERT_DY, ntok, task_convert_dy);
+    phase(&c, KT_PH_GATHER_DY, nhit, task_gather_dy);
+    phase(&c, KT_PH_DHH, c.nblk * c.nci, task_dhh);
+    if (c.r[KT_DOWN] && L->has_grads) phase(&c, KT_PH_GRAD_DOWN_A, nhit * c.nci, task_grad_down_a);
+    if (c.rgu || (c.r[KT_DOWN] && L->has_grads)) phase(&c, KT_PH_LORA_GRADS, nhit, task_lora_grads);
     if (aq) {
         c.ldq = 2 * I;
-        kt_parallel_for(nt, nhit, task_quantize_dgu, &c);
+        phase(&c, KT_PH_QUANT_DGU, nhit, task_quantize_dgu);
     }
-    kt_parallel_for(nt, c.nblk * c.nch, task_dx, &c);
-    kt_parallel_for(nt, ntok, task_combine, &c);
-    if (L->has_grads) kt_parallel_for(nt, nhit + b_tasks(L), task_export_grads, &c);
+    phase(&c, KT_PH_DX, c.nblk * c.nch, task_dx);
+    phase(&c, KT_PH_COMBINE_DX, ntok, task_combine);
+    if (L->has_grads) phase(&c, KT_PH_EXPORT_GRADS, nhit + b_tasks(L), task_export_grads);
 done:
     kt_layer_release_saved(L);
     return rc;

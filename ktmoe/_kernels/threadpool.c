@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 
 typedef struct job_node { kt_job_fn fn; void *job; struct job_node *next; } job_node;
 
@@ -24,11 +25,20 @@ static struct {
     atomic_long next_task;
     int running; /* participants (other than worker 0) still working */
     long start_generation[KT_MAX_THREADS]; /* generation when each worker was created */
+    double busy[KT_MAX_THREADS];           /* seconds each participant ran tasks this phase */
 } P = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .phase_done = PTHREAD_COND_INITIALIZER};
+
+double kt_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static void run_tasks(int thread) {
     long t;
+    double t0 = kt_now();
     while ((t = atomic_fetch_add(&P.next_task, 1)) < P.ntasks) P.fn(P.ctx, t, thread);
+    P.busy[thread] = kt_now() - t0;
 }
 
 static void *worker(void *arg) {
@@ -95,13 +105,14 @@ int kt_pool_submit(kt_job_fn fn, void *job) {
     return 0;
 }
 
-void kt_parallel_for(int nthreads, long ntasks, kt_task_fn fn, void *ctx) {
-    if (ntasks <= 0) return;
+double kt_parallel_for(int nthreads, long ntasks, kt_task_fn fn, void *ctx) {
+    if (ntasks <= 0) return 0.0;
     if (nthreads > P.nworkers) nthreads = P.nworkers;
     if (nthreads > ntasks) nthreads = (int)ntasks;
     if (nthreads <= 1) {
+        double t0 = kt_now();
         for (long t = 0; t < ntasks; t++) fn(ctx, t, 0);
-        return;
+        return kt_now() - t0;
     }
     pthread_mutex_lock(&P.mu);
     P.fn = fn;
@@ -116,5 +127,8 @@ void kt_parallel_for(int nthreads, long ntasks, kt_task_fn fn, void *ctx) {
     run_tasks(0);
     pthread_mutex_lock(&P.mu);
     while (P.running > 0) pthread_cond_wait(&P.phase_done, &P.mu);
+    double busy = 0.0;
+    for (int i = 0; i < nthreads; i++) busy += P.busy[i];
     pthread_mutex_unlock(&P.mu);
+    return busy;
 }

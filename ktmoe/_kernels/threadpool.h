@@ -16,6 +16,10 @@ typedef void (*kt_job_fn)(void *job);
 int kt_pool_ensure(int n);
 /* Queues a job; fn(job) runs on worker 0. */
 int kt_pool_submit(kt_job_fn fn, void *job);
-/* Called from inside a job: runs fn(ctx, t, thread) for t in [0, ntasks). */
-void kt_parallel_for(int nthreads, long ntasks, kt_task_fn fn, void *ctx);
+/* Called from inside a job: runs fn(ctx, t, thread) for t in [0, ntasks). Returns the
+ * seconds the participating threads spent running tasks, summed over them (the profile's
+ * busy time; nthreads x wall time minus this is time idle at the phase's end). */
+double kt_parallel_for(int nthreads, long ntasks, kt_task_fn fn, void *ctx);
+/* Monotonic clock in seconds (the profile's timer: a vDSO call, ~20 ns). */
+double kt_now(void);
 #endif
