@@ -70,6 +70,10 @@ def _matrix(name, a, dtype, writeable=False):
     if rows > _INT_MAX or cols > _INT_MAX:
         raise ValueError(f"{name}: dimensions must be < 2**31, got shape {a.shape}")
     item = a.itemsize
+    if a.size == 0:  # nothing is read or written; numpy may report any strides
+        if writeable and not a.flags.writeable:
+            raise ValueError(f"{name}: must be writeable")
+        return a.__array_interface__["data"][0], rows, cols, cols
     if cols > 1 and a.strides[1] != item:
         raise ValueError(f"{name}: rows must be contiguous (unit stride along the last axis), "
                          f"got strides {a.strides}")
