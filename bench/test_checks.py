@@ -13,9 +13,19 @@ TOL = 1e-2   # SPEC.md section 6: relative Frobenius error allowed for bf16 kern
 def test_roofline_probes(roofline):
     import ktmoe
     assert roofline.read_bw > 1e8, "streaming read below 0.1 GB/s: the probe is broken"
-    if "amx" in ktmoe.available_isas():
+    from ktmoe._kernels import _roofline
+    assert roofline.bf16_probe == bench.bf16_probe_for()
+    if roofline.bf16_probe == "amx":
         # a 2-core AMX machine measured ~6.9 TFLOP/s bf16; anything below 0.1 is broken
         assert roofline.bf16_flops > 1e11 and roofline.int8_ops > roofline.bf16_flops * 0.9
+    elif roofline.bf16_probe is not None:
+        # the slowest probe, AVX2 FMA on one 2-vCPU Zen core, measured ~39 GFLOP/s
+        assert roofline.bf16_flops > 5e9 and roofline.int8_ops is None
+    else:
+        assert not _roofline.has_avx2_fma() and "avx512" not in ktmoe.available_isas()
+    # every machine with AVX2 gets a compute bound now
+    bound, t_c, t_m = bench.bound_seconds(roofline, 1e12, 1e6)
+    assert (t_c > 0) == (roofline.bf16_flops is not None) and bound == max(t_c, t_m)
 
 
 def test_amx_peak_rejects_bad_arguments():
@@ -26,6 +36,12 @@ def test_amx_peak_rejects_bad_arguments():
         _roofline.amx_peak(1, 0.1, "fp8")
     with pytest.raises(ValueError, match="nbytes"):
         _roofline.read_bandwidth(2, 100)
+    with pytest.raises(ValueError, match="width"):
+        _roofline.fma_peak(1, 0.1, 128)
+    with pytest.raises(ValueError, match="seconds"):
+        _roofline.fma_peak(1, 0)
+    with pytest.raises(ValueError, match="threads"):
+        _roofline.avx512_bf16_peak(0, 0.1)
 
 
 def test_formulas_count_by_hand():

@@ -1,8 +1,11 @@
 """`ktmoe bench`: the expert layer against this machine's roofline and two torch baselines.
 
 What is measured (SPEC.md section 10), all in one process, one run:
-- the roofline: AMX bf16 (and int8) peak of a register-only tile loop and the streaming read
-  bandwidth (ktmoe._kernels._roofline), on the same number of threads as the layer;
+- the roofline: the bf16 peak of the kernel path in use, from a register-only loop (AMX tiles
+  on the amx path; else VDPBF16PS where the CPU has AVX512_BF16; else fp32 FMA, AVX-512F zmm
+  or AVX2 ymm; Roofline.bf16_probe says which), the AMX int8 peak (amx path only) and the
+  streaming read bandwidth (ktmoe._kernels._roofline), on the same number of threads as the
+  layer;
 - the layer shapes below, forward and forward+backward, LoRA r = 16 (PEFT layout, fp32
   factors, B != 0), for ktmoe and the two torch baselines:
     eager:   transformers v5's experts module (loop over experts, default eager
@@ -73,16 +76,57 @@ SHAPES = {s.name: s for s in (
 @dataclasses.dataclass(frozen=True)
 class Roofline:
     threads: int
-    bf16_flops: float | None   # FLOP/s of the AMX bf16 tile loop (None: no AMX here)
-    int8_ops: float | None     # OP/s of the AMX int8 tile loop
+    bf16_flops: float | None   # FLOP/s of the bf16 probe below (None: no probe could run here)
+    int8_ops: float | None     # OP/s of the AMX int8 tile loop (None: not the amx path)
     read_bw: float             # bytes/s of a streaming read
     read_bytes: int            # size of the buffer read
+    bf16_probe: str | None = None   # which loop measured bf16_flops: one of BF16_PROBES
 
     def as_dict(self) -> dict:
+        tf = None if self.bf16_flops is None else self.bf16_flops / 1e12
         return {"threads": self.threads,
-                "amx_bf16_tflops": None if self.bf16_flops is None else self.bf16_flops / 1e12,
+                "amx_bf16_tflops": tf if self.bf16_probe == "amx" else None,
                 "amx_int8_tops": None if self.int8_ops is None else self.int8_ops / 1e12,
+                "bf16_tflops": tf, "bf16_probe": self.bf16_probe,
                 "read_gbs": self.read_bw / 1e9, "read_buffer_mib": self.read_bytes / 2**20}
+
+
+# register-only loops that can measure the bf16 compute ceiling, best first
+BF16_PROBES = ("amx", "avx512-bf16", "avx512-fma", "avx2-fma")
+
+
+def bf16_probe_for(isa: str | None = None) -> str | None:
+    """The probe whose peak bounds kernel path `isa` (default: the path in use, ktmoe._cpu.
+    select_isa()): amx -> AMX tiles; avx512 -> VDPBF16PS if the CPU has AVX512_BF16 (the
+    path's inner loop then uses it), else the zmm FMA loop; portable -> the widest FMA loop
+    the CPU has (a ceiling the compiler's vectorisation of the plain C could reach at best).
+    None: no probe can run (no AVX2 + FMA)."""
+    from . import _cpu
+    from ._kernels import _roofline
+    if isa is None:
+        isa = _cpu.select_isa()[0]
+    available, _, flags = _cpu._probe()
+    if isa == "amx" and "amx" in available:
+        return "amx"
+    if isa in ("amx", "avx512") and flags.get("avx512_bf16"):
+        return "avx512-bf16"
+    if "avx512" in available:
+        return "avx512-fma"
+    return "avx2-fma" if _roofline.has_avx2_fma() else None
+
+
+def probe_peak(probe: str, threads: int, seconds: float = 0.5) -> float:
+    """FLOP/s of bf16 probe `probe` (one of BF16_PROBES) on `threads` threads."""
+    from ._kernels import _roofline
+    if probe == "amx":
+        return _roofline.amx_peak(threads, seconds, "bf16")
+    if probe == "avx512-bf16":
+        return _roofline.avx512_bf16_peak(threads, seconds)
+    if probe == "avx512-fma":
+        return _roofline.fma_peak(threads, seconds, 512)
+    if probe == "avx2-fma":
+        return _roofline.fma_peak(threads, seconds, 256)
+    raise ValueError(f"probe: must be one of {BF16_PROBES}, got {probe!r}")
 
 
 def _llc_bytes() -> int:
@@ -92,19 +136,19 @@ def _llc_bytes() -> int:
         return 0
 
 
-def measure_roofline(threads: int, seconds: float = 0.5, nbytes: int | None = None) -> Roofline:
-    """AMX peaks (skipped without AMX) and read bandwidth on `threads` threads. The buffer is
-    max(1 GiB, 4x the last-level cache), at most 4 GiB, unless `nbytes` is given."""
-    from . import _cpu
+def measure_roofline(threads: int, seconds: float = 0.5, nbytes: int | None = None,
+                     isa: str | None = None) -> Roofline:
+    """The bf16 peak bounding kernel path `isa` (default: the path in use; see bf16_probe_for),
+    the AMX int8 peak (amx path only) and the read bandwidth, on `threads` threads. The buffer
+    is max(1 GiB, 4x the last-level cache), at most 4 GiB, unless `nbytes` is given."""
     from ._kernels import _roofline
     if nbytes is None:
         nbytes = min(max(1 << 30, 4 * _llc_bytes()), 4 << 30)
-    bf16 = int8 = None
-    if "amx" in _cpu.available_isas():
-        bf16 = _roofline.amx_peak(threads, seconds, "bf16")
-        int8 = _roofline.amx_peak(threads, seconds, "int8")
+    probe = bf16_probe_for(isa)
+    bf16 = probe_peak(probe, threads, seconds) if probe else None
+    int8 = _roofline.amx_peak(threads, seconds, "int8") if probe == "amx" else None
     bw = _roofline.read_bandwidth(threads, int(nbytes), 3)
-    return Roofline(threads, bf16, int8, bw, int(nbytes))
+    return Roofline(threads, bf16, int8, bw, int(nbytes), probe)
 
 
 def layer_flops(shape: Shape, pairs: int, passes: str, r: int = LORA_R) -> float:
@@ -152,9 +196,13 @@ def layer_bytes(shape: Shape, hit: int, passes: str, r: int = LORA_R, lora_items
 
 
 def bound_seconds(roof: Roofline, flops: float, nbytes: float, int8: bool = False) -> tuple[float, float, float]:
-    """(bound, compute time at peak, memory time at bandwidth); bound = the larger. int8: the
-    int8 peak (W8A8 rows; their LoRA products still run in bf16, so this bound is optimistic)."""
-    peak = roof.int8_ops if int8 else roof.bf16_flops
+    """(bound, compute time at peak, memory time at bandwidth); bound = the larger. The compute
+    time uses the bf16 peak of the roofline's probe (AMX, VDPBF16PS or FMA: every machine with
+    AVX2 has one); int8: the AMX int8 peak (W8A8 rows; their LoRA products still run in bf16,
+    so this bound is optimistic), falling back to the bf16 peak where no int8 peak was
+    measured (an approximation: VNNI int8 may exceed it). A missing peak
+    gives compute time 0 (memory bound only)."""
+    peak = (roof.int8_ops or roof.bf16_flops) if int8 else roof.bf16_flops
     t_c = flops / peak if peak else 0.0
     t_m = nbytes / roof.read_bw
     return max(t_c, t_m), t_c, t_m
@@ -485,9 +533,15 @@ def format_table(roof: Roofline, results: list) -> list[str]:
 
 
 def roofline_line(roof: Roofline) -> str:
-    amx = ("AMX bf16 {:.2f} TFLOP/s, int8 {:.2f} TOP/s".format(roof.bf16_flops / 1e12, roof.int8_ops / 1e12)
-           if roof.bf16_flops else "no AMX here: compute bound not measured")
-    return (f"roofline ({roof.threads} threads): {amx}; streaming read {roof.read_bw / 1e9:.1f} GB/s "
+    if roof.bf16_flops and roof.int8_ops:
+        peak = "AMX bf16 {:.2f} TFLOP/s, int8 {:.2f} TOP/s (probe amx)".format(roof.bf16_flops / 1e12,
+                                                                             roof.int8_ops / 1e12)
+    elif roof.bf16_flops:
+        peak = "bf16 {:.3f} TFLOP/s (probe {}; int8: no AMX peak, W8A8 bound by the bf16 peak)".format(
+            roof.bf16_flops / 1e12, roof.bf16_probe)
+    else:
+        peak = "no bf16 probe can run here: compute bound not measured"
+    return (f"roofline ({roof.threads} threads): {peak}; streaming read {roof.read_bw / 1e9:.1f} GB/s "
             f"({roof.read_bytes >> 20} MiB buffer)")
 
 

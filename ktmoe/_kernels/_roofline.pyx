@@ -3,13 +3,21 @@
 
 amx_peak(threads, seconds, kind="bf16")  -> FLOP/s (bf16, TDPBF16PS) or OP/s (int8, TDPBSSD)
                                            of a register-only tile loop on `threads` threads.
+avx512_bf16_peak(threads, seconds)       -> FLOP/s of a register-only VDPBF16PS zmm loop
+                                           (16 chains, 64 FLOP per instruction).
+fma_peak(threads, seconds, width=None)   -> FLOP/s of a register-only fp32 FMA loop, width 512
+                                           (AVX-512F zmm) or 256 (AVX2 ymm); None: the widest
+                                           this CPU has. 2 FLOP per lane.
+has_avx2_fma()                           -> whether the CPU and OS can run AVX2 + FMA.
 read_bandwidth(threads, nbytes, passes)  -> bytes/s: best of `passes` streaming reads of one
                                            nbytes buffer split across `threads` threads.
 
 The C side is roofline.c. The AMX loop only runs when ktmoe.available_isas() has "amx"
-(which also means Linux granted this process the tile state); the read loop uses AVX-512
-loads when "avx512" is available, plain 64-bit loads otherwise. The GIL is released while
-the threads run.
+(which also means Linux granted this process the tile state), the VDPBF16PS loop when the
+CPU features have avx512_bf16, the zmm FMA loop when "avx512" is available and the ymm one
+when has_avx2_fma(); otherwise these raise RuntimeError. The read loop uses AVX-512 loads
+when "avx512" is available, plain 64-bit loads otherwise. The GIL is released while the
+threads run.
 """
 from libc.stdint cimport uint64_t
 
@@ -17,9 +25,15 @@ cdef extern from *:
     """
     double kt_rf_amx_peak(int threads, double seconds, int int8);
     double kt_rf_read_bandwidth(int threads, size_t nbytes, int passes, int simd, uint64_t *checksum);
+    double kt_rf_avx512_bf16_peak(int threads, double seconds);
+    double kt_rf_fma_peak(int threads, double seconds, int width);
+    int kt_rf_cpu_has_avx2_fma(void);
     """
     double kt_rf_amx_peak(int threads, double seconds, int int8) nogil
     double kt_rf_read_bandwidth(int threads, size_t nbytes, int passes, int simd, uint64_t *checksum) nogil
+    double kt_rf_avx512_bf16_peak(int threads, double seconds) nogil
+    double kt_rf_fma_peak(int threads, double seconds, int width) nogil
+    int kt_rf_cpu_has_avx2_fma()
 
 import os
 
@@ -51,6 +65,56 @@ def amx_peak(threads, seconds=0.5, kind="bf16"):
         rate = kt_rf_amx_peak(n, secs, int8)
     if rate < 0:
         _raise_errno("amx_peak", rate)
+    return rate
+
+
+def has_avx2_fma():
+    """True if this CPU and OS can run AVX2 + FMA (CPUID and XCR0)."""
+    return bool(kt_rf_cpu_has_avx2_fma())
+
+
+def _check_seconds(seconds):
+    if not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"seconds: must be > 0, got {seconds!r}")
+
+
+def avx512_bf16_peak(threads, seconds=0.5):
+    """FLOP/s of a VDPBF16PS zmm register loop on `threads` threads for `seconds`."""
+    from .. import _cpu
+    _check_threads(threads)
+    _check_seconds(seconds)
+    if not _cpu._probe()[2].get("avx512_bf16"):
+        raise RuntimeError("avx512_bf16_peak: the CPU (or OS) has no AVX512_BF16")
+    cdef int n = threads
+    cdef double secs = seconds, rate
+    with nogil:
+        rate = kt_rf_avx512_bf16_peak(n, secs)
+    if rate < 0:
+        _raise_errno("avx512_bf16_peak", rate)
+    return rate
+
+
+def fma_peak(threads, seconds=0.5, width=None):
+    """FLOP/s of an fp32 FMA register loop: width 512 (AVX-512F zmm) or 256 (AVX2 + FMA ymm);
+    None picks 512 where "avx512" is available, else 256."""
+    from .. import _cpu
+    _check_threads(threads)
+    _check_seconds(seconds)
+    zmm = "avx512" in _cpu.available_isas()
+    if width is None:
+        width = 512 if zmm else 256
+    if width not in (256, 512):
+        raise ValueError(f"width: must be 256, 512 or None, got {width!r}")
+    if width == 512 and not zmm:
+        raise RuntimeError("fma_peak: width 512 needs AVX-512F, which this CPU (or OS) lacks")
+    if width == 256 and not has_avx2_fma():
+        raise RuntimeError("fma_peak: width 256 needs AVX2 + FMA, which this CPU (or OS) lacks")
+    cdef int n = threads, w = width
+    cdef double secs = seconds, rate
+    with nogil:
+        rate = kt_rf_fma_peak(n, secs, w)
+    if rate < 0:
+        _raise_errno("fma_peak", rate)
     return rate
 
 

@@ -1,19 +1,28 @@
 /* roofline.c: the two machine ceilings a layer benchmark is measured against (SPEC.md §10).
  *
- *   kt_rf_amx_peak:      AMX tile throughput from a register-only loop (no memory traffic):
- *                        bf16 TDPBF16PS (2*16*16*32 FLOP each) or int8 TDPBSSD (2*16*16*64 OP).
+ *   kt_rf_amx_peak:       AMX tile throughput from a register-only loop (no memory traffic):
+ *                         bf16 TDPBF16PS (2*16*16*32 FLOP each) or int8 TDPBSSD (2*16*16*64 OP).
+ *   kt_rf_avx512_bf16_peak: AVX-512-BF16 VDPBF16PS zmm register loop, 16 independent
+ *                         accumulator chains; 64 FLOP per instruction (16 fp32 lanes x 2 bf16
+ *                         pairs x 2 FLOP). The compute ceiling of the avx512 path without AMX.
+ *   kt_rf_fma_peak:       fp32 FMA register loop, width 512 (AVX-512F zmm, 16 chains, 32 FLOP per
+ *                         instruction) or 256 (AVX2+FMA ymm, 12 chains, 16 FLOP per instruction):
+ *                         the ceiling of a CPU without bf16 dot-product instructions.
  *   kt_rf_read_bandwidth: streaming read of a large buffer (far bigger than the LLC), summed
- *                        with AVX-512 loads (or plain 64-bit loads on CPUs without AVX-512).
+ *                         with AVX-512 loads (or plain 64-bit loads on CPUs without AVX-512).
  *
- * Both run on N pthreads released together through a start gate; the rate is total work divided by
+ * All run on N pthreads released together through a start gate; the rate is total work divided by
  * the wall time from the common start to the last thread's end (so a straggler counts).
  *
  * Build: this file is compiled twice (meson.build), like the kernel ISA libraries. With
  * KT_ROOFLINE_SIMD defined and the AMX/AVX-512 flags it provides only the tile and AVX-512
  * loops (kt_rf_simd_*); without it (portable flags) it provides the thread harness, the
- * portable read loop and the public functions. So nothing outside the two SIMD loops can
- * pick up AVX-512 instructions, and the caller (_roofline.pyx) decides from
- * ktmoe.available_isas() whether the SIMD loops may run. AMX needs the per-process tile
+ * portable read loop, the AVX2 FMA loop (its own target("avx2,fma") function, so it is built
+ * with VEX encodings only: an AVX2-only CPU never meets an EVEX instruction) and the public
+ * functions. So nothing outside the SIMD loops can pick up AVX-512 instructions, and the
+ * caller (_roofline.pyx) decides from ktmoe's CPU features whether a SIMD loop may run:
+ * "amx" available for the tile loop, avx512_bf16 for VDPBF16PS, "avx512" for the zmm FMA
+ * loop, kt_rf_cpu_has_avx2_fma() for the ymm one. AMX needs the per-process tile
  * permission (arch_prctl), which ktmoe._cpu requests before "amx" is reported available.
  *
  * The tile configuration (and the gcc 12 _tile_loadconfig trap it avoids) is amx_tiles.h's,
@@ -33,6 +42,17 @@ double kt_rf_read_bandwidth(int threads, size_t nbytes, int passes, int simd, ui
 uint64_t kt_rf_simd_amx_loop(int int8, double seconds);
 /* Sums n bytes (n a multiple of 256, p 64-byte aligned) with AVX-512 loads. */
 uint64_t kt_rf_simd_read(const void *p, size_t n);
+/* Register loops until `seconds` have passed; return the instructions issued. */
+uint64_t kt_rf_simd_bf16_loop(double seconds);   /* VDPBF16PS zmm (needs AVX512_BF16) */
+uint64_t kt_rf_simd_fma512_loop(double seconds); /* VFMADD zmm (needs AVX-512F) */
+
+/* More public functions (portable build). */
+/* FLOP/s of `threads` threads each running the VDPBF16PS loop `seconds`. */
+double kt_rf_avx512_bf16_peak(int threads, double seconds);
+/* FLOP/s of the fp32 FMA loop, width 512 (zmm) or 256 (ymm, AVX2+FMA). */
+double kt_rf_fma_peak(int threads, double seconds, int width);
+/* 1 if the CPU and OS can run AVX2 + FMA (CPUID and XCR0, through libgcc). */
+int kt_rf_cpu_has_avx2_fma(void);
 
 #ifdef KT_ROOFLINE_SIMD
 /* ------------------------------------------------------------------ SIMD build */
@@ -84,6 +104,66 @@ uint64_t kt_rf_simd_amx_loop(int int8, double seconds) {
     return issued;
 }
 
+/* VDPBF16PS / FMA register loops: 16 independent zmm accumulator chains (latency 4-6 cycles
+ * x up to 2 ports needs >= 12), started from different values so the compiler cannot merge
+ * chains, and operands that keep the sums finite and normal for any run length. */
+#define KT_RF_CHAINS16(OP)                                                               \
+    OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7)                                    \
+    OP(8) OP(9) OP(10) OP(11) OP(12) OP(13) OP(14) OP(15)
+
+__attribute__((target("avx512f,avx512bf16")))
+uint64_t kt_rf_simd_bf16_loop(double seconds) {
+    /* bf16 0x3c00 ~ 0.0078: each instruction adds ~1.2e-4 per lane; 1e12 instructions stay finite */
+    __m512bh a = (__m512bh)_mm512_set1_epi16(0x3c00), b = (__m512bh)_mm512_set1_epi16(0x3c00);
+#define KT_RF_INIT(i) __m512 acc##i = _mm512_set1_ps(0.001f * (float)(i + 1));
+    KT_RF_CHAINS16(KT_RF_INIT)
+#undef KT_RF_INIT
+    uint64_t issued = 0;
+    const double t_end = kt_rf_now_simd() + seconds;
+    do {
+        for (int rep = 0; rep < 512; rep++) { /* 8192 instructions between clock reads */
+#define KT_RF_OP(i) acc##i = _mm512_dpbf16_ps(acc##i, a, b);
+            KT_RF_CHAINS16(KT_RF_OP)
+#undef KT_RF_OP
+        }
+        issued += 512 * 16;
+    } while (kt_rf_now_simd() < t_end);
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)),
+                             _mm512_add_ps(_mm512_add_ps(acc4, acc5), _mm512_add_ps(acc6, acc7)));
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc8, acc9), _mm512_add_ps(acc10, acc11)),
+                                       _mm512_add_ps(_mm512_add_ps(acc12, acc13), _mm512_add_ps(acc14, acc15))));
+    _Alignas(64) float sink[16];
+    _mm512_store_ps(sink, s);
+    __asm__ __volatile__("" : : "r"(sink) : "memory");
+    return issued;
+}
+
+uint64_t kt_rf_simd_fma512_loop(double seconds) {
+    /* acc = acc * a + b converges to b / (1 - a) = 10: finite, normal */
+    const __m512 a = _mm512_set1_ps(0.9999f), b = _mm512_set1_ps(0.001f);
+#define KT_RF_INIT(i) __m512 acc##i = _mm512_set1_ps(0.001f * (float)(i + 1));
+    KT_RF_CHAINS16(KT_RF_INIT)
+#undef KT_RF_INIT
+    uint64_t issued = 0;
+    const double t_end = kt_rf_now_simd() + seconds;
+    do {
+        for (int rep = 0; rep < 512; rep++) {
+#define KT_RF_OP(i) acc##i = _mm512_fmadd_ps(acc##i, a, b);
+            KT_RF_CHAINS16(KT_RF_OP)
+#undef KT_RF_OP
+        }
+        issued += 512 * 16;
+    } while (kt_rf_now_simd() < t_end);
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)),
+                             _mm512_add_ps(_mm512_add_ps(acc4, acc5), _mm512_add_ps(acc6, acc7)));
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc8, acc9), _mm512_add_ps(acc10, acc11)),
+                                       _mm512_add_ps(_mm512_add_ps(acc12, acc13), _mm512_add_ps(acc14, acc15))));
+    _Alignas(64) float sink[16];
+    _mm512_store_ps(sink, s);
+    __asm__ __volatile__("" : : "r"(sink) : "memory");
+    return issued;
+}
+
 uint64_t kt_rf_simd_read(const void *p, size_t n) {
     const __m512i *v = (const __m512i *)p;
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
@@ -100,6 +180,7 @@ uint64_t kt_rf_simd_read(const void *p, size_t n) {
 #else
 /* ------------------------------------------------------------------ portable build */
 #include <errno.h>
+#include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,33 +261,90 @@ static double kt_rf_run(int n, void (*fn)(void *), void *args, size_t arg_size) 
     return wall;
 }
 
-/* ---- AMX peak ---- */
+/* ---- register-loop peaks (AMX tiles, VDPBF16PS, FMA) ---- */
+enum { KT_RF_AMX_BF16, KT_RF_AMX_INT8, KT_RF_BF16_512, KT_RF_FMA_512, KT_RF_FMA_256 };
+
 typedef struct {
-    int int8;
+    int kind;
     double seconds;
     uint64_t issued;
-} kt_rf_amx_arg;
+} kt_rf_loop_arg;
 
-static void kt_rf_amx_job(void *p) {
-    kt_rf_amx_arg *a = (kt_rf_amx_arg *)p;
-    a->issued = kt_rf_simd_amx_loop(a->int8, a->seconds);
+/* The AVX2 + FMA loop lives in this (portable-flags) build, so only VEX-encoded ymm
+ * instructions are generated: 12 independent chains + 2 operand registers of the 16 ymm. */
+#define KT_RF_CHAINS12(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+
+__attribute__((target("avx2,fma"))) static uint64_t kt_rf_fma256_loop(double seconds) {
+    /* acc = acc * a + b converges to b / (1 - a) = 10: finite, normal */
+    const __m256 a = _mm256_set1_ps(0.9999f), b = _mm256_set1_ps(0.001f);
+#define KT_RF_INIT(i) __m256 acc##i = _mm256_set1_ps(0.001f * (float)(i + 1));
+    KT_RF_CHAINS12(KT_RF_INIT)
+#undef KT_RF_INIT
+    uint64_t issued = 0;
+    const double t_end = kt_rf_now() + seconds;
+    do {
+        for (int rep = 0; rep < 512; rep++) { /* 6144 instructions between clock reads */
+#define KT_RF_OP(i) acc##i = _mm256_fmadd_ps(acc##i, a, b);
+            KT_RF_CHAINS12(KT_RF_OP)
+#undef KT_RF_OP
+        }
+        issued += 512 * 12;
+    } while (kt_rf_now() < t_end);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)),
+                             _mm256_add_ps(_mm256_add_ps(acc4, acc5), _mm256_add_ps(acc6, acc7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(acc8, acc9), _mm256_add_ps(acc10, acc11)));
+    _Alignas(32) float sink[8];
+    _mm256_store_ps(sink, s);
+    __asm__ __volatile__("" : : "r"(sink) : "memory");
+    return issued;
 }
 
-double kt_rf_amx_peak(int threads, double seconds, int int8) {
+int kt_rf_cpu_has_avx2_fma(void) {
+    __builtin_cpu_init();  /* libgcc also checks that the OS saves the ymm state (XCR0) */
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static void kt_rf_loop_job(void *p) {
+    kt_rf_loop_arg *a = (kt_rf_loop_arg *)p;
+    switch (a->kind) {
+    case KT_RF_AMX_BF16: a->issued = kt_rf_simd_amx_loop(0, a->seconds); break;
+    case KT_RF_AMX_INT8: a->issued = kt_rf_simd_amx_loop(1, a->seconds); break;
+    case KT_RF_BF16_512: a->issued = kt_rf_simd_bf16_loop(a->seconds); break;
+    case KT_RF_FMA_512: a->issued = kt_rf_simd_fma512_loop(a->seconds); break;
+    default: a->issued = kt_rf_fma256_loop(a->seconds); break;
+    }
+}
+
+/* total work per second of `threads` threads each running loop `kind` for `seconds` */
+static double kt_rf_loop_peak(int threads, double seconds, int kind, double per_instruction) {
     if (threads < 1 || threads > 1024 || !(seconds > 0)) return -EINVAL;
-    kt_rf_amx_arg *args = calloc((size_t)threads, sizeof *args);
+    kt_rf_loop_arg *args = calloc((size_t)threads, sizeof *args);
     if (!args) return -ENOMEM;
-    for (int i = 0; i < threads; i++) args[i] = (kt_rf_amx_arg){int8, seconds, 0};
-    double wall = kt_rf_run(threads, kt_rf_amx_job, args, sizeof *args);
+    for (int i = 0; i < threads; i++) args[i] = (kt_rf_loop_arg){kind, seconds, 0};
+    double wall = kt_rf_run(threads, kt_rf_loop_job, args, sizeof *args);
     double rate = wall;
     if (wall > 0) {
         double total = 0;
         for (int i = 0; i < threads; i++) total += (double)args[i].issued;
-        const double per_op = int8 ? 2.0 * 16 * 16 * 64 : 2.0 * 16 * 16 * 32;
-        rate = total * per_op / wall;
+        rate = total * per_instruction / wall;
     }
     free(args);
     return rate;
+}
+
+double kt_rf_amx_peak(int threads, double seconds, int int8) {
+    return int8 ? kt_rf_loop_peak(threads, seconds, KT_RF_AMX_INT8, 2.0 * 16 * 16 * 64)
+                : kt_rf_loop_peak(threads, seconds, KT_RF_AMX_BF16, 2.0 * 16 * 16 * 32);
+}
+
+double kt_rf_avx512_bf16_peak(int threads, double seconds) {
+    return kt_rf_loop_peak(threads, seconds, KT_RF_BF16_512, 2.0 * 16 * 2); /* 64 FLOP */
+}
+
+double kt_rf_fma_peak(int threads, double seconds, int width) {
+    if (width == 512) return kt_rf_loop_peak(threads, seconds, KT_RF_FMA_512, 2.0 * 16);
+    if (width == 256) return kt_rf_loop_peak(threads, seconds, KT_RF_FMA_256, 2.0 * 8);
+    return -EINVAL;
 }
 
 /* ---- streaming read ---- */
