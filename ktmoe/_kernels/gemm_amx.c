@@ -222,10 +222,30 @@ typedef struct {
     const kt_bf16 *w; long ldw; int w_is_kn, nc, kp, ks; kt_bf16 *bdst; int bu, bend, bn;
 } kt_side;
 
+/* Software prefetch of the W lines that unit u of job j will read (W streams from memory
+ * once per call: without it each unit's 16 or 32 row segments are fetched at full DRAM
+ * latency, one after another). Prefetches never fault, so edge units need no clipping. */
+enum { KT_PF_UNITS = 8 };  /* units ahead: ~8 KiB in flight per thread */
+
+KT_AI void kt_prefetch_unit(const kt_side *j, int u) {
+    if (u >= j->bn) return;
+    const int t = u / j->ks, s = u - t * j->ks;
+    if (j->w_is_kn) {
+        const char *w = (const char *)(j->w + (long)(32 * s) * j->ldw + 32 * t);
+        for (int i = 0; i < 32; i++) _mm_prefetch(w + (long)i * j->ldw * (long)sizeof(kt_bf16), _MM_HINT_T0);
+    } else {
+        const char *w = (const char *)(j->w + (long)(16 * t) * j->ldw + 32 * s);
+        for (int i = 0; i < 16; i++) _mm_prefetch(w + (long)i * j->ldw * (long)sizeof(kt_bf16), _MM_HINT_T0);
+    }
+}
+
 static void kt_side_b(kt_side *j, int n) {
     int u = j->bu;
     const int end = kt_min(j->bend, u + n);
+    if (u == 0)
+        for (int v = 0; v < KT_PF_UNITS; v++) kt_prefetch_unit(j, v);
     for (; u < end; u++) {
+        kt_prefetch_unit(j, u + KT_PF_UNITS);
         const int t = u / j->ks, s = u - t * j->ks;
         if (j->w_is_kn) kt_unit_nn(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
         else kt_unit_rows_vnni(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
@@ -370,17 +390,20 @@ static void kt_side_set_b(kt_side *j, const kt_bf16 *W, long ldw, int w_is_kn, i
 static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S) {
     const int nmb = kt_cdiv(M, 32), npan = kt_cdiv(K, KT_KP);
     kt_side bj;
+    int g = 0; /* panels done over all chunks: panel g is in buffer g & 1 */
+    kt_side_set_b(&bj, W, ldw, w_is_kn, 0, kt_min(KT_NC, N), 0, K, S->b[0]);
+    bj.bend = bj.bn;
+    kt_side_b(&bj, bj.bn); /* the very first panel up front; every later one is packed during the one before */
     for (int n0 = 0; n0 < N; n0 += KT_NC) {
         const int nc = kt_min(KT_NC, N - n0), nblk = kt_cdiv(nc, 32);
-        kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, 0, K, S->b[0]);
-        bj.bend = bj.bn;
-        kt_side_b(&bj, bj.bn);
-        for (int p = 0; p < npan; p++) {
+        for (int p = 0; p < npan; p++, g++) {
             const int k0 = p * KT_KP, kp = kt_min(KT_KP, K - k0), ks = kt_cdiv(kp, 32);
             const int acc = accumulate || p > 0;
-            const kt_bf16 *bp = S->b[p & 1];
-            const int nextp = p + 1 < npan;
-            if (nextp) kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, k0 + KT_KP, K, S->b[(p + 1) & 1]);
+            const kt_bf16 *bp = S->b[g & 1];
+            /* the next panel: of this chunk, or the first of the next chunk */
+            const int nextp = p + 1 < npan || n0 + KT_NC < N;
+            if (p + 1 < npan) kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, k0 + KT_KP, K, S->b[(g + 1) & 1]);
+            else if (nextp) kt_side_set_b(&bj, W, ldw, w_is_kn, n0 + KT_NC, kt_min(KT_NC, N - n0 - KT_NC), 0, K, S->b[(g + 1) & 1]);
             KT_MEM_BARRIER(S);
             for (int i = 0; i < nmb; i++) {
                 const int m0 = 32 * i, rows = kt_min(32, M - m0);
@@ -429,8 +452,10 @@ KT_AI void kt_ct_store(float *C, long ldc, float *buf, int mv, int nv, int acc) 
 
 /* C[m, n] (+)= sum_k W[n, k] A[m, k] for n < nr (1..32), m < mr (1..32), k < kp, with W at
  * W[n0, k0] and A^T packed (pair layout, ks steps) at atp; tn = nr > 16, tm = mr > 16. */
+enum { KT_PF_STEPS = 6 }; /* ct path: K steps of W prefetched ahead */
+
 KT_AI void kt_kernel_ct_body(const int tn, const int tm, const kt_bf16 *W, long ldw, int nr, int kp, int ks,
-                             const kt_bf16 *atp, int mr, float *C, long ldc, int acc, kt_scratch *S) {
+                             const kt_bf16 *atp, int mr, float *C, long ldc, int acc, kt_scratch *S, int pf) {
     const long sw = ldw * (long)sizeof(kt_bf16);
     const int r0 = kt_min(nr, 16), r1 = nr - r0, m0v = kt_min(mr, 16), m1v = mr - m0v;
     const int kfull = kp / 32; /* K steps whose 32 values are all valid */
@@ -445,6 +470,8 @@ KT_AI void kt_kernel_ct_body(const int tn, const int tm, const kt_bf16 *W, long 
     const int d0 = r0 == 16 ? kfull : 0, d1 = r1 == 16 ? kfull : 0; /* steps loaded straight from W */
     for (int s = 0; s < ks; s++) {
         const kt_bf16 *b = atp + (long)s * KT_PAIR;
+        if (pf && s + KT_PF_STEPS < ks) /* the W lines KT_PF_STEPS steps ahead (W streams from memory) */
+            for (int i = 0; i < nr; i++) _mm_prefetch((const char *)(W + (long)i * ldw + 32 * (s + KT_PF_STEPS)), _MM_HINT_T0);
         if (s < d0) {
             _tile_loadd(4, W + 32 * s, sw);
         } else {
@@ -478,13 +505,13 @@ KT_AI void kt_kernel_ct_body(const int tn, const int tm, const kt_bf16 *W, long 
 }
 
 static void kt_kernel_ct(const kt_bf16 *W, long ldw, int nr, int kp, int ks, const kt_bf16 *atp, int mr, float *C,
-                         long ldc, int acc, kt_scratch *S) {
+                         long ldc, int acc, kt_scratch *S, int pf) {
     if (nr > 16) {
-        if (mr > 16) kt_kernel_ct_body(1, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
-        else kt_kernel_ct_body(1, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
+        if (mr > 16) kt_kernel_ct_body(1, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
+        else kt_kernel_ct_body(1, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
     } else {
-        if (mr > 16) kt_kernel_ct_body(0, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
-        else kt_kernel_ct_body(0, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S);
+        if (mr > 16) kt_kernel_ct_body(0, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
+        else kt_kernel_ct_body(0, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
     }
 }
 
@@ -497,7 +524,7 @@ static void kt_gemm_nt_ct(KT_GEMM_ARGS, kt_scratch *S) {
         for (int n0 = 0; n0 < N; n0 += 32)
             for (int m0 = 0; m0 < M; m0 += 32)
                 kt_kernel_ct(W + (long)n0 * ldw + k0, ldw, kt_min(32, N - n0), kp, ks, S->a + (long)(m0 / 32) * ks * KT_PAIR,
-                             kt_min(32, M - m0), C + (long)m0 * ldc + n0, ldc, acc, S);
+                             kt_min(32, M - m0), C + (long)m0 * ldc + n0, ldc, acc, S, m0 == 0);
     }
 }
 
