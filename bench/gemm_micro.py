@@ -64,9 +64,11 @@ def single_thread_peaks(isas, seconds: float = 0.5) -> dict:
 
 
 def operands(M: int, c: Case, rng):
-    """bf16 bits of A [M, K] and W ([N, K] nt, [K, N] nn), C [M, N] fp32."""
+    """bf16 bits of A [M, K] and W ([N, K] nt, [K, N] nn), C [M, N] fp32. A's rows are padded
+    by one cache line, as the layer's gathered rows are (a power-of-two row stride would put
+    every row of a tile in the same L1 set)."""
     import ml_dtypes
-    A = rng.standard_normal((M, c.K), dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    A = rng.standard_normal((M, c.K + 32), dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)[:, :c.K]
     wshape = (c.N, c.K) if c.kind == "nt" else (c.K, c.N)
     W = (rng.standard_normal(wshape, dtype=np.float32) * c.K ** -0.5).astype(ml_dtypes.bfloat16).view(np.uint16)
     return A, W, np.empty((M, c.N), np.float32)

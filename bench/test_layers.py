@@ -13,7 +13,7 @@ import pytest
 
 from ktmoe import bench
 
-CASES = [(s, p, i) for s in bench.SHAPES for p in bench.PASSES for i in bench.IMPLS]
+CASES = [(s, p, i) for s in bench.DEFAULT_SHAPES for p in bench.PASSES for i in bench.IMPLS]
 ROUND_BUDGET_S = 10.0
 
 

@@ -127,6 +127,22 @@ def test_grid(case, layout, isa):
     assert_matches_reference(weights, x, ids, w, lora, isa=isa)
 
 
+def bf16_weight_bytes(isa, E, H, I):
+    """Packed bf16 bytes: raw on the avx512 / portable paths; on the amx path each expert's
+    gate/up [2I, H] and down [H, I] in the tile layout, rows and columns rounded up to 32."""
+    if isa != "amx":
+        return 3 * E * H * I * 2
+    up32 = lambda n: -(-n // 32) * 32   # noqa: E731
+    return E * (up32(2 * I) * up32(H) + up32(H) * up32(I)) * 2
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 128), (3, 72, 56), (2, 17, 9)])
+def test_bf16_weight_bytes(shape, isa):
+    E, H, I = shape
+    layer = ktmoe.MoEExperts(**make_weights(np.random.default_rng(0), E, H, I), isa=isa)
+    assert layer.weight_bytes == bf16_weight_bytes(isa, E, H, I)
+
+
 @pytest.mark.parametrize("case", ["T1", "minus_one_slots", "tails_72_56_r5", "several_chunks_300_200"])
 def test_transposed_weights_mode(case, isa):
     """The opt-in transposed weight copy (backward streams W^T) gives the same results."""
@@ -136,7 +152,7 @@ def test_transposed_weights_mode(case, isa):
     x = rng.standard_normal((ids.shape[0], H)).astype(BF16)
     lora = make_lora(rng, "peft", E, H, I, layout_ranks("peft", r))
     layer = ktmoe.MoEExperts(**weights, isa=isa, transposed_weights=True)
-    assert layer.weight_bytes == 2 * 3 * E * H * I * 2
+    assert layer.weight_bytes == bf16_weight_bytes(isa, E, H, I) + 3 * E * H * I * 2
     assert_matches_reference(weights, x, ids, w, lora, layer=layer)
 
 

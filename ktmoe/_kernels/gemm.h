@@ -31,6 +31,24 @@ void kt_gemm_nn_avx512(KT_GEMM_ARGS);
 void kt_gemm_nt_amx(KT_GEMM_ARGS);
 void kt_gemm_nn_amx(KT_GEMM_ARGS);
 
+/* AMX only: weights prepacked once, at load, into the tile layout the forward's multiplies
+ * read, so that no call repacks them (the layer does this for bf16 weights on the amx path).
+ * Layout of a [rows, cols] matrix: pairs of 16-row tiles (32 rows; the last pair zero-padded)
+ * one after another; within a pair, for every 32-column step s (the last zero-padded), the
+ * two VNNI tiles of that step, 512 bf16 each, where row kk, word n of tile t holds the pair
+ * (W[16t + n, 32s + 2kk], W[16t + n, 32s + 2kk + 1]). Element offset of (pair p, step s,
+ * tile t) = (p * ks + s) * 1024 + t * 512, ks = ceil(cols / 32); total kt_prepacked_elems.
+ * The products read it in place (nt: C = A W[row0 : row0 + N, :]^T, all cols contracted) or
+ * make the backward's tiles from it in registers (nn: C = A W[:, col0 : col0 + N], all rows
+ * contracted); row0 / col0 are multiples of 32. They overwrite C; 0, or -2 if the per-thread
+ * scratch cannot be allocated. */
+size_t kt_prepacked_elems(int rows, int cols);
+void kt_prepack_amx(const kt_bf16 *W, long ldw, int rows, int cols, kt_bf16 *dst);
+int kt_gemm_nt_pre_amx(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *Wp, int rows, int cols, int row0,
+                       float *C, long ldc);
+int kt_gemm_nn_pre_amx(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *Wp, int rows, int cols, int col0,
+                       float *C, long ldc);
+
 /* AMX needs per-thread tile configuration and OS permission; kt_amx_request_permission()
  * (cpu_features.c) must have succeeded before any kt_gemm_*_amx call. */
 

@@ -76,6 +76,15 @@
 #ifndef KT_AMX_MSMALL_NN
 #define KT_AMX_MSMALL_NN 6 /* nn with M below this: AVX-512 */
 #endif
+#ifndef KT_AMX_PFB
+#define KT_AMX_PFB 2    /* packed path: K steps ahead whose B tiles are prefetched into L1 (0: none) */
+#endif
+#ifndef KT_AMX_PFB_MEM
+#define KT_AMX_PFB_MEM 8 /* the same for B tiles read from a prepacked W in memory */
+#endif
+#ifndef KT_AMX_PFA
+#define KT_AMX_PFA 0    /* packed path: K steps ahead whose A rows are prefetched on a block's first pass */
+#endif
 #ifndef KT_AMX_MCT
 #define KT_AMX_MCT 64   /* nt with M up to this: transposed-output path (no W packing) */
 #endif
@@ -214,12 +223,57 @@ static void kt_unit_nn(const kt_bf16 *W, long ldw, int nc, int kp, kt_bf16 *dst,
     }
 }
 
+/* One nn unit (two Bt tiles: W rows 32P..32P+31 contracted, W columns 32S..32S+31) made from the
+ * prepacked layout (gemm.h) instead of plain rows: src is the pair (P, S), two 16-row tiles
+ * whose row cp holds, for n = 0..15, the qword-sized pairs (W[16t + n, 2cp], W[16t + n, 2cp+1]).
+ * nn tile c (columns 16c..16c+15) row kk must hold, for column j, (W[2kk, j], W[2kk + 1, j]):
+ * per group of 8 output rows it is an 8x8 transpose of 64-bit elements (rows 2q, 2q + 1 of W x
+ * columns 2cp, 2cp + 1) followed by swapping the middle two bf16 of every qword. */
+KT_AI void kt_transpose8x8_epi64(__m512i r[8]) {
+    __m512i t[8], u[8];
+    for (int a = 0; a < 4; a++) {
+        t[2 * a] = _mm512_unpacklo_epi64(r[2 * a], r[2 * a + 1]);     /* lanes: q0, q2, q4, q6 of rows 2a, 2a+1 */
+        t[2 * a + 1] = _mm512_unpackhi_epi64(r[2 * a], r[2 * a + 1]); /* q1, q3, q5, q7 */
+    }
+    for (int o = 0; o < 2; o++) { /* o = 0: even qwords, 1: odd */
+        u[4 * o + 0] = _mm512_shuffle_i64x2(t[o], t[2 + o], 0x88);
+        u[4 * o + 1] = _mm512_shuffle_i64x2(t[o], t[2 + o], 0xdd);
+        u[4 * o + 2] = _mm512_shuffle_i64x2(t[4 + o], t[6 + o], 0x88);
+        u[4 * o + 3] = _mm512_shuffle_i64x2(t[4 + o], t[6 + o], 0xdd);
+        r[0 + o] = _mm512_shuffle_i64x2(u[4 * o + 0], u[4 * o + 2], 0x88); /* qword 0 + o */
+        r[4 + o] = _mm512_shuffle_i64x2(u[4 * o + 0], u[4 * o + 2], 0xdd); /* qword 4 + o */
+        r[2 + o] = _mm512_shuffle_i64x2(u[4 * o + 1], u[4 * o + 3], 0x88); /* qword 2 + o */
+        r[6 + o] = _mm512_shuffle_i64x2(u[4 * o + 1], u[4 * o + 3], 0xdd); /* qword 6 + o */
+    }
+}
+
+static void kt_unit_nn_pre(const kt_bf16 *src, kt_bf16 *dst) {
+    const __m512i swap = _mm512_set_epi8(15, 14, 11, 10, 13, 12, 9, 8, 7, 6, 3, 2, 5, 4, 1, 0,
+                                         15, 14, 11, 10, 13, 12, 9, 8, 7, 6, 3, 2, 5, 4, 1, 0,
+                                         15, 14, 11, 10, 13, 12, 9, 8, 7, 6, 3, 2, 5, 4, 1, 0,
+                                         15, 14, 11, 10, 13, 12, 9, 8, 7, 6, 3, 2, 5, 4, 1, 0);
+    for (int g = 0; g < 4; g++) { /* source tile g & 1, its rows 8 (g >> 1) ..; output tile g >> 1, rows 8 (g & 1) .. */
+        const kt_bf16 *f = src + (g & 1) * KT_TILE + (g >> 1) * 8 * 32;
+        kt_bf16 *o = dst + (g >> 1) * KT_TILE + (g & 1) * 8 * 32;
+        __m512i r[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm512_load_si512((const void *)(f + 32 * i));
+        kt_transpose8x8_epi64(r);
+        for (int i = 0; i < 8; i++) _mm512_store_si512((void *)(o + 32 * i), _mm512_shuffle_epi8(r[i], swap));
+    }
+}
+
+/* Prepacked W (gemm.h): its base for this expert, total column steps, and the first W row (nt)
+ * or column (nn) of the product, a multiple of 32. */
+typedef struct { const kt_bf16 *w; int ks; int off; } kt_pre;
+
 /* Side work done between the tile instructions of the packed kernel: packing the next B panel
  * (into the other of two buffers, so the tile loads in flight never read what it writes).
  * Units (nt: 16 W rows x one K step; nn: 32 W columns x one K step) are done in order up to
  * bend; the job is resumable. */
 typedef struct {
     const kt_bf16 *w; long ldw; int w_is_kn, nc, kp, ks; kt_bf16 *bdst; int bu, bend, bn;
+    const kt_bf16 *pre; long pre_ks; /* nn from the prepacked layout: pair (k step s, block b) at
+                                        pre + (s * pre_ks + b) * KT_PAIR (pre already offset), else NULL */
 } kt_side;
 
 /* Software prefetch of the W lines that unit u of job j will read (W streams from memory
@@ -230,7 +284,10 @@ enum { KT_PF_UNITS = 8 };  /* units ahead: ~8 KiB in flight per thread */
 KT_AI void kt_prefetch_unit(const kt_side *j, int u) {
     if (u >= j->bn) return;
     const int t = u / j->ks, s = u - t * j->ks;
-    if (j->w_is_kn) {
+    if (j->pre) {
+        const char *w = (const char *)(j->pre + ((long)s * j->pre_ks + t) * KT_PAIR);
+        for (int i = 0; i < 32; i++) _mm_prefetch(w + 64 * i, _MM_HINT_T0);
+    } else if (j->w_is_kn) {
         const char *w = (const char *)(j->w + (long)(32 * s) * j->ldw + 32 * t);
         for (int i = 0; i < 32; i++) _mm_prefetch(w + (long)i * j->ldw * (long)sizeof(kt_bf16), _MM_HINT_T0);
     } else {
@@ -247,7 +304,8 @@ static void kt_side_b(kt_side *j, int n) {
     for (; u < end; u++) {
         kt_prefetch_unit(j, u + KT_PF_UNITS);
         const int t = u / j->ks, s = u - t * j->ks;
-        if (j->w_is_kn) kt_unit_nn(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
+        if (j->pre) kt_unit_nn_pre(j->pre + ((long)s * j->pre_ks + t) * KT_PAIR, j->bdst + (long)t * j->ks * KT_PAIR + (long)s * KT_PAIR);
+        else if (j->w_is_kn) kt_unit_nn(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
         else kt_unit_rows_vnni(j->w, j->ldw, j->nc, j->kp, j->bdst, j->ks, t, s);
     }
     j->bu = u;
@@ -310,7 +368,7 @@ KT_AI void kt_stage_rows(kt_bf16 *buf, const kt_bf16 *X, long ld, int rows, int 
  * Per K step, nb units of side work (the next B panel) when nb > 0. */
 KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, long lda, int kp, const kt_bf16 *bp,
                                  int ks, float *C, long ldc, int rows, int cols, int acc, kt_scratch *S,
-                                 kt_side *side, int nb) {
+                                 kt_side *side, int nb, int first, int pfd) {
     const long sc = ldc * (long)sizeof(float), sa = lda * (long)sizeof(kt_bf16);
     const int r0 = kt_min(rows, 16), r1 = rows - r0, c0 = kt_min(cols, 16), c1 = cols - c0;
     const int kfull = kp / 32;
@@ -325,34 +383,56 @@ KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, l
     if (tm && tn) KT_C_BEGIN(3, C1 + 16, r1, c1);
     if (d0 < ks) memset(S->wst[0] + 32 * r0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r0));
     if (tm && d1 < ks) memset(S->wst[1] + 32 * r1, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r1));
+    /* Each operand tile is reloaded for step s + 1 right after the last TDP that reads it in
+     * step s (tiles are not renamed: a load must wait for its tile's readers), so the loads
+     * of the next step overlap the remaining multiplies of this one. */
+#define KT_LOAD_A0(st)                                                                  \
+    do {                                                                                \
+        if ((st) < d0) {                                                                \
+            _tile_loadd(4, A + 32 * (st), sa);                                          \
+        } else {                                                                        \
+            kt_stage_rows(S->wst[0], A + 32 * (st), lda, r0, kp - 32 * (st));           \
+            KT_MEM_BARRIER(S->wst[0]);                                                  \
+            _tile_loadd(4, S->wst[0], 64);                                              \
+        }                                                                               \
+    } while (0)
+#define KT_LOAD_A1(st)                                                                  \
+    do {                                                                                \
+        if ((st) < d1) {                                                                \
+            _tile_loadd(5, A1 + 32 * (st), sa);                                         \
+        } else {                                                                        \
+            kt_stage_rows(S->wst[1], A1 + 32 * (st), lda, r1, kp - 32 * (st));          \
+            KT_MEM_BARRIER(S->wst[1]);                                                  \
+            _tile_loadd(5, S->wst[1], 64);                                              \
+        }                                                                               \
+    } while (0)
+    KT_LOAD_A0(0);
+    _tile_loadd(6, bp, 64);
+    if (tn) _tile_loadd(7, bp + KT_TILE, 64);
+    if (tm) KT_LOAD_A1(0);
     for (int s = 0; s < ks; s++) {
-        const kt_bf16 *b = bp + (long)s * KT_PAIR;
-        if (s < d0) {
-            _tile_loadd(4, A + 32 * s, sa);
-        } else {
-            kt_stage_rows(S->wst[0], A + 32 * s, lda, r0, kp - 32 * s);
-            KT_MEM_BARRIER(S->wst[0]);
-            _tile_loadd(4, S->wst[0], 64);
+        const kt_bf16 *bn = bp + (long)(s + 1) * KT_PAIR; /* next step's B pair */
+        const int more = s + 1 < ks;
+        if (pfd && s + pfd < ks) { /* B comes from L2 or memory: its lines a few steps ahead into L1 */
+            const char *pb = (const char *)(bp + (long)(s + pfd) * KT_PAIR);
+            for (int l = 0; l < (tn ? 32 : 16); l++) _mm_prefetch(pb + 64 * l, _MM_HINT_T0);
         }
-        _tile_loadd(6, b, 64);
+        if (KT_AMX_PFA && first && s + KT_AMX_PFA < ks)
+            for (int i = 0; i < rows; i++) _mm_prefetch((const char *)(A + (long)i * lda + 32 * (s + KT_AMX_PFA)), _MM_HINT_T0);
         _tile_dpbf16ps(0, 4, 6);
-        if (tn) {
-            _tile_loadd(7, b + KT_TILE, 64);
-            _tile_dpbf16ps(1, 4, 7);
-        }
-        if (tm) {
-            if (s < d1) {
-                _tile_loadd(5, A1 + 32 * s, sa);
-            } else {
-                kt_stage_rows(S->wst[1], A1 + 32 * s, lda, r1, kp - 32 * s);
-                KT_MEM_BARRIER(S->wst[1]);
-                _tile_loadd(5, S->wst[1], 64);
-            }
-            _tile_dpbf16ps(2, 5, 6);
-            if (tn) _tile_dpbf16ps(3, 5, 7);
+        if (tn) _tile_dpbf16ps(1, 4, 7);
+        if (more) KT_LOAD_A0(s + 1);
+        if (tm) _tile_dpbf16ps(2, 5, 6);
+        if (more) _tile_loadd(6, bn, 64);
+        if (tm && tn) _tile_dpbf16ps(3, 5, 7);
+        if (more) {
+            if (tn) _tile_loadd(7, bn + KT_TILE, 64);
+            if (tm) KT_LOAD_A1(s + 1);
         }
         if (nb) kt_side_work(side, nb); /* writes only the other B buffer */
     }
+#undef KT_LOAD_A0
+#undef KT_LOAD_A1
     KT_C_END(0, C, r0, c0);
     if (tn) KT_C_END(1, C + 16, r0, c1);
     if (tm) KT_C_END(2, C1, r1, c0);
@@ -361,13 +441,13 @@ KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, l
 }
 
 static void kt_kernel_packed(const kt_bf16 *A, long lda, int kp, const kt_bf16 *bp, int ks, float *C, long ldc,
-                             int rows, int cols, int acc, kt_scratch *S, kt_side *side, int nb) {
+                             int rows, int cols, int acc, kt_scratch *S, kt_side *side, int nb, int first, int pfd) {
     if (rows > 16) {
-        if (cols > 16) kt_kernel_packed_body(1, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
-        else kt_kernel_packed_body(1, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
+        if (cols > 16) kt_kernel_packed_body(1, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb, first, pfd);
+        else kt_kernel_packed_body(1, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb, first, pfd);
     } else {
-        if (cols > 16) kt_kernel_packed_body(0, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
-        else kt_kernel_packed_body(0, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb);
+        if (cols > 16) kt_kernel_packed_body(0, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb, first, pfd);
+        else kt_kernel_packed_body(0, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb, first, pfd);
     }
 }
 
@@ -375,35 +455,53 @@ static inline int kt_cdiv(int a, int b) { return (a + b - 1) / b; }
 
 /* Set up the B job for panel k0 of the chunk at n0, packing into dst. */
 static void kt_side_set_b(kt_side *j, const kt_bf16 *W, long ldw, int w_is_kn, int n0, int nc, int k0, int K,
-                          kt_bf16 *dst) {
+                          kt_bf16 *dst, const kt_pre *pre) {
     memset(j, 0, sizeof *j);
     j->kp = kt_min(KT_KP, K - k0);
     j->ks = kt_cdiv(j->kp, 32);
     j->w_is_kn = w_is_kn, j->nc = nc, j->ldw = ldw, j->bdst = dst;
-    j->w = w_is_kn ? W + (long)k0 * ldw + n0 : W + (long)n0 * ldw + k0;
+    j->w = !W ? NULL : w_is_kn ? W + (long)k0 * ldw + n0 : W + (long)n0 * ldw + k0;
     j->bn = (w_is_kn ? kt_cdiv(nc, 32) : kt_cdiv(nc, 16)) * j->ks;
+    if (pre) { /* nn only: W rows k0.. are pairs k0 / 32 .., columns off + n0 .. are steps (off + n0) / 32 .. */
+        j->pre = pre->w + ((long)(k0 / 32) * pre->ks + (pre->off + n0) / 32) * KT_PAIR;
+        j->pre_ks = pre->ks;
+    }
 }
 
 /* Packed path. Order: N chunks, K panels, 32-row blocks of M, 32-column blocks of the chunk.
- * The first B panel of a chunk is packed up front; while panel p computes, panel p + 1 is
- * packed (into the other buffer) a few units per K step, spread evenly over the M blocks. */
-static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S) {
+ * The first B panel is packed up front; while panel p computes, the next one (of this chunk or
+ * the first of the next) is packed into the other buffer a few units per K step, spread evenly
+ * over the M blocks. With a prepacked W (pre != NULL): nt reads its B tiles straight from it
+ * (nothing is packed); nn converts its units from it (kt_unit_nn_pre) instead of plain rows. */
+static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S, const kt_pre *pre) {
     const int nmb = kt_cdiv(M, 32), npan = kt_cdiv(K, KT_KP);
+    const int direct = pre && !w_is_kn; /* B tiles read in place */
     kt_side bj;
+    memset(&bj, 0, sizeof bj);
     int g = 0; /* panels done over all chunks: panel g is in buffer g & 1 */
-    kt_side_set_b(&bj, W, ldw, w_is_kn, 0, kt_min(KT_NC, N), 0, K, S->b[0]);
-    bj.bend = bj.bn;
-    kt_side_b(&bj, bj.bn); /* the very first panel up front; every later one is packed during the one before */
+    if (!direct) {
+        kt_side_set_b(&bj, W, ldw, w_is_kn, 0, kt_min(KT_NC, N), 0, K, S->b[0], pre);
+        bj.bend = bj.bn;
+        kt_side_b(&bj, bj.bn); /* the very first panel up front; every later one is packed during the one before */
+    }
     for (int n0 = 0; n0 < N; n0 += KT_NC) {
         const int nc = kt_min(KT_NC, N - n0), nblk = kt_cdiv(nc, 32);
         for (int p = 0; p < npan; p++, g++) {
             const int k0 = p * KT_KP, kp = kt_min(KT_KP, K - k0), ks = kt_cdiv(kp, 32);
             const int acc = accumulate || p > 0;
             const kt_bf16 *bp = S->b[g & 1];
-            /* the next panel: of this chunk, or the first of the next chunk */
-            const int nextp = p + 1 < npan || n0 + KT_NC < N;
-            if (p + 1 < npan) kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, k0 + KT_KP, K, S->b[(g + 1) & 1]);
-            else if (nextp) kt_side_set_b(&bj, W, ldw, w_is_kn, n0 + KT_NC, kt_min(KT_NC, N - n0 - KT_NC), 0, K, S->b[(g + 1) & 1]);
+            long bstride = (long)ks * KT_PAIR; /* between the 32-column blocks of the panel */
+            int nextp = 0;
+            if (direct) {
+                bp = pre->w + ((long)((pre->off + n0) / 32) * pre->ks + k0 / 32) * KT_PAIR;
+                bstride = (long)pre->ks * KT_PAIR;
+            } else {
+                /* the next panel: of this chunk, or the first of the next chunk */
+                nextp = p + 1 < npan || n0 + KT_NC < N;
+                if (p + 1 < npan) kt_side_set_b(&bj, W, ldw, w_is_kn, n0, nc, k0 + KT_KP, K, S->b[(g + 1) & 1], pre);
+                else if (nextp)
+                    kt_side_set_b(&bj, W, ldw, w_is_kn, n0 + KT_NC, kt_min(KT_NC, N - n0 - KT_NC), 0, K, S->b[(g + 1) & 1], pre);
+            }
             KT_MEM_BARRIER(S);
             for (int i = 0; i < nmb; i++) {
                 const int m0 = 32 * i, rows = kt_min(32, M - m0);
@@ -412,9 +510,11 @@ static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S) {
                     bj.bend = (int)(((long)bj.bn * (i + 1) + nmb - 1) / nmb);
                     nb = kt_cdiv(bj.bend - bj.bu, nblk * ks);
                 }
+                /* B from memory (prepacked, first M block) needs a longer prefetch than from L2 */
+                const int pfd = direct && i == 0 ? KT_AMX_PFB_MEM : KT_AMX_PFB;
                 for (int j = 0; j < nc; j += 32)
-                    kt_kernel_packed(A + (long)m0 * lda + k0, lda, kp, bp + (long)(j / 32) * ks * KT_PAIR, ks,
-                                     C + (long)m0 * ldc + n0 + j, ldc, rows, kt_min(32, nc - j), acc, S, &bj, nb);
+                    kt_kernel_packed(A + (long)m0 * lda + k0, lda, kp, bp + (long)(j / 32) * bstride, ks,
+                                     C + (long)m0 * ldc + n0 + j, ldc, rows, kt_min(32, nc - j), acc, S, &bj, nb, j == 0, pfd);
                 if (nextp) kt_side_b(&bj, bj.bend - bj.bu); /* finish this block's share */
             }
         }
@@ -546,9 +646,46 @@ static void kt_gemm_amx(KT_GEMM_ARGS, int w_is_kn) {
     if (!w_is_kn && M <= KT_MCT)
         kt_gemm_nt_ct(M, N, K, A, lda, W, ldw, C, ldc, accumulate, S);
     else
-        kt_gemm_packed(M, N, K, A, lda, W, ldw, C, ldc, accumulate, w_is_kn, S);
+        kt_gemm_packed(M, N, K, A, lda, W, ldw, C, ldc, accumulate, w_is_kn, S, NULL);
 }
 
 void kt_gemm_nt_amx(KT_GEMM_ARGS) { kt_gemm_amx(M, N, K, A, lda, W, ldw, C, ldc, accumulate, 0); }
 
 void kt_gemm_nn_amx(KT_GEMM_ARGS) { kt_gemm_amx(M, N, K, A, lda, W, ldw, C, ldc, accumulate, 1); }
+
+/* ---- prepacked weights (gemm.h) ----------------------------------------------------------- */
+
+size_t kt_prepacked_elems(int rows, int cols) {
+    return (size_t)kt_cdiv(rows, 32) * kt_cdiv(cols, 32) * KT_PAIR;
+}
+
+void kt_prepack_amx(const kt_bf16 *W, long ldw, int rows, int cols, kt_bf16 *dst) {
+    memset(dst, 0, sizeof(kt_bf16) * kt_prepacked_elems(rows, cols)); /* padding rows / columns, odd last tile */
+    if (rows > 0 && cols > 0) kt_pack_rows_vnni(W, ldw, rows, cols, dst, kt_cdiv(cols, 32));
+}
+
+static int kt_gemm_pre(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *Wp, int rows, int cols, int off,
+                       float *C, long ldc, int w_is_kn) {
+    if (M <= 0 || N <= 0) return 0;
+    const int K = w_is_kn ? rows : cols;
+    if (K <= 0) {
+        for (int m = 0; m < M; m++) memset(C + (long)m * ldc, 0, sizeof(float) * (size_t)N);
+        return 0;
+    }
+    kt_scratch *S = kt_get_scratch();
+    if (!S) return -2;
+    kt_amx_configure();
+    const kt_pre pre = {Wp, kt_cdiv(cols, 32), off};
+    kt_gemm_packed(M, N, K, A, lda, NULL, 0, C, ldc, 0, w_is_kn, S, &pre);
+    return 0;
+}
+
+int kt_gemm_nt_pre_amx(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *Wp, int rows, int cols, int row0,
+                       float *C, long ldc) {
+    return kt_gemm_pre(M, N, A, lda, Wp, rows, cols, row0, C, ldc, 0);
+}
+
+int kt_gemm_nn_pre_amx(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *Wp, int rows, int cols, int col0,
+                       float *C, long ldc) {
+    return kt_gemm_pre(M, N, A, lda, Wp, rows, cols, col0, C, ldc, 1);
+}

@@ -79,6 +79,11 @@ struct kt_layer {
     int E, H, I, isa, num_threads;
     kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
     kt_bf16 *w_down;    /* [E, H, I] */
+    int prepacked;      /* amx path, bf16: w_gate_up / w_down hold each expert's matrix in the tile
+                           layout of gemm.h (kt_prepack_amx), pre_gu / pre_dn elements apart */
+    size_t pre_gu, pre_dn;
+    kt_bf16 *stage;     /* during creation only: one expert's plain bf16 gate/up and down */
+    int oom;            /* set by a pass's task whose GEMM could not get its scratch: the pass fails with -2 */
     kt_bf16 *wt_gate_up, *wt_down; /* opt-in transposed copies [E, H, 2I], [E, I, H], or NULL */
     int wformat;        /* KT_W_BF16 (w_gate_up / w_down above), KT_W_INT8 or KT_W_INT4 (q_* below) */
     int act_int8;       /* W8A8: products with base weights on int8 activations */

@@ -68,10 +68,14 @@ static void transpose_bf16(kt_bf16 *dst, const kt_bf16 *src, long rows, long col
 /* gate/up rows chunk-interleaved (moe_internal.h): chunk c = n gate rows, n up rows */
 typedef int (*pack_rows_fn)(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype);
 
+/* bf16 rows of expert e: into the layer's plain copies, or (prepacked) into the expert's
+ * plain staging copy L->stage, made into the tile layout once the expert is complete */
 static int pack_bf16(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
     (void)ld; /* rows are contiguous: ld == cols */
-    kt_bf16 *dst = dst_row0 < 0 ? L->w_down + (size_t)e * L->H * L->I
-                                : L->w_gate_up + ((size_t)e * 2 * L->I + dst_row0) * L->H;
+    size_t per = (size_t)L->H * L->I;
+    kt_bf16 *gu = L->prepacked ? L->stage : L->w_gate_up + 2 * per * e;
+    kt_bf16 *dn = L->prepacked ? L->stage + 2 * per : L->w_down + per * e;
+    kt_bf16 *dst = dst_row0 < 0 ? dn : gu + (size_t)dst_row0 * L->H;
     to_bf16(dst, src, dtype, (size_t)n * (dst_row0 < 0 ? L->I : L->H));
     return 0;
 }
@@ -109,13 +113,26 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
     memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
     size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4, desz = down_dtype == KT_BF16 ? 2 : 4;
     int ok;
-    if (wformat == KT_W_BF16) {
+    if (wformat == KT_W_BF16 && isa == KT_ISA_AMX) { /* tile layout (gemm.h); one expert staged plain at a time */
+        L->prepacked = 1;
+        L->pre_gu = kt_prepacked_elems(2 * I, H);
+        L->pre_dn = kt_prepacked_elems(H, I);
+        L->w_gate_up = kt_alloc(sizeof(kt_bf16) * L->pre_gu * E);
+        L->w_down = kt_alloc(sizeof(kt_bf16) * L->pre_dn * E);
+        L->stage = kt_alloc(sizeof(kt_bf16) * 3 * per);
+        ok = L->w_gate_up && L->w_down && L->stage;
+    } else if (wformat == KT_W_BF16) {
         L->w_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
         L->w_down = kt_alloc(sizeof(kt_bf16) * per * E);
         ok = L->w_gate_up && L->w_down;
     } else {
         ok = !qmat_init(&L->q_gate_up, wformat, E, 2 * I, H, group_size)
              & !qmat_init(&L->q_down, wformat, E, H, I, group_size);
+    }
+    if (ok && transposed && wformat == KT_W_BF16) {
+        L->wt_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
+        L->wt_down = kt_alloc(sizeof(kt_bf16) * per * E);
+        ok = L->wt_gate_up && L->wt_down;
     }
     if (!ok || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
     pack_rows_fn pack = wformat == KT_W_BF16 ? pack_bf16 : pack_quantized;
@@ -131,20 +148,25 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
         if (rc == 1) rc = -4;
         if (!rc) rc = pack(L, e, -1, H, (const char *)down + (size_t)e * per * desz, I, down_dtype);
         if (rc == 1) rc = -5;
+        if (rc || wformat != KT_W_BF16) continue;
+        /* the expert's plain bf16 copy is complete: the transposed copy, the tile layout */
+        const kt_bf16 *gu = L->prepacked ? L->stage : L->w_gate_up + 2 * per * e;
+        const kt_bf16 *dn = L->prepacked ? L->stage + 2 * per : L->w_down + per * e;
+        if (L->wt_gate_up) {
+            transpose_bf16(L->wt_gate_up + 2 * per * e, gu, 2 * (long)I, H);
+            transpose_bf16(L->wt_down + per * e, dn, H, I);
+        }
+        if (L->prepacked) {
+            kt_prepack_amx(gu, H, 2 * I, H, L->w_gate_up + L->pre_gu * e);
+            kt_prepack_amx(dn, I, H, I, L->w_down + L->pre_dn * e);
+        }
     }
+    free(L->stage);
+    L->stage = NULL;
     if (rc) {
         *status = rc;
         kt_layer_destroy(L);
         return NULL;
-    }
-    if (transposed && wformat == KT_W_BF16) {
-        L->wt_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
-        L->wt_down = kt_alloc(sizeof(kt_bf16) * per * E);
-        if (!L->wt_gate_up || !L->wt_down) { kt_layer_destroy(L); return NULL; }
-        for (int e = 0; e < E; e++) {
-            transpose_bf16(L->wt_gate_up + 2 * per * e, L->w_gate_up + 2 * per * e, 2 * (long)I, H);
-            transpose_bf16(L->wt_down + per * e, L->w_down + per * e, H, I);
-        }
     }
     *status = 0;
     return L;
@@ -156,7 +178,9 @@ static size_t qmat_bytes(const kt_qmat *W, int E) {
 
 size_t kt_layer_weight_bytes(const kt_layer *L) {
     if (L->wformat != KT_W_BF16) return qmat_bytes(&L->q_gate_up, L->E) + qmat_bytes(&L->q_down, L->E);
-    return sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H * (L->wt_down ? 2 : 1);
+    size_t plain = sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H;
+    size_t packed = L->prepacked ? sizeof(kt_bf16) * (L->pre_gu + L->pre_dn) * L->E : plain;
+    return packed + (L->wt_down ? plain : 0);
 }
 
 int kt_layer_set_threads(kt_layer *L, int num_threads) {
@@ -187,6 +211,7 @@ void kt_layer_destroy(kt_layer *L) {
     free(L->q_down.q);
     free(L->q_down.scale);
     free(L->prof_thr);
+    free(L->stage);
     pthread_mutex_destroy(&L->mu);
     pthread_cond_destroy(&L->cv);
     free(L);

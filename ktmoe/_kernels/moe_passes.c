@@ -709,6 +709,13 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
     const kt_layer *L = c->L;
     int H = L->H, I = L->I, K = which ? I : H;
     if (L->wformat == KT_W_BF16) {
+#if defined(__AMX_BF16__)
+        if (L->prepacked) { /* the tile layout, read in place (row0 is a multiple of 32: chunk starts) */
+            const kt_bf16 *Wp = which ? L->w_down + L->pre_dn * e : L->w_gate_up + L->pre_gu * e;
+            if (kt_gemm_nt_pre_amx(m, n, A, lda, Wp, which ? H : 2 * I, K, row0, C, ldc)) c->L->oom = 1;
+            return;
+        }
+#endif
         const kt_bf16 *W = which ? L->w_down + (long)e * H * I : L->w_gate_up + (long)e * 2 * I * H;
         GEMM_NT(m, n, K, A, lda, W + (long)row0 * K, K, C, ldc, 0);
         return;
@@ -752,6 +759,12 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
         const kt_bf16 *WT = which ? L->wt_down : L->wt_gate_up;
         if (WT) /* A W as A (W^T)^T: the transposed copy streams like the forward */
             GEMM_NT(m, n, K, A, lda, WT + (long)e * K * cols + (long)col0 * K, K, C, ldc, 0);
+#if defined(__AMX_BF16__)
+        else if (L->prepacked) { /* tiles made from the tile layout (col0 is a multiple of 32) */
+            const kt_bf16 *Wp = which ? L->w_down + L->pre_dn * e : L->w_gate_up + L->pre_gu * e;
+            if (kt_gemm_nn_pre_amx(m, n, A, lda, Wp, K, cols, col0, C, ldc)) c->L->oom = 1;
+        }
+#endif
         else
             GEMM_NN(m, n, K, A, lda, (which ? L->w_down : L->w_gate_up) + (long)e * K * cols + col0, cols, C, ldc, 0);
         return;
@@ -1029,6 +1042,7 @@ static int alloc_lora_copies(kt_layer *L) {
 int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     int E = L->E, H = L->H, I = L->I, T = L->rt.T, k = L->rt.k;
     double t0 = kt_now();
+    L->oom = 0;
     int rc = kt_routing_build(&L->rt, E, T, k, L->ids, L->ids_dtype, L->weights, L->w_dtype);
     if (rc) return rc;
     L->scale = L->has_lora ? L->lora_in.scale : 0.f;
@@ -1057,6 +1071,7 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     if (c.r[KT_DOWN]) phase(&c, KT_PH_DOWN_LORA, nhit, task_down_lora);
     phase(&c, KT_PH_DOWN, c.nblk * c.nch, task_down);
     phase(&c, KT_PH_COMBINE_Y, ntok, task_combine);
+    if (L->oom) rc = -2;
 done:
     if (rc || !L->keep) kt_layer_release_saved(L);
     else L->has_saved = 1;
@@ -1264,6 +1279,7 @@ static void task_export_grads(void *ctx, long task, int thread) {
 int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     int E = L->E, H = L->H, I = L->I, T = L->rt.T, rc = 0;
     double t0 = kt_now();
+    L->oom = 0;
     pass c;
     setup(&c, L);
     memset(c.grad, 0, sizeof c.grad);
@@ -1303,6 +1319,7 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     phase(&c, KT_PH_DX, c.nblk * c.nch, task_dx);
     phase(&c, KT_PH_COMBINE_DX, ntok, task_combine);
     if (L->has_grads) phase(&c, KT_PH_EXPORT_GRADS, nhit + b_tasks(L), task_export_grads);
+    if (L->oom) rc = -2;
 done:
     kt_layer_release_saved(L);
     return rc;
