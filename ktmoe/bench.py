@@ -41,15 +41,15 @@ OURS = ("ktmoe", "ktmoe-wT", *QUANTIZED)
 INT4_GROUP = 128
 BASELINES = ("eager", "grouped")
 
-# Targets of the kernel work this benchmark checks (the item 4)
-TARGET_ROOFLINE_T4096 = 0.60      # qwen3-4096 fwdbwd: >= 60 % of the roofline bound
-TARGET_GROUPED_T4096 = 15.0       # qwen3-4096 fwdbwd: >= 15x the grouped torch loop
-TARGET_BW_T16 = 1.5               # qwen3-16: time <= 1.5x the bandwidth bound
+# Targets of the kernel-throughput work this benchmark checks (on the 16-core AMX machine)
+TARGET_ROOFLINE_T4096 = 0.50      # qwen3-4096 fwdbwd: >= 50 % of the roofline bound
+TARGET_GROUPED_T4096 = 20.0       # qwen3-4096 fwdbwd: >= 20x the grouped torch loop
+TARGET_BW_T16 = 1.4               # qwen3-16: time <= 1.4x the bandwidth bound
 TARGET_PACKED = 1.05              # packed weights <= 1.05x raw bytes of their format
-# Targets of the INT8/INT4 work: fwd+bwd speedups over ktmoe bf16 measured in the same run
+# Quantized formats: fwd+bwd speedups over ktmoe bf16 measured in the same run
 TARGET_INT8_T16 = 1.7             # qwen3-16: int8 weight-only >= 1.7x bf16
-TARGET_INT4_T16 = 2.8             # qwen3-16: int4 weight-only >= 2.8x bf16
-TARGET_W8A8_T4096 = 1.5           # qwen3-4096: W8A8 >= 1.5x bf16
+TARGET_INT4_T16 = 2.5             # qwen3-16: int4 weight-only >= 2.5x bf16
+TARGET_W8A8_T4096 = 1.7           # qwen3-4096: W8A8 >= 1.7x bf16 (the int8 peak is ~1.85x the bf16 one)
 
 
 @dataclasses.dataclass(frozen=True)
