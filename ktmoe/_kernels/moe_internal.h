@@ -102,6 +102,8 @@ struct kt_layer {
     void *y, *dx, *dw;
     kt_lora lora_in, grads_in;
     int has_lora, has_grads;
+    int shared_a;       /* gate and up LoRA use one A (PEFT's gate_up_proj): X A^T, the factor copy and,
+                           with one gradient buffer too, dA and the dx product are done once */
 
     /* state of a forward, kept for backward when keep (buffers reused between calls) */
     int has_saved;

@@ -103,6 +103,11 @@ static void add_row(const kt_view3 *v, long start, long step, const float *src, 
     }
 }
 
+static int same_view(const kt_view3 *a, const kt_view3 *b) {
+    return a->data == b->data && a->dtype == b->dtype && a->stride[0] == b->stride[0] && a->stride[1] == b->stride[1]
+           && a->stride[2] == b->stride[2];
+}
+
 /* ---- what one pass shares between its tasks ---- */
 
 typedef struct {
@@ -120,6 +125,7 @@ typedef struct {
     float *dwpart;        /* backward: [npos, nci] partial router-weight gradients */
     kt_bf16 *dyb;         /* backward: [T, H] dy as bf16 */
     kt_lora_f32 grad[3];  /* backward: fp32 LoRA gradients */
+    int share_grad;       /* backward: shared A (L->shared_a) with one gradient buffer: dA = (Qg + Qu)^T X once */
     int8_t *aq;           /* W8A8: [npos, lda_q] int8 rows of the next base GEMM's A, quantized
                              once per call (NULL: each task quantizes its own rows) */
     float *sa;            /* W8A8: [npos] their scales */
@@ -870,7 +876,7 @@ static void task_copy_lora(void *ctx, long task, int thread) {
         for (int p = 0; p < 3; p++) {
             const kt_lora_bf16 *d = &L->lora[p];
             const kt_view3 *A = &L->lora_in.proj[p].A;
-            int r = d->r, n = d->in;
+            int r = p == KT_UP && L->shared_a ? 0 : d->r, n = d->in; /* a shared A is copied once, as gate's */
             for (int j = 0; j < r; j++) {
                 load_row(row, 1, A, e * A->stride[0] + j * A->stride[1], A->stride[2], n);
                 split_into(d->A + ((long)e * 3 * r + j) * n, (long)r * n, row, n);
@@ -909,9 +915,12 @@ static void task_gather_x(void *ctx, long task, int thread) {
     kt_bf16 *pgu = (kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     if (c->r[KT_GATE]) lora_product(c, thread, m, c->r[KT_GATE], H, c->rows + p0 * c->ldr, c->ldr,
                                     L->lora[KT_GATE].A + (long)e * 3 * c->r[KT_GATE] * H, L->scale, pgu, 3 * c->rgu);
-    if (c->r[KT_UP]) lora_product(c, thread, m, c->r[KT_UP], H, c->rows + p0 * c->ldr, c->ldr,
-                                  L->lora[KT_UP].A + (long)e * 3 * c->r[KT_UP] * H, L->scale,
-                                  pgu + 3 * c->r[KT_GATE], 3 * c->rgu);
+    if (c->r[KT_UP] && L->shared_a) /* one A: up's product rows are gate's */
+        for (int i = 0; i < m; i++)
+            memcpy(pgu + (long)i * 3 * c->rgu + 3 * c->r[KT_GATE], pgu + (long)i * 3 * c->rgu, sizeof(kt_bf16) * 3 * c->r[KT_UP]);
+    else if (c->r[KT_UP])
+        lora_product(c, thread, m, c->r[KT_UP], H, c->rows + p0 * c->ldr, c->ldr,
+                     L->lora[KT_UP].A + (long)e * 3 * c->r[KT_UP] * H, L->scale, pgu + 3 * c->r[KT_GATE], 3 * c->rgu);
 }
 
 static void task_gate_up(void *ctx, long task, int thread) {
@@ -1032,7 +1041,8 @@ static int alloc_lora_copies(kt_layer *L) {
         int out = p == KT_DOWN ? L->H : L->I;
         L->lora[p] = (kt_lora_bf16){.r = r, .in = in, .out = out};
         if (!r) continue;
-        L->lora[p].A = kt_buf_get(&L->lora_a[p], sizeof(kt_bf16) * 3 * (size_t)L->E * r * in);
+        L->lora[p].A = p == KT_UP && L->shared_a ? L->lora[KT_GATE].A
+                                                  : kt_buf_get(&L->lora_a[p], sizeof(kt_bf16) * 3 * (size_t)L->E * r * in);
         L->lora[p].BT = kt_buf_get(&L->lora_bt[p], sizeof(kt_bf16) * 3 * (size_t)L->E * r * out);
         if (!L->lora[p].A || !L->lora[p].BT) return -2;
     }
@@ -1046,6 +1056,8 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     int rc = kt_routing_build(&L->rt, E, T, k, L->ids, L->ids_dtype, L->weights, L->w_dtype);
     if (rc) return rc;
     L->scale = L->has_lora ? L->lora_in.scale : 0.f;
+    const kt_lora_proj *pg = &L->lora_in.proj[KT_GATE], *pu = &L->lora_in.proj[KT_UP];
+    L->shared_a = L->has_lora && pg->r && pg->r == pu->r && same_view(&pg->A, &pu->A);
     pass c;
     if ((rc = alloc_lora_copies(L))) goto done;
     setup(&c, L);
@@ -1216,9 +1228,25 @@ static void task_lora_grads(void *ctx, long task, int thread) {
             int n = kt_chunk_n(ch, KT_CHUNK_I, I), i0 = ch * KT_CHUNK_I;
             grad_gemm(c, thread, r, n, m, pt, dgu + 2 * i0 + half * n, 2 * I, c->grad[p].BT + (long)e * r * I + i0, I);
         }
+        if (c->share_grad) continue; /* dA once, from Qg + Qu, below */
         const kt_bf16 *qt = transpose_split(q, qld(c), m, r, NULL, 3);
         grad_gemm(c, thread, r, H, m, qt, xe, H, c->grad[p].A + (long)e * r * H, H);
     }
+    if (!L->shared_a) return;
+    /* one A for gate and up: dx's LoRA term Qg A + Qu A = (Qg + Qu) A, kept in gate's Q slot
+     * (task_dx then skips up); with one gradient buffer, dA = (Qg + Qu)^T X once */
+    int r = c->r[KT_GATE];
+    kt_bf16 *qg = c->q + p0 * qld(c) + 3 * rd, *qu = qg + 3 * r;
+    float *sum = kt_scratch(4, sizeof(float) * (size_t)(m ? m : 1) * 2 * c->rgu);
+    for (int i = 0; i < m; i++) {
+        kt_bf16 *a = qg + (long)i * qld(c), *b = qu + (long)i * qld(c);
+        for (int j = 0; j < r; j++) sum[j] = unsplit(a, r, j) + unsplit(b, r, j);
+        for (int j = 0; j < r; j++) sum[r + j] = 0.f;
+        split_row(a, sum, sum + r, r, 1.f);
+    }
+    if (!c->share_grad) return;
+    const kt_bf16 *qt = transpose_split(qg, qld(c), m, r, NULL, 3);
+    grad_gemm(c, thread, r, H, m, qt, xe, H, c->grad[KT_GATE].A + (long)e * r * H, H);
 }
 
 static void task_dx(void *ctx, long task, int thread) {
@@ -1233,7 +1261,7 @@ static void task_dx(void *ctx, long task, int thread) {
     float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
     PROF_GEMM(c, thread, base, 4.0 * m * n * I, base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, p0, d, n));
-    for (int p = KT_GATE; p <= KT_UP; p++) {
+    for (int p = KT_GATE; p <= (L->shared_a ? KT_GATE : KT_UP); p++) { /* shared A: gate's Q slot holds Qg + Qu */
         int r = c->r[p];
         if (r) PROF_GEMM(c, thread, lora, 6.0 * m * n * r,
                          GEMM_NN(m, n, 3 * r, c->q + p0 * qld(c) + 3 * (c->r[KT_DOWN] + (p == KT_UP ? c->r[KT_GATE] : 0)),
@@ -1254,6 +1282,7 @@ static void task_export_grads(void *ctx, long task, int thread) {
         for (int p = 0; p < 3; p++) {
             const kt_lora_f32 *g = &c->grad[p];
             const kt_view3 *A = &L->grads_in.proj[p].A;
+            if (p == KT_UP && c->share_grad) continue; /* gate's dA holds both */
             for (int j = 0; j < g->r; j++)
                 add_row(A, e * A->stride[0] + j * A->stride[1], A->stride[2],
                         g->A + ((long)e * g->r + j) * g->in, 1, g->in);
@@ -1283,6 +1312,7 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     pass c;
     setup(&c, L);
     memset(c.grad, 0, sizeof c.grad);
+    c.share_grad = L->shared_a && L->has_grads && same_view(&L->grads_in.proj[KT_GATE].A, &L->grads_in.proj[KT_UP].A);
     long npos = L->rt.npos, nhit = L->rt.nhit;
     c.dyb = kt_workspace(KT_WS_DYB, sizeof(kt_bf16) * (size_t)T * H);
     c.rows = kt_workspace(KT_WS_ROWS, sizeof(kt_bf16) * (size_t)npos * c.ldr);
