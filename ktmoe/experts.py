@@ -3,10 +3,21 @@
 Every argument is checked here, before anything reaches a kernel, and every error names
 the argument; the caller's arrays are never written except the output and gradient
 buffers they hand in. NaN/Inf in inputs propagate to the outputs like any float math.
+
+Threads: a layer runs one call at a time. A call holds the layer from submit_* until its
+wait(); another thread's call (forward, backward, submit_*, num_threads, profile) waits
+for it, and the same thread submitting twice before wait() gets a RuntimeError. A kept
+forward's state is the layer's one saved state: a thread whose own kept forward was
+replaced by another thread's is refused in backward, instead of getting the other
+forward's gradients. Backward from a thread that made no kept forward (e.g. torch's
+autograd thread) uses the last kept forward. Layers are not copyable or picklable.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
+import threading
 
 import numpy as np
 
@@ -114,6 +125,15 @@ class MoEExperts:
         self.transposed_weights = transposed_weights
         self._pending = None   # (kind, result, keep-alive) of a submitted call
         self._saved = None     # what backward needs to check its arguments
+        self._lock = threading.Lock()   # held from submit_* until wait() (module docstring: Threads)
+        self._holder = None             # ident of the thread holding _lock
+        self._generation = itertools.count(1)
+        self._kept_by = {}     # thread ident -> generation of its last kept forward not yet consumed
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("MoEExperts cannot be pickled or copied: its packed expert weights live in the kernel's "
+                        "memory; build another MoEExperts from the original weights (ktmoe.torch shares one "
+                        "between deep copies of a patched model)")
 
     # ---- properties ----
     @property
@@ -124,8 +144,8 @@ class MoEExperts:
     def num_threads(self, n: int) -> None:
         if not isinstance(n, (int, np.integer)) or not 1 <= n <= 256:
             raise ValueError(f"num_threads: must be an integer in [1, 256], got {n!r}")
-        self._check_idle()
-        self._layer.set_threads(int(n))
+        with self._exclusive():
+            self._layer.set_threads(int(n))
 
     @property
     def weight_bytes(self) -> int:
@@ -142,13 +162,13 @@ class MoEExperts:
         thread_s - busy_s is idle time at the phase's barrier), and the thread seconds and
         FLOPs of the GEMMs inside its tasks: base_gemm_* (products with the expert weights)
         and lora_gemm_* (LoRA products and gradients). `ktmoe bench --profile` prints it."""
-        self._check_idle()
-        return self._layer.profile()
+        with self._exclusive():
+            return self._layer.profile()
 
     def reset_profile(self) -> None:
         """Zeroes the profile (profile())."""
-        self._check_idle()
-        self._layer.reset_profile()
+        with self._exclusive():
+            self._layer.reset_profile()
 
     def quantized_weights(self, proj: str):
         """(q, scale) of projection proj ("gate", "up" or "down") as numpy arrays: the stored
@@ -194,7 +214,22 @@ class MoEExperts:
     # ---- non-blocking pair ----
     def submit_forward(self, x, topk_ids, topk_weights, lora: LoRA | None = None,
                        keep_for_backward: bool = False, out=None) -> None:
-        self._check_idle()
+        self._acquire()
+        try:
+            self._submit_forward(x, topk_ids, topk_weights, lora, keep_for_backward, out)
+        except BaseException:
+            self._release()
+            raise
+
+    def submit_backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None) -> None:
+        self._acquire()
+        try:
+            self._submit_backward(dy, lora_grads, dx_out, dw_out)
+        except BaseException:
+            self._release()
+            raise
+
+    def _submit_forward(self, x, topk_ids, topk_weights, lora, keep_for_backward, out) -> None:
         E, H = self.num_experts, self.hidden_size
         xb = _array(x, "x", 2, FLOAT_DTYPES)
         T = xb.shape[0]
@@ -225,23 +260,41 @@ class MoEExperts:
             out = new_array((T, H), xb.dtype)
         ob = _array(out, "out", 2, (xb.dtype,), writable=True)
         _expect_shape(ob, (T, H), "out", "[T, H] like x")
-        self._saved = None
+        self._saved = None   # the kept state is replaced; other threads' entries in _kept_by stay (stale)
+        self._kept_by.pop(threading.get_ident(), None)
         if T == 0:
             self._pending = ("forward", out, None)
             if keep_for_backward:
-                self._saved = {"T": 0, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
-                               "lora": res.signature() if res else None, "empty": True}
+                self._keep({"T": 0, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
+                            "lora": res.signature() if res else None, "empty": True})
             return
         self._layer.submit_forward(T, k, xb.addr, xb.dtype, ids.addr, ids.dtype, w.addr, w.dtype,
                                    res.kernel_spec() if res else None, bool(keep_for_backward), ob.addr)
         self._pending = ("forward", out, (xb, ids, w, res, ob))
         if keep_for_backward:
-            self._saved = {"T": T, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
-                           "lora": res.signature() if res else None, "empty": False}
+            self._keep({"T": T, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
+                        "lora": res.signature() if res else None, "empty": False})
 
-    def submit_backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None) -> None:
-        self._check_idle()
+    def _keep(self, saved: dict) -> None:
+        saved["generation"] = next(self._generation)
+        saved["thread"] = threading.get_ident()
+        self._saved = saved
+        self._kept_by[saved["thread"]] = saved["generation"]
+
+    def _forget_saved(self) -> None:
+        """The kept state is consumed (backward) or lost (failed call)."""
+        if self._saved is not None and self._kept_by.get(self._saved["thread"]) == self._saved["generation"]:
+            del self._kept_by[self._saved["thread"]]
+        self._saved = None
+
+    def _submit_backward(self, dy, lora_grads, dx_out, dw_out) -> None:
         s = self._saved
+        mine = self._kept_by.get(threading.get_ident())
+        if mine is not None and (s is None or s["generation"] != mine):
+            del self._kept_by[threading.get_ident()]
+            raise RuntimeError("backward: this thread's kept forward was replaced by a forward from another "
+                               "thread (a layer holds one kept forward); give each thread its own layer or "
+                               "run each forward/backward pair without interleaving")
         if s is None:
             raise RuntimeError("backward: needs a preceding forward with keep_for_backward=True "
                                "(each forward can be backpropagated once)")
@@ -267,7 +320,7 @@ class MoEExperts:
         _expect_shape(dxb, (T, H), "dx_out", "[T, H] like x")
         dwb = _array(dw_out, "dw_out", 2, (s["w_dtype"],), writable=True)
         _expect_shape(dwb, (T, k), "dw_out", "[T, k] like topk_weights")
-        self._saved = None
+        self._forget_saved()
         if s["empty"]:
             self._pending = ("backward", (dx_out, dw_out), None)
             return
@@ -276,22 +329,42 @@ class MoEExperts:
 
     def wait(self):
         """Waits for the submitted call; returns what forward/backward return."""
-        if self._pending is None:
+        if self._holder != threading.get_ident():
+            if self._holder is not None:
+                raise RuntimeError("wait: the call in flight was submitted by another thread; only that thread "
+                                   "can wait() for it")
             raise RuntimeError("wait: nothing was submitted")
         kind, result, keep = self._pending
         try:
             if keep is not None:
                 self._layer.wait()
         except BaseException:
-            self._saved = None
+            self._forget_saved()
             raise
         finally:
             self._pending = None
+            self._release()
         return result
 
-    def _check_idle(self) -> None:
-        if self._pending is not None:
+    def _acquire(self) -> None:
+        """Takes the layer for one call: waits for another thread's, refuses this thread's second."""
+        if self._holder == threading.get_ident():
             raise RuntimeError("this layer has a submitted call in flight: call wait() first")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """The layer held for a call that runs no kernel (threads, profile)."""
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
 
 
 def _check_format(weights, group_size, activations, transposed_weights, H: int, I: int) -> int:

@@ -17,13 +17,24 @@ CPU memory, releases the torch storage and turns the module into a `KtMoE<Class>
 - `.to()`, `.cuda()`, `.half()` ... leave the module as it is: experts stay on the CPU.
 - forward runs the kernel, with LoRA factors when PEFT wraps the module (see peft.py) and
   with factors merged by PEFT's `merge` (kept as frozen factors, never as W + BA).
+- `copy.deepcopy` (reference or EMA models) gives a module that SHARES the read-only packed
+  expert weights with the original (no second copy of them, new placeholders) and has its
+  own everything else (LoRA factors, merged factors, kernel handle); interleaved
+  forward/backward of the copies is correct (function.py: a copy whose kept activations
+  were taken by the other recomputes its forward). `load_state_dict` with real expert
+  weights on one of them repacks that one only.
+- pickling (`torch.save(model)`, `pickle.dumps`) raises pickle.PicklingError saying to save
+  the adapter with `save_pretrained` instead (function.PICKLE_MESSAGE).
 """
 from __future__ import annotations
+
+import copy
+import pickle
 
 import torch
 from torch import nn
 
-from .function import KernelExperts, LoraFactors, experts_apply
+from .function import PICKLE_MESSAGE, KernelExperts, LoraFactors, experts_apply
 
 PARAMS = ("gate_up_proj", "down_proj")
 
@@ -168,6 +179,23 @@ def _extra_repr(self) -> str:
            f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU"
 
 
+def _deepcopy(self, memo):
+    """Everything copied except the packed weights (shared, see KernelExperts.__deepcopy__) and
+    the placeholders (made anew: deep-copying a broadcast tensor would allocate it in full)."""
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    for name in PARAMS:
+        old = self._parameters[name]
+        memo[id(old)] = nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False)
+    for key, value in self.__dict__.items():
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _reduce_ex(self, protocol):
+    raise pickle.PicklingError(PICKLE_MESSAGE)
+
+
 _CLASSES: dict = {}
 
 
@@ -175,5 +203,6 @@ def _ktmoe_class(cls: type) -> type:
     if cls not in _CLASSES:
         _CLASSES[cls] = type(f"KtMoE{cls.__name__}", (cls,), {
             "forward": experts_forward, "_apply": _apply_keep_cpu, "_save_to_state_dict": _save_to_state_dict,
-            "_load_from_state_dict": _load_from_state_dict, "extra_repr": _extra_repr, "__module__": __name__})
+            "_load_from_state_dict": _load_from_state_dict, "extra_repr": _extra_repr,
+            "__deepcopy__": _deepcopy, "__reduce_ex__": _reduce_ex, "__module__": __name__})
     return _CLASSES[cls]
