@@ -20,8 +20,8 @@ Modes (one summary line each):
 
 Reported per mode: median step time over --steps timed steps (after --warmup untimed ones),
 tokens/s, the median forward / backward / optimizer parts, and for hybrid the experts' share
-of the step: wall time inside ktmoe.torch's autograd Function (`_ExpertsFunction.forward` /
-`.backward`: host copies + kernel + copy back), and inside the kernel calls alone
+of the step: wall time of the kernel calls plus the host copies ktmoe.torch makes for them
+(the asynchronous copy of the results back to the device is not counted), and of the kernel calls alone
 (`KernelExperts.forward` / `.backward`: submit + wait), summed over layers per step. They
 are measured by wrapping those methods from this script (the package is not changed); on a
 GPU each wrapped call first synchronizes the device (the call's own device-to-host copy
@@ -136,7 +136,7 @@ def add_lora(model, args):
 # ----------------------------------------------------------------------------- expert timers
 
 class ExpertTimers:
-    """Wraps ktmoe.torch's autograd Function and kernel calls with wall-clock timers."""
+    """Wraps ktmoe.torch's experts ops and kernel calls with wall-clock timers."""
 
     KEYS = ("fn_fwd", "fn_bwd", "kernel_fwd", "kernel_bwd")
 
@@ -164,16 +164,42 @@ class ExpertTimers:
         return wrapper
 
     def install(self):
+        """Times the kernel calls (KernelExperts.forward / .backward: submit + wait) and the host
+        copies ktmoe.torch's experts ops make for them (function._host): the experts' time is the
+        kernel time plus the copies made before each call (the copy of y / dx back to the device
+        is asynchronous and not counted)."""
         from ktmoe.torch import function as F
-        cls, kern = F._ExpertsFunction, F.KernelExperts
-        for owner, attr, key, static in ((cls, "forward", "fn_fwd", True), (cls, "backward", "fn_bwd", True),
-                                         (kern, "forward", "kernel_fwd", False),
-                                         (kern, "backward", "kernel_bwd", False)):
-            orig = owner.__dict__[attr]
-            fn = orig.__func__ if isinstance(orig, staticmethod) else orig
-            new = self._timed(fn, key)
-            setattr(owner, attr, staticmethod(new) if static else new)
-            self._saved.append((owner, attr, orig))
+        kern = F.KernelExperts
+        pending = [0.0]
+
+        def host(fn):
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    pending[0] += time.perf_counter() - t0
+            wrapper.__wrapped__ = fn
+            return wrapper
+
+        def call(fn, key):
+            timed = self._timed(fn, "kernel_" + key)
+
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return timed(*a, **kw)
+                finally:
+                    self.acc["fn_" + key] += time.perf_counter() - t0 + pending[0]
+                    self.calls["fn_" + key] += 1
+                    pending[0] = 0.0
+            wrapper.__wrapped__ = fn
+            return wrapper
+
+        for owner, attr, new in ((F, "_host", host(F._host)), (kern, "forward", call(kern.forward, "fwd")),
+                                 (kern, "backward", call(kern.backward, "bwd"))):
+            self._saved.append((owner, attr, owner.__dict__[attr]))
+            setattr(owner, attr, new)
         return self
 
     def uninstall(self):
