@@ -19,8 +19,9 @@ import pytest
 _ROOT = str(Path(__file__).resolve().parents[1])
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT] + [_ROOT]
 REFERENCE_ONLY = ("test_reference.py", "test_reference_quant.py")   # numpy / torch only, no ktmoe
-NOT_INSTALLED = ("ktmoe is not installed in this Python ({}), and the source tree's ktmoe/ is not compiled: "
-                 "run `pip install torch==2.13.0 && pip install '.[test]'` (or, to develop, `pip install "
+NOT_INSTALLED = ("ktmoe is not installed in this Python ({}); the tests need the installed, compiled package "
+                 "(the source tree's ktmoe/ is not): run `pip install torch==2.13.0 && pip install '.[test]'` "
+                 "(or, to develop, `pip install "
                  "torch==2.13.0 meson-python meson ninja cython && pip install --no-build-isolation -e '.[test]'`)")
 
 
