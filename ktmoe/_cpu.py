@@ -49,6 +49,11 @@ def available_isas() -> list[str]:
     return list(_probe()[0])
 
 
+def unavailable_reasons() -> dict[str, str]:
+    """Why each path this CPU cannot run is missing, {path: reason}."""
+    return dict(_probe()[1])
+
+
 def select_isa(requested: str | None = None) -> tuple[str, str]:
     """(path, reason). `requested` (or $KTMOE_ISA when None) forces a path."""
     available, missing, _ = _probe()
@@ -67,6 +72,7 @@ def select_isa(requested: str | None = None) -> tuple[str, str]:
 
 
 THREADS_ENV_VAR = "KTMOE_NUM_THREADS"
+MAX_THREADS = 256   # the kernel's thread pool limit (MoEExperts num_threads)
 
 
 def default_num_threads(reserve: int = 0) -> int:
@@ -82,8 +88,8 @@ def default_num_threads(reserve: int = 0) -> int:
             n = int(env)
         except ValueError:
             n = 0
-        if not 1 <= n <= 256:
-            raise ValueError(f"${THREADS_ENV_VAR}: must be an integer in [1, 256], got {env!r}")
+        if not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"${THREADS_ENV_VAR}: must be an integer in [1, {MAX_THREADS}], got {env!r}")
         return n
     return max(1, len(os.sched_getaffinity(0)) - reserve)
 

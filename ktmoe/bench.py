@@ -24,8 +24,10 @@ same thing. torch, transformers and PEFT are imported only when a problem is bui
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import statistics
+import sys
 import time
 
 LORA_R = 16
@@ -653,16 +655,19 @@ def profile_case(runner, passes: str, repeat: int, roof: Roofline, title: str) -
 # ---------------------------------------------------------------- command line
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+    from .cli import comma_list, positive_int, thread_count
+    parser.add_argument("--shapes", type=comma_list(SHAPES), default=",".join(DEFAULT_SHAPES),
                         help=f"comma-separated layer shapes of {','.join(SHAPES)} "
                              f"(default: {','.join(DEFAULT_SHAPES)})")
-    parser.add_argument("--passes", default=",".join(PASSES), help="fwd, fwdbwd or both (default: both)")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
+    parser.add_argument("--passes", type=comma_list(PASSES), default=",".join(PASSES),
+                        help="fwd, fwdbwd or both (default: both)")
+    parser.add_argument("--baselines", type=comma_list(BASELINES, alone=("none",)), default=",".join(BASELINES),
                         help="comma-separated torch baselines run in the same process: eager,grouped (default), "
                              "one of them, or 'none'")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for ktmoe, torch and the roofline (default: all usable cores)")
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--threads", type=thread_count, default=None,
+                        help="threads for ktmoe, torch and the roofline (default: $KTMOE_NUM_THREADS, else all "
+                             "usable cores)")
+    parser.add_argument("--repeat", type=positive_int, default=5,
                         help="timed calls per case after one warm-up (default 5; slow cases stop "
                              "early after ~10 s)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -672,28 +677,36 @@ def add_arguments(parser) -> None:
                              "idle threads (MoEExperts.profile())")
 
 
-def _split(value: str, allowed, what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if what == "baselines" and items == ["none"]:
-        return []
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise SystemExit(f"--{what}: unknown {bad or value!r}; choose from {', '.join(allowed)}")
-    return items
+def _check_run(args) -> tuple[int, str]:
+    """(threads, kernel path), checked before anything is measured; ValueError names the problem."""
+    from . import _cpu
+    threads = args.threads if args.threads is not None else _cpu.default_num_threads()
+    isa = _cpu.select_isa()[0]                 # $KTMOE_ISA
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json: {args.json!r} is a directory")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"--json: cannot write {args.json!r}: {parent!r} is not a writable directory")
+    missing = [m for m in ("torch", *(("transformers", "peft") if "eager" in args.baselines else ()))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} not installed: pip install torch==2.13.0 'ktmoe[test]'"
+                         + (" (or leave out the eager baseline: --baselines grouped)" if "torch" not in missing else ""))
+    return threads, isa
 
 
 def run(args) -> int:
     import json
-    from . import _cpu
-    shapes = _split(args.shapes, SHAPES, "shapes")
-    passes = _split(args.passes, PASSES, "passes")
-    baselines = _split(args.baselines, BASELINES, "baselines")
-    threads = args.threads or _cpu.default_num_threads()
-    if args.repeat < 1:
-        raise SystemExit("--repeat: must be >= 1")
+    shapes, passes, baselines = args.shapes, args.passes, args.baselines   # lists (cli.comma_list)
+    try:
+        threads, isa = _check_run(args)
+    except ValueError as e:
+        print(f"ktmoe bench: error: {e}", file=sys.stderr)
+        return 2
     torch = _torch()
     torch.set_num_threads(threads)
-    print(f"ktmoe bench: path {_cpu.select_isa()[0]}, {threads} threads, torch {torch.__version__}, "
+    print(f"ktmoe bench: path {isa}, {threads} threads, torch {torch.__version__}, "
           f"LoRA r={LORA_R} (PEFT layout, fp32)")
     roof = measure_roofline(threads)
     print(roofline_line(roof), flush=True)

@@ -3,7 +3,11 @@
 path chosen) and `verify` (each kernel path on this CPU against the numpy reference).
 
 `finetune` and `bench` live in their own modules, each exposing add_arguments(parser)
-and run(args) -> exit code; they import torch only inside run().
+and run(args) -> exit code; they import torch only inside run(). Bad input of any
+subcommand ends with one "ktmoe CMD: error: ..." line and exit status 2: flag values are
+checked by the argparse types below (argparse's usage errors exit 2 too), what can only be
+checked when the command runs ($KTMOE_ISA, $KTMOE_NUM_THREADS) raises UsageError.
+The text `ktmoe --help` shows is DESCRIPTION, not this note.
 """
 from __future__ import annotations
 
@@ -24,9 +28,82 @@ BF16 = ml_dtypes.bfloat16
 VERIFY_SHAPES = [(8, 72, 56, 33, 2, 5), (16, 512, 256, 128, 4, 16)]
 TOLERANCE = 1e-2  # SPEC.md section 6: relative Frobenius error of bf16 kernels
 
+DESCRIPTION = """\
+ktmoe: LoRA fine-tuning of Mixture-of-Experts LLMs whose routed experts run in CPU kernels
+(Intel AMX / AVX-512 / portable C), with the rest of the model in torch."""
+EPILOG = "Run `ktmoe COMMAND --help` for a command's options."
+
+
+class UsageError(Exception):
+    """Bad input found when a command runs: main() prints it as one error line, exit status 2."""
+
+
+# ---------------------------------------------------------------- argparse types (shared with bench.py)
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """A kernel thread count: an integer in [1, _cpu.MAX_THREADS]."""
+    v = positive_int(text)
+    if v > _cpu.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {_cpu.MAX_THREADS}, got {v}")
+    return v
+
+
+def comma_list(allowed, alone=()):
+    """A type: a non-empty comma-separated list of names from `allowed` (no repeats); a name
+    in `alone` (e.g. 'none') is accepted only on its own and gives []."""
+    def parse(text: str) -> list:
+        items = [v.strip() for v in text.split(",")]
+        if len(items) == 1 and items[0] in alone:
+            return []
+        expected = f"expected a comma-separated list of {', '.join([*allowed, *alone])}"
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"empty name in {text!r}; {expected}")
+        if any(v in alone for v in items):
+            raise argparse.ArgumentTypeError(f"{' / '.join(alone)} cannot be combined with other names; {expected}")
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, bad))}; {expected}")
+        dups = sorted({v for v in items if items.count(v) > 1})
+        if dups:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, dups))} given more than once in {text!r}")
+        return items
+    return parse
+
+
+def isa_here(text: str) -> str:
+    """A kernel path this CPU can run."""
+    if text not in _cpu.ISAS:
+        raise argparse.ArgumentTypeError(f"unknown kernel path {text!r}; choose one of {', '.join(_cpu.ISAS)}")
+    if text not in _cpu.available_isas():
+        why = _cpu.unavailable_reasons()[text]
+        raise argparse.ArgumentTypeError(f"path {text!r} cannot run on this CPU: {why} "
+                                         f"(paths here: {', '.join(_cpu.available_isas())})")
+    return text
+
+
+def _env_threads() -> int:
+    try:
+        return _cpu.default_num_threads()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
 
 def cmd_info(args) -> int:
-    info = _cpu.cpu_info()
+    try:
+        info = _cpu.cpu_info()
+    except ValueError as e:   # $KTMOE_ISA or $KTMOE_NUM_THREADS
+        raise UsageError(str(e)) from None
     print(f"ktmoe {__import__('ktmoe').__version__}")
     print(f"CPU features : {', '.join(info['features']) or 'none of interest'}")
     print(f"paths here   : {', '.join(info['available_isas'])}")
@@ -61,16 +138,20 @@ def _problem(rng, E, H, I, T, k, r):
 VERIFY_FORMATS = [   # (label, weights, group_size, activations)
     ("bf16", "bf16", None, "bf16"), ("int8", "int8", None, "bf16"), ("int4/g32", "int4", 32, "bf16"),
     ("w8a8", "int8", None, "int8"), ("w4a8/g32", "int4", 32, "int8")]
+VERIFY_COLUMNS = ("y", "dx", "dw", "dA gu", "dB gu", "dA dn", "dB dn")   # the errors each row prints
 
 
 def cmd_verify(args) -> int:
     from . import reference
     rng = np.random.default_rng(0)
     isas = [args.isa] if args.isa else _cpu.available_isas()
+    threads = args.threads if args.threads is not None else _env_threads()
     formats = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
     worst = 0.0
+    print(f"relative Frobenius error against the numpy reference (tolerance {TOLERANCE:g}) of: y = output, "
+          f"dx, dw = d topk_weights, dA/dB gu/dn = LoRA gradients of gate_up / down")
     print(f"{'path':<9} {'weights':<9} {'E,H,I,T,k,r':<22} {'fwd ms':>8} {'bwd ms':>8}  "
-          f"max rel. error (y, dx, dw, LoRA grads)")
+          + " ".join(f"{c:>7}" for c in VERIFY_COLUMNS))
     for E, H, I, T, k, r in VERIFY_SHAPES:
         w, x, dy, ids, weights, (ga, gb, da, db) = _problem(rng, E, H, I, T, k, r)
         scale = 2.0
@@ -85,7 +166,7 @@ def cmd_verify(args) -> int:
             y_ref, cache = reference.moe_forward(x, ids, weights, *base, lora=ref_lora, activations=acts)
             dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
             for isa in isas:
-                layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=args.threads,
+                layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=threads,
                                    weights=fmt, group_size=group, activations=acts)
                 grads = [np.zeros(a.shape, np.float32) for a in (ga, gb, da, db)]
                 t0 = time.perf_counter()
@@ -100,7 +181,7 @@ def cmd_verify(args) -> int:
                 worst = max(worst, *errs)
                 shape = f"{E},{H},{I},{T},{k},{r}"
                 print(f"{isa:<9} {label:<9} {shape:<22} {1e3 * (t1 - t0):8.2f} {1e3 * (t2 - t1):8.2f}  "
-                      + " ".join(f"{e:.1e}" for e in errs))
+                      + " ".join(f"{e:7.1e}" for e in errs))
     ok = worst <= TOLERANCE
     print(f"{'PASS' if ok else 'FAIL'}: largest relative error {worst:.2e} (tolerance {TOLERANCE:g})")
     return 0 if ok else 1
@@ -108,29 +189,55 @@ def cmd_verify(args) -> int:
 
 # subcommand -> (module, help)
 EXTERNAL_COMMANDS = {
-    "finetune": ("ktmoe.finetune.cli", "LoRA fine-tuning of a MoE model (built-in tiny model by default)"),
-    "bench": ("ktmoe.bench", "benchmark the expert layer against the roofline and torch baselines"),
+    "finetune": ("ktmoe.finetune.cli", "LoRA fine-tune a MoE model (no flags: a built-in tiny model)"),
+    "bench": ("ktmoe.bench", "time the expert layer against the roofline and torch baselines"),
 }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ktmoe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _TopHelp(argparse.RawDescriptionHelpFormatter):
+    """`ktmoe --help`: the commands, one line each, without argparse's "COMMAND" line above them."""
+
+    def _format_action(self, action):
+        text = super()._format_action(action)
+        return text.split("\n", 1)[1] if isinstance(action, argparse._SubParsersAction) else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ktmoe", description=DESCRIPTION, epilog=EPILOG, formatter_class=_TopHelp)
+    parser.add_argument("--version", action="version", version=f"ktmoe {__import__('ktmoe').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        p.set_defaults(fn=module.run)
-    sub.add_parser("info", help="CPU features and the kernel path in use").set_defaults(fn=cmd_info)
-    v = sub.add_parser("verify", help="check every kernel path on this CPU against the numpy reference")
-    v.add_argument("--isa", choices=_cpu.ISAS, help="check one path only")
-    v.add_argument("--threads", type=int, default=None, help="worker threads (default: all usable cores)")
+        p.set_defaults(fn=module.run, cmd_parser=p)
+    help_text = "check each kernel path against the numpy reference"
+    v = sub.add_parser("verify", help=help_text, description=help_text + " (errors and timings; exit status 1 "
+                       f"when an error exceeds {TOLERANCE:g})")
+    v.add_argument("--isa", type=isa_here, metavar="{" + ",".join(_cpu.ISAS) + "}",
+                   help="check this path only (it must run on this CPU; default: every path it can run)")
+    v.add_argument("--threads", type=thread_count, default=None,
+                   help=f"worker threads, 1 to {_cpu.MAX_THREADS} (default: $KTMOE_NUM_THREADS, else all usable cores)")
     v.add_argument("--weights", choices=["all"] + [f[0] for f in VERIFY_FORMATS], default="all",
                    help="weight formats to check (default: all; quantized ones against the quantized reference)")
-    v.set_defaults(fn=cmd_verify)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    v.set_defaults(fn=cmd_verify, cmd_parser=v)
+    help_text = "CPU features, the kernel path in use and why, thread count"
+    i = sub.add_parser("info", help=help_text, description=help_text)
+    i.set_defaults(fn=cmd_info, cmd_parser=i)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # reported by the subcommand's parser: "ktmoe CMD: error: ..." like its other usage errors
+        args.cmd_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    del args.cmd_parser
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"ktmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,17 +1,44 @@
-"""pytest setup: the `isa` parameter (every path this CPU has) and the error summary.
+"""pytest setup: which ktmoe is tested, the `isa` parameter (every path this CPU has) and
+the error summary.
 
 Kernel tests take an `isa` argument and run once per entry of ktmoe.available_isas().
-ktmoe is imported lazily so that test_reference.py runs without the compiled package.
-Run the suite with `pytest tests/` (not `python -m pytest` from the repo root, which would
-put the source tree's ktmoe/ ahead of the installed one).
+ktmoe is imported lazily so that the reference tests run without the compiled package.
+The tests import the installed ktmoe (a wheel, or an editable install), never the source
+tree's uncompiled ktmoe/: the repository root (needed for `reference/`) goes last on
+sys.path, also under `python -m pytest`, which puts the current directory first. Without
+an installed ktmoe, a run of more than the reference tests stops with one line saying what
+to install.
 """
+import importlib.metadata
+import os
 import sys
 from pathlib import Path
 
-# `reference/` lives at the repo root; append (not prepend) so an installed ktmoe wins.
+import pytest
+
 _ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT] + [_ROOT]
+REFERENCE_ONLY = ("test_reference.py", "test_reference_quant.py")   # numpy / torch only, no ktmoe
+NOT_INSTALLED = ("ktmoe is not installed in this Python ({}); the tests need the installed, compiled package "
+                 "(the source tree's ktmoe/ is not): run `pip install torch==2.13.0 && pip install '.[test]'` "
+                 "(or, to develop, `pip install "
+                 "torch==2.13.0 meson-python meson ninja cython && pip install --no-build-isolation -e '.[test]'`)")
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("ktmoe")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def pytest_configure(config):
+    if _installed():
+        return
+    wanted = [Path(str(a).split("::")[0]).name for a in (config.args or ["tests"])]
+    if not all(name in REFERENCE_ONLY for name in wanted):
+        pytest.exit(NOT_INSTALLED.format(sys.executable), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_generate_tests(metafunc):
