@@ -136,6 +136,9 @@ def _main(args, t_start) -> int:
           f"{kernel.num_threads} threads), "
           f"other weights {_mib(ls.other_bytes)} on {device.type} ({settings['dtype']}); host memory now "
           f"{_mib(rss_loaded)}")
+    if ls.skipped:
+        print(f"  built as {type(model).__name__} (text only): {len(ls.skipped)} checkpoint tensor(s) it leaves out "
+              f"are not loaded ({_prefixes(ls.skipped)})")
     if ls.ignored:
         warnings.warn(f"{len(ls.ignored)} checkpoint tensor(s) are not used by the model, e.g. {ls.ignored[0]}")
     if args.grad_checkpointing:
@@ -447,6 +450,15 @@ def _peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prefixes(keys: list) -> str:
+    """'model.visual.*, mtp.*' for the keys' first two name parts (first one for short names)."""
+    seen = {}
+    for k in keys:
+        parts = k.split(".")
+        seen.setdefault(".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1]) + ".*", None)
+    return ", ".join(seen)
 
 
 def _mib(n: int) -> str:
