@@ -239,6 +239,94 @@ def test_router_target_and_grad_checkpointing(base, tmp_path):
     assert any("modules_to_save" in n for n, _ in plain.named_parameters())
 
 
+def test_adapter_card_absolute_base_path_and_plurals(base, tmp_path, capsys, monkeypatch):
+    """--model given relative to the working directory; the adapter then loads from another
+    directory through adapter_config.json's base_model_name_or_path (absolute), and its
+    README.md says what it was trained from. One epoch of two examples is one step: the
+    summary says "1 step (1 epoch)" and "done: 1 step"."""
+    import hashlib
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(base, work / "m")
+    data_file = _write(work / "d.jsonl", json.dumps({"prompt": "Say hi.", "response": "hi"}) + "\n"
+                       + json.dumps({"prompt": "Say bye.", "response": "bye"}) + "\n")
+    monkeypatch.chdir(work)
+    assert finetune("--model", "m", "--data", "d.jsonl", *FAST, "--epochs", 1, "--out", "o") == 0
+    out = capsys.readouterr().out
+    assert "; 1 step (1 epoch), batches" in out and "done: 1 step in" in out, out
+    assert "loss " in out and "(step 1)\n" in out and "1 steps" not in out and "1 epochs" not in out, out
+    adapter = (work / "o" / "adapter").resolve()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((work / "m").resolve())
+    card = (adapter / "README.md").read_text()
+    loss = losses(work / "o")[0]
+    sha = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    for want in (f"Base model: `{(work / 'm').resolve()}`", f"`{data_file.resolve()}`, 2 examples, sha256 `{sha}`",
+                 "Training: 1 step of 1", f"{loss:.4f} at the end", "r = 16, alpha = 32, on attention, experts"):
+        assert want in card, f"{want!r} not in the model card:\n{card}"
+    assert "[More Information Needed]" not in card          # not PEFT's empty template
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)                             # "m" does not exist here: only the absolute path works
+    from peft import AutoPeftModelForCausalLM
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert model.get_base_model().name_or_path == str((work / "m").resolve())
+
+
+def test_only_ktmoe_warnings_are_relayed(capsys):
+    """Inside the job's warning relay: ktmoe's own warnings print as "ktmoe finetune: warning:",
+    a third-party FutureWarning / DeprecationWarning is dropped, and any other third-party
+    warning is shown as Python shows it (with its file), not under ktmoe's name."""
+    import peft
+    import transformers
+
+    from ktmoe.finetune import data, train
+    with warnings.catch_warnings(record=True) as passed_on:   # what reaches Python's own display
+        with train.relayed_warnings():
+            warnings.simplefilter("always")
+            warnings.warn_explicit("ktmoe says so", UserWarning, data.__file__, 150)
+            warnings.warn_explicit("old transformers API", FutureWarning, transformers.__file__, 1)
+            warnings.warn_explicit("old peft API", DeprecationWarning, peft.__file__, 1)
+            warnings.warn_explicit("peft note", UserWarning, peft.__file__, 2)
+    err = capsys.readouterr().err
+    assert err == "ktmoe finetune: warning: ktmoe says so\n", err
+    assert [(str(w.message), w.category, w.filename) for w in passed_on] == [("peft note", UserWarning, peft.__file__)]
+
+
+def test_train_count_spelling():
+    from ktmoe.finetune import train
+    assert [train._count(n, "step") for n in (0, 1, 2, 1000)] == ["0 steps", "1 step", "2 steps", "1,000 steps"]
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_qwen3_5_moe_vision_language_checkpoint_fine_tunes(layout, base, tmp_path, capsys):
+    """A Qwen3.5-MoE saved from Qwen3_5MoeForConditionalGeneration (model.language_model.*):
+    fine-tuned as the text-only causal LM that AutoModelForCausalLM builds for it, the vision
+    tower left out (said once, not as a warning); the adapter loads with plain transformers +
+    PEFT on AutoModelForCausalLM.from_pretrained of the same directory."""
+    from test_finetune_loading import make_vlm, save_vlm
+    d = save_vlm(make_vlm(vocab_size=512, max_position_embeddings=512), tmp_path / "vlm", layout)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(base / f, d / f)
+    out = tmp_path / "out"
+    assert finetune("--model", d, "--data", tiny.dataset_path(), *FAST, "--steps", 2,
+                    "--targets", "attention,experts,router", "--out", out) == 0
+    cap = capsys.readouterr()
+    assert f"experts ({layout} in the checkpoint)" in cap.out, cap.out
+    assert "built as Qwen3_5MoeForCausalLM (text only)" in cap.out and "model.visual.*" in cap.out, cap.out
+    assert "not used by the model" not in cap.err, cap.err
+    from safetensors import safe_open
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(".model.layers.1.mlp.experts." in k and "lora_A" in k for k in keys), keys
+    assert any(".model.layers.1.self_attn.q_proj.lora_A" in k for k in keys), keys
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(d)
+    plain = PeftModel.from_pretrained(plain, out / "adapter")
+    assert sum("lora_A" in n for n, _ in plain.named_parameters()) == sum("lora_A" in k for k in keys)
+
+
 # ---- bad input: one clear message, exit status 2 ----
 def _write(path, text):
     path.write_text(text)
