@@ -6,8 +6,10 @@ with PEFT LoRA, and trained with AdamW (linear warm-up, cosine decay to 10%, gra
 clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
 
 --out holds:
-- adapter/: the PEFT adapter (adapter_config.json + adapter_model.safetensors) and the
-  tokenizer; `PeftModel.from_pretrained(base, OUT/adapter)` on plain transformers loads it.
+- adapter/: the PEFT adapter (adapter_config.json, whose base_model_name_or_path is the
+  model directory's absolute path, + adapter_model.safetensors), the tokenizer and a model
+  card README.md (base model, data file and its sha256, steps, losses, settings);
+  `PeftModel.from_pretrained(base, OUT/adapter)` on plain transformers loads it.
 - checkpoints/step-NNNNNN/: trainable.safetensors (every trainable tensor by name),
   optimizer.pt, scheduler.pt, rng.pt (torch CPU/CUDA and Python RNG) and state.json (step,
   settings). `--resume` restores all of it and continues exactly where the run stopped:
@@ -15,6 +17,13 @@ clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
 - log.jsonl (one JSON object per step), loss.png, summary.json; base-model/ for the
   built-in tiny model.
 Everything is written under a temporary name and renamed into place (output.py).
+
+Ctrl-C: a step's optimizer update, log line and checkpoint are done together (SIGINT is held
+back until they are); an interrupt anywhere else ends the run with a checkpoint of the last
+complete step, or, before the first step, with no trace of the run in --out, and the message
+says what works next (--resume, or the same command again).
+Warnings: ktmoe's own print as "ktmoe finetune: warning: ..."; third-party deprecation
+notices are dropped; other third-party warnings are shown as Python shows them.
 """
 from __future__ import annotations
 
