@@ -8,10 +8,21 @@
   same adapter as an uninterrupted run;
 - --targets router trains the routers and saves them with the adapter;
 - --grad-checkpointing gives the same losses;
-- every bad-input rule ends with a clear message and exit status 2.
+- every bad-input rule ends with a clear message and exit status 2;
+- Ctrl-C (KeyboardInterrupt, or SIGINT in the middle of an optimizer step) leaves --out
+  continuable: a checkpoint of the last complete step that --resume continues exactly, or,
+  before any step, nothing that stops a plain rerun; the printed advice is what works;
+- the adapter names its base model by absolute path (it loads from another directory) and
+  carries a model card (base model, data file and sha256, steps, final loss);
+- counts are spelled right ("1 step (1 epoch)"); only ktmoe's own warnings are relayed as
+  "ktmoe finetune: warning: ...", third-party deprecation notices are not;
+- a Qwen3.5-MoE checkpoint saved from the vision-language class fine-tunes (experts per
+  expert or fused), and its adapter loads on plain transformers' AutoModelForCausalLM.
 """
 import json
 import shutil
+import signal
+import warnings
 
 import pytest
 import torch
@@ -103,20 +114,95 @@ def test_adapter_loads_in_plain_peft(default_run):
     assert a.loss.item() < 0.7 * before      # the adapter is what learned: loss on a training example fell
 
 
-def test_resume_continues_exactly(base, tmp_path):
-    common = ["--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 8, "--save-every", 3]
-    assert finetune(*common, "--out", tmp_path / "a") == 0
+def eight_steps(base):
+    return ["--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 8, "--save-every", 3]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory):
+    """8 steps in one go: what every interrupted and resumed run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    assert finetune(*eight_steps(base), "--out", out) == 0
+    return out
+
+
+def same_as(out, ref):
+    want, got = losses(ref), losses(out)
+    assert len(got) == 8 and got == want, f"resumed {got} vs uninterrupted {want} (exact)"
+    from safetensors.torch import load_file
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (ref, out))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)   # exact
+
+
+def test_resume_continues_exactly(base, uninterrupted, tmp_path):
+    common = eight_steps(base)
     assert finetune(*common, "--out", tmp_path / "b", "--stop-after", 5) == 0
     b = tmp_path / "b"
     assert not (b / "adapter").exists()                       # stopped early: no adapter yet
     assert [p.name for p in sorted((b / "checkpoints").iterdir())] == ["step-000003", "step-000005"]
     shutil.rmtree(b / "checkpoints" / "step-000005")          # resume from an older checkpoint than the log
     assert finetune(*common, "--out", b, "--resume") == 0
-    want, got = losses(tmp_path / "a"), losses(b)
-    assert len(got) == 8 and got == want, f"resumed {got} vs uninterrupted {want} (exact)"
-    from safetensors.torch import load_file
-    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "a", b))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)   # exact
+    same_as(b, uninterrupted)
+
+
+def interrupt_collate(monkeypatch, at_call):
+    """data.collate raises KeyboardInterrupt on its `at_call`-th call (Ctrl-C between steps)."""
+    from ktmoe.finetune import data
+    real, calls = data.collate, []
+
+    def collate(*a, **kw):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(data, "collate", collate)
+
+
+def test_ctrl_c_leaves_out_continuable(base, uninterrupted, tmp_path, capsys, monkeypatch):
+    """SIGINT inside step 2's optimizer update (before the first checkpoint, due at step 3):
+    the step completes, a checkpoint of step 2 is written, the advice says --resume, and it is
+    true: a plain rerun refuses (pass --resume), --resume continues. A second Ctrl-C (between
+    steps 4 and 5 of the resumed run) again leaves a checkpoint; the run then finishes with
+    the same losses and adapter as an uninterrupted one, bit for bit."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # else the hold-back is not installed
+    common, out = eight_steps(base), tmp_path / "out"
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step(self, *a, **kw):
+        result = real_step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)     # Ctrl-C right after the parameters changed
+        return result
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", step)
+        assert finetune(*common, "--out", out) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: stopped after step 2 of 8; {out / 'checkpoints' / 'step-000002'} holds it: continue " \
+           "with the same flags plus --resume" in err, err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert len(losses(out)) == 2 and not list(out.glob(".tmp-*"))
+    assert finetune(*common, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "pass --resume to continue it" in err, err
+    with monkeypatch.context() as m:
+        interrupt_collate(m, at_call=3)            # steps 3, 4 done, Ctrl-C before step 5
+        assert finetune(*common, "--out", out, "--resume") == 130
+    assert "stopped after step 4 of 8" in capsys.readouterr().err
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003", "step-000004"]
+    assert finetune(*common, "--out", out, "--resume") == 0
+    same_as(out, uninterrupted)
+
+
+def test_ctrl_c_before_the_first_step_leaves_out_rerunnable(base, tmp_path, capsys, monkeypatch):
+    argv = ["--model", base, "--data", tiny.dataset_path(), *FAST, "--steps", 1, "--out", tmp_path / "out"]
+    with monkeypatch.context() as m:
+        interrupt_collate(m, at_call=1)
+        assert finetune(*argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing was trained yet" in err and "run the same command again" in err, err
+    assert finetune(*argv) == 0                    # as advised: the same command, no --resume / --overwrite
+    assert len(losses(tmp_path / "out")) == 1
 
 
 @pytest.mark.parametrize("fmt", [["--weights", "int8"], ["--weights", "int4", "--group-size", "32"],
@@ -151,6 +237,94 @@ def test_router_target_and_grad_checkpointing(base, tmp_path):
     from transformers import AutoModelForCausalLM
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "plain" / "adapter")
     assert any("modules_to_save" in n for n, _ in plain.named_parameters())
+
+
+def test_adapter_card_absolute_base_path_and_plurals(base, tmp_path, capsys, monkeypatch):
+    """--model given relative to the working directory; the adapter then loads from another
+    directory through adapter_config.json's base_model_name_or_path (absolute), and its
+    README.md says what it was trained from. One epoch of two examples is one step: the
+    summary says "1 step (1 epoch)" and "done: 1 step"."""
+    import hashlib
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(base, work / "m")
+    data_file = _write(work / "d.jsonl", json.dumps({"prompt": "Say hi.", "response": "hi"}) + "\n"
+                       + json.dumps({"prompt": "Say bye.", "response": "bye"}) + "\n")
+    monkeypatch.chdir(work)
+    assert finetune("--model", "m", "--data", "d.jsonl", *FAST, "--epochs", 1, "--out", "o") == 0
+    out = capsys.readouterr().out
+    assert "; 1 step (1 epoch), batches" in out and "done: 1 step in" in out, out
+    assert "loss " in out and "(step 1)\n" in out and "1 steps" not in out and "1 epochs" not in out, out
+    adapter = (work / "o" / "adapter").resolve()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((work / "m").resolve())
+    card = (adapter / "README.md").read_text()
+    loss = losses(work / "o")[0]
+    sha = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    for want in (f"Base model: `{(work / 'm').resolve()}`", f"`{data_file.resolve()}`, 2 examples, sha256 `{sha}`",
+                 "Training: 1 step of 1", f"{loss:.4f} at the end", "r = 16, alpha = 32, on attention, experts"):
+        assert want in card, f"{want!r} not in the model card:\n{card}"
+    assert "[More Information Needed]" not in card          # not PEFT's empty template
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)                             # "m" does not exist here: only the absolute path works
+    from peft import AutoPeftModelForCausalLM
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert model.get_base_model().name_or_path == str((work / "m").resolve())
+
+
+def test_only_ktmoe_warnings_are_relayed(capsys):
+    """Inside the job's warning relay: ktmoe's own warnings print as "ktmoe finetune: warning:",
+    a third-party FutureWarning / DeprecationWarning is dropped, and any other third-party
+    warning is shown as Python shows it (with its file), not under ktmoe's name."""
+    import peft
+    import transformers
+
+    from ktmoe.finetune import data, train
+    with warnings.catch_warnings(record=True) as passed_on:   # what reaches Python's own display
+        with train.relayed_warnings():
+            warnings.simplefilter("always")
+            warnings.warn_explicit("ktmoe says so", UserWarning, data.__file__, 150)
+            warnings.warn_explicit("old transformers API", FutureWarning, transformers.__file__, 1)
+            warnings.warn_explicit("old peft API", DeprecationWarning, peft.__file__, 1)
+            warnings.warn_explicit("peft note", UserWarning, peft.__file__, 2)
+    err = capsys.readouterr().err
+    assert err == "ktmoe finetune: warning: ktmoe says so\n", err
+    assert [(str(w.message), w.category, w.filename) for w in passed_on] == [("peft note", UserWarning, peft.__file__)]
+
+
+def test_train_count_spelling():
+    from ktmoe.finetune import train
+    assert [train._count(n, "step") for n in (0, 1, 2, 1000)] == ["0 steps", "1 step", "2 steps", "1,000 steps"]
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_qwen3_5_moe_vision_language_checkpoint_fine_tunes(layout, base, tmp_path, capsys):
+    """A Qwen3.5-MoE saved from Qwen3_5MoeForConditionalGeneration (model.language_model.*):
+    fine-tuned as the text-only causal LM that AutoModelForCausalLM builds for it, the vision
+    tower left out (said once, not as a warning); the adapter loads with plain transformers +
+    PEFT on AutoModelForCausalLM.from_pretrained of the same directory."""
+    from test_finetune_loading import make_vlm, save_vlm
+    d = save_vlm(make_vlm(vocab_size=512, max_position_embeddings=512), tmp_path / "vlm", layout)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(base / f, d / f)
+    out = tmp_path / "out"
+    assert finetune("--model", d, "--data", tiny.dataset_path(), *FAST, "--steps", 2,
+                    "--targets", "attention,experts,router", "--out", out) == 0
+    cap = capsys.readouterr()
+    assert f"experts ({layout} in the checkpoint)" in cap.out, cap.out
+    assert "built as Qwen3_5MoeForCausalLM (text only)" in cap.out and "model.visual.*" in cap.out, cap.out
+    assert "not used by the model" not in cap.err, cap.err
+    from safetensors import safe_open
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(".model.layers.1.mlp.experts." in k and "lora_A" in k for k in keys), keys
+    assert any(".model.layers.1.self_attn.q_proj.lora_A" in k for k in keys), keys
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(d)
+    plain = PeftModel.from_pretrained(plain, out / "adapter")
+    assert sum("lora_A" in n for n, _ in plain.named_parameters()) == sum("lora_A" in k for k in keys)
 
 
 # ---- bad input: one clear message, exit status 2 ----

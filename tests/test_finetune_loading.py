@@ -7,7 +7,12 @@ bf16, so rel <= 1e-2, cosine >= 0.9999):
 - fused v5 tensors (`experts.gate_up_proj` / `down_proj`), single file, tied embeddings;
 - per-expert tensors (`experts.{e}.gate_proj.weight` ...) written by hand, sharded over
   three files with a `model.safetensors.index.json`, in bf16 and in fp16 (widened on load);
-- Mixtral as transformers itself saves it (`block_sparse_moe.experts.{e}.w1/w2/w3`).
+- Mixtral as transformers itself saves it (`block_sparse_moe.experts.{e}.w1/w2/w3`);
+- Qwen3.5-MoE as published: saved from the vision-language class
+  (`Qwen3_5MoeForConditionalGeneration`, keys `model.language_model.layers.*`, a vision
+  tower `model.visual.*`, an `mtp.*` head), experts per expert (transformers' own
+  save_pretrained) or fused; built as the text-only causal LM that AutoModelForCausalLM gives
+  and compared with the vision-language model's own logits.
 The order of reads shows the streaming: each layer's expert tensors are read and packed
 before the next layer's are touched. Missing or mis-shaped expert tensors are reported.
 """
@@ -188,3 +193,71 @@ def test_peak_host_memory_is_packed_plus_one_layer(tmp_path):
     assert added <= packed + layer + other + slack, (
         f"load added {added / 2**20:.1f} MiB > packed {packed / 2**20:.1f} + one layer {layer / 2**20:.1f} + "
         f"other {other / 2**20:.1f} + 8 MiB")
+
+
+# ---- Qwen3.5-MoE saved from the vision-language class ----
+VLM_TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=8,
+                num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=2, max_position_embeddings=64, initializer_range=0.1,
+                layer_types=["linear_attention", "full_attention"])
+VLM_VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                  num_position_embeddings=16, patch_size=4)
+
+
+def make_vlm(seed=0, **text):
+    """A tiny random Qwen3_5MoeForConditionalGeneration, every weight rounded through bf16."""
+    import transformers
+    cfg = transformers.Qwen3_5MoeConfig(text_config={**VLM_TEXT, **text}, vision_config=VLM_VISION)
+    torch.manual_seed(seed)
+    model = transformers.Qwen3_5MoeForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model.eval()
+
+
+def save_vlm(model, d, layout):
+    """As published: transformers' save_pretrained (per-expert tensors) plus an mtp.* head; or the
+    in-memory state dict as is (fused `experts.gate_up_proj` / `down_proj`), one bf16 file."""
+    if layout == "per-expert":
+        model.save_pretrained(d)
+        extra = {"mtp.fc.weight": torch.zeros(32, 64, dtype=torch.bfloat16)}
+        save_file(extra, d / "mtp.safetensors")   # (one model.safetensors, no index: read next to it)
+    else:
+        d.mkdir()
+        model.config.save_pretrained(d)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()},
+                  d / "model.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_qwen3_5_moe_vision_language_checkpoint(layout, tmp_path):
+    model = make_vlm()
+    d = save_vlm(model, tmp_path / "ckpt", layout)
+    keys = checkpoint.Checkpoint(d, require_tokenizer=False).tensors
+    assert any(k.startswith("model.language_model.layers.0.mlp.experts.") for k in keys)
+    assert any(k.startswith("model.visual.") for k in keys)
+    assert any(k.endswith("experts.gate_up_proj") for k in keys) == (layout == "fused")
+
+    loaded, stats = loading.load(checkpoint.Checkpoint(d, require_tokenizer=False), device=torch.device("cpu"),
+                                 dtype=torch.float32, max_tokens=256)
+    assert type(loaded).__name__ == "Qwen3_5MoeForCausalLM"     # what AutoModelForCausalLM builds for it
+    experts = loading.experts_modules(loaded)
+    assert [n for n, _ in experts] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(ktmoe.torch.experts.is_converted(m) for _, m in experts)
+    assert stats.expert_format == ("fused" if layout == "fused" else "per-expert")
+    assert not stats.ignored, stats.ignored
+    assert stats.skipped and all(k.startswith(("model.visual.", "mtp.")) for k in stats.skipped)
+    assert ("mtp.fc.weight" in stats.skipped) == (layout == "per-expert")
+    ids = tm.batch(seed=4)["input_ids"]
+    want = reference_logits(model, ids)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    a, b = got.double().flatten(), want.double().flatten()
+    rel = ((a - b).norm() / b.norm()).item()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (SPEC 6)"
+    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+    assert loaded.name_or_path == str(d.resolve())      # what PEFT writes as base_model_name_or_path

@@ -111,7 +111,12 @@ def run(args) -> int:
     except FinetuneError as e:
         print(f"ktmoe finetune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ktmoe finetune: interrupted (the latest checkpoint in --out can be continued with --resume)",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:   # the advice is true of --out as the interrupted run left it
+        advice = getattr(e, "advice", None)
+        if advice is None:
+            from pathlib import Path
+
+            from .train import interrupt_advice
+            advice = interrupt_advice(Path(args.out).expanduser())
+        print(f"ktmoe finetune: interrupted: {advice}", file=sys.stderr)
         return 130

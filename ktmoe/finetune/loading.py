@@ -9,7 +9,10 @@
    straight into one [E, 2I, H] / [E, H, I] CPU buffer (fused `experts.gate_up_proj` /
    `experts.down_proj`, or per expert `experts.{e}.gate_proj|w1 / up_proj|w3 / down_proj|w2
    .weight`), handed to `ktmoe.torch.experts.convert` (which packs them into the kernel's
-   memory and leaves placeholders) and freed. Peak host memory: the packed experts, plus one
+   memory and leaves placeholders) and freed. Checkpoint names are mapped to the model's:
+   Mixtral's `block_sparse_moe` is `mlp`, and a vision-language checkpoint's
+   `model.language_model.*` is the text-only causal LM's `model.*` (its vision tower and
+   other tensors the class lists in `_keys_to_ignore_on_load_unexpected` are left out). Peak host memory: the packed experts, plus one
    layer's raw expert tensors, plus the non-expert weights when they stay on the CPU.
    Nothing of the experts ever reaches the GPU.
 
@@ -29,6 +32,10 @@ from .checkpoint import Checkpoint
 
 # checkpoint-name spellings of the same module (Mixtral's original layout)
 RENAMES = [(".block_sparse_moe.", ".mlp.")]
+# checkpoints saved from a vision-language class (e.g. Qwen3_5MoeForConditionalGeneration) nest the
+# language model one level deeper than the text-only causal-LM class that is built for them
+# (AutoModelForCausalLM, like plain transformers): checkpoint prefix -> model prefix
+PREFIXES = [("model.language_model.", "model.")]
 GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 META_REASON = "expert weights are on the meta device"
 
@@ -42,6 +49,7 @@ class LoadStats:
     other_bytes: int = 0           # non-expert weights (on `device`)
     expert_format: str = ""        # "fused" or "per-expert"
     ignored: list = field(default_factory=list)   # checkpoint tensors the model does not use
+    skipped: list = field(default_factory=list)   # ... and that its class says to leave out (vision tower ...)
 
 
 @contextlib.contextmanager
@@ -111,11 +119,24 @@ def check_supported(model, where: str) -> list:
 
 
 def _canonical(key: str, model_keys) -> str:
+    """The model's name for checkpoint tensor `key` (RENAMES and PREFIXES applied where needed)."""
     if key in model_keys:
         return key
+    for a, b in PREFIXES:
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
     for a, b in RENAMES:
         key = key.replace(a, b)
     return key
+
+
+def _expected_unused(model, key: str) -> bool:
+    """Tensors the model's class itself says to leave out (e.g. the vision tower and the
+    multi-token-prediction head of a vision-language checkpoint built as a text-only LM)."""
+    import re
+    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
+    return any(re.search(p, key) for p in patterns)
 
 
 def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int | None = None,
@@ -178,7 +199,10 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
         raise FinetuneError(f"--model {ckpt.path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
                             f"e.g. {', '.join(missing[:4])}")
     used = {by_model_key[n] for n in state if n in by_model_key} | expert_keys
-    stats.ignored = sorted(k for k in ckpt.tensors if k not in used)
+    unused = sorted(k for k in ckpt.tensors if k not in used)
+    stats.skipped = [k for k in unused if _expected_unused(model, k) or _expected_unused(model, _canonical(k, state))]
+    skipped = set(stats.skipped)
+    stats.ignored = [k for k in unused if k not in skipped]
 
     # experts, one layer at a time
     for i, (name, m, plan) in enumerate(expert_plans):
@@ -190,6 +214,9 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
             progress(i + 1, len(expert_plans))
     stats.expert_format = "fused" if all(p["fused"] for _, _, p in expert_plans) else "per-expert"
 
+    # the absolute checkpoint path, which PEFT writes into adapter_config.json as base_model_name_or_path
+    # (a relative one would be resolved against whatever directory the adapter is loaded from, or the Hub)
+    model.name_or_path = config._name_or_path = str(ckpt.path.resolve())
     model.to(device)   # remaining CPU buffers; ktmoe experts stay on the CPU
     model.eval()
     stats.seconds = time.perf_counter() - t0

@@ -76,7 +76,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def plot_loss(path: Path, steps: list, losses: list, title: str) -> None:
-    """The loss curve (raw per-step loss and a moving average) as a PNG, written atomically."""
+    """The loss curve (raw per-step loss and a moving average) as a PNG, written atomically.
+    Up to 100 steps every step is also drawn as a marker (one step is a single point: no line)."""
     import io
 
     import matplotlib
@@ -85,11 +86,15 @@ def plot_loss(path: Path, steps: list, losses: list, title: str) -> None:
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
-    ax.plot(steps, losses, lw=0.8, alpha=0.45, label="loss per step")
+    few = len(losses) <= 100
+    ax.plot(steps, losses, lw=0.8, alpha=0.8 if few else 0.45, marker="o" if few else None,
+            ms=4 if len(losses) <= 20 else 2, label="loss per step")
     w = max(1, len(losses) // 20)
     if len(losses) > w > 1:
         avg = [sum(losses[i - w + 1:i + 1]) / w for i in range(w - 1, len(losses))]
         ax.plot(steps[w - 1:], avg, lw=1.8, label=f"moving average ({w} steps)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # steps are whole numbers
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy, assistant tokens)")
     ax.set_title(title, fontsize=10)

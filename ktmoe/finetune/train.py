@@ -6,8 +6,10 @@ with PEFT LoRA, and trained with AdamW (linear warm-up, cosine decay to 10%, gra
 clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
 
 --out holds:
-- adapter/: the PEFT adapter (adapter_config.json + adapter_model.safetensors) and the
-  tokenizer; `PeftModel.from_pretrained(base, OUT/adapter)` on plain transformers loads it.
+- adapter/: the PEFT adapter (adapter_config.json, whose base_model_name_or_path is the
+  model directory's absolute path, + adapter_model.safetensors), the tokenizer and a model
+  card README.md (base model, data file and its sha256, steps, losses, settings);
+  `PeftModel.from_pretrained(base, OUT/adapter)` on plain transformers loads it.
 - checkpoints/step-NNNNNN/: trainable.safetensors (every trainable tensor by name),
   optimizer.pt, scheduler.pt, rng.pt (torch CPU/CUDA and Python RNG) and state.json (step,
   settings). `--resume` restores all of it and continues exactly where the run stopped:
@@ -15,9 +17,17 @@ clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
 - log.jsonl (one JSON object per step), loss.png, summary.json; base-model/ for the
   built-in tiny model.
 Everything is written under a temporary name and renamed into place (output.py).
+
+Ctrl-C: a step's optimizer update, log line and checkpoint are done together (SIGINT is held
+back until they are); an interrupt anywhere else ends the run with a checkpoint of the last
+complete step, or, before the first step, with no trace of the run in --out, and the message
+says what works next (--resume, or the same command again).
+Warnings: ktmoe's own print as "ktmoe finetune: warning: ..."; third-party deprecation
+notices are dropped; other third-party warnings are shown as Python shows them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,7 +36,9 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -44,15 +56,30 @@ SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".',
 
 def main(args) -> int:
     t_start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        # transformers' own deprecation notice, triggered by PEFT, not by anything the user can change
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+    with relayed_warnings():
         return _main(args, t_start)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"ktmoe finetune: warning: {message}", file=sys.stderr)
+KTMOE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+@contextlib.contextmanager
+def relayed_warnings():
+    """ktmoe's own warnings (issued from a file of the ktmoe package) are printed as one
+    "ktmoe finetune: warning: ..." line; third-party deprecation notices (transformers, PEFT,
+    torch: nothing the user of this command can act on) are dropped; any other third-party
+    warning is shown as Python shows it, naming its source, not passed off as ktmoe's."""
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if str(Path(filename).resolve()).startswith(KTMOE_DIR):
+                print(f"ktmoe finetune: warning: {message}", file=sys.stderr)
+            elif not issubclass(category, DEPRECATIONS):
+                original(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
 
 
 def _main(args, t_start) -> int:
@@ -131,11 +158,14 @@ def _main(args, t_start) -> int:
                              progress=load_progress, kernel_format=kernel_format)
     rss_loaded = _rss_now()
     kernel = loading.experts_modules(model)[0][1]._ktmoe.layer
-    print(f"  loaded in {ls.seconds:.2f} s: {ls.expert_layers} MoE layers, experts ({ls.expert_format} in the "
+    print(f"  loaded in {ls.seconds:.2f} s: {_count(ls.expert_layers, 'MoE layer')}, experts ({ls.expert_format} in the "
           f"checkpoint) {_mib(ls.packed_bytes)} packed in the kernel ({_format(kernel)}, {kernel.isa}, "
-          f"{kernel.num_threads} threads), "
+          f"{_count(kernel.num_threads, 'thread')}), "
           f"other weights {_mib(ls.other_bytes)} on {device.type} ({settings['dtype']}); host memory now "
           f"{_mib(rss_loaded)}")
+    if ls.skipped:
+        print(f"  built as {type(model).__name__} (text only): {len(ls.skipped)} checkpoint tensor(s) it leaves out "
+              f"are not loaded ({_prefixes(ls.skipped)})")
     if ls.ignored:
         warnings.warn(f"{len(ls.ignored)} checkpoint tensor(s) are not used by the model, e.g. {ls.ignored[0]}")
     if args.grad_checkpointing:
@@ -143,7 +173,7 @@ def _main(args, t_start) -> int:
     model = _wrap_lora(model, args.targets, opt["lora_r"], opt["lora_alpha"], args.seed)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_train = sum(p.numel() for _, p in params)
-    epochs_txt = f"{args.steps} steps" if args.steps else f"{total} steps ({opt['epochs']} epochs)"
+    epochs_txt = _count(total, "step") + ("" if args.steps else f" ({_count(opt['epochs'], 'epoch')})")
     print(f"  LoRA r={opt['lora_r']} alpha={opt['lora_alpha']:g} on {', '.join(args.targets)}: {n_train:,} "
           f"trainable parameters; {epochs_txt}, batches of <= {opt['batch_tokens']} tokens, lr {opt['lr']:g}")
 
@@ -165,57 +195,71 @@ def _main(args, t_start) -> int:
     model.train()
     t_train = time.perf_counter()
     tokens_done, recent = 0, []
-    with open(log_path, "a", encoding="utf-8") as logf:
-        for step in range(start, stop_at):
-            epoch, epoch_f, indices = schedule.at(step)
-            batch, n_real = data.collate(examples, indices, pad_id)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            loss = model(**batch).loss
-            loss.backward()
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
-            dt = time.perf_counter() - t0
-            tokens_done += n_real
-            recent = (recent + [(n_real, dt)])[-20:]
-            tps = sum(n for n, _ in recent) / max(sum(t for _, t in recent), 1e-9)
-            entry = {"step": step + 1, "epoch": round(epoch_f, 4), "loss": value, "lr": lr, "tokens": n_real,
-                     "trained_tokens": int((batch["labels"] != -100).sum()), "seconds": round(dt, 4),
-                     "tokens_per_s": round(n_real / dt, 1)}
-            log.append(entry)
-            logf.write(json.dumps(entry) + "\n")
-            logf.flush()
-            if bar is not None:
-                bar.set_postfix_str(f"loss {value:.3f}, {tps:,.0f} tok/s, epoch {epoch_f:.2f}", refresh=False)
-                bar.update(1)
-            if (step + 1) % save_every == 0 or step + 1 == stop_at:
-                _save_checkpoint(out, step + 1, model, params, optimizer, scheduler, settings, args.keep_checkpoints,
-                                 torch)
+    completed = start   # steps whose optimizer update, log line (and checkpoint when due) are all done
+    rng = _rng_state(torch)
+    try:
+        with open(log_path, "a", encoding="utf-8") as logf, _sigint_held_back() as whole:
+            for step in range(start, stop_at):
+                epoch, epoch_f, indices = schedule.at(step)
+                batch, n_real = data.collate(examples, indices, pad_id)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                t0 = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                loss = model(**batch).loss
+                loss.backward()
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
+                with whole:   # a Ctrl-C from here on waits until the step is complete
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
+                    dt = time.perf_counter() - t0
+                    tokens_done += n_real
+                    recent = (recent + [(n_real, dt)])[-20:]
+                    tps = sum(n for n, _ in recent) / max(sum(t for _, t in recent), 1e-9)
+                    entry = {"step": step + 1, "epoch": round(epoch_f, 4), "loss": value, "lr": lr, "tokens": n_real,
+                             "trained_tokens": int((batch["labels"] != -100).sum()), "seconds": round(dt, 4),
+                             "tokens_per_s": round(n_real / dt, 1)}
+                    log.append(entry)
+                    logf.write(json.dumps(entry) + "\n")
+                    logf.flush()
+                    rng = _rng_state(torch)
+                    if (step + 1) % save_every == 0 or step + 1 == stop_at:
+                        _save_checkpoint(out, step + 1, model, params, optimizer, scheduler, settings,
+                                         args.keep_checkpoints, torch, rng)
+                    completed = step + 1
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {value:.3f}, {tps:,.0f} tok/s, epoch {epoch_f:.2f}", refresh=False)
+                    bar.update(1)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        raise Interrupted(_after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler,
+                                           settings, args.keep_checkpoints, torch, rng)) from None
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - t_train
     done = stop_at == total
 
     # ---- results ----
+    first = log[0]["loss"] if log else float("nan")
+    last = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
     if done:
         with output.atomic_dir(out / "adapter") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            _fix_adapter_config(tmp / "adapter_config.json", settings["model"])
+            (tmp / "README.md").write_text(_model_card(settings, what, type(model.get_base_model()).__name__, log,
+                                                       first, last, n_train, len(examples)), encoding="utf-8")
     if log:
         output.plot_loss(out / "loss.png", [e["step"] for e in log], [e["loss"] for e in log],
                          f"ktmoe finetune: {what}, LoRA r={opt['lora_r']} on {', '.join(args.targets)}")
     peak_host = _peak_rss()
     peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     wall = time.perf_counter() - t_start
-    first = log[0]["loss"] if log else float("nan")
-    last = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
     summary = {"finished": done, "steps": len(log), "total_steps": total, "wall_seconds": round(wall, 2),
                "train_seconds": round(train_s, 2), "load_seconds": round(ls.seconds, 2),
                "tokens_per_s": round(tokens_done / train_s, 1) if train_s > 0 else None,
@@ -229,9 +273,9 @@ def _main(args, t_start) -> int:
         _show_samples(model, tokenizer, device)
     gpu = f"GPU {_mib(peak_gpu)}" if device.type == "cuda" else "no GPU used"
     tps_txt = f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-"
-    print(f"{'done' if done else 'stopped'}: {len(log) - start} steps in {train_s:.1f} s ({tps_txt} tokens/s), "
+    print(f"{'done' if done else 'stopped'}: {_count(len(log) - start, 'step')} in {train_s:.1f} s ({tps_txt} tokens/s), "
           f"wall time {wall:.1f} s (loading {ls.seconds:.1f} s)")
-    print(f"  loss {first:.3f} (step 1) -> {last:.3f} (mean of the last {min(10, len(log))} steps)")
+    print(f"  loss {first:.3f} (step 1) -> {last:.3f} ({_last_txt(len(log))})")
     print(f"  peak memory: host {_mib(peak_host)} (experts packed {_mib(ls.packed_bytes)}), {gpu}")
     if done:
         print(f"  adapter: {out / 'adapter'}   log: {log_path}   plot: {out / 'loss.png'}")
@@ -246,7 +290,9 @@ def _prepare_out(out: Path, args) -> None:
     previous = [n for n in RUN_FILES if (out / n).exists()]
     if args.resume:
         if _latest_checkpoint(out) is None:
-            raise FinetuneError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+            earlier = [n for n in RUN_FILES if (out / n).exists()]
+            raise FinetuneError(f"--resume: no checkpoint in {out / 'checkpoints'}" + (
+                f" (--out holds {', '.join(earlier)}: start over with --overwrite)" if earlier else ""))
     elif previous and not args.overwrite:
         raise FinetuneError(f"--out {out} holds an earlier run ({', '.join(previous)}): pass --resume to "
                             f"continue it, --overwrite to start over, or another --out")
@@ -361,12 +407,21 @@ def _format(kernel) -> str:
     return f"{kernel.weights}{group} weights, {mode}"
 
 
-def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch):
-    from safetensors.torch import save_file
+def _rng_state(torch) -> dict:
     rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    with output.atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
+    return rng
+
+
+def _checkpoint_at(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch, rng):
+    """Checkpoint of `step`; `rng`: the RNG states right after that step."""
+    from safetensors.torch import save_file
+    with output.atomic_dir(_checkpoint_at(out, step)) as tmp:
         save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -406,6 +461,80 @@ def _restore(path: Path, model, params, optimizer, scheduler, torch) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
+# ---- Ctrl-C ----
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after --out was left continuable; `advice` says how (cli.py prints it)."""
+
+    def __init__(self, advice: str):
+        super().__init__(advice)
+        self.advice = advice
+
+
+class _HeldBack:
+    """`with held:` SIGINT inside the block is raised as KeyboardInterrupt only when it ends, so a
+    step's optimizer update, log line and checkpoint are done all together or not at all."""
+
+    def __init__(self):
+        self.inside = self.pending = False
+
+    def __enter__(self):
+        self.inside = True
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.inside = False
+        if self.pending and kind is None:
+            self.pending = False
+            raise KeyboardInterrupt
+        return False
+
+    def handler(self, signum, frame):
+        if self.inside:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_held_back():
+    """A _HeldBack whose SIGINT handler is installed while the block runs (main thread, default
+    handler only: elsewhere the block is not held back, and Ctrl-C interrupts anywhere)."""
+    held = _HeldBack()
+    mine = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if mine:
+        signal.signal(signal.SIGINT, held.handler)
+    try:
+        yield held
+    finally:
+        if mine:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler, settings, keep, torch,
+                     rng) -> str:
+    """Leaves --out continuable after Ctrl-C in the training loop: a checkpoint of the last complete
+    step (its parameters, optimizer and RNG states are untouched by the step that was cut short),
+    or, when no step was completed and no checkpoint exists, no trace of this run."""
+    if completed > 0 and not (_checkpoint_at(out, completed) / "state.json").is_file():
+        _save_checkpoint(out, completed, model, params, optimizer, scheduler, settings, keep, torch, rng)
+    if completed == 0 and _latest_checkpoint(out) is None and log_path.is_file() and not _read_log(log_path):
+        log_path.unlink()
+    return interrupt_advice(out, completed, total)
+
+
+def interrupt_advice(out: Path, completed: int | None = None, total: int | None = None) -> str:
+    """What to do after Ctrl-C, true of --out as it is now."""
+    latest = _latest_checkpoint(out)
+    at = f" after step {completed} of {total}" if completed else ""
+    if latest is not None:
+        return f"stopped{at}; {latest} holds it: continue with the same flags plus --resume"
+    earlier = [n for n in RUN_FILES if (out / n).exists()]
+    if earlier:   # Ctrl-C before --overwrite cleared an earlier run (or --out holds results with no checkpoint)
+        return f"--out {out} holds {', '.join(earlier)} of an earlier run, unchanged: run the same command again"
+    return f"nothing was trained yet (no checkpoint in {out}): run the same command again"
+
+
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
@@ -420,6 +549,47 @@ def _read_log(path: Path) -> list:
 def _truncate_log(path: Path, step: int) -> None:
     kept = [e for e in _read_log(path) if e["step"] <= step]
     output.write_bytes_atomic(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+
+
+# ---- the adapter's files ----
+def _fix_adapter_config(path: Path, model_dir: str) -> None:
+    """base_model_name_or_path = the model directory's absolute path (PEFT writes what it was given)."""
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = model_dir
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _model_card(settings, what, model_class, log, first, last, n_train, n_examples) -> str:
+    """README.md of the adapter: what it was trained from, on what, and how far."""
+    targets = ", ".join(settings["targets"])
+    steps = len(log)
+    fmt = settings["weights"] + (f" (group {settings['group_size']})" if settings["group_size"] else "")
+    if settings["activations"] != "bf16":
+        fmt += f", {settings['activations']} activations (W8A8)"
+    return f"""---
+library_name: peft
+tags: [lora, ktmoe]
+---
+# LoRA adapter trained with `ktmoe finetune`
+
+- Base model: `{settings["model"]}` ({what}; class {model_class})
+- Data: `{settings["data"]}`, {_count(n_examples, "example")}, sha256 `{settings["data_sha256"]}`
+- Training: {_count(steps, "step")} of {settings["total_steps"]}, lr {settings["lr"]:g} (warm-up \
+{_count(settings["warmup_steps"], "step")}, cosine decay to 10 %), batches of <= {settings["batch_tokens"]} tokens, \
+seed {settings["seed"]}, max sequence length {settings["max_seq_len"]}
+- LoRA: r = {settings["lora_r"]}, alpha = {settings["lora_alpha"]:g}, on {targets}; \
+{n_train:,} trainable parameters
+- Expert weights in the kernel during training: {fmt}; other weights {settings["dtype"]}
+- Loss: {first:.4f} at step 1, {last:.4f} at the end ({_last_txt(steps)})
+
+Load it with plain transformers + PEFT (`base_model_name_or_path` in adapter_config.json is the
+base model's absolute path):
+
+```python
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/adapter")
+```
+"""
 
 
 # ---- reporting ----
@@ -447,6 +617,24 @@ def _peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _count(n: int, word: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _last_txt(n: int) -> str:
+    return f"step {n}" if n <= 1 else f"mean of the last {min(10, n)} steps"
+
+
+def _prefixes(keys: list) -> str:
+    """'model.visual.*, mtp.*' for the keys' first two name parts (first one for short names)."""
+    seen = {}
+    for k in keys:
+        parts = k.split(".")
+        seen.setdefault(".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1]) + ".*", None)
+    return ", ".join(seen)
 
 
 def _mib(n: int) -> str:
