@@ -46,7 +46,22 @@ rm -rf "$logs"; mkdir -p "$logs"
 export ASAN_OPTIONS="detect_leaks=0:log_path=$logs/asan:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1"
 export UBSAN_OPTIONS="print_stacktrace=1:log_path=$logs/ubsan"
 export LD_PRELOAD="$asan $ubsan"
-python -c "import ktmoe; print('sanitized ktmoe', ktmoe.__file__, 'paths', ktmoe.available_isas())"
+# (from / : in the checkout, `python -c` would import the uncompiled source tree)
+(cd / && python -c "import ktmoe; print('sanitized ktmoe', ktmoe.__file__, 'paths', ktmoe.available_isas())")
+# the sanitizer must be live: a deliberate read past a numpy array by the kernel library
+# (kt_find_bad_id over 16 ids too many) has to give an ASan heap-buffer-overflow report
+canary=$(mktemp -d)
+(cd / && ASAN_OPTIONS="detect_leaks=0:log_path=$canary/asan" python -c "
+import numpy as np
+from ktmoe._kernels import _core
+a = np.zeros(1000, np.int32)
+_core.find_bad_id(a.__array_interface__['data'][0], 'int32', 1016, 4)" 2>/dev/null) || true
+if ! grep -qs "heap-buffer-overflow" "$canary"/asan*; then
+    echo "sanitize.sh: the ASan canary (read past an array) was not reported: sanitizers are not active" >&2
+    exit 2
+fi
+rm -rf "$canary"
+echo "sanitizer canary: reported as expected"
 status=0
 pytest -q -p no:cacheprovider "${TESTS[@]}" || status=$?
 unset LD_PRELOAD
