@@ -173,15 +173,15 @@ def _main(args, t_start) -> int:
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             loss = model(**batch).loss
+            value = loss.item()
+            if not math.isfinite(value):   # checked before backward: a non-finite step is never applied
+                raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
             loss.backward()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
             dt = time.perf_counter() - t0
             tokens_done += n_real
             recent = (recent + [(n_real, dt)])[-20:]
