@@ -362,16 +362,25 @@ def _format(kernel) -> str:
 
 
 def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch):
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    with output.atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2) + "\n")
+    final = out / "checkpoints" / f"step-{step:06d}"
+    try:
+        with output.atomic_dir(final) as tmp:
+            save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2) + "\n")
+    except (OSError, RuntimeError, SafetensorError) as e:   # disk full, file too large, I/O error (torch: RuntimeError)
+        prev = _latest_checkpoint(out)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise FinetuneError(f"step {step}: cannot write the checkpoint {final} ({why}; is the disk full?); "
+                            + (f"the previous checkpoint {prev} is intact: continue with --resume"
+                               if prev else "there is no earlier checkpoint")) from None
     for old in _checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
