@@ -206,6 +206,9 @@ def _main(args, t_start) -> int:
                 t0 = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
                 loss = model(**batch).loss
+                value = loss.item()
+                if not math.isfinite(value):   # checked before backward: a non-finite step is never applied
+                    raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
                 loss.backward()
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
@@ -213,9 +216,6 @@ def _main(args, t_start) -> int:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
                     dt = time.perf_counter() - t0
                     tokens_done += n_real
                     recent = (recent + [(n_real, dt)])[-20:]
@@ -407,6 +407,7 @@ def _format(kernel) -> str:
     return f"{kernel.weights}{group} weights, {mode}"
 
 
+<<<<<<< HEAD
 def _rng_state(torch) -> dict:
     rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -427,6 +428,28 @@ def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, k
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2) + "\n")
+=======
+def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch):
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    final = out / "checkpoints" / f"step-{step:06d}"
+    try:
+        with output.atomic_dir(final) as tmp:
+            save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2) + "\n")
+    except (OSError, RuntimeError, SafetensorError) as e:   # disk full, file too large, I/O error (torch: RuntimeError)
+        prev = _latest_checkpoint(out)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise FinetuneError(f"step {step}: cannot write the checkpoint {final} ({why}; is the disk full?); "
+                            + (f"the previous checkpoint {prev} is intact: continue with --resume"
+                               if prev else "there is no earlier checkpoint")) from None
+>>>>>>> rel-faults
     for old in _checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
