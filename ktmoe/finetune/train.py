@@ -407,7 +407,6 @@ def _format(kernel) -> str:
     return f"{kernel.weights}{group} weights, {mode}"
 
 
-<<<<<<< HEAD
 def _rng_state(torch) -> dict:
     rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -420,22 +419,12 @@ def _checkpoint_at(out: Path, step: int) -> Path:
 
 
 def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch, rng):
-    """Checkpoint of `step`; `rng`: the RNG states right after that step."""
-    from safetensors.torch import save_file
-    with output.atomic_dir(_checkpoint_at(out, step)) as tmp:
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "settings": settings}, indent=2) + "\n")
-=======
-def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, keep, torch):
+    """Checkpoint of `step`; `rng`: the RNG states right after that step. A checkpoint that
+    cannot be written (disk full, file too large, I/O error) is one clear error naming it and
+    the intact previous checkpoint."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    rng = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    final = out / "checkpoints" / f"step-{step:06d}"
+    final = _checkpoint_at(out, step)
     try:
         with output.atomic_dir(final) as tmp:
             save_file({n: p.detach().to("cpu").contiguous() for n, p in params}, tmp / "trainable.safetensors")
@@ -449,7 +438,6 @@ def _save_checkpoint(out, step, model, params, optimizer, scheduler, settings, k
         raise FinetuneError(f"step {step}: cannot write the checkpoint {final} ({why}; is the disk full?); "
                             + (f"the previous checkpoint {prev} is intact: continue with --resume"
                                if prev else "there is no earlier checkpoint")) from None
->>>>>>> rel-faults
     for old in _checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
