@@ -83,6 +83,19 @@ CASES = [("qwen3_moe", "fused", dict(tie_word_embeddings=True)),
          ("mixtral", "save_pretrained", {})]
 
 
+def assert_same_logits(loaded, model):
+    """The loaded model's logits against the reference model's on one batch (SPEC 6 limits)."""
+    ids = tm.batch(seed=4)["input_ids"]
+    want = reference_logits(model, ids)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    a, b = got.double().flatten(), want.double().flatten()
+    rel = ((a - b).norm() / b.norm()).item()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (SPEC 6)"
+    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+
+
 @pytest.mark.parametrize("arch,layout,overrides", CASES, ids=[f"{a}-{b}" for a, b, _ in CASES])
 def test_loaded_model_matches_saved(arch, layout, overrides, tmp_path, monkeypatch):
     model = tm.make_model(arch, **overrides)
@@ -121,15 +134,7 @@ def test_loaded_model_matches_saved(arch, layout, overrides, tmp_path, monkeypat
                              for k in reads), f"{name} packed after reading {reads}"
         expert_events = expert_events[i + 1:]
     assert not expert_events
-    ids = tm.batch(seed=4)["input_ids"]
-    want = reference_logits(model, ids)
-    with torch.no_grad():
-        got = loaded(ids).logits
-    a, b = got.double().flatten(), want.double().flatten()
-    rel = ((a - b).norm() / b.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (SPEC 6)"
-    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+    assert_same_logits(loaded, model)
 
 
 def test_missing_and_misshaped_expert_tensors(tmp_path):
@@ -251,13 +256,5 @@ def test_qwen3_5_moe_vision_language_checkpoint(layout, tmp_path):
     assert not stats.ignored, stats.ignored
     assert stats.skipped and all(k.startswith(("model.visual.", "mtp.")) for k in stats.skipped)
     assert ("mtp.fc.weight" in stats.skipped) == (layout == "per-expert")
-    ids = tm.batch(seed=4)["input_ids"]
-    want = reference_logits(model, ids)
-    with torch.no_grad():
-        got = loaded(ids).logits
-    a, b = got.double().flatten(), want.double().flatten()
-    rel = ((a - b).norm() / b.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (SPEC 6)"
-    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+    assert_same_logits(loaded, model)
     assert loaded.name_or_path == str(d.resolve())      # what PEFT writes as base_model_name_or_path
