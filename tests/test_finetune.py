@@ -439,3 +439,20 @@ def test_long_examples_are_truncated_with_a_warning(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 example(s) longer than --max-seq-len 32 tokens were truncated (first at line 1)" in err
     assert "1 example(s) have no assistant token to train on after truncation and were dropped" in err
+
+
+def test_disk_full_while_writing_the_summary(tmp_path, monkeypatch, capsys):
+    """A write that fails outside a checkpoint (here the summary, as a full disk would make it)
+    ends with one error line naming the file, exit 2, not a traceback."""
+    import errno
+
+    from ktmoe.finetune import output
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(output, "write_json_atomic", full)
+    out = tmp_path / "run"
+    assert finetune("--out", out, "--steps", 2, *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"ktmoe finetune: error: {out / 'summary.json'}: No space left on device; is the disk full?"
+    assert sum(line.startswith("ktmoe finetune: error:") for line in err) == 1

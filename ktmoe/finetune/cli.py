@@ -8,6 +8,7 @@ transformers are imported only when the job runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from . import FinetuneError
@@ -110,6 +111,12 @@ def run(args) -> int:
         return train.main(args)
     except FinetuneError as e:
         print(f"ktmoe finetune: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # e.g. the disk filled while writing the log, the adapter or the summary
+        where = f"{e.filename}: " if e.filename else ""
+        why = e.strerror or str(e)
+        hint = "; is the disk full?" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        print(f"ktmoe finetune: error: {where}{why}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:   # the advice is true of --out as the interrupted run left it
         advice = getattr(e, "advice", None)
