@@ -54,8 +54,7 @@ def amx_peak(threads, seconds=0.5, kind="bf16"):
     _check_threads(threads)
     if kind not in ("bf16", "int8"):
         raise ValueError(f"kind: must be 'bf16' or 'int8', got {kind!r}")
-    if not seconds > 0:
-        raise ValueError(f"seconds: must be > 0, got {seconds!r}")
+    _check_seconds(seconds)
     if "amx" not in _cpu.available_isas():
         why = _cpu._probe()[1].get("amx", "forced off")
         raise RuntimeError(f"amx_peak: AMX cannot run here: {why}")

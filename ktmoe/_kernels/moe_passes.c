@@ -143,6 +143,17 @@ static void setup(pass *c, kt_layer *L) {
 
 /* ---- the profile (ktmoe.h): phases and the GEMM calls inside their tasks ---- */
 
+/* Adds one run of phase `id` (ntasks tasks, wall seconds, busy thread seconds) to the profile. */
+static kt_phase_stat *phase_add(kt_layer *L, int id, long ntasks, double wall, double busy) {
+    kt_phase_stat *s = &L->prof.ph[id];
+    s->calls++;
+    s->tasks += ntasks;
+    s->wall += wall;
+    s->thread += wall * L->num_threads;
+    s->busy += busy;
+    return s;
+}
+
 /* Runs one phase (a parallel loop over ntasks tasks) and adds it to the layer's profile. */
 static void phase(pass *c, int id, long ntasks, kt_task_fn fn) {
     kt_layer *L = c->L;
@@ -151,13 +162,7 @@ static void phase(pass *c, int id, long ntasks, kt_task_fn fn) {
     memset(L->prof_thr, 0, sizeof(kt_prof_thread) * (size_t)nt);
     double t0 = kt_now();
     double busy = kt_parallel_for(nt, ntasks, fn, c);
-    double wall = kt_now() - t0;
-    kt_phase_stat *s = &L->prof.ph[id];
-    s->calls++;
-    s->tasks += ntasks;
-    s->wall += wall;
-    s->thread += wall * nt;
-    s->busy += busy;
+    kt_phase_stat *s = phase_add(L, id, ntasks, kt_now() - t0, busy);
     for (int i = 0; i < nt; i++) {
         const kt_prof_thread *t = &L->prof_thr[i];
         s->base_s += t->base_s;
@@ -170,12 +175,7 @@ static void phase(pass *c, int id, long ntasks, kt_task_fn fn) {
 /* The single-threaded start of a pass (routing, buffers), from t0 to now. */
 static void phase_serial(kt_layer *L, int id, double t0) {
     double wall = kt_now() - t0;
-    kt_phase_stat *s = &L->prof.ph[id];
-    s->calls++;
-    s->tasks++;
-    s->wall += wall;
-    s->thread += wall * L->num_threads;
-    s->busy += wall;
+    phase_add(L, id, 1, wall, wall);
 }
 
 /* call, timed into this thread's base or lora GEMM time with its FLOPs */
