@@ -187,7 +187,14 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
     cols_of = {"gate_up": H, "gate": H, "up": H, "down": I}
     rows_of["down"] = H
     if weights == "fp8":
-        br, bc = _check_block(FP8_DEFAULT_BLOCK if block is None else block, H, I)
+        if block is None:
+            try:
+                br, bc = _check_block(FP8_DEFAULT_BLOCK, H, I)
+            except ValueError as e:
+                raise ValueError(f"block: the default {FP8_DEFAULT_BLOCK} does not fit these weights ({e}); pass "
+                                 f"block=(rows, cols), the checkpoint's weight_block_size") from None
+        else:
+            br, bc = _check_block(block, H, I)
         group = bc
     else:
         br = 1

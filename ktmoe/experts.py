@@ -169,12 +169,14 @@ class MoEExperts:
         del spec["keep"]
         self._init_state(E, H, I, weights, spec["group"] if weights == "int4" else 0, spec["block"], activations,
                          max_tokens, False)
+        self.prequantized = True
         return self
 
     def _init_state(self, E, H, I, weights, group_size, block, activations, max_tokens, transposed_weights):
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
         self.weights, self.group_size, self.activations = weights, group_size, activations
         self.block = block     # fp8: (rows, cols) of one scale block; else None
+        self.prequantized = False   # True for a layer made by from_quantized (codes taken as given)
         self.max_tokens = int(max_tokens)
         self.transposed_weights = transposed_weights
         self._pending = None   # (kind, result, keep-alive) of a submitted call
@@ -236,7 +238,7 @@ class MoEExperts:
             raise ValueError("quantized_weights: this layer holds bf16 weights (weights='bf16')")
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         rows, cols = (H, I) if proj == "down" else (I, H)
-        groups = {"int8": 1, "int4": cols // (self.group_size or 1), "fp8": cols // self.block[1]}[self.weights]
+        groups = 1 if self.weights == "int8" else cols // (self.block[1] if self.weights == "fp8" else self.group_size)
         q = np.empty((E, rows, cols), np.uint8 if self.weights == "fp8" else np.int8)
         scale = np.empty((E, rows, groups), np.float32)
         self._layer.export_quantized(proj, q.ctypes.data, scale.ctypes.data)
