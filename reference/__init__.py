@@ -24,9 +24,9 @@ Checked in tests/test_reference_quant.py.
 from .lora import LoRA
 from .moe import moe_backward, moe_forward, sigmoid
 from .quant import (FP8Weight, QuantizedWeight, decode_fp8, fp8_weight, int4_weight, pack_int4, pack_quantized,
-                    qlinear, qlinear_t, quantize, quantize_fp8, quantize_rows, unpack_int4, unpack_pack_quantized)
+                    qlinear, qlinear_t, quantize, quantize_fp8, quantize_int4_full_range, quantize_rows, unpack_int4, unpack_pack_quantized)
 
 __all__ = ["LoRA", "moe_forward", "moe_backward", "sigmoid",
            "QuantizedWeight", "quantize", "quantize_rows", "qlinear", "qlinear_t",
            "FP8Weight", "decode_fp8", "fp8_weight", "quantize_fp8", "int4_weight", "pack_int4", "unpack_int4",
-           "pack_quantized", "unpack_pack_quantized"]
+           "pack_quantized", "unpack_pack_quantized", "quantize_int4_full_range"]

@@ -264,6 +264,21 @@ def int4_weight(q, scale, group_size=None):
     return QuantizedWeight(q, scale, "int4", group_size, tuple(q.shape))
 
 
+def quantize_int4_full_range(w, group_size=32):
+    """INT4 codes over all of [-8, 7], to synthesize a published-style checkpoint (tests,
+    `ktmoe verify`): per (row, group) scale = amax / 8 (float32), q = clip(rint(w / scale), -8, 7),
+    so a group's most negative weight can get -8 and its largest positive one is clipped to 7."""
+    w32 = np.asarray(w).astype(np.float32)
+    *lead, cols = w32.shape
+    if group_size not in INT4_GROUP_SIZES or cols % group_size:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} and divide {cols} columns")
+    g = w32.reshape(*lead, cols // group_size, group_size)
+    scale = np.max(np.abs(g), axis=-1, keepdims=True) / np.float32(8)
+    q = np.where(scale > 0, np.rint(g / np.where(scale > 0, scale, np.float32(1))), np.float32(0))
+    q = np.clip(q, -8, 7).astype(np.int8).reshape(w32.shape)
+    return int4_weight(q, scale[..., 0], group_size)
+
+
 # ---------------------------------------------------------------- FP8 e4m3fn with block scales
 
 FP8_MAX = 448.0   # largest finite e4m3fn value (code 0x7e)
