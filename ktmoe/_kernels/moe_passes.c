@@ -300,10 +300,11 @@ static void lora_product(const pass *c, int thread, int m, int r, int K, const k
  * base_nn: C[m, n] = A[m, :K] W_e[:, col0 : col0 + n]    (K = the weight's rows),
  * W being the layer's gate/up (which = 0) or down (which = 1) weights of expert e.
  *  - bf16: the GEMMs of gemm.h on the packed copy (or the opt-in transposed copy for nn).
- *  - int8 / int4 weight-only: the block of W is expanded, one K panel at a time, into bf16
- *    values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it. The
+ *  - int8 / int4 / fp8 weight-only: the block of W is expanded, one K panel at a time, into
+ *    bf16 values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it (fp8:
+ *    q is the code's exact value, fp8.h; its scale the row's copy of the block scale). The
  *    forward and the backward expand the same stored values, so the backward multiplies by
- *    exactly the weights the forward used.
+ *    exactly the weights the forward used. fp8 has no W8A8 mode (refused in Python).
  *  - W8A8: A's rows are quantized to int8 (scale amax / 127 per row) and the int8 GEMMs of
  *    gemm_int8.h give exact int32 sums, scaled afterwards in fp32. nt: scales per row of A
  *    and per W row (int8) or per (W row, group) (int4: one GEMM per group of K). nn: the W
