@@ -75,7 +75,8 @@ def problems(draw, quantized):
     r = draw(st.one_of(st.just(1), st.integers(1, 9)))
     return dict(
         fmt=fmt, group=group, activations=activations, block=block, E=E, H=H, I=I, k=k, T=T, r=r,
-        prequantized=quantized == "prequantized", packing=draw(st.sampled_from(["nibbles", "pack-quantized"])),
+        prequantized=quantized == "prequantized",
+        packing=draw(st.sampled_from(["nibbles", "pack-quantized"])) if quantized == "prequantized" else None,
         minus_one=draw(st.sampled_from([0.0, 0.0, 0.1, 0.25])),
         dead_token=draw(st.booleans()),
         hot=draw(st.booleans()) and E > k,
