@@ -6,7 +6,8 @@
  * in fp32: a normal code's fp32 bits are the code's 7 low bits shifted to the top of the
  * fp32 mantissa plus the exponent rebias 120 << 23; a subnormal (e = 0) is m * 2^-9, made
  * from the integer m. Both use integer operations and normal floats only (no denormal
- * arithmetic, which flush-to-zero modes would change), and the vector form uses AVX-512F
+ * arithmetic, which flush-to-zero modes would change); the vector form goes through fp16
+ * (VCVTPH2PS, exact for every fp16 value whatever the MXCSR modes) with AVX-512F / AVX2
  * instructions only, so it runs wherever the avx512 path is selected.
  */
 #ifndef KTMOE_FP8_H
@@ -29,16 +30,22 @@ static inline float kt_fp8_to_f32(uint8_t c) {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-/* 16 codes (the low 16 bytes of b) -> 16 fp32 values */
+/* 16 codes (the low 16 bytes of b) -> their 16 values / 256 as fp32. A code's 7 magnitude bits shifted
+ * left by 7 are the fp16 number code / 256 (fp16: bias 15, 5 exponent bits, so e4m3's
+ * exponent field carries over and its subnormals are fp16 subnormals); the sign goes to bit
+ * 15. VCVTPH2PS converts every fp16 value, subnormals included, exactly (it ignores
+ * MXCSR.DAZ); times 256 (exact) this is kt_fp8_to_f32. The small-M kernels fold the 256
+ * into the scale they apply afterwards. With t =
+ * code << 7 in 16-bit lanes, bit 14 of t is the sign: t + (t & 0x4000) moves it to bit 15. */
+static inline __attribute__((always_inline)) __m512 kt_fp8x16_to_ps_div256(__m128i b) {
+    __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 7);
+    __m256i h = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+    return _mm512_cvtph_ps(h);
+}
+
+/* the same values times 256 (exact): the codes' values themselves */
 static inline __attribute__((always_inline)) __m512 kt_fp8x16_to_ps(__m128i b) {
-    __m512i c = _mm512_cvtepu8_epi32(b);
-    __m512i em = _mm512_and_si512(c, _mm512_set1_epi32(0x7f));
-    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
-    __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23));
-    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(0x1p-9f));
-    __mmask16 is_sub = _mm512_cmplt_epu32_mask(em, _mm512_set1_epi32(8));
-    __m512i v = _mm512_mask_blend_epi32(is_sub, normal, _mm512_castps_si512(sub));
-    return _mm512_castsi512_ps(_mm512_or_si512(v, sign));
+    return _mm512_mul_ps(kt_fp8x16_to_ps_div256(b), _mm512_set1_ps(256.f));
 }
 
 /* 16 fp32 values -> bf16, round to nearest even (kt_f32_to_bf16 for non-NaN values), with

@@ -489,8 +489,8 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n
     int k = 0;
     if (fmt == KT_W_FP8) {
         for (; k + 32 <= n; k += 32) {
-            __m512 w0 = kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + k)));
-            __m512 w1 = kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + k + 16)));
+            __m512 w0 = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + k)));
+            __m512 w1 = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + k + 16)));
             for (int i = 0; i < M; i++) {
                 p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
                 p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
@@ -522,7 +522,8 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n
                 p[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i * lda + k), w, p[i][0]);
         }
     }
-    for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1]));
+    float unit = fmt == KT_W_FP8 ? 256.f : 1.f; /* fp8: the decoded values were code / 256 (exact) */
+    for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1])) * unit;
 }
 #else
 KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n, float *out) {
@@ -623,8 +624,8 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
         if (W->fmt == KT_W_FP8) { /* one scale per block of `group` columns, a multiple of 32 */
             const uint8_t *q = (const uint8_t *)W->q + row * cols + col0;
             for (int j = 0; j < n; j += 16) {
-                __m512 w = kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + j)));
-                float s = sc[(col0 + j) / W->group];
+                __m512 w = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + j)));
+                float s = sc[(col0 + j) / W->group] * 256.f; /* w is code / 256: exact powers of two */
                 for (int i = 0; i < M; i++) {
                     float *c = acc + (long)i * nv * 16 + j;
                     _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_set1_ps(ak[i] * s), w, _mm512_loadu_ps(c)));
