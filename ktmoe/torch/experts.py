@@ -53,8 +53,9 @@ def is_converted(module: nn.Module) -> bool:
     return isinstance(getattr(module, "_ktmoe", None), KernelExperts)
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why the kernel cannot run this experts module, or None when it can."""
+def unsupported_reason(module: nn.Module, weights_needed: bool = True) -> str | None:
+    """Why the kernel cannot run this experts module, or None when it can. weights_needed=False:
+    the weights may be on the meta device (a layer attached to packed weights reads none)."""
     if is_converted(module):
         return None
     checks = [
@@ -80,26 +81,31 @@ def unsupported_reason(module: nn.Module) -> str | None:
     E, H, I = dn.shape
     if tuple(gu.shape) != (E, 2 * I, H):
         return f"gate_up_proj shape {list(gu.shape)} does not match down_proj {list(dn.shape)} as [E, 2I, H]"
-    if gu.device.type == "meta" or dn.device.type == "meta":
+    if weights_needed and (gu.device.type == "meta" or dn.device.type == "meta"):
         return "expert weights are on the meta device (not loaded)"
     return None
 
 
 def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_threads: int | None = None,
             isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
-            activations: str = "bf16") -> nn.Module:
+            activations: str = "bf16", region=None) -> nn.Module:
     """Packs the module's expert weights into the kernel and releases them (in place).
-    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts)."""
+    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts).
+    region: memory already holding this layer's packed weights (MoEExperts.attach, e.g. the
+    host's shared copy, distributed.py): the module's own weights are not read (may be meta)."""
     if is_converted(module):
         return module
-    reason = unsupported_reason(module)
+    reason = unsupported_reason(module, weights_needed=region is None)
     if reason is not None:
         raise ValueError(f"ktmoe cannot run {type(module).__name__}{' at ' + where if where else ''}: {reason}")
     import ktmoe
     gu, dn = module.gate_up_proj, module.down_proj
-    layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
-                             num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
-                             activations=activations)
+    kernel_options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
+                          group_size=group_size, activations=activations)
+    if region is None:
+        layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), **kernel_options)
+    else:
+        layer = ktmoe.MoEExperts.attach(region, *dn.shape, **kernel_options)
     module._ktmoe = KernelExperts(layer, auto_threads=num_threads is None)
     module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
     for name in PARAMS:
