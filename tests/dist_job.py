@@ -8,7 +8,8 @@ wrapped in DDP for three steps on its half of each global batch (the third step 
 micro-batches, the first under no_sync); rank 0 also runs an unwrapped copy of the same
 model (share=False) on the whole global batches from the same parameters, the single-process
 reference. "fsdp" runs the
-same with FSDP2 (fully_shard per decoder layer and the root) on a fresh model. Each rank
+same with FSDP2 (fully_shard per decoder layer and the root) on a fresh model, "trainer" trains
+a fresh one with HF Trainer as it is (it finds the process group and wraps the model in DDP). Each rank
 writes OUT/rank-R.json (losses, gradients, memory); the test compares them.
 """
 import json
@@ -103,7 +104,7 @@ def main():
     for mode in modes:
         if mode != modes[0]:
             model = ktmoe.torch.patch(make_model())
-        result[mode] = train(model, mode, rank, world)
+        result[mode] = trainer(model, out) if mode == "trainer" else train(model, mode, rank, world)
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -164,6 +165,25 @@ def train(model, mode, rank, world):
                     if p.requires_grad:
                         p.copy_(now[n])
     return dict(losses=losses, grads=grads, ref_losses=ref_losses, ref_grads=ref_grads)
+
+
+def trainer(model, out):
+    """HF Trainer, unmodified, on the process group torchrun started: LoRA values before and after."""
+    from transformers import Trainer, TrainingArguments
+    peft = wrap(model)
+    before = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    rows = []
+    for step in range(4):
+        ids, labels = global_batch(step, 0)
+        rows += [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=2, max_steps=2,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                             ddp_backend="gloo", disable_tqdm=True, dataloader_num_workers=0)
+    t = Trainer(model=peft, args=args, train_dataset=rows)
+    t.train()
+    return {"engine": type(t.model_wrapped).__name__, "losses": [e["loss"] for e in t.state.log_history if "loss" in e],
+            "change": {n: float((p.detach() - before[n]).norm()) for n, p in peft.named_parameters() if n in before},
+            "after": {n: p.detach().flatten()[:8].tolist() for n, p in peft.named_parameters() if n in before}}
 
 
 def _full(t):

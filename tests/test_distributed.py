@@ -5,7 +5,8 @@ read-only by both: no private page in either mapping, the summed PSS is the regi
 the region is the packed weight bytes plus one header page per layer); each rank's kernel gets
 its share of the cores; DDP and FSDP2 (fully_shard) training of a PEFT LoRA on half of each
 global batch gives the losses and LoRA / attention gradients of one process on the whole
-batch, including a step that accumulates two micro-batches (no_sync / set_requires_gradient_sync).
+batch, including a step that accumulates two micro-batches (no_sync / set_requires_gradient_sync);
+HF Trainer, unmodified, wraps the patched PEFT model in DDP and trains it, the ranks in step.
 """
 import json
 import os
@@ -36,7 +37,7 @@ def launch(out: Path, *args, nproc: int = 2) -> None:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    launch(out, "ddp,fsdp")
+    launch(out, "ddp,fsdp,trainer")
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
 
 
@@ -75,3 +76,11 @@ def test_losses_and_gradients_match_one_process(job, mode):
                 a, b = np.asarray(g[name]), np.asarray(want)
                 err = np.linalg.norm(a - b) / np.linalg.norm(b)
                 assert err <= RTOL, f"{mode} step {step} {name}: rel error {err:.2e}"   # rel <= 1e-2
+
+
+def test_hf_trainer_unmodified(job):
+    t0, t1 = job[0]["trainer"], job[1]["trainer"]
+    assert t0["engine"] == "DistributedDataParallel" and len(t0["losses"]) == 2
+    assert all(np.isfinite(t0["losses"])) and t0["losses"] == t1["losses"]   # the logged loss is the ranks' mean
+    assert any("experts" in n for n in t0["change"]) and min(t0["change"].values()) > 0, "every LoRA factor trained"
+    assert t0["after"] == t1["after"], "the ranks hold the same parameters"
