@@ -65,6 +65,9 @@ class MoEExperts:
     core of this process's affinity mask (ktmoe.torch leaves one to torch when the rest of the
     model runs on a GPU).
 
+    `region_bytes` / `pack_region` / `attach`: the packed weights in caller memory (one copy
+    that several processes map; see each).
+
     `weights="int8"` / `"int4"` quantize the expert weights once, here (SPEC.md 5): int8
     with one fp32 scale per output row, int4 with one per output row and `group_size`
     (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]. Packed memory:

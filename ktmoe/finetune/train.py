@@ -18,6 +18,10 @@ clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
   built-in tiny model.
 Everything is written under a temporary name and renamed into place (output.py).
 
+Several ranks (WORLD_SIZE > 1: torchrun, --nproc): ranks.py says who does what; the model is
+wrapped in DDP, each step's batch is split over the ranks, the loss is normalised by the whole
+batch's token count, and rank 0 alone writes --out.
+
 Ctrl-C: a step's optimizer update, log line and checkpoint are done together (SIGINT is held
 back until they are); an interrupt anywhere else ends the run with a checkpoint of the last
 complete step, or, before the first step, with no trace of the run in --out, and the message
