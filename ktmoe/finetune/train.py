@@ -196,6 +196,10 @@ def _main(args, t_start) -> int:
     print(f"  LoRA r={opt['lora_r']} alpha={opt['lora_alpha']:g} on {', '.join(args.targets)}: {n_train:,} "
           f"trainable parameters; {epochs_txt}, batches of <= {opt['batch_tokens']} tokens, lr {opt['lr']:g}")
 
+    if ranks.world > 1 and device.type == "cuda":
+        # DDP takes the parameters of one device type: the expert LoRA factors (made on the CPU next to the
+        # kernel) go to the GPU too; the kernel copies them to the host each call (not run on GPUs yet)
+        model.to(device)
     engine = ranks.wrap(model, device)   # DDP over the ranks (their LoRA gradients averaged), else the model
     optimizer = torch.optim.AdamW([p for _, p in params], lr=opt["lr"], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total))
