@@ -61,8 +61,17 @@ SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".',
 
 def main(args) -> int:
     t_start = time.perf_counter()
-    with relayed_warnings():
-        return _main(args, t_start)
+    try:
+        with relayed_warnings():
+            return _main(args, t_start)
+    finally:   # whatever ended the job: a rank that exits with gloo's threads still running aborts
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 KTMOE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep

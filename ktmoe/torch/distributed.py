@@ -16,7 +16,9 @@ identical, so the ranks of one host share one packed copy:
   /proc/<leader pid>/fd/<fd> (same user, same host; nothing is ever named in /dev/shm, so two
   runs cannot collide and nothing is left behind: the memory goes back to the OS when the last
   process that maps it exits, however it exits). Its pages are allocated up front
-  (posix_fallocate), so a too small shared-memory limit is a clear error, not a SIGBUS later.
+  (posix_fallocate), so memory that runs out does so at creation (an error naming the size),
+  not as a SIGBUS in the middle of packing. A memfd is not bound by the size of /dev/shm
+  (64 MiB in a default Docker container); it counts against host memory / the memory cgroup.
 - `convert_shared(items, group, ...)`: the leader packs each layer into its slice of one
   HostRegion (MoEExperts.pack_region), then every rank builds its layers over the read-only
   mapping (MoEExperts.attach) without reading any expert weight. Host memory for the experts:
@@ -33,7 +35,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 PAGE = 4096
