@@ -75,9 +75,32 @@ THREADS_ENV_VAR = "KTMOE_NUM_THREADS"
 MAX_THREADS = 256   # the kernel's thread pool limit (MoEExperts num_threads)
 
 
+LOCAL_RANKS_ENV_VAR = "LOCAL_WORLD_SIZE"   # set by torchrun and `ktmoe finetune --nproc`
+_core_sharers: int | None = None
+
+
+def set_core_sharers(n: int | None) -> None:
+    """How many processes of this host (this one included) run on cores of this process's
+    affinity mask; set by ktmoe.torch.distributed.host_group() from the ranks' masks."""
+    global _core_sharers
+    _core_sharers = None if n is None else max(1, int(n))
+
+
+def core_sharers() -> int:
+    """Processes this one shares its cores with (itself included): what host_group() found, else
+    $LOCAL_WORLD_SIZE (the local ranks of torchrun / `ktmoe finetune --nproc`, assumed to share
+    one affinity mask), else 1."""
+    if _core_sharers is not None:
+        return _core_sharers
+    env = os.environ.get(LOCAL_RANKS_ENV_VAR, "")
+    return int(env) if env.isdigit() and int(env) >= 1 else 1
+
+
 def default_num_threads(reserve: int = 0) -> int:
-    """The experts kernel's default thread count: $KTMOE_NUM_THREADS when set, else the cores
-    this process may run on (its affinity mask) minus `reserve` cores left to torch, at least 1.
+    """The experts kernel's default thread count: $KTMOE_NUM_THREADS when set, else this
+    process's share of the cores it may run on: its affinity mask divided by core_sharers()
+    (several ranks of one host split the cores evenly), minus `reserve` cores left to torch,
+    at least 1.
 
     ktmoe.torch reserves 1 core when the model's other layers run on a GPU (the torch thread
     that launches them keeps its core) and none when they run on the CPU: there torch and the
@@ -91,7 +114,7 @@ def default_num_threads(reserve: int = 0) -> int:
         if not 1 <= n <= MAX_THREADS:
             raise ValueError(f"${THREADS_ENV_VAR}: must be an integer in [1, {MAX_THREADS}], got {env!r}")
         return n
-    return max(1, len(os.sched_getaffinity(0)) - reserve)
+    return max(1, len(os.sched_getaffinity(0)) // core_sharers() - reserve)
 
 
 def cpu_info() -> dict:

@@ -258,6 +258,7 @@ def main(argv=None) -> int:
     if extra:   # reported by the subcommand's parser: "ktmoe CMD: error: ..." like its other usage errors
         args.cmd_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     del args.cmd_parser
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]   # the subcommand's own arguments, as given
     try:
         return args.fn(args)
     except UsageError as e:

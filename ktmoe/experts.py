@@ -65,6 +65,13 @@ class MoEExperts:
     core of this process's affinity mask (ktmoe.torch leaves one to torch when the rest of the
     model runs on a GPU).
 
+    `MoEExperts.from_quantized(weights, gate_up, down, ...)` takes codes and scales that are
+    already quantized (a published INT4 / FP8 checkpoint) as they are, bit for bit: see its
+    docstring. FP8 (e4m3 codes with block scales, weight-only) exists only that way.
+
+    `region_bytes` / `pack_region` / `attach`: the packed weights in caller memory (one copy
+    that several processes map; see each).
+
     `weights="int8"` / `"int4"` quantize the expert weights once, here (SPEC.md 5): int8
     with one fp32 scale per output row, int4 with one per output row and `group_size`
     (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]. Packed memory:
@@ -73,54 +80,20 @@ class MoEExperts:
     values bf16(q * scale) in bf16 GEMMs) or "int8" (W8A8: activations quantized per row to
     int8 on the fly, int8 GEMMs with exact int32 sums). Forward and backward use the same
     stored values; reference/quant.py defines both modes exactly.
-
-    `MoEExperts.from_quantized(weights, gate_up, down, ...)` takes codes and scales that are
-    already quantized (a published INT4 / FP8 checkpoint) as they are, bit for bit: see its
-    docstring. FP8 (e4m3 codes with block scales, weight-only) exists only that way.
     """
 
     def __init__(self, gate_up=None, down=None, *, gate=None, up=None, max_tokens: int = 65536,
                  num_threads: int | None = None, isa: str | None = None, transposed_weights: bool = False,
                  weights: str = "bf16", group_size: int | None = None, activations: str = "bf16"):
-        if down is None:
-            raise ValueError("down: the down projection weights are required")
-        if gate_up is not None and (gate is not None or up is not None):
-            raise ValueError("gate_up: give either gate_up or gate + up, not both")
-        d = _array(down, "down", 3, FLOAT_DTYPES)
-        E, H, I = d.shape
-        if gate_up is not None:
-            gu = _array(gate_up, "gate_up", 3, FLOAT_DTYPES)
-            _expect_shape(gu, (E, 2 * I, H), "gate_up", "[E, 2I, H] from down's [E, H, I]")
-            g_addr, u_addr, dtype = gu.addr, gu.offset(I * H), gu.dtype
-            keep = (gu, d)
-        else:
-            if gate is None or up is None:
-                raise ValueError("gate_up: give gate_up, or both gate and up")
-            g = _array(gate, "gate", 3, FLOAT_DTYPES)
-            u = _array(up, "up", 3, FLOAT_DTYPES)
-            _expect_shape(g, (E, I, H), "gate", "[E, I, H] from down's [E, H, I]")
-            _expect_shape(u, (E, I, H), "up", "[E, I, H] from down's [E, H, I]")
-            if g.dtype != u.dtype:
-                raise TypeError(f"up: dtype {u.dtype} differs from gate's {g.dtype}")
-            g_addr, u_addr, dtype = g.addr, u.addr, g.dtype
-            keep = (g, u, d)
-        if min(E, H, I) < 1:
-            raise ValueError(f"down: every dimension must be >= 1, got shape {list(d.shape)}")
-        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-            raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
-        if not isinstance(transposed_weights, bool):
-            raise TypeError(f"transposed_weights: must be True or False, got {transposed_weights!r}")
-        group_size = _check_format(weights, group_size, activations, transposed_weights, H, I)
-        num_threads = _check_threads(num_threads)
-        self.isa, self.isa_reason = _cpu.select_isa(isa)
-        # gate and up are packed side by side per expert: their expert stride is 2*I*H when
-        # fused, I*H when separate
-        stride = 2 * I * H if gate_up is not None else I * H
-        self._layer = _core.Layer(E, H, I, self.isa, num_threads, g_addr, u_addr, stride, dtype,
-                                  d.addr, d.dtype, transposed_weights, weights, group_size,
-                                  activations == "int8")
-        del keep
-        self._init_state(E, H, I, weights, group_size, None, activations, max_tokens, transposed_weights)
+        w = _weight_arrays(gate_up, down, gate, up)
+        E, H, I = w["shape"]
+        group_size, num_threads, isa_choice = _options(H, I, max_tokens, num_threads, isa, transposed_weights,
+                                                       weights, group_size, activations)
+        layer = _core.Layer(E, H, I, isa_choice[0], num_threads, w["gate"], w["up"], w["stride"], w["dtype"],
+                            w["down"], w["down_dtype"], transposed_weights, weights, group_size,
+                            activations == "int8")
+        del w
+        self._init(layer, isa_choice, E, H, I, max_tokens, transposed_weights, weights, group_size, activations)
 
     @classmethod
     def from_quantized(cls, weights, gate_up=None, down=None, *, gate=None, up=None, group_size=None, block=None,
@@ -161,18 +134,67 @@ class MoEExperts:
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
             raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
         num_threads = _check_threads(num_threads)
-        self = cls.__new__(cls)
-        self.isa, self.isa_reason = _cpu.select_isa(isa)
+        isa_choice = _cpu.select_isa(isa)
         E, H, I = spec["E"], spec["H"], spec["I"]
-        self._layer = _core.Layer(E, H, I, self.isa, num_threads, 0, 0, 0, "float32", 0, "float32", False,
-                                  weights, spec["group"], activations == "int8", sources=spec["sources"])
+        layer = _core.Layer(E, H, I, isa_choice[0], num_threads, 0, 0, 0, "float32", 0, "float32", False,
+                            weights, spec["group"], activations == "int8", sources=spec["sources"])
         del spec["keep"]
-        self._init_state(E, H, I, weights, spec["group"] if weights == "int4" else 0, spec["block"], activations,
-                         max_tokens, False)
+        self = cls.__new__(cls)
+        self._init(layer, isa_choice, E, H, I, max_tokens, False, weights,
+                   spec["group"] if weights == "int4" else 0, activations, block=spec["block"])
         self.prequantized = True
         return self
 
-    def _init_state(self, E, H, I, weights, group_size, block, activations, max_tokens, transposed_weights):
+
+    # ---- packed weights in caller memory (one copy shared by the processes of a host) ----
+    @staticmethod
+    def region_bytes(num_experts: int, hidden_size: int, intermediate_size: int, *, isa: str | None = None,
+                     transposed_weights: bool = False, weights: str = "bf16", group_size: int | None = None) -> int:
+        """Bytes of a memory region that holds one layer's packed weights (pack_region /
+        attach): a header page, then the same arrays the layer itself would allocate
+        (weight_bytes of them, each page-aligned). Depends on the kernel path (the AMX path
+        keeps bf16 weights in its tile layout)."""
+        E, H, I = _sizes(num_experts, hidden_size, intermediate_size)
+        group = _check_format(weights, group_size, "bf16", _flag(transposed_weights), H, I)
+        return _core.region_bytes(E, H, I, _cpu.select_isa(isa)[0], transposed_weights, weights, group)
+
+    @staticmethod
+    def pack_region(region, gate_up=None, down=None, *, gate=None, up=None, isa: str | None = None,
+                    transposed_weights: bool = False, weights: str = "bf16", group_size: int | None = None) -> None:
+        """Packs the weights (as for MoEExperts(...)) into `region`: a writable, page-aligned
+        1-D uint8 buffer (an mmap, a numpy array) of at least region_bytes(...) bytes. Other
+        processes mapping the same memory then build their layer with attach(), without packing."""
+        w = _weight_arrays(gate_up, down, gate, up)
+        E, H, I = w["shape"]
+        group, _, isa_choice = _options(H, I, 1, 1, isa, transposed_weights, weights, group_size, "bf16")
+        r = _region(region, writable=True)
+        _core.region_pack(r.addr, r.shape[0], E, H, I, isa_choice[0], w["gate"], w["up"], w["stride"], w["dtype"],
+                          w["down"], w["down_dtype"], transposed_weights, weights, group)
+
+    @classmethod
+    def attach(cls, region, num_experts: int, hidden_size: int, intermediate_size: int, *, max_tokens: int = 65536,
+               num_threads: int | None = None, isa: str | None = None, transposed_weights: bool = False,
+               weights: str = "bf16", group_size: int | None = None, activations: str = "bf16") -> "MoEExperts":
+        """A layer whose packed weights are `region`, filled by pack_region (in this or another
+        process) for the same sizes, format and kernel path: raises ValueError naming `region`
+        otherwise, or when its packing is not complete. `region` may be read-only (a PROT_READ
+        mapping): the layer only reads it, and keeps a reference to it for its lifetime.
+        weight_bytes counts the region's weights, which this layer does not own."""
+        E, H, I = _sizes(num_experts, hidden_size, intermediate_size)
+        group, num_threads, isa_choice = _options(H, I, max_tokens, num_threads, isa, transposed_weights, weights,
+                                                  group_size, activations)
+        r = _region(region, writable=False)
+        layer = _core.Layer(E, H, I, isa_choice[0], num_threads, 0, 0, 0, "bfloat16", 0, "bfloat16",
+                            transposed_weights, weights, group, activations == "int8", r.addr, r.shape[0])
+        self = cls.__new__(cls)
+        self._init(layer, isa_choice, E, H, I, max_tokens, transposed_weights, weights, group, activations)
+        self._region = r   # the memory stays alive as long as the layer
+        return self
+
+    def _init(self, layer, isa_choice, E, H, I, max_tokens, transposed_weights, weights, group_size, activations,
+              block=None):
+        self._layer = layer
+        self.isa, self.isa_reason = isa_choice
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
         self.weights, self.group_size, self.activations = weights, group_size, activations
         self.block = block     # fp8: (rows, cols) of one scale block; else None
@@ -425,6 +447,71 @@ class MoEExperts:
             yield
         finally:
             self._release()
+
+
+def _weight_arrays(gate_up, down, gate, up) -> dict:
+    """The validated weight arrays: shape (E, H, I), addresses, gate/up expert stride, dtypes."""
+    if down is None:
+        raise ValueError("down: the down projection weights are required")
+    if gate_up is not None and (gate is not None or up is not None):
+        raise ValueError("gate_up: give either gate_up or gate + up, not both")
+    d = _array(down, "down", 3, FLOAT_DTYPES)
+    E, H, I = d.shape
+    if gate_up is not None:
+        gu = _array(gate_up, "gate_up", 3, FLOAT_DTYPES)
+        _expect_shape(gu, (E, 2 * I, H), "gate_up", "[E, 2I, H] from down's [E, H, I]")
+        # gate and up are packed side by side per expert: their expert stride is 2*I*H when
+        # fused, I*H when separate
+        g_addr, u_addr, dtype, stride, keep = gu.addr, gu.offset(I * H), gu.dtype, 2 * I * H, (gu, d)
+    else:
+        if gate is None or up is None:
+            raise ValueError("gate_up: give gate_up, or both gate and up")
+        g = _array(gate, "gate", 3, FLOAT_DTYPES)
+        u = _array(up, "up", 3, FLOAT_DTYPES)
+        _expect_shape(g, (E, I, H), "gate", "[E, I, H] from down's [E, H, I]")
+        _expect_shape(u, (E, I, H), "up", "[E, I, H] from down's [E, H, I]")
+        if g.dtype != u.dtype:
+            raise TypeError(f"up: dtype {u.dtype} differs from gate's {g.dtype}")
+        g_addr, u_addr, dtype, stride, keep = g.addr, u.addr, g.dtype, I * H, (g, u, d)
+    if min(E, H, I) < 1:
+        raise ValueError(f"down: every dimension must be >= 1, got shape {list(d.shape)}")
+    return {"shape": (E, H, I), "gate": g_addr, "up": u_addr, "stride": stride, "dtype": dtype, "down": d.addr,
+            "down_dtype": d.dtype, "keep": keep}
+
+
+def _sizes(E, H, I) -> tuple:
+    for name, n in (("num_experts", E), ("hidden_size", H), ("intermediate_size", I)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {n!r}")
+    return int(E), int(H), int(I)
+
+
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"transposed_weights: must be True or False, got {value!r}")
+    return value
+
+
+def _options(H, I, max_tokens, num_threads, isa, transposed_weights, weights, group_size, activations):
+    """(kernel group size, thread count, (isa, reason)) of validated layer options."""
+    if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+    group_size = _check_format(weights, group_size, activations, _flag(transposed_weights), H, I)
+    return group_size, _check_threads(num_threads), _cpu.select_isa(isa)
+
+
+def _region(region, writable: bool) -> Buffer:
+    """A page-aligned 1-D uint8 region (mmap, numpy array, any buffer)."""
+    if region is None:
+        raise TypeError("region: expected a memory buffer (an mmap or a 1-D uint8 array), got None")
+    b = as_buffer(region, "region")
+    if b.dtype != "uint8" or len(b.shape) != 1 or not b.contiguous:
+        raise ValueError(f"region: must be a contiguous 1-D uint8 buffer, got {b.dtype} of shape {list(b.shape)}")
+    if writable and not b.writable:
+        raise ValueError("region: is read-only; pack_region writes into it")
+    if b.addr % 4096:
+        raise ValueError("region: must start on a page boundary (4096 bytes), as an mmap does")
+    return b
 
 
 def _check_format(weights, group_size, activations, transposed_weights, H: int, I: int) -> int:

@@ -41,6 +41,12 @@ cdef extern from "ktmoe.h":
                                         int *status) nogil
     long kt_find_byte(const void *p, long n, int mask, int value) nogil
     long kt_find_bad_scale(const void *p, int dtype, long n) nogil
+    size_t kt_layer_region_bytes(int E, int H, int I, int isa, int transposed, int wformat, int group_size)
+    int kt_region_pack(void *base, size_t bytes, int E, int H, int I, int isa,
+                       const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                       const void *down, int down_dtype, int transposed, int wformat, int group_size) nogil
+    kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, int isa, int num_threads,
+                              int transposed, int wformat, int group_size, int act_int8, int *status)
     int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale) nogil
     void kt_layer_destroy(kt_layer *L) nogil
     size_t kt_layer_weight_bytes(const kt_layer *L)
@@ -165,6 +171,40 @@ def find_bad_id(size_t ids, str dtype, long n, int E):
     return r
 
 
+def region_bytes(int E, int H, int I, str isa, bint transposed, str weights, int group_size):
+    """Bytes of a region holding one layer's packed weights (ktmoe.h: kt_layer_region_bytes)."""
+    return kt_layer_region_bytes(E, H, I, ISA_CODES[isa], transposed, WEIGHT_FORMATS[weights], group_size)
+
+
+def region_pack(size_t base, size_t nbytes, int E, int H, int I, str isa, size_t gate, size_t up,
+                long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype, bint transposed,
+                str weights, int group_size):
+    """Packs one layer's weights into the writable region at base (ktmoe.h: kt_region_pack)."""
+    cdef int rc
+    cdef int isa_c = ISA_CODES[isa], wd = DTYPE_CODES[w_dtype], dd = DTYPE_CODES[down_dtype]
+    cdef int wf = WEIGHT_FORMATS[weights]
+    with nogil:
+        rc = kt_region_pack(<void *>base, nbytes, E, H, I, isa_c, <const void *>gate, <const void *>up,
+                            gate_up_expert_stride, wd, <const void *>down, dd, transposed, wf, group_size)
+    _create_status(rc)
+
+
+def _create_status(int status):
+    if status == 0:
+        return
+    if status == -4:
+        raise ValueError("gate_up: contains NaN or Inf; such weights cannot be quantized")
+    if status == -5:
+        raise ValueError("down: contains NaN or Inf; such weights cannot be quantized")
+    if status == -6:
+        raise ValueError("region: smaller than MoEExperts.region_bytes(...) for these shapes and format")
+    if status == -7:
+        raise ValueError("region: holds no packed weights yet (its packing has not completed)")
+    if status == -8:
+        raise ValueError("region: was packed for other shapes, weight format or kernel path than the ones given")
+    raise MemoryError("ktmoe: could not allocate the packed expert weights or start worker threads")
+
+
 cdef void fill_lora(kt_lora *out, tuple spec):
     """spec = (scale, [None | (r, A_addr, A_dtype, A_strides, B_addr, B_dtype, B_strides)] * 3)"""
     out.scale = spec[0]
@@ -193,11 +233,12 @@ cdef class Layer:
 
     def __cinit__(self, int E, int H, int I, str isa, int num_threads, size_t gate, size_t up,
                   long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype, bint transposed=False,
-                  str weights="bf16", int group_size=0, bint act_int8=False, tuple sources=None):
+                  str weights="bf16", int group_size=0, bint act_int8=False, tuple sources=None,
+                  size_t region=0, size_t region_nbytes=0):
         """sources (pre-quantized weights, kt_layer_create_quantized): (gate, up, down, scale dtype,
         block_rows, code_xor), each of gate / up / down = (codes address, codes expert stride in
-        bytes, scales address, scales expert stride in elements); gate, up, ... w_dtype, down,
-        down_dtype are then unused."""
+        bytes, scales address, scales expert stride in elements); region != 0: attach to that
+        packed region (ktmoe.h). With either, gate, up, ... w_dtype, down, down_dtype are unused."""
         cdef int status = 0
         cdef kt_qsource src[3]
         cdef int sdt, br, xor, wf = WEIGHT_FORMATS[weights], ic = ISA_CODES[isa]
@@ -212,17 +253,16 @@ cdef class Layer:
             with nogil:
                 self.L = kt_layer_create_quantized(E, H, I, ic, num_threads, wf, &src[0], &src[1], &src[2],
                                                    sdt, br, group_size, xor, act_int8, &status)
+        elif region:
+            self.L = kt_layer_attach(<const void *>region, region_nbytes, E, H, I, ic, num_threads,
+                                     transposed, wf, group_size, act_int8, &status)
         else:
             self.L = kt_layer_create(E, H, I, ic, num_threads, <const void *>gate,
                                      <const void *>up, gate_up_expert_stride, DTYPE_CODES[w_dtype],
                                      <const void *>down, DTYPE_CODES[down_dtype], transposed,
                                      wf, group_size, act_int8, &status)
         if self.L == NULL:
-            if status == -4:
-                raise ValueError("gate_up: contains NaN or Inf; such weights cannot be quantized")
-            if status == -5:
-                raise ValueError("down: contains NaN or Inf; such weights cannot be quantized")
-            raise MemoryError("ktmoe: could not allocate the packed expert weights or start worker threads")
+            _create_status(status if status else -2)
         self.E, self.H, self.I, self.isa, self.num_threads = E, H, I, isa, num_threads
         self.weights, self.group_size = weights, group_size
 

@@ -61,6 +61,20 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                           const void *down, int down_dtype, int transposed,
                           int wformat, int group_size, int act_int8, int *status);
+/* Packed weights in caller memory (moe_region.c), e.g. one shared-memory region mapped by
+ * every process of a host. kt_layer_region_bytes: the region size for these shapes and format
+ * (a multiple of 4096; the region must start on a page boundary). kt_region_pack: packs the
+ * weights into base[0, bytes) exactly as kt_layer_create would (same arguments); returns 0,
+ * -2 OOM, -4 / -5 NaN or Inf (quantized formats), -6 region too small. kt_layer_attach: a
+ * layer whose weights are the packed region (which it only reads and never frees: keep it
+ * mapped until kt_layer_destroy); NULL and *status -6 region too small, -7 not packed yet,
+ * -8 packed for other shapes / format / ISA, -2 OOM. */
+size_t kt_layer_region_bytes(int E, int H, int I, int isa, int transposed, int wformat, int group_size);
+int kt_region_pack(void *base, size_t bytes, int E, int H, int I, int isa,
+                   const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                   const void *down, int down_dtype, int transposed, int wformat, int group_size);
+kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, int isa, int num_threads,
+                          int transposed, int wformat, int group_size, int act_int8, int *status);
 /* Pre-quantized weights taken as they are (no re-quantization; SPEC.md 5): the codes and
  * scales of gate, up [E, I, H] and down [E, H, I], one kt_qsource each (gate and up may
  * point into one fused [E, 2I, H] array, like kt_layer_create's). Code rows are contiguous:

@@ -82,8 +82,19 @@ typedef struct {
     _Alignas(64) double base_s, base_flops, lora_s, lora_flops;
 } kt_prof_thread;
 
+/* Where a layer's packed weight arrays live (moe_region.c): KT_REGION_NONE, the layer's own
+ * allocations; KT_REGION_IN, consecutive page-aligned pieces of base[0, size); KT_REGION_MEASURE,
+ * nothing allocated, only the layout's size counted. `used` is the end of the last piece,
+ * `requested` the bytes asked for (padding excluded). */
+enum { KT_REGION_NONE = 0, KT_REGION_IN = 1, KT_REGION_MEASURE = 2 };
+typedef struct { int mode; char *base; size_t size, used, requested; } kt_region;
+
 struct kt_layer {
     int E, H, I, isa, num_threads;
+    /* Every packed weight array below (w_*, wt_*, q_*.q / .scale, and any new format's) is
+     * allocated in kt_layer_alloc_weights through kt_weight_alloc and freed with
+     * kt_weight_free: the shared-region layout (moe_region.c) is derived from that one place. */
+    kt_region region;
     kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
     kt_bf16 *w_down;    /* [E, H, I] */
     int prepacked;      /* amx path, bf16: w_gate_up / w_down hold each expert's matrix in the tile
@@ -132,6 +143,18 @@ struct kt_layer {
 enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB, KT_WS_BLOCKS, KT_WS_AQ, KT_WS_SA,
        KT_WS_GRAD0, KT_WS_COUNT = KT_WS_GRAD0 + 6 };
 void *kt_workspace(int slot, size_t bytes);
+
+/* Weight arrays (see struct kt_layer): kt_alloc'ed, or pieces of L->region (moe_region.c). */
+void *kt_weight_alloc(kt_layer *L, size_t bytes);
+void kt_weight_free(kt_layer *L, void *p);
+int kt_layer_alloc_weights(kt_layer *L, int transposed, int group_size);
+/* kt_layer_create with the weight arrays placed as `region` says (NULL: own memory); attach != 0: the
+ * region already holds them packed, nothing is read from gate / up / down. */
+kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
+                             const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                             const void *down, int down_dtype, int transposed,
+                             int wformat, int group_size, int act_int8, const kt_region *region, int attach,
+                             int *status);
 
 /* moe_layer.c helpers used by the passes */
 int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int ids_dtype,

@@ -85,56 +85,82 @@ static int pack_quantized(kt_layer *L, int e, int dst_row0, int n, const void *s
     return kt_quantize_rows(&L->q_gate_up, e, dst_row0, n, src, ld, dtype);
 }
 
-static int qmat_init(kt_qmat *W, int fmt, int E, int rows, int cols, int group) {
+static int qmat_init(kt_layer *L, kt_qmat *W, int fmt, int E, int rows, int cols, int group) {
     W->fmt = fmt;
     W->rows = rows;
     W->cols = cols;
     W->group = fmt == KT_W_INT8 ? cols : group; /* int4 groups, fp8 column blocks */
     W->ngroups = cols / W->group;
-    W->q = kt_alloc((size_t)E * rows * (fmt == KT_W_INT4 ? cols / 2 : cols));
-    W->scale = kt_alloc(sizeof(float) * (size_t)E * rows * W->ngroups);
+    W->q = kt_weight_alloc(L, (size_t)E * rows * (fmt == KT_W_INT4 ? cols / 2 : cols));
+    W->scale = kt_weight_alloc(L, sizeof(float) * (size_t)E * rows * W->ngroups);
     return W->q && W->scale ? 0 : -2;
+}
+
+/* The packed weight arrays of L's format (L->E, H, I, isa, wformat set), every one through
+ * kt_weight_alloc: the layer's own memory, or pieces of a shared region (moe_region.c).
+ * Returns 0, or -2 when an allocation failed. */
+int kt_layer_alloc_weights(kt_layer *L, int transposed, int group_size) {
+    int E = L->E, H = L->H, I = L->I, ok;
+    size_t per = (size_t)I * H;
+    if (L->wformat == KT_W_BF16 && L->isa == KT_ISA_AMX) { /* tile layout (gemm.h) */
+        L->prepacked = 1;
+        L->pre_gu = kt_prepacked_elems(2 * I, H);
+        L->pre_dn = kt_prepacked_elems(H, I);
+        L->w_gate_up = kt_weight_alloc(L, sizeof(kt_bf16) * L->pre_gu * E);
+        L->w_down = kt_weight_alloc(L, sizeof(kt_bf16) * L->pre_dn * E);
+        ok = L->w_gate_up && L->w_down;
+    } else if (L->wformat == KT_W_BF16) {
+        L->w_gate_up = kt_weight_alloc(L, sizeof(kt_bf16) * 2 * per * E);
+        L->w_down = kt_weight_alloc(L, sizeof(kt_bf16) * per * E);
+        ok = L->w_gate_up && L->w_down;
+    } else {
+        ok = !qmat_init(L, &L->q_gate_up, L->wformat, E, 2 * I, H, group_size)
+             & !qmat_init(L, &L->q_down, L->wformat, E, H, I, group_size);
+    }
+    if (ok && transposed && L->wformat == KT_W_BF16) {
+        L->wt_gate_up = kt_weight_alloc(L, sizeof(kt_bf16) * 2 * per * E);
+        L->wt_down = kt_weight_alloc(L, sizeof(kt_bf16) * per * E);
+        ok = L->wt_gate_up && L->wt_down;
+    }
+    return ok ? 0 : -2;
 }
 
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                           const void *down, int down_dtype, int transposed,
                           int wformat, int group_size, int act_int8, int *status) {
+    return kt_layer_create_ex(E, H, I, isa, num_threads, gate, up, gate_up_expert_stride, w_dtype, down, down_dtype,
+                              transposed, wformat, group_size, act_int8, NULL, 0, status);
+}
+
+kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
+                             const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                             const void *down, int down_dtype, int transposed,
+                             int wformat, int group_size, int act_int8, const kt_region *region, int attach,
+                             int *status) {
     *status = -2;
     kt_layer *L = calloc(1, sizeof *L);
     if (!L) return NULL;
     L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
     L->wformat = wformat;
     L->act_int8 = wformat != KT_W_BF16 && act_int8;
+    if (region) L->region = *region;
     pthread_mutex_init(&L->mu, NULL);
     pthread_cond_init(&L->cv, NULL);
     L->prof_thr = kt_alloc(sizeof(kt_prof_thread) * KT_MAX_THREADS);
     if (!L->prof_thr) { kt_layer_destroy(L); return NULL; }
     memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
     size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4, desz = down_dtype == KT_BF16 ? 2 : 4;
-    int ok;
-    if (wformat == KT_W_BF16 && isa == KT_ISA_AMX) { /* tile layout (gemm.h); one expert staged plain at a time */
-        L->prepacked = 1;
-        L->pre_gu = kt_prepacked_elems(2 * I, H);
-        L->pre_dn = kt_prepacked_elems(H, I);
-        L->w_gate_up = kt_alloc(sizeof(kt_bf16) * L->pre_gu * E);
-        L->w_down = kt_alloc(sizeof(kt_bf16) * L->pre_dn * E);
+    int ok = !kt_layer_alloc_weights(L, transposed, group_size);
+    if (ok && L->prepacked && !attach) { /* one expert staged plain at a time */
         L->stage = kt_alloc(sizeof(kt_bf16) * 3 * per);
-        ok = L->w_gate_up && L->w_down && L->stage;
-    } else if (wformat == KT_W_BF16) {
-        L->w_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
-        L->w_down = kt_alloc(sizeof(kt_bf16) * per * E);
-        ok = L->w_gate_up && L->w_down;
-    } else {
-        ok = !qmat_init(&L->q_gate_up, wformat, E, 2 * I, H, group_size)
-             & !qmat_init(&L->q_down, wformat, E, H, I, group_size);
-    }
-    if (ok && transposed && wformat == KT_W_BF16) {
-        L->wt_gate_up = kt_alloc(sizeof(kt_bf16) * 2 * per * E);
-        L->wt_down = kt_alloc(sizeof(kt_bf16) * per * E);
-        ok = L->wt_gate_up && L->wt_down;
+        ok = L->stage != NULL;
     }
     if (!ok || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
+    if (attach) { /* the region already holds the packed weights */
+        *status = 0;
+        return L;
+    }
     pack_rows_fn pack = wformat == KT_W_BF16 ? pack_bf16 : pack_quantized;
     int rc = 0; /* pack: 0, 1 (NaN / Inf met) or -2 (OOM) */
     for (int e = 0; e < E && !rc; e++) {
@@ -184,8 +210,8 @@ kt_layer *kt_layer_new_quantized(int E, int H, int I, int isa, int num_threads, 
     pthread_mutex_init(&L->mu, NULL);
     pthread_cond_init(&L->cv, NULL);
     L->prof_thr = kt_alloc(sizeof(kt_prof_thread) * KT_MAX_THREADS);
-    int bad = !L->prof_thr || qmat_init(&L->q_gate_up, wformat, E, 2 * I, H, group)
-              || qmat_init(&L->q_down, wformat, E, H, I, group) || kt_pool_ensure(num_threads);
+    int bad = !L->prof_thr || qmat_init(L, &L->q_gate_up, wformat, E, 2 * I, H, group)
+              || qmat_init(L, &L->q_down, wformat, E, H, I, group) || kt_pool_ensure(num_threads);
     if (bad) { kt_layer_destroy(L); return NULL; }
     memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
     return L;
@@ -221,14 +247,9 @@ void kt_layer_destroy(kt_layer *L) {
     kt_buf *bufs[] = {&L->xb, &L->gu, &L->pgu, &L->pd, &L->lora_a[0], &L->lora_a[1], &L->lora_a[2],
                       &L->lora_bt[0], &L->lora_bt[1], &L->lora_bt[2]};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
-    free(L->wt_gate_up);
-    free(L->wt_down);
-    free(L->w_gate_up);
-    free(L->w_down);
-    free(L->q_gate_up.q);
-    free(L->q_gate_up.scale);
-    free(L->q_down.q);
-    free(L->q_down.scale);
+    void *weights[] = {L->wt_gate_up, L->wt_down, L->w_gate_up, L->w_down, L->q_gate_up.q, L->q_gate_up.scale,
+                       L->q_down.q, L->q_down.scale};
+    for (size_t i = 0; i < sizeof weights / sizeof *weights; i++) kt_weight_free(L, weights[i]);
     free(L->prof_thr);
     free(L->stage);
     pthread_mutex_destroy(&L->mu);

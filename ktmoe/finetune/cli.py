@@ -98,6 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--torch-threads", type=_positive(int), help="intra-op threads of torch's CPU work (attention "
                    "etc. when there is no GPU). Default: --threads; 1 for the built-in tiny model, whose small "
                    "matrices only lose from threading (and two thread pools contend on a busy machine)")
+    h.add_argument("--nproc", type=_positive(int), default=1, help="data-parallel ranks on this host (torch."
+                   "distributed, gloo on the CPU / nccl on GPUs; one GPU each when there are GPUs): each batch is "
+                   "split over them, the experts are packed once into memory they share, each rank's kernel gets "
+                   "its share of the cores, and rank 0 writes --out. Same as torchrun --standalone "
+                   "--nproc-per-node N -m ktmoe.finetune ...")
     h.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="dtype of the non-expert "
                    "weights: auto = bf16 on a GPU, fp32 on the CPU")
     h.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -106,17 +111,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import os
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:   # the launcher; its ranks run the job
+        from .launch import launch
+        return launch(args.argv, args.nproc)
+    main_rank = os.environ.get("RANK", "0") == "0"   # only rank 0 reports (every rank meets the same input error)
     try:
         from . import train
         return train.main(args)
     except FinetuneError as e:
-        print(f"ktmoe finetune: error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"ktmoe finetune: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:   # e.g. the disk filled while writing the log, the adapter or the summary
         where = f"{e.filename}: " if e.filename else ""
         why = e.strerror or str(e)
         hint = "; is the disk full?" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
-        print(f"ktmoe finetune: error: {where}{why}{hint}", file=sys.stderr)
+        if main_rank:
+            print(f"ktmoe finetune: error: {where}{why}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:   # the advice is true of --out as the interrupted run left it
         advice = getattr(e, "advice", None)
@@ -125,5 +137,6 @@ def run(args) -> int:
 
             from .train import interrupt_advice
             advice = interrupt_advice(Path(args.out).expanduser())
-        print(f"ktmoe finetune: interrupted: {advice}", file=sys.stderr)
+        if main_rank:
+            print(f"ktmoe finetune: interrupted: {advice}", file=sys.stderr)
         return 130

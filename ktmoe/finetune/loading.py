@@ -140,9 +140,11 @@ def _expected_unused(model, key: str) -> bool:
 
 
 def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int | None = None,
-         progress=None, kernel_format: dict | None = None):
+         progress=None, kernel_format: dict | None = None, shared: bool = False):
     """(model, LoadStats): the model of `ckpt` with experts packed in ktmoe, the rest on `device`.
-    kernel_format: the experts' weights / group_size / activations (ktmoe.MoEExperts), default bf16."""
+    kernel_format: the experts' weights / group_size / activations (ktmoe.MoEExperts), default bf16.
+    shared: one of several torch.distributed ranks (collective): the first rank of each host reads
+    and packs the experts into memory the host's ranks share; the others read no expert tensor."""
     from torch import nn
 
     t0 = time.perf_counter()
@@ -205,7 +207,19 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     stats.ignored = [k for k in unused if k not in skipped]
 
     # experts, one layer at a time
-    for i, (name, m, plan) in enumerate(expert_plans):
+    if shared:
+        from ktmoe.torch.distributed import convert_shared, host_group
+
+        def reader(plan):
+            def read():
+                gate_up, down, _ = _read_experts(ckpt, plan)
+                stats.largest_layer_bytes = max(stats.largest_layer_bytes, _nbytes(gate_up, down))
+                return gate_up, down
+            return read
+        convert_shared([(name, m, reader(plan)) for name, m, plan in expert_plans], host_group(), progress,
+                       max_tokens=max_tokens, num_threads=num_threads, **(kernel_format or {}))
+        stats.packed_bytes = sum(m._ktmoe.layer.weight_bytes for _, m, _ in expert_plans)
+    for i, (name, m, plan) in enumerate(expert_plans if not shared else []):
         layer_bytes = _load_experts(ckpt, name, m, plan, max_tokens=max_tokens, num_threads=num_threads,
                                     kernel_format=kernel_format or {})
         stats.largest_layer_bytes = max(stats.largest_layer_bytes, layer_bytes)
@@ -270,12 +284,32 @@ def _buffer_dtype(ckpt, keys):
     return torch.float32, True
 
 
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _load_experts(ckpt: Checkpoint, name: str, module, plan: dict, *, max_tokens, num_threads, kernel_format) -> int:
     """Reads one layer's experts into one buffer pair, packs them into ktmoe, frees the buffers."""
-    import torch
     from torch import nn
 
     from ktmoe.torch.experts import convert
+
+    gate_up, down, mem = _read_experts(ckpt, plan)
+    nbytes = _nbytes(gate_up, down)
+    module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+    module.down_proj = nn.Parameter(down, requires_grad=False)
+    del gate_up, down
+    convert(module, name, max_tokens=max_tokens, num_threads=num_threads, **kernel_format)
+    try:
+        mem.close()
+    except BufferError:   # a tensor view is still alive somewhere: the mapping goes when it does
+        pass
+    return nbytes
+
+
+def _read_experts(ckpt: Checkpoint, plan: dict):
+    """(gate_up [E, 2I, H], down [E, H, I], their buffer): one layer's experts read into one buffer."""
+    import torch
 
     E, H, I = plan["E"], plan["H"], plan["I"]
     dtype, widen = _buffer_dtype(ckpt, plan["keys"])
@@ -302,16 +336,7 @@ def _load_experts(ckpt: Checkpoint, name: str, module, plan: dict, *, max_tokens
             put(g, gate_up[e, :I])
             put(u, gate_up[e, I:])
             put(d, down[e])
-    nbytes = gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
-    module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-    module.down_proj = nn.Parameter(down, requires_grad=False)
-    del gate_up, down
-    convert(module, name, max_tokens=max_tokens, num_threads=num_threads, **kernel_format)
-    try:
-        mem.close()
-    except BufferError:   # a tensor view is still alive somewhere: the mapping goes when it does
-        pass
-    return nbytes
+    return gate_up, down, mem
 
 
 def _tf_version() -> str:

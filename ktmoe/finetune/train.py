@@ -18,6 +18,10 @@ clipping). Loss is the mean cross-entropy over the batch's assistant tokens.
   built-in tiny model.
 Everything is written under a temporary name and renamed into place (output.py).
 
+Several ranks (WORLD_SIZE > 1: torchrun, --nproc): ranks.py says who does what; the model is
+wrapped in DDP, each step's batch is split over the ranks, the loss is normalised by the whole
+batch's token count, and rank 0 alone writes --out.
+
 Ctrl-C: a step's optimizer update, log line and checkpoint are done together (SIGINT is held
 back until they are); an interrupt anywhere else ends the run with a checkpoint of the last
 complete step, or, before the first step, with no trace of the run in --out, and the message
@@ -45,6 +49,7 @@ from pathlib import Path
 
 from . import FinetuneError, data, loading, output, tiny
 from .checkpoint import Checkpoint
+from .ranks import Ranks
 
 RUN_FILES = ("adapter", "checkpoints", "log.jsonl", "loss.png", "summary.json")
 # settings that must match for --resume to continue the same run
@@ -56,8 +61,17 @@ SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".',
 
 def main(args) -> int:
     t_start = time.perf_counter()
-    with relayed_warnings():
-        return _main(args, t_start)
+    try:
+        with relayed_warnings():
+            return _main(args, t_start)
+    finally:   # whatever ended the job: a rank that exits with gloo's threads still running aborts
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 KTMOE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
@@ -74,6 +88,8 @@ def relayed_warnings():
         original = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
+            if os.environ.get("RANK", "0") != "0":   # ranks meet the same warnings; rank 0 shows them
+                return
             if str(Path(filename).resolve()).startswith(KTMOE_DIR):
                 print(f"ktmoe finetune: warning: {message}", file=sys.stderr)
             elif not issubclass(category, DEPRECATIONS):
@@ -92,11 +108,15 @@ def _main(args, t_start) -> int:
     if args.targets == ["router"]:
         raise FinetuneError("--targets router: add attention and/or experts (the router is trained next to LoRA)")
     out = Path(args.out).expanduser()
-    output.check_writable(out)
-    _prepare_out(out, args)
+    import torch
+    ranks = Ranks.from_env(torch, _wants_cuda(args.device, torch))
+    if not ranks.main:   # rank 0 reports for all
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+    ranks.on_main(output.check_writable, out)
+    ranks.on_main(_prepare_out, out, args)
 
     # ---- inputs, checked before anything heavy ----
-    import torch
     import transformers
 
     import ktmoe.torch  # noqa: F401  (registers the experts implementation and the PEFT hooks)
@@ -105,7 +125,9 @@ def _main(args, t_start) -> int:
     builtin = not args.model
     if builtin and not (out / "base-model" / tiny.MARKER).is_file():
         print(f"ktmoe finetune: building the built-in tiny model into {out / 'base-model'}")
-    model_dir = tiny.ensure(out / "base-model") if builtin else Path(args.model).expanduser()
+    if builtin:
+        ranks.on_main(tiny.ensure, out / "base-model")
+    model_dir = out / "base-model" if builtin else Path(args.model).expanduser()
     ckpt = Checkpoint(model_dir)
     data_path = Path(args.data).expanduser() if args.data else tiny.dataset_path()
     defaults = dict(tiny.DEFAULTS) if builtin else dict(lr=2e-4, batch_tokens=4096, epochs=1, lora_r=16,
@@ -123,10 +145,13 @@ def _main(args, t_start) -> int:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total))
     if not 0 <= warmup <= total:
         raise FinetuneError(f"--warmup-steps {warmup}: must be between 0 and the {total} training steps")
-    device = _device(args.device, torch)
+    device = _device(args.device, torch, ranks)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch_threads = args.torch_threads or (1 if builtin else args.threads)
+    if not torch_threads and ranks.world > 1 and device.type == "cpu":   # this rank's share of the cores
+        from ktmoe._cpu import default_num_threads
+        torch_threads = default_num_threads()
     if torch_threads:
         torch.set_num_threads(torch_threads)
     settings = {"model": str(model_dir.resolve()), "data": str(data_path.resolve()),
@@ -141,12 +166,15 @@ def _main(args, t_start) -> int:
     if resume_from is not None:
         _check_resume(resume_from, settings)
     elif args.overwrite:
-        _clear_earlier_run(out)
+        ranks.on_main(_clear_earlier_run, out)
     n_tokens = sum(len(e.ids) for e in examples)
     n_trained = sum(e.trained_tokens for e in examples)
     what = "built-in tiny Qwen3-MoE (random weights)" if builtin else ckpt.config.get("model_type")
     print(f"ktmoe finetune: model {model_dir} ({what})")
     print(f"  data {data_path}: {len(examples)} examples, {n_tokens:,} tokens ({n_trained:,} trained)")
+    if ranks.world > 1:
+        print(f"  {ranks.world} data-parallel ranks ({'one GPU each' if device.type == 'cuda' else 'CPU, gloo'}): "
+              f"each batch split over them, one packed copy of the experts per host, rank 0 writes {out}")
 
     # ---- model ----
     def load_progress(i, n):
@@ -155,7 +183,7 @@ def _main(args, t_start) -> int:
     max_tokens = max(opt["batch_tokens"], max_len)
     kernel_format = {"weights": args.weights, "group_size": settings["group_size"], "activations": args.activations}
     model, ls = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=args.threads,
-                             progress=load_progress, kernel_format=kernel_format)
+                             progress=load_progress, kernel_format=kernel_format, shared=ranks.world > 1)
     rss_loaded = _rss_now()
     kernel = loading.experts_modules(model)[0][1]._ktmoe.layer
     print(f"  loaded in {ls.seconds:.2f} s: {_count(ls.expert_layers, 'MoE layer')}, experts ({ls.expert_format} in the "
@@ -177,13 +205,18 @@ def _main(args, t_start) -> int:
     print(f"  LoRA r={opt['lora_r']} alpha={opt['lora_alpha']:g} on {', '.join(args.targets)}: {n_train:,} "
           f"trainable parameters; {epochs_txt}, batches of <= {opt['batch_tokens']} tokens, lr {opt['lr']:g}")
 
+    if ranks.world > 1 and device.type == "cuda":
+        # DDP takes the parameters of one device type: the expert LoRA factors (made on the CPU next to the
+        # kernel) go to the GPU too; the kernel copies them to the host each call (not run on GPUs yet)
+        model.to(device)
+    engine = ranks.wrap(model, device)   # DDP over the ranks (their LoRA gradients averaged), else the model
     optimizer = torch.optim.AdamW([p for _, p in params], lr=opt["lr"], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total))
     start = 0
     log_path = out / "log.jsonl"
     if resume_from is not None:
         start = _restore(resume_from, model, params, optimizer, scheduler, torch)
-        _truncate_log(log_path, start)
+        ranks.on_main(_truncate_log, log_path, start)
         print(f"  resumed from {resume_from} (step {start} of {total})")
     log = _read_log(log_path)
 
@@ -198,15 +231,20 @@ def _main(args, t_start) -> int:
     completed = start   # steps whose optimizer update, log line (and checkpoint when due) are all done
     rng = _rng_state(torch)
     try:
-        with open(log_path, "a", encoding="utf-8") as logf, _sigint_held_back() as whole:
+        with open(log_path if ranks.main else os.devnull, "a", encoding="utf-8") as logf, \
+                _sigint_held_back() as whole:
             for step in range(start, stop_at):
                 epoch, epoch_f, indices = schedule.at(step)
-                batch, n_real = data.collate(examples, indices, pad_id)
+                mine, counts = ranks.shard(indices)
+                batch, _ = data.collate(examples, mine, pad_id)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                n_real = sum(len(examples[i].ids) for i in indices)   # the whole batch's, over all ranks
+                n_items = sum(e.trained_tokens - (e.labels[0] != -100) for e in (examples[i] for i in indices))
                 t0 = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
-                loss = model(**batch).loss
-                value = loss.item()
+                # summed token loss / the whole batch's predicted tokens (x ranks: DDP averages the gradients)
+                loss = engine(**batch, num_items_in_batch=n_items).loss * (ranks.world if counts else 0.0)
+                value = ranks.sum(loss.item(), device) / ranks.world
                 if not math.isfinite(value):   # checked before backward: a non-finite step is never applied
                     raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
                 loss.backward()
@@ -221,13 +259,14 @@ def _main(args, t_start) -> int:
                     recent = (recent + [(n_real, dt)])[-20:]
                     tps = sum(n for n, _ in recent) / max(sum(t for _, t in recent), 1e-9)
                     entry = {"step": step + 1, "epoch": round(epoch_f, 4), "loss": value, "lr": lr, "tokens": n_real,
-                             "trained_tokens": int((batch["labels"] != -100).sum()), "seconds": round(dt, 4),
+                             "trained_tokens": sum(examples[i].trained_tokens for i in indices),
+                             "seconds": round(dt, 4),
                              "tokens_per_s": round(n_real / dt, 1)}
                     log.append(entry)
                     logf.write(json.dumps(entry) + "\n")
                     logf.flush()
                     rng = _rng_state(torch)
-                    if (step + 1) % save_every == 0 or step + 1 == stop_at:
+                    if ranks.main and ((step + 1) % save_every == 0 or step + 1 == stop_at):
                         _save_checkpoint(out, step + 1, model, params, optimizer, scheduler, settings,
                                          args.keep_checkpoints, torch, rng)
                     completed = step + 1
@@ -237,6 +276,8 @@ def _main(args, t_start) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
+        if not ranks.main:
+            raise
         raise Interrupted(_after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler,
                                            settings, args.keep_checkpoints, torch, rng)) from None
     if bar is not None:
@@ -247,6 +288,10 @@ def _main(args, t_start) -> int:
     # ---- results ----
     first = log[0]["loss"] if log else float("nan")
     last = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
+    peaks = ranks.gather(_peak_rss())   # every rank's peak host memory
+    if not ranks.main:   # rank 0 writes the results
+        ranks.close()
+        return 0
     if done:
         with output.atomic_dir(out / "adapter") as tmp:
             model.save_pretrained(tmp)
@@ -257,7 +302,7 @@ def _main(args, t_start) -> int:
     if log:
         output.plot_loss(out / "loss.png", [e["step"] for e in log], [e["loss"] for e in log],
                          f"ktmoe finetune: {what}, LoRA r={opt['lora_r']} on {', '.join(args.targets)}")
-    peak_host = _peak_rss()
+    peak_host = peaks[0]
     peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     wall = time.perf_counter() - t_start
     summary = {"finished": done, "steps": len(log), "total_steps": total, "wall_seconds": round(wall, 2),
@@ -267,7 +312,8 @@ def _main(args, t_start) -> int:
                "peak_gpu_bytes": peak_gpu, "experts_packed_bytes": ls.packed_bytes,
                "experts_largest_layer_bytes": ls.largest_layer_bytes, "other_weights_bytes": ls.other_bytes,
                "kernel_isa": kernel.isa, "threads": kernel.num_threads, "torch_threads": torch.get_num_threads(), "device": device.type,
-               "trainable_parameters": n_train, "settings": settings}
+               "trainable_parameters": n_train, "ranks": ranks.world, "peak_host_bytes_per_rank": peaks,
+               "settings": settings}
     output.write_json_atomic(out / "summary.json", summary)
     if done and builtin:
         _show_samples(model, tokenizer, device)
@@ -276,11 +322,14 @@ def _main(args, t_start) -> int:
     print(f"{'done' if done else 'stopped'}: {_count(len(log) - start, 'step')} in {train_s:.1f} s ({tps_txt} tokens/s), "
           f"wall time {wall:.1f} s (loading {ls.seconds:.1f} s)")
     print(f"  loss {first:.3f} (step 1) -> {last:.3f} ({_last_txt(len(log))})")
-    print(f"  peak memory: host {_mib(peak_host)} (experts packed {_mib(ls.packed_bytes)}), {gpu}")
+    per_rank = f" on rank 0 ({', '.join(_mib(p) for p in peaks)} per rank; the packed experts are shared)" \
+        if ranks.world > 1 else ""
+    print(f"  peak memory: host {_mib(peak_host)}{per_rank} (experts packed {_mib(ls.packed_bytes)}), {gpu}")
     if done:
         print(f"  adapter: {out / 'adapter'}   log: {log_path}   plot: {out / 'loss.png'}")
     else:
         print(f"  checkpoint: {_latest_checkpoint(out)}; continue with the same flags plus --resume")
+    ranks.close()
     return 0
 
 
@@ -326,11 +375,19 @@ def _max_positions(ckpt: Checkpoint):
     return None
 
 
-def _device(choice: str, torch):
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+def _wants_cuda(choice: str, torch) -> bool:
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
+def _device(choice: str, torch, ranks):
+    """The non-expert part's device: a GPU (rank i of a host takes GPU i) or the CPU."""
+    if _wants_cuda(choice, torch):
         if not torch.cuda.is_available():
             raise FinetuneError("--device cuda: torch sees no CUDA GPU")
-        return torch.device("cuda")
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise FinetuneError(f"--nproc: local rank {ranks.local_rank} has no GPU of its own (torch sees "
+                                f"{torch.cuda.device_count()}); use at most one rank per GPU, or --device cpu")
+        return torch.device("cuda", ranks.local_rank) if ranks.world > 1 else torch.device("cuda")
     return torch.device("cpu")
 
 

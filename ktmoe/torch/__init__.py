@@ -7,7 +7,8 @@
                                                                 "mlp.experts.down_proj"], ...))
 
 Modules: function.py (autograd bridge), experts.py (the converted experts module),
-peft.py (LoRA factors from PEFT's ParamWrapper), patch.py (registry and patch()).
+peft.py (LoRA factors from PEFT's ParamWrapper), patch.py (registry and patch()),
+distributed.py (torch.distributed ranks of a host: one shared packed copy, cores split).
 """
 from .function import LoraFactors, experts_apply
 from .patch import from_pretrained, patch, register

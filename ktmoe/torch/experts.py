@@ -6,10 +6,14 @@
 post-expert norm, no expert parallelism), copies the weights into the kernel's packed bf16
 CPU memory, releases the torch storage and turns the module into a `KtMoE<Class>`:
 
-- `gate_up_proj` / `down_proj` stay registered parameters (shape, dtype, CPU device, numel
-  unchanged, requires_grad False, so PEFT and parameter counts see what they expect), but
-  their data is a one-element placeholder broadcast to the full shape. Reading their values
-  is meaningless; the real weights live only in the kernel.
+- `gate_up_proj` / `down_proj` stay attributes holding an `nn.Parameter` of the original
+  shape and dtype (CPU, requires_grad False), but their data is a one-element placeholder
+  broadcast to the full shape, and they are NOT registered in the module's `_parameters`:
+  `model.parameters()` / `named_parameters()` (so DDP, FSDP2, optimizers and parameter
+  counts) never see them; there is nothing of theirs to broadcast, shard or train. Reading
+  their values is meaningless; the real weights live only in the kernel. PEFT
+  `target_parameters` finds them anyway (peft.py registers them for the length of its
+  injection only).
 - `state_dict()` returns those two entries as `meta` tensors (right shape and dtype, no
   data): anything that reads or saves their values (`save_pretrained` of the base model,
   `.cpu()`, `.numpy()`) fails loudly instead of writing placeholders. LoRA adapters save
@@ -28,6 +32,7 @@ CPU memory, releases the torch storage and turns the module into a `KtMoE<Class>
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -48,8 +53,9 @@ def is_converted(module: nn.Module) -> bool:
     return isinstance(getattr(module, "_ktmoe", None), KernelExperts)
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why the kernel cannot run this experts module, or None when it can."""
+def unsupported_reason(module: nn.Module, weights_needed: bool = True) -> str | None:
+    """Why the kernel cannot run this experts module, or None when it can. weights_needed=False:
+    the weights may be on the meta device (a layer attached to packed weights reads none)."""
     if is_converted(module):
         return None
     checks = [
@@ -75,33 +81,57 @@ def unsupported_reason(module: nn.Module) -> str | None:
     E, H, I = dn.shape
     if tuple(gu.shape) != (E, 2 * I, H):
         return f"gate_up_proj shape {list(gu.shape)} does not match down_proj {list(dn.shape)} as [E, 2I, H]"
-    if gu.device.type == "meta" or dn.device.type == "meta":
+    if weights_needed and (gu.device.type == "meta" or dn.device.type == "meta"):
         return "expert weights are on the meta device (not loaded)"
     return None
 
 
 def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_threads: int | None = None,
             isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
-            activations: str = "bf16") -> nn.Module:
+            activations: str = "bf16", region=None) -> nn.Module:
     """Packs the module's expert weights into the kernel and releases them (in place).
-    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts)."""
+    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts).
+    region: memory already holding this layer's packed weights (MoEExperts.attach, e.g. the
+    host's shared copy, distributed.py): the module's own weights are not read (may be meta)."""
     if is_converted(module):
         return module
-    reason = unsupported_reason(module)
+    reason = unsupported_reason(module, weights_needed=region is None)
     if reason is not None:
         raise ValueError(f"ktmoe cannot run {type(module).__name__}{' at ' + where if where else ''}: {reason}")
     import ktmoe
     gu, dn = module.gate_up_proj, module.down_proj
-    layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
-                             num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
-                             activations=activations)
+    kernel_options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
+                          group_size=group_size, activations=activations)
+    if region is None:
+        layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), **kernel_options)
+    else:
+        layer = ktmoe.MoEExperts.attach(region, *dn.shape, **kernel_options)
     module._ktmoe = KernelExperts(layer, auto_threads=num_threads is None)
     module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
     for name in PARAMS:
         old = getattr(module, name)
-        setattr(module, name, nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False))
+        delattr(module, name)
+        module.__dict__[name] = nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False)
     module.__class__ = _ktmoe_class(type(module))
     return module
+
+
+@contextlib.contextmanager
+def placeholders_registered(model: nn.Module):
+    """Registers the placeholders of every converted experts module of `model` as parameters
+    for the block's length (PEFT's target_parameters search reads named_parameters), then
+    takes them out of `_parameters` again."""
+    mods = [m for m in model.modules() if is_converted(m)]
+    for m in mods:
+        for name in PARAMS:
+            m._parameters[name] = m.__dict__.pop(name)
+    try:
+        yield
+    finally:
+        for m in mods:
+            for name in PARAMS:
+                if name in m._parameters:
+                    m.__dict__[name] = m._parameters.pop(name)
 
 
 def _kernel_copy(p: torch.Tensor) -> torch.Tensor:
@@ -185,7 +215,7 @@ def _deepcopy(self, memo):
     new = type(self).__new__(type(self))
     memo[id(self)] = new
     for name in PARAMS:
-        old = self._parameters[name]
+        old = self.__dict__[name]
         memo[id(old)] = nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False)
     for key, value in self.__dict__.items():
         new.__dict__[key] = copy.deepcopy(value, memo)

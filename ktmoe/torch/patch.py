@@ -12,11 +12,20 @@
 - `from_pretrained(path, weights=..., ...)`: transformers' `AutoModelForCausalLM.from_pretrained`
   with `experts_implementation="ktmoe"`, then `patch` with the kernel options.
 
+Several ranks (torch.distributed, e.g. torchrun + DDP / FSDP2 / HF Trainer): with
+`share=None` (the default) and torch.distributed initialized, the ranks of each host pack the
+experts once, into shared memory that every rank maps read-only (distributed.py); `share=False`
+packs a private copy per rank. Call `torch.distributed.init_process_group()` before `patch`
+(a process launched with WORLD_SIZE > 1 that has not raises, naming both choices). Every rank
+must patch the same model.
+
 Kernel options (both): `weights` "bf16" | "int8" | "int4", `group_size` (int4: 32, 64 or 128,
 default 128), `activations` "bf16" (weight-only, default) | "int8" (W8A8), `max_tokens`,
 `num_threads`, `isa`; see ktmoe.MoEExperts. They are checked before any module is converted.
 """
 from __future__ import annotations
+
+import os
 
 from torch import nn
 
@@ -39,8 +48,10 @@ def register() -> None:
 
 def patch(model: nn.Module, *, max_tokens: int = 65536, num_threads: int | None = None,
           isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
-          activations: str = "bf16") -> nn.Module:
-    """Runs every routed-experts module of `model` in the ktmoe kernel; returns `model`."""
+          activations: str = "bf16", share: bool | None = None) -> nn.Module:
+    """Runs every routed-experts module of `model` in the ktmoe kernel; returns `model`.
+    share: one packed copy per host for the ranks of torch.distributed (see the module
+    docstring); None = when torch.distributed is initialized with several ranks on this host."""
     register()
     found = [(name, m) for name, m in model.named_modules() if _experts.is_experts_module(m)]
     what = type(model).__name__
@@ -57,21 +68,52 @@ def patch(model: nn.Module, *, max_tokens: int = 65536, num_threads: int | None 
         if not _experts.is_converted(m):
             E, H, I = m.down_proj.shape
             _check_format(weights, group_size, activations, False, H, I)
-    for name, m in found:
-        _experts.convert(m, name, max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
-                         group_size=group_size, activations=activations)
+    host = host_sharing(share, "ktmoe.torch.patch")
+    options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
+                   activations=activations)
+    todo = [(name, m) for name, m in found if not _experts.is_converted(m)]
+    if host is None:
+        for name, m in todo:
+            _experts.convert(m, name, **options)
+    else:
+        from .distributed import convert_shared
+        convert_shared([(name, m, lambda m=m: (m.gate_up_proj, m.down_proj)) for name, m in todo], host, **options)
     return model
+
+
+def host_sharing(share: bool | None, what: str):
+    """The HostGroup whose ranks share one packed copy of the experts, or None (one per process).
+    share=None: shared when torch.distributed is initialized and this host runs several ranks;
+    a process started by a launcher (WORLD_SIZE > 1) before init_process_group raises rather
+    than silently packing a copy per rank."""
+    if share not in (None, True, False):
+        raise ValueError(f"share: must be None, True or False, got {share!r}")
+    if share is False:
+        return None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        world = os.environ.get("WORLD_SIZE", "1")
+        if share is True or (world.isdigit() and int(world) > 1):
+            raise RuntimeError(f"{what}: this process is one of WORLD_SIZE={world} ranks but torch.distributed is "
+                               f"not initialized: call torch.distributed.init_process_group() first, so that the "
+                               f"ranks of a host share one packed copy of the experts (or pass share=False for "
+                               f"one copy per rank)")
+        return None
+    from .distributed import host_group
+    host = host_group()
+    return host if host.size > 1 or share is True else None
 
 
 def from_pretrained(path, *, weights: str = "bf16", group_size: int | None = None, activations: str = "bf16",
                     max_tokens: int = 65536, num_threads: int | None = None, isa: str | None = None,
-                    auto_class=None, **kwargs) -> nn.Module:
+                    auto_class=None, share: bool | None = None, **kwargs) -> nn.Module:
     """`auto_class.from_pretrained(path, experts_implementation="ktmoe", **kwargs)` (default
-    AutoModelForCausalLM), then every experts module converted with the kernel options."""
+    AutoModelForCausalLM), then every experts module converted with the kernel options
+    (share: see patch)."""
     from ..experts import _check_format
     _check_format(weights, group_size, activations, False, 0, 0)   # names and values; sizes in patch()
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
     model = auto_class.from_pretrained(path, experts_implementation=NAME, **kwargs)
     return patch(model, max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
-                 group_size=group_size, activations=activations)
+                 group_size=group_size, activations=activations, share=share)

@@ -5,7 +5,7 @@ PEFT wraps a targeted experts module in one `ParamWrapper` per parameter (nested
 forward registers a parametrization that materialises W + B A for every expert on every
 call; for a ktmoe experts module that must never run. `install()` therefore overrides three
 `ParamWrapper` methods, and only for wrappers whose base layer is a ktmoe experts module
-(every other ParamWrapper keeps PEFT's behaviour):
+(every other ParamWrapper keeps PEFT's behaviour), and wraps two PEFT methods:
 
 - forward: walks the wrapper chain, reads each wrapper's active adapters' `lora_A` /
   `lora_B` weights and `scaling` (honouring `disable_adapters` and `merged` as PEFT does) and
@@ -13,6 +13,11 @@ call; for a ktmoe experts module that must never run. `install()` therefore over
 - merge / unmerge: instead of `W += B A`, the factors are cloned (frozen) into the experts
   module, which applies them as part of its base computation; `merge_and_unload()` keeps
   them there. The merged model computes the same function; no delta weight is formed.
+- BaseTuner._inject_parameters (the target_parameters search): runs with the ktmoe
+  experts' placeholder weights registered as parameters (experts.py keeps them out of
+  `_parameters` otherwise, so DDP / FSDP2 / optimizers never see them).
+- PeftModel.get_nb_trainable_parameters (print_trainable_parameters): "all params" counts
+  the kernel's frozen expert weights too, as it does for the model before patching.
 
 Unsupported configurations raise: LoRA dropout, DoRA / other variants, lora_bias,
 mixed-adapter batches, and two trainable adapters (or rank/alpha patterns giving gate_up
@@ -160,11 +165,37 @@ def _unmerge(self):
                 break
 
 
+def _inject_parameters(self, peft_config, model, *args, **kwargs):
+    """PEFT's target_parameters injection, with the ktmoe placeholders registered meanwhile."""
+    from .experts import placeholders_registered
+    with placeholders_registered(model):
+        return _ORIGINAL["_inject_parameters"](self, peft_config, model, *args, **kwargs)
+
+
+def _nb_trainable_parameters(self) -> tuple[int, int]:
+    """PEFT's (trainable, all) parameter counts, the kernel's frozen expert weights included in
+    "all" (they are not torch parameters of the model, see experts.py)."""
+    from .experts import PARAMS, is_converted
+    trainable, total = _ORIGINAL["get_nb_trainable_parameters"](self)
+    seen = set()
+    for m in self.modules():
+        if is_converted(m) and id(m._ktmoe.layer) not in seen:
+            seen.add(id(m._ktmoe.layer))
+            total += sum(getattr(m, n).numel() for n in PARAMS)
+    return trainable, total
+
+
 def install() -> None:
     """Routes PEFT ParamWrappers over ktmoe experts to the kernel (idempotent)."""
     from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.tuners_utils import BaseTuner
     if _ORIGINAL:
         return
     for name, fn in (("forward", _forward), ("merge", _merge), ("unmerge", _unmerge)):
         _ORIGINAL[name] = getattr(ParamWrapper, name)
         setattr(ParamWrapper, name, fn)
+    _ORIGINAL["_inject_parameters"] = BaseTuner._inject_parameters
+    BaseTuner._inject_parameters = _inject_parameters
+    from peft import PeftModel
+    _ORIGINAL["get_nb_trainable_parameters"] = PeftModel.get_nb_trainable_parameters
+    PeftModel.get_nb_trainable_parameters = _nb_trainable_parameters

@@ -1,0 +1,54 @@
+"""`ktmoe finetune --nproc N`: N local ranks of the same job, started by torch.distributed's
+elastic launcher (what `torchrun --standalone --nproc-per-node N -m ktmoe.finetune ...` runs).
+
+Each rank is `python -m ktmoe.finetune ARGS` (without --nproc) with the launcher's environment
+(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR / MASTER_PORT): train.py sees
+WORLD_SIZE > 1 and runs data-parallel. If one rank fails, the launcher stops the others and
+this returns: 2 when a rank reported an input error (rank 0 printed it), 130 after Ctrl-C,
+else 1 with one line naming the rank and how it ended.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import uuid
+
+
+def without_nproc(argv: list) -> list:
+    """argv with --nproc N / --nproc=N taken out."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch(argv: list, nproc: int) -> int:
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # the failure report is ours
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ktmoe-{uuid.uuid4().hex[:12]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(config, sys.executable)("-m", "ktmoe.finetune", *without_nproc(argv))
+    except ChildFailedError as e:
+        codes = {f.local_rank: f.exitcode for f in e.failures.values()}
+        if 2 in codes.values():
+            return 2
+        if any(c == -signal.SIGINT or c == 130 for c in codes.values()):
+            return 130
+        rank, first = e.get_first_failure()
+        code = first.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        print(f"ktmoe finetune: error: rank {rank} of {nproc} ended with {how}; the other ranks were stopped "
+              f"(--out keeps the last checkpoint: continue with --resume)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
