@@ -185,7 +185,7 @@ class MoEExperts:
                                                   group_size, activations)
         r = _region(region, writable=False)
         layer = _core.Layer(E, H, I, isa_choice[0], num_threads, 0, 0, 0, "bfloat16", 0, "bfloat16",
-                            transposed_weights, weights, group, activations == "int8", r.addr, r.shape[0])
+                            transposed_weights, weights, group, activations == "int8", region=r.addr, region_nbytes=r.shape[0])
         self = cls.__new__(cls)
         self._init(layer, isa_choice, E, H, I, max_tokens, transposed_weights, weights, group, activations)
         self._region = r   # the memory stays alive as long as the layer
