@@ -82,24 +82,51 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_threads: int | None = None,
             isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
-            activations: str = "bf16") -> nn.Module:
+            activations: str = "bf16", layer=None, dtype: torch.dtype | None = None) -> nn.Module:
     """Packs the module's expert weights into the kernel and releases them (in place).
-    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts)."""
+    weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts).
+
+    layer: a prebuilt ktmoe.MoEExperts to run instead (e.g. MoEExperts.from_quantized of a
+    checkpoint's codes and scales); the module's weights are then not read (they may be on
+    the meta device), its E, H, I must match the layer's, and the kernel options other than
+    num_threads must be left at their defaults (the layer has its own; num_threads None lets
+    ktmoe.torch pick per call, as for any converted module). dtype: the placeholders' dtype
+    (default: the module's parameters' dtype). The converted module is the same either way."""
     if is_converted(module):
         return module
+    at = f"{type(module).__name__}{' at ' + where if where else ''}"
     reason = unsupported_reason(module)
+    if layer is not None and reason is not None and reason.startswith("expert weights are on the meta device"):
+        reason = None
     if reason is not None:
-        raise ValueError(f"ktmoe cannot run {type(module).__name__}{' at ' + where if where else ''}: {reason}")
+        raise ValueError(f"ktmoe cannot run {at}: {reason}")
     import ktmoe
-    gu, dn = module.gate_up_proj, module.down_proj
-    layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
-                             num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
-                             activations=activations)
-    module._ktmoe = KernelExperts(layer, auto_threads=num_threads is None)
+    if layer is None:
+        gu, dn = module.gate_up_proj, module.down_proj
+        layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), max_tokens=max_tokens,
+                                 num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
+                                 activations=activations)
+        auto_threads = num_threads is None
+    else:
+        if not isinstance(layer, ktmoe.MoEExperts):
+            raise TypeError(f"layer: expected a ktmoe.MoEExperts, got {type(layer).__name__}")
+        given = {k: v for k, v in dict(max_tokens=max_tokens, isa=isa, weights=weights,
+                                       group_size=group_size, activations=activations).items()
+                 if v != {"max_tokens": 65536, "weights": "bf16", "activations": "bf16"}.get(k)}
+        if given:
+            raise ValueError(f"layer: a prebuilt layer has its own kernel options; got {sorted(given)} too")
+        E, H, I = module.down_proj.shape
+        got = (layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        if got != (E, H, I):
+            raise ValueError(f"layer: E, H, I = {got} do not match {at}'s (E, H, I) = {(E, H, I)}")
+        if num_threads is not None:
+            layer.num_threads = num_threads
+        auto_threads = num_threads is None
+    module._ktmoe = KernelExperts(layer, auto_threads=auto_threads)
     module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
     for name in PARAMS:
         old = getattr(module, name)
-        setattr(module, name, nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False))
+        setattr(module, name, nn.Parameter(_placeholder(old.shape, dtype or old.dtype), requires_grad=False))
     module.__class__ = _ktmoe_class(type(module))
     return module
 
