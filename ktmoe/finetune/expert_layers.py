@@ -117,6 +117,9 @@ def _check_slot(ckpt, scheme, slot: dict, shape: tuple, name: str) -> None:
                                 f"{scheme.describe()}; checkpoints mixing quantized and plain experts are not "
                                 f"supported")
         expect("codes", shape, "weights")
+        if codes.dtype == "F8_E4M3":
+            raise FinetuneError(f"{where}: {slot['codes']!r} has dtype F8_E4M3, but config.json declares no "
+                                f"quantization (FP8 codes are read with quant_method 'fp8' and their scales)")
         if codes.dtype not in ("BF16", "F32", "F16"):
             raise FinetuneError(f"{where}: {slot['codes']!r} has dtype {codes.dtype}, expected BF16, F32 or F16 "
                                 f"for expert weights")
@@ -143,17 +146,11 @@ def _check_slot(ckpt, scheme, slot: dict, shape: tuple, name: str) -> None:
 def load(ckpt, name: str, module, p: dict, *, max_tokens, num_threads, kernel_format: dict) -> int:
     """Reads one layer's experts, packs them into `module` (ktmoe.torch.experts.convert), frees the
     read buffer; returns its size in bytes."""
-    if as_published(p["scheme"], kernel_format):
+    if q.as_published(p["scheme"], kernel_format):
         return _load_as_published(ckpt, name, module, p, max_tokens=max_tokens, num_threads=num_threads,
                                   kernel_format=kernel_format)
     return _load_weights(ckpt, name, module, p, max_tokens=max_tokens, num_threads=num_threads,
                          kernel_format=kernel_format)
-
-
-def as_published(scheme: q.Scheme, kernel_format: dict) -> bool:
-    """True when the kernel format is the quantized checkpoint's own (codes taken as they are)."""
-    return scheme.quantized and kernel_format.get("weights") == scheme.method and (
-        scheme.method != "int4" or kernel_format.get("group_size") == scheme.group_size)
 
 
 class _Arena:
@@ -302,13 +299,16 @@ def _load_weights(ckpt, name, module, p, *, max_tokens, num_threads, kernel_form
         else:
             dst.copy_(q.dequantize(scheme, t, tuple(dst.shape), label))
 
-    if p["fused"]:
-        put(p["gate_up"], gate_up, p["gate_up"]["codes"])
-        put(p["down"], down, p["down"]["codes"])
-    else:
-        for e, (g, u, d) in enumerate(p["per"]):
-            for slot, dst in ((g, gate_up[e, :I]), (u, gate_up[e, I:]), (d, down[e])):
-                put(slot, dst, q.weight_name(slot["codes"]))
+    try:
+        if p["fused"]:
+            put(p["gate_up"], gate_up, p["gate_up"]["codes"])
+            put(p["down"], down, p["down"]["codes"])
+        else:
+            for e, (g, u, d) in enumerate(p["per"]):
+                for slot, dst in ((g, gate_up[e, :I]), (u, gate_up[e, I:]), (d, down[e])):
+                    put(slot, dst, q.weight_name(slot["codes"]))
+    except FinetuneError as e:
+        raise FinetuneError(f"{ckpt.label}: {e}") from None
     nbytes = arena.nbytes
     module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
     module.down_proj = nn.Parameter(down, requires_grad=False)

@@ -178,7 +178,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     for key in ckpt.tensors:
         by_model_key.setdefault(_canonical(key, state), key)
     expert_plans = [(name, m, expert_layers.plan(name, m, by_model_key, ckpt, scheme)) for name, m in found]
-    stats.as_published = scheme.quantized and expert_layers.as_published(scheme, kernel_format)
+    stats.as_published = scheme.quantized and quant.as_published(scheme, kernel_format)
     if not stats.as_published:   # the weight format must fit every layer before a byte of weights is read
         from ktmoe.experts import _check_format
         for name, _, plan in expert_plans:
@@ -257,7 +257,7 @@ def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, s
         if info.dtype == "F8_E4M3":
             raise FinetuneError(f"{where}: tensor {ckey!r} is float8_e4m3fn, which ktmoe reads only as the codes of an "
                                 f"FP8 linear weight (quant_method 'fp8' with its weight_scale_inv)"
-                                f"{'' if scheme.method == 'fp8' else '; config.json declares ' + scheme.describe()}")
+                                f"{'' if scheme.method == 'fp8' else '; config.json declares ' + _declared(scheme)}")
         if tuple(info.shape) != shape:
             raise FinetuneError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
                                 f"the model built from config.json expects {list(shape)}")
@@ -273,8 +273,15 @@ def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, s
                             f"the model built from config.json expects {list(shape)}")
     used.update(stored.values())
     stats.dequantized += 1
-    return quant.dequantize(scheme, {r: ckpt.read(k) for r, k in stored.items()}, shape,
-                            quant.weight_name(stored["codes"]))
+    try:
+        return quant.dequantize(scheme, {r: ckpt.read(k) for r, k in stored.items()}, shape,
+                                quant.weight_name(stored["codes"]))
+    except FinetuneError as e:
+        raise FinetuneError(f"{where}: {e}") from None
+
+
+def _declared(scheme) -> str:
+    return scheme.describe() if scheme.quantized else "no quantization"
 
 
 def _tf_version() -> str:

@@ -156,6 +156,9 @@ def target_format(scheme: Scheme, weights: str | None, group_size: int | None, a
     if weights == "fp8" and scheme.method != "fp8":
         raise ValueError(f"weights: 'fp8' is the format of FP8 checkpoints as published; this checkpoint is "
                          f"{scheme.describe()} and ktmoe does not quantize to fp8 (use 'int8' or 'int4')")
+    if weights == "fp8" and activations != "bf16":
+        raise ValueError(f"activations: {activations!r} (W8A8) is not available for fp8 weights (weight-only); "
+                         f"use activations 'bf16', or convert the experts to int8 / int4")
     if weights == "int4" and group_size is None:
         group_size = scheme.group_size if scheme.method == "int4" else 128
     fmt = {"weights": weights, "group_size": group_size, "activations": activations}
@@ -168,6 +171,12 @@ def target_format(scheme: Scheme, weights: str | None, group_size: int | None, a
     then = "" if weights == "bf16" else ", then quantized"
     return fmt, (f"converting the checkpoint's experts ({scheme.describe()}) to {to} layer by layer as they are "
                  f"loaded: dequantized to bf16{then} (not the checkpoint's codes)")
+
+
+def as_published(scheme: Scheme, kernel_format: dict) -> bool:
+    """True when the kernel format is the quantized checkpoint's own (codes taken as they are)."""
+    return scheme.quantized and kernel_format.get("weights") == scheme.method and (
+        scheme.method != "int4" or kernel_format.get("group_size") == scheme.group_size)
 
 
 # ---- one tensor (non-expert weights: dequantized for torch) ----
