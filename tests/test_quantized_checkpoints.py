@@ -294,3 +294,4 @@ def test_finetune_fp8_weights_on_an_unquantized_checkpoint_is_refused(tokenizer_
     assert finetune("--model", tokenizer_dir, *FAST, "--steps", 1, "--weights", "fp8", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--weights fp8: 'fp8' is the format of FP8 checkpoints as published" in err[0], err
+

@@ -185,6 +185,11 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
             return
         import ktmoe
         old = self._ktmoe.layer
+        if old.weights == "fp8":
+            error_msgs.append(f"{prefix}: ktmoe experts holding a checkpoint's fp8 codes cannot be repacked from "
+                              f"weights (ktmoe does not quantize to fp8); load the checkpoint again "
+                              f"(ktmoe.torch.from_pretrained)")
+            return
         layer = ktmoe.MoEExperts(gate_up=_kernel_copy(real["gate_up_proj"]), down=_kernel_copy(real["down_proj"]),
                                  max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa,
                                  weights=old.weights, group_size=old.group_size or None, activations=old.activations)
@@ -200,7 +205,9 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
 
 def _extra_repr(self) -> str:
     k = self._ktmoe.layer
+    block = getattr(k, "block", None)
     fmt = k.weights + (f"/g{k.group_size}" if k.weights == "int4" else "") + \
+        (f"/{block[0]}x{block[1]}" if k.weights == "fp8" and block else "") + \
         (f", activations={k.activations}" if k.weights != "bf16" else "")
     return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \
            f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU"
