@@ -139,6 +139,20 @@ def test_int4_unpacking_matches_the_published_packing():
     assert torch.equal(torch.where(nib > 7, nib - 16, nib), q)
 
 
+def test_dequantize_matches_the_tests_own_quantizers():
+    """Bands of rows, partial blocks and groups: fp8 block (48, 32) on 300 x 200, int4 group 32 on
+    300 x 96, into fp32 exactly code x scale (computed in fp32 like the tests' quantizers)."""
+    w = torch.randn(300, 200)
+    codes, s, want = qc.fp8_quantize(w, block=(48, 32))
+    got = quantized.dequantize(quantized.Scheme("fp8", block=(48, 32)), {"codes": codes.view(torch.uint8), "scale": s},
+                               torch.empty(300, 200), "t.weight")
+    assert torch.equal(got, want)
+    q, s, want = qc.int4_quantize(torch.randn(300, 96))
+    got = quantized.dequantize(quantized.Scheme("int4", group_size=32), {"codes": qc.pack_int4(q), "scale": s,
+                               "shape": torch.tensor([300, 96])}, torch.empty(300, 96), "t.weight")
+    assert torch.equal(got, want)
+
+
 # ---- conversion (dequantized to bf16 in the loader, then the usual formats) ----
 def test_fp8_converted_to_bf16_matches_dequantized_model(tmp_path):
     model, _ = write("deepseek_v3-fp8", tmp_path / "c")
@@ -294,4 +308,5 @@ def test_finetune_fp8_weights_on_an_unquantized_checkpoint_is_refused(tokenizer_
     assert finetune("--model", tokenizer_dir, *FAST, "--steps", 1, "--weights", "fp8", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--weights fp8: 'fp8' is the format of FP8 checkpoints as published" in err[0], err
+
 

@@ -294,10 +294,9 @@ def _load_weights(ckpt, name, module, p, *, max_tokens, num_threads, kernel_form
         t = {r: ckpt.read(k) for r, k in slot.items()}
         if dst.dim() == 3:   # fused fp8: one expert at a time
             for e in range(dst.shape[0]):
-                dst[e].copy_(q.dequantize(scheme, {r: v[e] for r, v in t.items()}, tuple(dst.shape[1:]),
-                                          f"{slot['codes']} [expert {e}]"))
+                q.dequantize(scheme, {r: v[e] for r, v in t.items()}, dst[e], f"{slot['codes']} [expert {e}]")
         else:
-            dst.copy_(q.dequantize(scheme, t, tuple(dst.shape), label))
+            q.dequantize(scheme, t, dst, label)
 
     try:
         if p["fused"]:

@@ -196,7 +196,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     for name, current in state.items():
         if name in expert_params:
             continue
-        t = _read_tensor(ckpt, scheme, name, tuple(current.shape), by_model_key, used, stats)
+        t = _read_tensor(ckpt, scheme, name, tuple(current.shape), by_model_key, used, stats, dtype)
         if t is None:
             missing.append(name)
             continue
@@ -239,9 +239,9 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     return model, stats
 
 
-def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, stats):
-    """Model tensor `name` from the checkpoint (dequantized when stored quantized; the keys read
-    are added to `used`), or None when the checkpoint lacks it."""
+def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, stats, dtype):
+    """Model tensor `name` from the checkpoint (dequantized into a new CPU tensor of `dtype` when
+    stored quantized; the keys read are added to `used`), or None when the checkpoint lacks it."""
     where = ckpt.label
     ckey = keys.get(name)
     info = ckpt.tensors.get(ckey) if ckey is not None else None
@@ -273,8 +273,10 @@ def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, s
                             f"the model built from config.json expects {list(shape)}")
     used.update(stored.values())
     stats.dequantized += 1
+    import torch
+    out = torch.empty(shape, dtype=dtype if dtype.is_floating_point else torch.float32)
     try:
-        return quant.dequantize(scheme, {r: ckpt.read(k) for r, k in stored.items()}, shape,
+        return quant.dequantize(scheme, {r: ckpt.read(k) for r, k in stored.items()}, out,
                                 quant.weight_name(stored["codes"]))
     except FinetuneError as e:
         raise FinetuneError(f"{where}: {e}") from None

@@ -180,22 +180,31 @@ def as_published(scheme: Scheme, kernel_format: dict) -> bool:
 
 
 # ---- one tensor (non-expert weights: dequantized for torch) ----
-def dequantize(scheme: Scheme, tensors: dict, shape: tuple, name: str):
-    """The fp32 weight `shape` [out, in] of linear `name` (its `.weight`) from its checkpoint
-    tensors {role: torch tensor} (Scheme.suffixes); FinetuneError naming the tensor if malformed."""
+ROWS_PER_STEP = 128   # dequantized a band of rows at a time: transient memory ~ 128 rows x cols x 4 bytes
+
+
+def dequantize(scheme: Scheme, tensors: dict, out, name: str):
+    """Fills `out` [out, in] (a float tensor of any float dtype) with the weight of linear `name`
+    (its `.weight`) from its checkpoint tensors {role: torch tensor} (Scheme.suffixes), computed
+    in fp32 one band of rows at a time, and returns it; FinetuneError naming the tensor if
+    malformed."""
     if scheme.method == "fp8":
-        return dequantize_fp8(tensors["codes"], tensors["scale"], scheme.block, name)
-    return dequantize_int4(tensors["codes"], tensors["scale"], tensors["shape"], shape, name)
+        return dequantize_fp8(tensors["codes"], tensors["scale"], scheme.block, out, name)
+    return dequantize_int4(tensors["codes"], tensors["scale"], tensors["shape"], out, name)
 
 
-def dequantize_fp8(codes, scale_inv, block: tuple, name: str):
+def dequantize_fp8(codes, scale_inv, block: tuple, out, name: str):
     import torch
     rows, cols = codes.shape
     br, bc = block
     check_fp8(codes, scale_inv, block, name)
-    w = codes.view(torch.float8_e4m3fn).to(torch.float32)
-    s = scale_inv.to(torch.float32).repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
-    return w.mul_(s)
+    codes = codes.view(torch.float8_e4m3fn)
+    step = max(br, ROWS_PER_STEP // br * br)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        s = scale_inv[r0 // br:-(-r1 // br)].to(torch.float32).repeat_interleave(br, 0)[:r1 - r0]
+        out[r0:r1] = codes[r0:r1].to(torch.float32).mul_(s.repeat_interleave(bc, 1)[:, :cols])
+    return out
 
 
 def check_fp8(codes, scale_inv, block: tuple, name: str) -> None:
@@ -214,19 +223,21 @@ def check_fp8(codes, scale_inv, block: tuple, name: str) -> None:
     _check_scales(scale_inv, f"{name}_scale_inv")
 
 
-def dequantize_int4(packed, scale, shape_t, shape: tuple, name: str):
+def dequantize_int4(packed, scale, shape_t, out, name: str):
     import torch
     base = name.removesuffix(".weight")
-    rows, cols = shape
+    rows, cols = out.shape
     got = [int(v) for v in shape_t.reshape(-1)]
     if got != [rows, cols]:
         raise FinetuneError(f"{base}.weight_shape is {got}, the model built from config.json expects "
                             f"{[rows, cols]}")
     check_int4(packed, scale, rows, cols, base)
-    q = unpack_int4(packed, cols)
     group = cols // scale.shape[-1]
-    w = q.to(torch.float32).view(rows, cols // group, group)
-    return w.mul_(scale.to(torch.float32)[:, :, None]).view(rows, cols)
+    for r0 in range(0, rows, ROWS_PER_STEP):
+        r1 = min(rows, r0 + ROWS_PER_STEP)
+        w = unpack_int4(packed[r0:r1], cols).to(torch.float32).view(r1 - r0, cols // group, group)
+        out[r0:r1] = w.mul_(scale[r0:r1].to(torch.float32)[:, :, None]).view(r1 - r0, cols)
+    return out
 
 
 def check_int4(packed, scale, rows: int, cols: int, base: str) -> None:
