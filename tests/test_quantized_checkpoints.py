@@ -310,3 +310,32 @@ def test_finetune_fp8_weights_on_an_unquantized_checkpoint_is_refused(tokenizer_
     assert len(err) == 1 and "--weights fp8: 'fp8' is the format of FP8 checkpoints as published" in err[0], err
 
 
+
+
+def test_convert_with_a_prebuilt_layer():
+    """convert(module, layer=...) on an experts module whose weights are on the meta device gives
+    the same module as converting the weights (placeholders, PEFT target_parameters, outputs);
+    a layer of other sizes or kernel options next to it are refused."""
+    import copy
+
+    import ktmoe
+    model = tm.make_model("qwen3_moe")
+    plain = ktmoe.torch.patch(copy.deepcopy(model))
+    built = copy.deepcopy(model)
+    for name, m in [(n, m) for n, m in built.named_modules() if ktmoe.torch.experts.is_experts_module(m)]:
+        layer = ktmoe.MoEExperts(gate_up=m.gate_up_proj.detach().to(torch.bfloat16).contiguous(),
+                                 down=m.down_proj.detach().to(torch.bfloat16).contiguous())
+        m.gate_up_proj = torch.nn.Parameter(m.gate_up_proj.to("meta"), requires_grad=False)
+        m.down_proj = torch.nn.Parameter(m.down_proj.to("meta"), requires_grad=False)
+        with pytest.raises(ValueError, match=r"layer: a prebuilt layer has its own kernel options; got \['weights'\]"):
+            ktmoe.torch.experts.convert(m, name, layer=layer, weights="int8")
+        other = ktmoe.MoEExperts(gate_up=torch.zeros(4, 32, 32), down=torch.zeros(4, 32, 16))
+        with pytest.raises(ValueError, match=r"layer: E, H, I = \(4, 32, 16\) do not match"):
+            ktmoe.torch.experts.convert(m, name, layer=other)
+        ktmoe.torch.experts.convert(m, name, layer=layer, dtype=torch.bfloat16)
+        assert m.gate_up_proj.dtype == torch.bfloat16 and m.gate_up_proj.device.type == "cpu"
+    ids = tm.batch(seed=2)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, built(ids).logits)   # same kernel, same bf16 weights
+    a, b = tm.wrap_pair(plain, built, "qwen3_moe")
+    assert sorted(n for n, _ in a.named_parameters()) == sorted(n for n, _ in b.named_parameters())
