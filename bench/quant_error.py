@@ -7,8 +7,11 @@ B normal * 0.02 (nonzero, so every LoRA gradient is meaningful), scale 2), runs
 reference.moe_forward / moe_backward once with the bf16 weights and once per quantized
 format / activation mode, and prints a markdown table of the relative Frobenius error
 ||a - b|| / ||b|| (b: the bf16 reference) for y, dx, dw (router) and every LoRA gradient.
+fp8: reference.quantize_fp8 (scale = amax / 448 per 128 x 128 block, e4m3 round to nearest
+even), as the FP8 releases are made; "int4-full": reference.quantize_int4_full_range (codes
+over all of [-8, 7], scale = amax / 8), a published-style INT4 checkpoint.
 
-    python bench/quant_error.py [--tokens 256] [--seed 0]
+    python bench/quant_error.py [--tokens 256] [--seed 0] [--only "fp8 e4m3 block 128x128 weight-only"]
 
 Plain numpy (float64 math), so it takes minutes and ~10 GB of memory at the default size.
 """
@@ -34,6 +37,8 @@ CONFIGS = [   # (row label, format, group_size, activations)
     ("int4 g32 weight-only", "int4", 32, "bf16"),
     ("int8 W8A8", "int8", None, "int8"),
     ("int4 g128 W8A8", "int4", 128, "int8"),
+    ("fp8 e4m3 block 128x128 weight-only", "fp8", (128, 128), "bf16"),
+    ("int4 g32 codes [-8, 7] weight-only", "int4-full", 32, "bf16"),
 ]
 COLUMNS = ["y", "dx", "dw", "dA gate", "dB gate", "dA up", "dB up", "dA down", "dB down"]
 
@@ -77,6 +82,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", action="append", choices=[c[0] for c in CONFIGS],
+                    help="run only this row (repeatable; default: every row)")
     args = ap.parse_args()
 
     x, ids, weights, dy, base, lora = build_layer(args.tokens, args.seed)
@@ -87,8 +94,15 @@ def main():
 
     rows = []
     for label, fmt, gs, activations in CONFIGS:
+        if args.only and label not in args.only:
+            continue
         t0 = time.time()
-        quantized = tuple(reference.quantize(w, fmt, gs or 128) for w in base)
+        if fmt == "fp8":
+            quantized = tuple(reference.quantize_fp8(w, gs) for w in base)
+        elif fmt == "int4-full":
+            quantized = tuple(reference.quantize_int4_full_range(w, gs) for w in base)
+        else:
+            quantized = tuple(reference.quantize(w, fmt, gs or 128) for w in base)
         res = run(x, ids, weights, dy, quantized, lora, activations)
         rows.append((label, [rel_err(res[c], ref[c]) for c in COLUMNS]))
         del quantized, res

@@ -98,3 +98,22 @@ def _lora_grads(runner):
             which = "gate_up" if ".base_layer.lora_" in name else "down"
             out.setdefault(which, [None, None])[0 if "lora_A" in name else 1] = param.grad
     return {n: tuple(v) for n, v in out.items()}
+
+
+def test_weight_rows():
+    """`ktmoe bench --weights`: the bf16 ktmoe row always runs; each format adds its rows."""
+    assert bench.selected_rows(None) == bench.OURS and bench.selected_rows([]) == bench.OURS
+    assert bench.selected_rows(["fp8"]) == ("ktmoe", "ktmoe-fp8")
+    assert bench.selected_rows(["int4", "bf16"]) == ("ktmoe", "ktmoe-int4", "ktmoe-w4a8", "ktmoe-wT")
+
+
+def test_fp8_runner_matches_ktmoe(threads):
+    """ktmoe-fp8 runs the problem's weights as e4m3 codes with 128 x 128 block scales: its packed
+    bytes are 1.031x the format's (codes + block scales), and y is within fp8's quantization error
+    of bf16 ktmoe's (about 4-5 %, bench/quant_error.md: < 8 % here)."""
+    shape = bench.Shape("fp8-small", "qwen3_moe", 4, 256, 128, 2, 16)
+    p = bench.Problem(shape)
+    fp8, bf16 = bench.make_runner("ktmoe-fp8", p, threads), bench.make_runner("ktmoe", p, threads)
+    ratio = fp8.weight_bytes / p.raw_weight_bytes / bench.format_bytes_ratio(shape, "fp8")
+    assert abs(ratio - (1 + 4 / 128) / (1 + 4 * (1 / 128 ** 2))) < 1e-3 and ratio <= bench.TARGET_PACKED
+    assert bench.rel_error(fp8.fwdbwd().float(), bf16.fwdbwd().float()) < 0.08

@@ -18,7 +18,7 @@ from ._kernels import _core
 _NUMPY_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
                 np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
 NUMPY_DTYPES = {name: dt for dt, name in _NUMPY_NAMES.items()}
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "int32": 4, "int64": 8}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "int32": 4, "int64": 8, "int8": 1, "uint8": 1, "float8_e4m3fn": 1}
 _DLPACK_HOST = {1: "CPU", 3: "CUDA pinned host", 11: "ROCm pinned host"}  # DLPack device types in host memory
 
 

@@ -34,13 +34,20 @@ LORA_R = 16
 LORA_ALPHA = 32          # scale s = alpha / r = 2
 SEED = 0
 PASSES = ("fwd", "fwdbwd")
-IMPLS = ("ktmoe", "ktmoe-wT", "ktmoe-int8", "ktmoe-int4", "ktmoe-w8a8", "ktmoe-w4a8", "grouped", "eager")
+IMPLS = ("ktmoe", "ktmoe-wT", "ktmoe-int8", "ktmoe-int4", "ktmoe-w8a8", "ktmoe-w4a8", "ktmoe-fp8", "grouped", "eager")
 # ktmoe-wT: the opt-in transposed weight copy (2x weight memory). The quantized rows
-# (SPEC.md 5): (weights, activations); int4 with group size 128.
+# (SPEC.md 5): (weights, activations); int4 with group size 128; fp8: e4m3 codes with 128 x 128
+# block scales made from the bf16 weights by reference.quantize_fp8 (as the FP8 releases are
+# made) and taken by MoEExperts.from_quantized, weight-only.
 QUANTIZED = {"ktmoe-int8": ("int8", "bf16"), "ktmoe-int4": ("int4", "bf16"),
-             "ktmoe-w8a8": ("int8", "int8"), "ktmoe-w4a8": ("int4", "int8")}
+             "ktmoe-w8a8": ("int8", "int8"), "ktmoe-w4a8": ("int4", "int8"), "ktmoe-fp8": ("fp8", "bf16")}
 OURS = ("ktmoe", "ktmoe-wT", *QUANTIZED)
 INT4_GROUP = 128
+FP8_BLOCK = (128, 128)
+# `--weights`: the weight formats whose ktmoe rows run (the bf16 "ktmoe" row always runs: the
+# speed-up targets and the baselines' accuracy check compare against it)
+WEIGHT_ROWS = {"bf16": ("ktmoe", "ktmoe-wT"), "int8": ("ktmoe-int8", "ktmoe-w8a8"),
+               "int4": ("ktmoe-int4", "ktmoe-w4a8"), "fp8": ("ktmoe-fp8",)}
 BASELINES = ("eager", "grouped")
 
 # Targets of the kernel-throughput work this benchmark checks (on the 16-core AMX machine)
@@ -52,6 +59,8 @@ TARGET_PACKED = 1.05              # packed weights <= 1.05x raw bytes of their f
 TARGET_INT8_T16 = 1.7             # qwen3-16: int8 weight-only >= 1.7x bf16
 TARGET_INT4_T16 = 2.5             # qwen3-16: int4 weight-only >= 2.5x bf16
 TARGET_W8A8_T4096 = 1.7           # qwen3-4096: W8A8 >= 1.7x bf16 (the int8 peak is ~1.85x the bf16 one)
+TARGET_FP8_T16 = 1.7              # qwen3-16: fp8 >= 1.7x bf16 (half the weight bytes)
+TARGET_FP8_T4096 = 1 / 1.15       # qwen3-4096: fp8 within 1.15x of bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Shape:
 SHAPES = {s.name: s for s in (
     Shape("qwen3-16", "qwen3_moe", 128, 2048, 768, 8, 16),
     Shape("qwen3-256", "qwen3_moe", 128, 2048, 768, 8, 256),
+    Shape("qwen3-512", "qwen3_moe", 128, 2048, 768, 8, 512),
     Shape("qwen3-4096", "qwen3_moe", 128, 2048, 768, 8, 4096),
     Shape("dsv2-2048", "deepseek_v2", 64, 2048, 1408, 6, 2048),
     Shape("qwen3-8192", "qwen3_moe", 128, 2048, 768, 8, 8192),
@@ -262,6 +272,32 @@ class Problem:
         return layer_bytes(self.shape, self.hit, passes, self.r, weight_itemsize=weight_itemsize)
 
 
+def fp8_checkpoint(p: Problem):
+    """((codes, scales), (codes, scales)) of the problem's gate_up and down as an FP8 release holds
+    them: e4m3 codes and 128 x 128 block scales (gate's blocks, then up's), one expert at a time
+    through reference.quantize_fp8 (no full-size float32 temporary)."""
+    import numpy as np
+
+    from . import reference
+    torch = _torch()
+    E, H, I = p.shape.E, p.shape.H, p.shape.I
+    br, bc = FP8_BLOCK
+    nb = -(-I // br)
+    gu_codes = np.empty((E, 2 * I, H), np.uint8)
+    gu_scales = np.empty((E, 2 * nb, H // bc), np.float32)
+    d_codes = np.empty((E, H, I), np.uint8)
+    d_scales = np.empty((E, -(-H // br), I // bc), np.float32)
+    for e in range(E):
+        gu = p.gate_up[e].to(torch.float32).numpy()
+        for half in (0, 1):
+            q = reference.quantize_fp8(gu[half * I:(half + 1) * I], FP8_BLOCK)
+            gu_codes[e, half * I:(half + 1) * I] = q.q
+            gu_scales[e, half * nb:(half + 1) * nb] = q.scale
+        q = reference.quantize_fp8(p.down[e].to(torch.float32).numpy(), FP8_BLOCK)
+        d_codes[e], d_scales[e] = q.q, q.scale
+    return (gu_codes, gu_scales), (d_codes, d_scales)
+
+
 class KtmoeRunner:
     """ktmoe.MoEExperts with LoRA.peft on the problem's tensors (threads: `threads`);
     `transposed` turns on the opt-in transposed weight copy."""
@@ -272,10 +308,16 @@ class KtmoeRunner:
         import ktmoe
         torch = _torch()
         self.p = p
-        self.layer = ktmoe.MoEExperts(gate_up=p.gate_up, down=p.down, num_threads=threads,
-                                      max_tokens=max(p.shape.T, 1), transposed_weights=transposed,
-                                      weights=weights, activations=activations,
-                                      group_size=INT4_GROUP if weights == "int4" else None)
+        if weights == "fp8":
+            gate_up, down = fp8_checkpoint(p)
+            self.layer = ktmoe.MoEExperts.from_quantized("fp8", gate_up, down, block=FP8_BLOCK, num_threads=threads,
+                                                         max_tokens=max(p.shape.T, 1))
+            del gate_up, down
+        else:
+            self.layer = ktmoe.MoEExperts(gate_up=p.gate_up, down=p.down, num_threads=threads,
+                                          max_tokens=max(p.shape.T, 1), transposed_weights=transposed,
+                                          weights=weights, activations=activations,
+                                          group_size=INT4_GROUP if weights == "int4" else None)
         self.lora = ktmoe.LoRA.peft(gate_up=p.lora["gate_up"], down=p.lora["down"], scale=p.scale)
         self.grads = {n: tuple(torch.zeros_like(t) for t in ab) for n, ab in p.lora.items()}
         self.lora_grads = ktmoe.LoRA.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
@@ -586,12 +628,14 @@ def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
     by = {(r.shape, r.passes, r.impl): r for r in results}
     out = []
     for impl, shape, want in (("ktmoe-int8", "qwen3-16", TARGET_INT8_T16), ("ktmoe-int4", "qwen3-16", TARGET_INT4_T16),
-                              ("ktmoe-w8a8", "qwen3-4096", TARGET_W8A8_T4096)):
+                              ("ktmoe-w8a8", "qwen3-4096", TARGET_W8A8_T4096), ("ktmoe-fp8", "qwen3-16", TARGET_FP8_T16),
+                              ("ktmoe-fp8", "qwen3-4096", TARGET_FP8_T4096)):
         q, b = by.get((shape, "fwdbwd", impl)), by.get((shape, "fwdbwd", "ktmoe"))
         sp = b.seconds / q.seconds if q and b else None
-        out.append((impl, f"{shape} fwdbwd >= {want:g}x ktmoe bf16", f"{sp:.2f}x" if sp else "not run",
+        what = f">= {want:g}x ktmoe bf16" if want >= 1 else f"within {1 / want:.2f}x of ktmoe bf16"
+        out.append((impl, f"{shape} fwdbwd {what}", f"{sp:.2f}x" if sp else "not run",
                     "n.a." if sp is None else "PASS" if sp >= want else "FAIL"))
-    for impl in ("ktmoe-int8", "ktmoe-int4"):
+    for impl in ("ktmoe-int8", "ktmoe-int4", "ktmoe-fp8"):
         # packed bytes against the format's own raw bytes (codes + fp32 scales) and against bf16
         rows = [(r.weight_ratio, format_bytes_ratio(SHAPES[r.shape], QUANTIZED[impl][0]))
                 for r in results if r.impl == impl and r.weight_ratio is not None]
@@ -603,12 +647,16 @@ def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
 
 
 def format_bytes_ratio(shape: Shape, weights: str) -> float:
-    """Raw bytes of a quantized format (codes + one fp32 scale per row or per group of
-    INT4_GROUP columns) over raw bf16 bytes, for one expert's gate, up and down."""
+    """Raw bytes of a quantized format (codes + one fp32 scale per row, per group of INT4_GROUP
+    columns, or per FP8_BLOCK block) over raw bf16 bytes, for one expert's gate, up and down."""
     H, I = shape.H, shape.I
     rows = 2 * I + H
     if weights == "int8":
         return (3 * H * I + 4 * rows) / (6 * H * I)
+    if weights == "fp8":
+        br, bc = FP8_BLOCK
+        blocks = 2 * -(-I // br) * (H // bc) + -(-H // br) * (I // bc)
+        return (3 * H * I + 4 * blocks) / (6 * H * I)
     return (3 * H * I / 2 + 4 * (2 * I * H + H * I) / INT4_GROUP) / (6 * H * I)
 
 
@@ -664,6 +712,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baselines", type=comma_list(BASELINES, alone=("none",)), default=",".join(BASELINES),
                         help="comma-separated torch baselines run in the same process: eager,grouped (default), "
                              "one of them, or 'none'")
+    parser.add_argument("--weights", type=comma_list(tuple(WEIGHT_ROWS), alone=("all",)), default=None,
+                        help="comma-separated weight formats whose ktmoe rows run: bf16 (ktmoe, ktmoe-wT), int8 "
+                             "(ktmoe-int8, ktmoe-w8a8), int4 (ktmoe-int4, ktmoe-w4a8), fp8 (ktmoe-fp8), or 'all' "
+                             "(default); the bf16 ktmoe row always runs (the speed-ups are against it)")
     parser.add_argument("--threads", type=thread_count, default=None,
                         help="threads for ktmoe, torch and the roofline (default: $KTMOE_NUM_THREADS, else all "
                              "usable cores)")
@@ -696,6 +748,13 @@ def _check_run(args) -> tuple[int, str]:
     return threads, isa
 
 
+def selected_rows(weights) -> tuple:
+    """The ktmoe rows of `--weights` (a list of formats; None or [] = 'all'), bf16's "ktmoe" always."""
+    if not weights:
+        return OURS
+    return ("ktmoe", *(i for w in weights for i in WEIGHT_ROWS[w] if i != "ktmoe"))
+
+
 def run(args) -> int:
     import json
     shapes, passes, baselines = args.shapes, args.passes, args.baselines   # lists (cli.comma_list)
@@ -704,6 +763,7 @@ def run(args) -> int:
     except ValueError as e:
         print(f"ktmoe bench: error: {e}", file=sys.stderr)
         return 2
+    ours = selected_rows(args.weights)
     torch = _torch()
     torch.set_num_threads(threads)
     print(f"ktmoe bench: path {isa}, {threads} threads, torch {torch.__version__}, "
@@ -715,7 +775,7 @@ def run(args) -> int:
         p = Problem(SHAPES[name])
         print(f"{name}: E={p.shape.E} H={p.shape.H} I={p.shape.I} k={p.shape.k} T={p.shape.T}, "
               f"{p.hit} experts hit", flush=True)
-        for impl in [i for i in IMPLS if i in OURS or i in baselines]:
+        for impl in [i for i in IMPLS if i in ours or i in baselines]:
             runner = make_runner(impl, p, threads)
             ratio = runner.weight_bytes / p.raw_weight_bytes if impl in OURS else None
             for ps in passes:

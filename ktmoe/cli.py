@@ -135,9 +135,31 @@ def _problem(rng, E, H, I, T, k, r):
     return w, x, dy, ids, weights, lora
 
 
-VERIFY_FORMATS = [   # (label, weights, group_size, activations)
+VERIFY_FORMATS = [   # (label, weights, group_size, activations); "ckpt" and fp8: from_quantized codes
     ("bf16", "bf16", None, "bf16"), ("int8", "int8", None, "bf16"), ("int4/g32", "int4", 32, "bf16"),
-    ("w8a8", "int8", None, "int8"), ("w4a8/g32", "int4", 32, "int8")]
+    ("w8a8", "int8", None, "int8"), ("w4a8/g32", "int4", 32, "int8"),
+    ("fp8", "fp8", None, "bf16"), ("int4-ckpt/g32", "int4", 32, "bf16"), ("w4a8-ckpt/g32", "int4", 32, "int8")]
+FP8_BLOCK = (128, 128)
+
+
+def _verify_weights(label, fmt, group, base):
+    """(reference weights, MoEExperts arguments) of a format: quantized by the layer (the
+    reference quantizer gives the same codes), or, for fp8 and "-ckpt" rows, codes made here the
+    way a published checkpoint holds them (reference.quantize_fp8 with 128 x 128 blocks; int4
+    over all of [-8, 7], reference.quantize_int4_full_range) and taken by from_quantized."""
+    from . import reference
+    if fmt == "bf16":
+        return base, None
+    if fmt == "fp8":
+        Q = tuple(reference.quantize_fp8(b, FP8_BLOCK) for b in base)
+    elif label.startswith(("int4-ckpt", "w4a8-ckpt")):
+        Q = tuple(reference.quantize_int4_full_range(b, group) for b in base)
+    else:
+        return tuple(reference.quantize(b, fmt, **({"group_size": group} if group else {})) for b in base), None
+    pack = (lambda q: q) if fmt == "fp8" else reference.pack_int4
+    qg, qu, qd = Q
+    return Q, dict(gate_up=(np.concatenate([pack(qg.q), pack(qu.q)], axis=1), np.concatenate([qg.scale, qu.scale], 1)),
+                   down=(pack(qd.q), qd.scale), **({"block": FP8_BLOCK} if fmt == "fp8" else {}))
 VERIFY_COLUMNS = ("y", "dx", "dw", "dA gu", "dB gu", "dA dn", "dB dn")   # the errors each row prints
 
 
@@ -150,7 +172,7 @@ def cmd_verify(args) -> int:
     worst = 0.0
     print(f"relative Frobenius error against the numpy reference (tolerance {TOLERANCE:g}) of: y = output, "
           f"dx, dw = d topk_weights, dA/dB gu/dn = LoRA gradients of gate_up / down")
-    print(f"{'path':<9} {'weights':<9} {'E,H,I,T,k,r':<22} {'fwd ms':>8} {'bwd ms':>8}  "
+    print(f"{'path':<9} {'weights':<13} {'E,H,I,T,k,r':<22} {'fwd ms':>8} {'bwd ms':>8}  "
           + " ".join(f"{c:>7}" for c in VERIFY_COLUMNS))
     for E, H, I, T, k, r in VERIFY_SHAPES:
         w, x, dy, ids, weights, (ga, gb, da, db) = _problem(rng, E, H, I, T, k, r)
@@ -158,16 +180,19 @@ def cmd_verify(args) -> int:
         gu = np.asarray(w["gate_up"], np.float32)
         ref_lora = reference.LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale)
         for label, fmt, group, acts in formats:
-            if group and (H % group or I % group):
+            if group and (H % group or I % group) or fmt == "fp8" and (H % FP8_BLOCK[1] or I % FP8_BLOCK[1]):
                 continue
-            base = (gu[:, :I], gu[:, I:], w["down"])
-            if fmt != "bf16":   # the quantized reference: same codes, same rounding (SPEC.md 5-6)
-                base = tuple(reference.quantize(b, fmt, **({"group_size": group} if group else {})) for b in base)
+            # the quantized reference: same codes, same rounding (SPEC.md 5-6)
+            base, prequantized = _verify_weights(label, fmt, group, (gu[:, :I], gu[:, I:], w["down"]))
             y_ref, cache = reference.moe_forward(x, ids, weights, *base, lora=ref_lora, activations=acts)
             dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
             for isa in isas:
-                layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=threads,
-                                   weights=fmt, group_size=group, activations=acts)
+                if prequantized:
+                    layer = MoEExperts.from_quantized(fmt, **prequantized, isa=isa, num_threads=threads,
+                                                      activations=acts)
+                else:
+                    layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=threads,
+                                       weights=fmt, group_size=group, activations=acts)
                 grads = [np.zeros(a.shape, np.float32) for a in (ga, gb, da, db)]
                 t0 = time.perf_counter()
                 y = layer.forward(x, ids, weights, LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale),
@@ -180,7 +205,7 @@ def cmd_verify(args) -> int:
                         _rel(grads[2], g_ref["down"][0]), _rel(grads[3], g_ref["down"][1])]
                 worst = max(worst, *errs)
                 shape = f"{E},{H},{I},{T},{k},{r}"
-                print(f"{isa:<9} {label:<9} {shape:<22} {1e3 * (t1 - t0):8.2f} {1e3 * (t2 - t1):8.2f}  "
+                print(f"{isa:<9} {label:<13} {shape:<22} {1e3 * (t1 - t0):8.2f} {1e3 * (t2 - t1):8.2f}  "
                       + " ".join(f"{e:7.1e}" for e in errs))
     ok = worst <= TOLERANCE
     print(f"{'PASS' if ok else 'FAIL'}: largest relative error {worst:.2e} (tolerance {TOLERANCE:g})")

@@ -21,13 +21,13 @@ import threading
 
 import numpy as np
 
-from . import _cpu
+from . import _cpu, _ingest
 from ._buffers import Buffer, as_buffer, new_array
 from ._kernels import _core
 from .lora import LoRA
 
 FLOAT_DTYPES = ("float32", "bfloat16")
-WEIGHT_FORMATS = ("bf16", "int8", "int4")
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "fp8")   # fp8: from_quantized only
 ACTIVATION_MODES = ("bf16", "int8")
 GROUP_SIZES = (32, 64, 128)
 ID_DTYPES = ("int32", "int64")
@@ -73,6 +73,10 @@ class MoEExperts:
     values bf16(q * scale) in bf16 GEMMs) or "int8" (W8A8: activations quantized per row to
     int8 on the fly, int8 GEMMs with exact int32 sums). Forward and backward use the same
     stored values; reference/quant.py defines both modes exactly.
+
+    `MoEExperts.from_quantized(weights, gate_up, down, ...)` takes codes and scales that are
+    already quantized (a published INT4 / FP8 checkpoint) as they are, bit for bit: see its
+    docstring. FP8 (e4m3 codes with block scales, weight-only) exists only that way.
     """
 
     def __init__(self, gate_up=None, down=None, *, gate=None, up=None, max_tokens: int = 65536,
@@ -107,20 +111,72 @@ class MoEExperts:
         if not isinstance(transposed_weights, bool):
             raise TypeError(f"transposed_weights: must be True or False, got {transposed_weights!r}")
         group_size = _check_format(weights, group_size, activations, transposed_weights, H, I)
-        if num_threads is None:
-            num_threads = _cpu.default_num_threads()
-        if not isinstance(num_threads, (int, np.integer)) or not 1 <= num_threads <= 256:
-            raise ValueError(f"num_threads: must be an integer in [1, 256], got {num_threads!r}")
+        num_threads = _check_threads(num_threads)
         self.isa, self.isa_reason = _cpu.select_isa(isa)
         # gate and up are packed side by side per expert: their expert stride is 2*I*H when
         # fused, I*H when separate
         stride = 2 * I * H if gate_up is not None else I * H
-        self._layer = _core.Layer(E, H, I, self.isa, int(num_threads), g_addr, u_addr, stride, dtype,
+        self._layer = _core.Layer(E, H, I, self.isa, num_threads, g_addr, u_addr, stride, dtype,
                                   d.addr, d.dtype, transposed_weights, weights, group_size,
                                   activations == "int8")
         del keep
+        self._init_state(E, H, I, weights, group_size, None, activations, max_tokens, transposed_weights)
+
+    @classmethod
+    def from_quantized(cls, weights, gate_up=None, down=None, *, gate=None, up=None, group_size=None, block=None,
+                       int4_packing: str = "nibbles", max_tokens: int = 65536, num_threads: int | None = None,
+                       isa: str | None = None, activations: str = "bf16") -> "MoEExperts":
+        """A layer on codes and scales that are already quantized, taken as they are (SPEC.md 5).
+
+        Nothing is re-quantized: the stored codes equal the given ones bit for bit and the
+        scales their float32 values (quantized_weights() returns them). Each of gate_up
+        ([E, 2I, H], gate rows then up rows, as transformers v5 fuses them), down ([E, H, I])
+        and, instead of gate_up, gate= and up= ([E, I, H] each) is a (codes, scales) pair of
+        numpy arrays or CPU tensors (DLPack), C-contiguous; scales float32 or bfloat16, one dtype
+        for all, finite and >= 0. A weight is code * scale (for FP8, `weight_scale_inv` is this
+        scale); the weight-only kernels multiply by bf16(float32(code) * scale).
+
+        - weights="int8": codes int8 [E, rows, cols] in [-127, 127], scales [E, rows, 1].
+        - weights="int4": codes uint8 / int8 [E, rows, cols / 2], two per byte: column 2j in the
+          low nibble, 2j + 1 in the high one, 4-bit two's complement in [-8, 7]; scales
+          [E, rows, cols / group_size], group_size in {32, 64, 128} (None: from the scales'
+          shape). int4_packing="pack-quantized" reads compressed-tensors' `weight_packed`
+          instead: int32 [E, rows, cols / 8] (or those bytes as uint8 [E, rows, cols / 2]), code
+          + 8 as unsigned nibbles, element i of a row at bits 4i of its int32 word; its bytes
+          XORed with 0x88 are the default layout (the kernel applies the XOR while copying).
+        - weights="fp8": e4m3fn codes uint8 or float8_e4m3fn [E, rows, cols] (NaN codes 0x7f /
+          0xff raise, naming the position); block scales [E, ceil(rows / br), cols / bc] with
+          block=(br, bc), default (128, 128) (`quantization_config.weight_block_size`); bc a
+          multiple of 32 dividing 512, H and I; br >= 1. The fused gate_up's scales are gate's
+          [E, ceil(I / br), H / bc] followed by up's (the row block index restarts at row I).
+          Weight-only: activations="int8" raises. The kernel keeps a copy of each block's
+          scales per row: packed bytes = rows * cols + 4 * rows * cols / bc per matrix (1.031x
+          the codes + block scales for 128 x 128 blocks).
+
+        activations="int8" (W8A8) works for int8 and int4 as in the constructor. Memory: the
+        codes are copied once, straight into the packed layout (no intermediate copy); the
+        caller's arrays may be freed afterwards. Every check runs before anything is copied.
+        """
+        spec = _ingest.prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, activations)
+        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+            raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+        num_threads = _check_threads(num_threads)
+        self = cls.__new__(cls)
+        self.isa, self.isa_reason = _cpu.select_isa(isa)
+        E, H, I = spec["E"], spec["H"], spec["I"]
+        self._layer = _core.Layer(E, H, I, self.isa, num_threads, 0, 0, 0, "float32", 0, "float32", False,
+                                  weights, spec["group"], activations == "int8", sources=spec["sources"])
+        del spec["keep"]
+        self._init_state(E, H, I, weights, spec["group"] if weights == "int4" else 0, spec["block"], activations,
+                         max_tokens, False)
+        self.prequantized = True
+        return self
+
+    def _init_state(self, E, H, I, weights, group_size, block, activations, max_tokens, transposed_weights):
         self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
         self.weights, self.group_size, self.activations = weights, group_size, activations
+        self.block = block     # fp8: (rows, cols) of one scale block; else None
+        self.prequantized = False   # True for a layer made by from_quantized (codes taken as given)
         self.max_tokens = int(max_tokens)
         self.transposed_weights = transposed_weights
         self._pending = None   # (kind, result, keep-alive) of a submitted call
@@ -172,18 +228,22 @@ class MoEExperts:
 
     def quantized_weights(self, proj: str):
         """(q, scale) of projection proj ("gate", "up" or "down") as numpy arrays: the stored
-        int8 values one per element, q [E, rows, cols] int8, and scale [E, rows, groups]
-        float32 (groups = 1 for int8). Raises for bf16 weights."""
+        values one per element, q [E, rows, cols] int8, and scale [E, rows, groups] float32
+        (groups = 1 for int8). fp8: q is the uint8 e4m3fn codes [E, rows, cols] and scale the
+        block scales [E, ceil(rows / br), cols / bc] float32 (the first row's copy of each
+        block's; every row of a block holds the same). Raises for bf16 weights."""
         if proj not in ("gate", "up", "down"):
             raise ValueError(f"proj: must be 'gate', 'up' or 'down', got {proj!r}")
         if self.weights == "bf16":
             raise ValueError("quantized_weights: this layer holds bf16 weights (weights='bf16')")
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         rows, cols = (H, I) if proj == "down" else (I, H)
-        groups = 1 if self.weights == "int8" else cols // self.group_size
-        q = np.empty((E, rows, cols), np.int8)
+        groups = 1 if self.weights == "int8" else cols // (self.block[1] if self.weights == "fp8" else self.group_size)
+        q = np.empty((E, rows, cols), np.uint8 if self.weights == "fp8" else np.int8)
         scale = np.empty((E, rows, groups), np.float32)
         self._layer.export_quantized(proj, q.ctypes.data, scale.ctypes.data)
+        if self.weights == "fp8":
+            scale = np.ascontiguousarray(scale[:, ::self.block[0]])
         return q, scale
 
     def saved_bytes_per_token(self, k: int, lora_rank: int = 0) -> int:
@@ -194,7 +254,7 @@ class MoEExperts:
     def __repr__(self) -> str:
         fmt = "" if self.weights == "bf16" else (
             f", weights={self.weights!r}" + (f", group_size={self.group_size}" if self.weights == "int4" else "")
-            + f", activations={self.activations!r}")
+            + (f", block={self.block}" if self.weights == "fp8" else "") + f", activations={self.activations!r}")
         return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}{fmt}, "
                 f"isa={self.isa!r}, num_threads={self.num_threads})")
 
@@ -373,6 +433,10 @@ def _check_format(weights, group_size, activations, transposed_weights, H: int, 
         raise ValueError(f"weights: must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
     if not isinstance(activations, str) or activations not in ACTIVATION_MODES:
         raise ValueError(f"activations: must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
+    if weights == "fp8":
+        raise ValueError("weights: 'fp8' codes come from pre-quantized checkpoints: use "
+                         "MoEExperts.from_quantized('fp8', (codes, scales), (codes, scales)); this constructor "
+                         "quantizes bf16 / fp32 weights to 'int8' or 'int4'")
     if activations == "int8" and weights == "bf16":
         raise ValueError("activations: 'int8' (W8A8) needs quantized weights (weights='int8' or 'int4')")
     if transposed_weights and weights != "bf16":
@@ -389,6 +453,14 @@ def _check_format(weights, group_size, activations, transposed_weights, H: int, 
         if n % group_size:
             raise ValueError(f"group_size: {group_size} does not divide {name} = {n}")
     return int(group_size)
+
+
+def _check_threads(num_threads) -> int:
+    if num_threads is None:
+        num_threads = _cpu.default_num_threads()
+    if not isinstance(num_threads, (int, np.integer)) or not 1 <= num_threads <= 256:
+        raise ValueError(f"num_threads: must be an integer in [1, 256], got {num_threads!r}")
+    return int(num_threads)
 
 
 def _read_id(ids: Buffer, index: int) -> int:

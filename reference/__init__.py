@@ -14,11 +14,19 @@ Quantized weights (SPEC.md section 5, reference/quant.py):
     y, cache = reference.moe_forward(x, ids, w, Qg, Qu, Qd, lora)                      # weight-only
     y, cache = reference.moe_forward(x, ids, w, Qg, Qu, Qd, lora, activations="int8")  # W8A8
 
+Pre-quantized weights as published (reference/quant.py): reference.int4_weight(q, scale)
+for INT4 codes in [-8, 7] (pack_int4 / pack_quantized give ktmoe's and compressed-tensors'
+packings), reference.fp8_weight(codes, block_scales, block) and reference.quantize_fp8(w) for
+FP8 e4m3 codes with block scales (decode_fp8 decodes exactly); weight-only.
+
 Checked in tests/test_reference_quant.py.
 """
 from .lora import LoRA
 from .moe import moe_backward, moe_forward, sigmoid
-from .quant import QuantizedWeight, qlinear, qlinear_t, quantize, quantize_rows
+from .quant import (FP8Weight, QuantizedWeight, decode_fp8, fp8_weight, int4_weight, pack_int4, pack_quantized,
+                    qlinear, qlinear_t, quantize, quantize_fp8, quantize_int4_full_range, quantize_rows, unpack_int4, unpack_pack_quantized)
 
 __all__ = ["LoRA", "moe_forward", "moe_backward", "sigmoid",
-           "QuantizedWeight", "quantize", "quantize_rows", "qlinear", "qlinear_t"]
+           "QuantizedWeight", "quantize", "quantize_rows", "qlinear", "qlinear_t",
+           "FP8Weight", "decode_fp8", "fp8_weight", "quantize_fp8", "int4_weight", "pack_int4", "unpack_int4",
+           "pack_quantized", "unpack_pack_quantized", "quantize_int4_full_range"]

@@ -12,7 +12,8 @@ rounding is negligible next to a kernel's fp32 accumulation. Results are float64
     y_t = sum_j w_tj D_{e_tj}[t]                      id -1: the slot contributes nothing
 
 Quantized base weights (reference.quantize: INT8 / INT4 QuantizedWeight for all three
-projections) run in one of two modes, chosen by `activations`:
+projections; reference.int4_weight / fp8_weight / quantize_fp8 for pre-quantized INT4 and
+FP8 weights, FP8 weight-only) run in one of two modes, chosen by `activations`:
 
 - "bf16" (weight-only, the default): the math above, unchanged, with W = Qw.dequantize()
   (the bf16 weights a kernel expands its codes to), in forward and backward.
@@ -77,6 +78,8 @@ def _base_weights(w_gate, w_up, w_down, activations):
     if activations == "int8":
         if not all(quantized):
             raise ValueError("activations='int8' (W8A8) needs QuantizedWeights for w_gate, w_up, w_down")
+        if any(W.format == "fp8" for W in weights.values()):
+            raise ValueError("activations='int8' (W8A8) is not defined for FP8 weights (weight-only)")
         return tuple(weights.values())
     if all(quantized):
         return tuple(_f64(W.dequantize()) for W in weights.values())   # weight-only mode

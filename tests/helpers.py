@@ -111,10 +111,63 @@ def reference_weights(layer_kwargs):
     return tuple(to_numpy(layer_kwargs[n]) for n in ("gate", "up", "down"))
 
 
+def make_prequantized(rng, fmt, E, H, I, *, group_size=32, block=(128, 128), fused=True,
+                      scale_dtype=np.float32, packing="nibbles"):
+    """Layer arguments for MoEExperts.from_quantized, as a published checkpoint holds them, with
+    the reference's weights: {"from_quantized": kwargs, "reference": (Qg, Qu, Qd)}.
+
+    fmt "int4": random codes over all of [-8, 7] (-8 included) and random scales (bf16 or fp32
+    as scale_dtype), packed as ktmoe's nibbles or compressed-tensors' int32 words (packing);
+    "fp8": make_weights quantized by reference.quantize_fp8 with `block` (codes over the whole
+    e4m3 range, subnormals included); "int8": reference.quantize's codes given as they are.
+    Weights are O(1 / sqrt(fan_in)) like make_weights'."""
+    if fmt == "fp8":
+        w = make_weights(rng, E, H, I, dtype=np.float32, fused=False)
+        Q = tuple(reference.quantize_fp8(w[n], block) for n in ("gate", "up", "down"))
+        pack = lambda q: q.q.view(ml_dtypes.float8_e4m3fn)       # noqa: E731  (the dtype a checkpoint has)
+        scales = [q.scale.astype(scale_dtype) for q in Q]
+        Q = tuple(reference.fp8_weight(q.q, s, block) for q, s in zip(Q, scales))
+        opts = {"block": block}
+    elif fmt == "int8":
+        w = make_weights(rng, E, H, I, dtype=np.float32, fused=False)
+        Q = tuple(reference.quantize(w[n], "int8") for n in ("gate", "up", "down"))
+        pack = lambda q: q.q                                      # noqa: E731
+        scales = [q.scale.astype(scale_dtype) for q in Q]
+        Q = tuple(reference.QuantizedWeight(q.q, s.astype(np.float32), "int8", q.group_size, q.shape)
+                  for q, s in zip(Q, scales))
+        opts = {}
+    else:
+        def one(rows, cols):
+            q = rng.integers(-8, 8, (E, rows, cols)).astype(np.int8)
+            q[:, 0, :2] = (-8, 7)
+            s = rng.uniform(0.5, 1.5, (E, rows, cols // group_size)) / (4.6 * np.sqrt(cols))
+            return reference.int4_weight(q, s.astype(scale_dtype), group_size)
+        Q = (one(I, H), one(I, H), one(H, I))
+        if packing == "pack-quantized":
+            pack = lambda q: reference.pack_quantized(q.q)        # noqa: E731
+        else:
+            pack = lambda q: reference.pack_int4(q.q)             # noqa: E731
+        scales = [q.scale.astype(scale_dtype) for q in Q]
+        opts = {"group_size": group_size, "int4_packing": packing}
+    codes = [pack(q) for q in Q]
+    if fused:
+        kw = dict(gate_up=(np.concatenate(codes[:2], axis=1), np.concatenate(scales[:2], axis=1)))
+    else:
+        kw = dict(gate=(codes[0], scales[0]), up=(codes[1], scales[1]))
+    return {"from_quantized": dict(weights=fmt, down=(codes[2], scales[2]), **kw, **opts), "reference": Q}
+
+
 def quantized_reference(layer_kwargs, layer):
     """(Wg, Wu, Wd) for the reference: arrays (bf16 layer) or reference.QuantizedWeight's made
-    by the reference quantizer (quantized layer). For a quantized layer the kernel's stored
-    values and scales must equal the reference quantizer's bit for bit."""
+    by the reference quantizer (quantized layer), or given (pre-quantized layer, layer_kwargs
+    from make_prequantized). For a quantized layer the kernel's stored values and scales must
+    equal the reference's bit for bit."""
+    if "reference" in layer_kwargs:
+        for proj, qw in zip(("gate", "up", "down"), layer_kwargs["reference"]):
+            q, scale = layer.quantized_weights(proj)
+            assert np.array_equal(q, qw.q), f"{proj}: kernel's stored codes differ from the given ones"
+            assert np.array_equal(scale, qw.scale.reshape(scale.shape)), f"{proj}: kernel's scales differ from the given ones"
+        return layer_kwargs["reference"]
     weights = reference_weights(layer_kwargs)
     if layer.weights == "bf16":
         return weights
@@ -134,6 +187,8 @@ def path_name(layer):
     if layer.weights == "bf16":
         return layer.isa
     fmt = layer.weights + (f"/g{layer.group_size}" if layer.weights == "int4" else "")
+    fmt += f"/b{layer.block[0]}x{layer.block[1]}" if layer.weights == "fp8" else ""
+    fmt += " ckpt" if layer.prequantized and layer.weights != "fp8" else ""
     return f"{layer.isa} {fmt}{' w8a8' if layer.activations == 'int8' else ''}"
 
 
@@ -182,7 +237,10 @@ def assert_matches_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=No
     accumulated increment must equal backward_calls x the reference gradient.
     """
     rng = np.random.default_rng(seed)
-    if layer is None:
+    if layer is None and "from_quantized" in layer_kwargs:
+        layer = ktmoe.MoEExperts.from_quantized(**layer_kwargs["from_quantized"], isa=isa,
+                                                activations=layer_kwargs.get("activations", "bf16"))
+    elif layer is None:
         layer = ktmoe.MoEExperts(**layer_kwargs, isa=isa)
     isa = path_name(layer)
     T, H = x.shape

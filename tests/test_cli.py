@@ -76,6 +76,8 @@ def test_bench_repeat(capsys, value, why):
     ("--baselines", "nosuch", ["unknown 'nosuch'", "grouped"]),
     ("--baselines", "none,eager", ["none cannot be combined"]),
     ("--baselines", "eager,eager", ["given more than once"]),
+    ("--weights", "fp4", ["unknown 'fp4'", "fp8"]),
+    ("--weights", "all,fp8", ["all cannot be combined"]),
 ])
 def test_bench_names(capsys, flag, value, words):
     assert_usage_error(capsys, ["bench", flag, value], flag, *words)
@@ -127,7 +129,7 @@ def test_verify_threads(capsys, value, why):
 
 
 def test_verify_weights(capsys):
-    assert_usage_error(capsys, ["verify", "--weights", "fp8"], "--weights", "'fp8'")
+    assert_usage_error(capsys, ["verify", "--weights", "fp4"], "--weights", "'fp4'")
 
 
 def test_verify_threads_env(capsys, monkeypatch):

@@ -7,7 +7,7 @@ an inaccessible page: `after` puts the array's last byte right before a PROT_NON
 faults (SIGSEGV kills the test run, faulthandler names the test). Each call runs
 ktmoe.MoEExperts forward (keep_for_backward, LoRA) and backward on every ISA path this CPU
 has, for every weight format and activation mode, over edge shapes (odd H, I, r; T = 1;
-k = 1; -1 slots). The guarded call's results must also equal, bit for bit, the same call
+k = 1; -1 slots), pre-quantized fp8 / int4 codes and scales included. The guarded call's results must also equal, bit for bit, the same call
 on ordinary numpy arrays (a kernel that read bytes outside the array would differ).
 test_guard_page_faults checks that the guard itself works (touching it kills a forked child).
 """
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, make_lora, make_routing, make_weights, ktmoe_lora
+from helpers import BF16, make_lora, make_prequantized, make_routing, make_weights, ktmoe_lora
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,7 +74,9 @@ def test_guard_page_faults():
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, (side, status)
 
 
-# (name, E, H, I, r, T, k, minus_one, weight format, group size); int4 groups must divide H and I
+# (name, E, H, I, r, T, k, minus_one, weight format, group size); int4 groups must divide H and I;
+# fp8 / int4-ckpt: MoEExperts.from_quantized codes and scales (fp8: group size = the column block,
+# row block 5), guarded too
 CASES = [
     ("odd_17_9_r1_T1_k1", 3, 17, 9, 1, 1, 1, 0.0, "bf16", None),
     ("odd_41_23_r3_minus1", 4, 41, 23, 3, 9, 2, 0.3, "bf16", None),
@@ -84,8 +86,11 @@ CASES = [
     ("int4g32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "int4", 32),
     ("int4g64_128_64_r1_T1_k1", 2, 128, 64, 1, 1, 1, 0.0, "int4", 64),
     ("int4g128_128_128_r5_k3", 4, 128, 128, 5, 5, 3, 0.2, "int4", 128),
+    ("fp8b32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "fp8", 32),
+    ("fp8b64_128_64_r1_T1_k1", 2, 128, 64, 1, 1, 1, 0.0, "fp8", 64),
+    ("int4ckpt_g32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "int4-ckpt", 32),
 ]
-PARAMS = [(c, a) for c in CASES for a in (("bf16",) if c[8] == "bf16" else ("bf16", "int8"))]
+PARAMS = [(c, a) for c in CASES for a in (("bf16",) if c[8] in ("bf16", "fp8") else ("bf16", "int8"))]
 
 
 def _problem(case, seed):
@@ -105,13 +110,24 @@ def _problem(case, seed):
     lora = make_lora(rng, layout, E, H, I, ranks, dtype=BF16 if seed % 4 < 2 else np.float32)
     grads = {n: (np.full(A.shape, 0.25, A.dtype), np.full(B.shape, -0.5, B.dtype))
              for n, (A, B) in lora.params.items()}
-    return dict(weights=weights, ids=ids, w=w, x=x, dy=dy, lora=lora, grads=grads, fmt=fmt, group=group)
+    pre = None
+    if fmt in ("fp8", "int4-ckpt"):
+        pre = make_prequantized(rng, fmt[:4] if fmt == "int4-ckpt" else fmt, E, H, I, group_size=group,
+                                block=(5, group), fused=bool(odd), scale_dtype=BF16 if odd else np.float32,
+                                packing="pack-quantized" if odd else "nibbles")["from_quantized"]
+    return dict(weights=weights, ids=ids, w=w, x=x, dy=dy, lora=lora, grads=grads, fmt=fmt, group=group, pre=pre)
 
 
 def _run(p, isa, activations, place):
     """Load, forward, backward with every array passed through `place` (identity or guarded)."""
-    layer = ktmoe.MoEExperts(**{n: place(a) for n, a in p["weights"].items()}, isa=isa,
-                             weights=p["fmt"], group_size=p["group"], activations=activations)
+    if p["pre"] is not None:
+        layer = ktmoe.MoEExperts.from_quantized(
+            **{n: tuple(place(a) for a in v) if n in ("gate_up", "gate", "up", "down") else v
+               for n, v in p["pre"].items()},
+            isa=isa, activations=activations)
+    else:
+        layer = ktmoe.MoEExperts(**{n: place(a) for n, a in p["weights"].items()}, isa=isa,
+                                 weights=p["fmt"], group_size=p["group"], activations=activations)
     lora = ktmoe_lora(p["lora"], {n: (place(A), place(B)) for n, (A, B) in p["lora"].params.items()})
     grads = {n: (place(A), place(B)) for n, (A, B) in p["grads"].items()}
     T, H = p["x"].shape

@@ -10,8 +10,11 @@ mode (bf16, int8 = W8A8). Each example goes through helpers.assert_matches_refer
 one harness: y, dx, dw, every LoRA gradient at relative error <= 1e-2 and cosine >= 0.9999,
 SPEC.md 6) on every path of ktmoe.available_isas().
 
+Pre-quantized weights (MoEExperts.from_quantized: fp8 with a drawn block, int4 codes over all
+of [-8, 7] in either packing, fp32 / bf16 scales) get their own test with 2/5 as many examples.
+
 Deterministic (derandomize=True, no example database) and bounded for CI: KTMOE_PROPERTY_EXAMPLES
-examples per test (default 25, two tests). Run more with e.g.
+examples per test (default 25 for the bf16 and quantized tests, 10 for the pre-quantized one). Run more with e.g.
 `KTMOE_PROPERTY_EXAMPLES=250 pytest tests/test_properties.py`.
 A token listing the same expert twice is not refused by ktmoe.MoEExperts (it is summed like
 two slots, as the reference does): test_duplicate_experts_in_a_token checks that it matches.
@@ -23,9 +26,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, make_lora, make_routing, make_weights
+from helpers import BF16, assert_matches_reference, make_lora, make_prequantized, make_routing, make_weights
 
 EXAMPLES = int(os.environ.get("KTMOE_PROPERTY_EXAMPLES", "25"))
+PREQUANTIZED_EXAMPLES = max(1, EXAMPLES * 2 // 5)   # fp8 / published int4: 10 by default
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
                     suppress_health_check=list(HealthCheck), print_blob=True)
 DT = {"bf16": BF16, "fp32": np.float32}
@@ -52,7 +56,13 @@ def sizes(draw, group):
 
 @st.composite
 def problems(draw, quantized):
-    if quantized:
+    block = None
+    if quantized == "prequantized":   # MoEExperts.from_quantized: fp8 blocks, or int4 codes over [-8, 7]
+        fmt = draw(st.sampled_from(["fp8", "int4"]))
+        group = draw(st.sampled_from([32, 64, 128]))
+        activations = draw(st.sampled_from(["bf16", "int8"])) if fmt == "int4" else "bf16"
+        block = (draw(st.sampled_from([1, 7, 32, 128])), group) if fmt == "fp8" else None
+    elif quantized:
         fmt = draw(st.sampled_from(["int8", "int4"]))
         group = draw(st.sampled_from([32, 64, 128])) if fmt == "int4" else None
         activations = draw(st.sampled_from(["bf16", "int8"]))
@@ -64,7 +74,9 @@ def problems(draw, quantized):
     T = draw(st.one_of(st.integers(MIN_LIVE, 48), st.integers(100, 300)))
     r = draw(st.one_of(st.just(1), st.integers(1, 9)))
     return dict(
-        fmt=fmt, group=group, activations=activations, E=E, H=H, I=I, k=k, T=T, r=r,
+        fmt=fmt, group=group, activations=activations, block=block, E=E, H=H, I=I, k=k, T=T, r=r,
+        prequantized=quantized == "prequantized",
+        packing=draw(st.sampled_from(["nibbles", "pack-quantized"])) if quantized == "prequantized" else None,
         minus_one=draw(st.sampled_from([0.0, 0.0, 0.1, 0.25])),
         dead_token=draw(st.booleans()),
         hot=draw(st.booleans()) and E > k,
@@ -109,6 +121,10 @@ def build(p):
         ranks = {n: (r if p["projections"] == "all" else int(rng.integers(1, r + 1))) for n in names}
         lora = make_lora(rng, p["layout"], E, H, I, ranks, dtype=DT[p["ldt"]], zero_B=p["zero_B"])
     kwargs = dict(weights, weights=p["fmt"], group_size=p["group"], activations=p["activations"])
+    if p["prequantized"]:   # the codes and scales of a published checkpoint (helpers.make_prequantized)
+        kwargs = make_prequantized(rng, p["fmt"], E, H, I, group_size=p["group"], block=p["block"], fused=fused,
+                                   scale_dtype=DT[p["wdt"]], packing=p["packing"])
+        kwargs["activations"] = p["activations"]
     return kwargs, x, ids, w, lora
 
 
@@ -127,6 +143,12 @@ def test_bf16_weights_match_reference(p):
 @SETTINGS
 @given(problems(quantized=True))
 def test_quantized_weights_match_reference(p):
+    check_all_isas(p)
+
+
+@settings(SETTINGS, max_examples=PREQUANTIZED_EXAMPLES)
+@given(problems(quantized="prequantized"))
+def test_prequantized_weights_match_reference(p):
     check_all_isas(p)
 
 

@@ -72,6 +72,8 @@ def test_patch_checks_the_format_before_converting_anything():
     with pytest.raises(ValueError, match="group_size: 32 does not divide I"):
         ktmoe.torch.patch(model, weights="int4", group_size=32)
     with pytest.raises(ValueError, match="weights: must be one of"):
+        ktmoe.torch.patch(model, weights="fp4")
+    with pytest.raises(ValueError, match="weights: 'fp8' codes come from pre-quantized checkpoints"):
         ktmoe.torch.patch(model, weights="fp8")
     assert not tm.experts_modules(model)                  # nothing was converted
     kt = ktmoe.torch.patch(model, weights="int8")

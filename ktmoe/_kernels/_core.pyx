@@ -30,6 +30,17 @@ cdef extern from "ktmoe.h":
                               const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                               const void *down, int down_dtype, int transposed,
                               int wformat, int group_size, int act_int8, int *status)
+    ctypedef struct kt_qsource:
+        const void *codes
+        long codes_stride
+        const void *scales
+        long scales_stride
+    kt_layer *kt_layer_create_quantized(int E, int H, int I, int isa, int num_threads, int wformat,
+                                        const kt_qsource *gate, const kt_qsource *up, const kt_qsource *down,
+                                        int scale_dtype, int block_rows, int group, int code_xor, int act_int8,
+                                        int *status) nogil
+    long kt_find_byte(const void *p, long n, int mask, int value) nogil
+    long kt_find_bad_scale(const void *p, int dtype, long n) nogil
     int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale) nogil
     void kt_layer_destroy(kt_layer *L) nogil
     size_t kt_layer_weight_bytes(const kt_layer *L)
@@ -91,7 +102,7 @@ cdef extern from *:
 
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "int32": 2, "int64": 3}
 ISA_CODES = {"portable": 0, "avx512": 1, "amx": 2}
-WEIGHT_FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+WEIGHT_FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3}
 PROJ_CODES = {"gate": 0, "up": 1, "down": 2}
 
 _DL_NAMES = {(0, 32): "int32", (0, 64): "int64", (2, 32): "float32", (4, 16): "bfloat16",
@@ -127,6 +138,23 @@ def amx_request_permission():
 
 def saved_bytes_per_token(int H, int I, int k, int lora_ranks):
     return kt_saved_bytes_per_token(H, I, k, lora_ranks)
+
+
+def find_byte(size_t p, long n, int mask, int value):
+    """Index of the first of n bytes at p with (byte & mask) == value, or -1 (GIL released)."""
+    cdef long r
+    with nogil:
+        r = kt_find_byte(<const void *>p, n, mask, value)
+    return r
+
+
+def find_bad_scale(size_t p, str dtype, long n):
+    """Index of the first of n scales at p that is NaN, Inf or negative, or -1 (GIL released)."""
+    cdef long r
+    cdef int code = DTYPE_CODES[dtype]
+    with nogil:
+        r = kt_find_bad_scale(<const void *>p, code, n)
+    return r
 
 
 def find_bad_id(size_t ids, str dtype, long n, int E):
@@ -165,12 +193,30 @@ cdef class Layer:
 
     def __cinit__(self, int E, int H, int I, str isa, int num_threads, size_t gate, size_t up,
                   long gate_up_expert_stride, str w_dtype, size_t down, str down_dtype, bint transposed=False,
-                  str weights="bf16", int group_size=0, bint act_int8=False):
+                  str weights="bf16", int group_size=0, bint act_int8=False, tuple sources=None):
+        """sources (pre-quantized weights, kt_layer_create_quantized): (gate, up, down, scale dtype,
+        block_rows, code_xor), each of gate / up / down = (codes address, codes expert stride in
+        bytes, scales address, scales expert stride in elements); gate, up, ... w_dtype, down,
+        down_dtype are then unused."""
         cdef int status = 0
-        self.L = kt_layer_create(E, H, I, ISA_CODES[isa], num_threads, <const void *>gate,
-                                 <const void *>up, gate_up_expert_stride, DTYPE_CODES[w_dtype],
-                                 <const void *>down, DTYPE_CODES[down_dtype], transposed,
-                                 WEIGHT_FORMATS[weights], group_size, act_int8, &status)
+        cdef kt_qsource src[3]
+        cdef int sdt, br, xor, wf = WEIGHT_FORMATS[weights], ic = ISA_CODES[isa]
+        if sources is not None:
+            for i in range(3):
+                c, cs, sc, ss = sources[i]
+                src[i].codes = <const void *><size_t>c
+                src[i].codes_stride = cs
+                src[i].scales = <const void *><size_t>sc
+                src[i].scales_stride = ss
+            sdt, br, xor = DTYPE_CODES[sources[3]], sources[4], sources[5]
+            with nogil:
+                self.L = kt_layer_create_quantized(E, H, I, ic, num_threads, wf, &src[0], &src[1], &src[2],
+                                                   sdt, br, group_size, xor, act_int8, &status)
+        else:
+            self.L = kt_layer_create(E, H, I, ic, num_threads, <const void *>gate,
+                                     <const void *>up, gate_up_expert_stride, DTYPE_CODES[w_dtype],
+                                     <const void *>down, DTYPE_CODES[down_dtype], transposed,
+                                     wf, group_size, act_int8, &status)
         if self.L == NULL:
             if status == -4:
                 raise ValueError("gate_up: contains NaN or Inf; such weights cannot be quantized")

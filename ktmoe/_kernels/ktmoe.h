@@ -14,7 +14,7 @@
 enum kt_dtype { KT_F32 = 0, KT_BF16 = 1, KT_I32 = 2, KT_I64 = 3 };
 enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX512 = 1, KT_ISA_AMX = 2 };
 enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
-enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2 };
+enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_FP8 = 3 };
 
 /* A strided 3-d tensor view [E, rows, cols]; strides in elements. */
 typedef struct {
@@ -61,9 +61,38 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                           const void *down, int down_dtype, int transposed,
                           int wformat, int group_size, int act_int8, int *status);
-/* Copies the quantized values (one int8 per value, in [-127, 127]) and scales of
- * projection `proj` (KT_GATE, KT_UP, KT_DOWN) in the caller's order: q [E, rows, cols],
- * scale [E, rows, cols / group]. Returns 0, or -1 if the layer is not quantized. */
+/* Pre-quantized weights taken as they are (no re-quantization; SPEC.md 5): the codes and
+ * scales of gate, up [E, I, H] and down [E, H, I], one kt_qsource each (gate and up may
+ * point into one fused [E, 2I, H] array, like kt_layer_create's). Code rows are contiguous:
+ * wformat KT_W_INT8: int8 codes in [-127, 127], one byte per value; KT_W_INT4: two codes per
+ * byte, column 2j in the low nibble and 2j + 1 in the high one, 4-bit two's complement (-8
+ * allowed), each byte XORed with code_xor first (0x88 turns compressed-tensors' unsigned
+ * code + 8 nibbles into these); KT_W_FP8: e4m3fn codes, one byte per value (NaN codes must
+ * have been rejected by the caller). Scales (scale_dtype KT_F32 or KT_BF16, finite, checked
+ * by the caller) per expert [ceil(rows / block_rows), cols / group], row-major: the scale of
+ * (row, col) is scales[row / block_rows][col / group]; group = 0 means the whole row (int8).
+ * int8 / int4 have block_rows = 1; fp8 keeps a per-row copy of its block scales (group =
+ * the block's columns, a multiple of 32 dividing H, I and 512). act_int8: W8A8 (int8 / int4).
+ * Returns NULL and *status = -2 on OOM, else the layer and *status = 0. */
+typedef struct {
+    const void *codes;
+    long codes_stride;  /* bytes from one expert's codes to the next */
+    const void *scales;
+    long scales_stride; /* elements from one expert's scales to the next */
+} kt_qsource;
+kt_layer *kt_layer_create_quantized(int E, int H, int I, int isa, int num_threads, int wformat,
+                                    const kt_qsource *gate, const kt_qsource *up, const kt_qsource *down,
+                                    int scale_dtype, int block_rows, int group, int code_xor, int act_int8,
+                                    int *status);
+/* Index of the first of n bytes with (byte & mask) == value, or -1 (fp8 NaN codes: mask and
+ * value 0x7f; int8 code -128: 0xff, 0x80). */
+long kt_find_byte(const void *p, long n, int mask, int value);
+/* Index of the first of n scales (KT_F32 / KT_BF16) that is NaN, Inf or negative, or -1. */
+long kt_find_bad_scale(const void *p, int dtype, long n);
+/* Copies the stored codes and scales of projection `proj` (KT_GATE, KT_UP, KT_DOWN) in the
+ * caller's order: q [E, rows, cols] one byte per value (int8 / int4: the int8 value, int4
+ * in [-8, 7]; fp8: the e4m3 code), scale [E, rows, ngroups] fp32 (fp8: the per-row copies of
+ * the block scales). Returns 0, or -1 if the layer is not quantized. */
 int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale);
 void kt_layer_destroy(kt_layer *L);
 size_t kt_layer_weight_bytes(const kt_layer *L);

@@ -50,16 +50,23 @@ typedef struct {
 } kt_routing;
 
 /* Quantized base weights of one kind (gate/up or down) for all experts (SPEC.md 5,
- * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row) or
- * int4 (one scale per row and group of `group` columns) values. Rows are in the same
- * order as the bf16 copies (gate/up chunk-interleaved). */
+ * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row),
+ * int4 (one scale per row and group of `group` columns) or fp8 e4m3fn codes (fp8.h; the
+ * block scales copied to every row of their block, group = the block's columns). Rows are
+ * in the same order as the bf16 copies (gate/up chunk-interleaved). */
 typedef struct {
-    int fmt;            /* KT_W_INT8 or KT_W_INT4 */
+    int fmt;            /* KT_W_INT8, KT_W_INT4 or KT_W_FP8 */
     int rows, cols, group, ngroups; /* per expert; int8: group = cols, ngroups = 1 */
     int8_t *q;          /* int8: [E, rows, cols]; int4: [E, rows, cols / 2] bytes, column 2j in
-                           the low nibble and 2j + 1 in the high nibble of byte j */
+                           the low nibble and 2j + 1 in the high nibble of byte j; fp8: [E, rows,
+                           cols] e4m3fn codes (read as uint8_t) */
     float *scale;       /* [E, rows, ngroups] */
 } kt_qmat;
+
+/* An empty layer whose quantized weights q_gate_up / q_down (group: int4 group or fp8 column
+ * block) the caller fills (moe_layer.c, for kt_layer_create_quantized). NULL on OOM. */
+kt_layer *kt_layer_new_quantized(int E, int H, int I, int isa, int num_threads, int wformat, int group,
+                                 int act_int8);
 
 /* Quantizes n rows of `cols` values (src rows `ld` elements apart, dtype KT_F32/KT_BF16)
  * into rows dst_row0.. of expert e of W. Returns 0, or 1 if a value is NaN or Inf. */

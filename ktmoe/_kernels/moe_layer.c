@@ -89,7 +89,7 @@ static int qmat_init(kt_qmat *W, int fmt, int E, int rows, int cols, int group) 
     W->fmt = fmt;
     W->rows = rows;
     W->cols = cols;
-    W->group = fmt == KT_W_INT4 ? group : cols;
+    W->group = fmt == KT_W_INT8 ? cols : group; /* int4 groups, fp8 column blocks */
     W->ngroups = cols / W->group;
     W->q = kt_alloc((size_t)E * rows * (fmt == KT_W_INT4 ? cols / 2 : cols));
     W->scale = kt_alloc(sizeof(float) * (size_t)E * rows * W->ngroups);
@@ -169,6 +169,25 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
         return NULL;
     }
     *status = 0;
+    return L;
+}
+
+/* An empty layer of quantized weights that the caller fills (kt_layer_create_quantized,
+ * quantize.c); group as in qmat_init. NULL on OOM. */
+kt_layer *kt_layer_new_quantized(int E, int H, int I, int isa, int num_threads, int wformat, int group,
+                                 int act_int8) {
+    kt_layer *L = calloc(1, sizeof *L);
+    if (!L) return NULL;
+    L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
+    L->wformat = wformat;
+    L->act_int8 = act_int8;
+    pthread_mutex_init(&L->mu, NULL);
+    pthread_cond_init(&L->cv, NULL);
+    L->prof_thr = kt_alloc(sizeof(kt_prof_thread) * KT_MAX_THREADS);
+    int bad = !L->prof_thr || qmat_init(&L->q_gate_up, wformat, E, 2 * I, H, group)
+              || qmat_init(&L->q_down, wformat, E, H, I, group) || kt_pool_ensure(num_threads);
+    if (bad) { kt_layer_destroy(L); return NULL; }
+    memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
     return L;
 }
 

@@ -25,6 +25,7 @@
  */
 #include "moe_internal.h"
 #include "gemm_int8.h"
+#include "fp8.h"
 #include "threadpool.h"
 #include <math.h>
 #include <stdlib.h>
@@ -299,10 +300,11 @@ static void lora_product(const pass *c, int thread, int m, int r, int K, const k
  * base_nn: C[m, n] = A[m, :K] W_e[:, col0 : col0 + n]    (K = the weight's rows),
  * W being the layer's gate/up (which = 0) or down (which = 1) weights of expert e.
  *  - bf16: the GEMMs of gemm.h on the packed copy (or the opt-in transposed copy for nn).
- *  - int8 / int4 weight-only: the block of W is expanded, one K panel at a time, into bf16
- *    values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it. The
+ *  - int8 / int4 / fp8 weight-only: the block of W is expanded, one K panel at a time, into
+ *    bf16 values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it (fp8:
+ *    q is the code's exact value, fp8.h; its scale the row's copy of the block scale). The
  *    forward and the backward expand the same stored values, so the backward multiplies by
- *    exactly the weights the forward used.
+ *    exactly the weights the forward used. fp8 has no W8A8 mode (refused in Python).
  *  - W8A8: A's rows are quantized to int8 (scale amax / 127 per row) and the int8 GEMMs of
  *    gemm_int8.h give exact int32 sums, scaled afterwards in fp32. nt: scales per row of A
  *    and per W row (int8) or per (W row, group) (int4: one GEMM per group of K). nn: the W
@@ -335,6 +337,12 @@ static void expand_bf16(const kt_qmat *W, int e, int r0, int nr, int c0, int nc,
                     __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + j))), s);
                     _mm256_mask_storeu_epi16(d + j, mk, (__m256i)_mm512_cvtneps_pbh(w));
                 }
+            } else if (W->fmt == KT_W_FP8) { /* blocks are multiples of 32 columns */
+                const uint8_t *q = (const uint8_t *)W->q + row * W->cols;
+                for (int j = j0; j < j1; j += 16) {
+                    __m512 w = _mm512_mul_ps(kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + j))), s);
+                    _mm256_storeu_si256((__m256i *)(d + j), (__m256i)_mm512_cvtneps_pbh(w));
+                }
             } else { /* groups and chunk edges are multiples of 32 columns */
                 const int8_t *q = W->q + row * (W->cols / 2);
                 for (int j = j0; j < j1; j += 32) {
@@ -361,6 +369,16 @@ static void expand_bf16(const kt_qmat *W, int e, int r0, int nr, int c0, int nc,
             if (W->fmt == KT_W_INT8) {
                 const int8_t *q = W->q + row * W->cols;
                 for (int j = j0; j < j1; j++) d[j] = kt_f32_to_bf16((float)q[j] * s);
+            } else if (W->fmt == KT_W_FP8) { /* blocks are multiples of 32 columns */
+                const uint8_t *q = (const uint8_t *)W->q + row * W->cols;
+#if defined(__AVX512F__)
+                __m512 sv = _mm512_set1_ps(s);
+                for (int j = j0; j < j1; j += 16)
+                    _mm256_storeu_si256((__m256i *)(d + j),
+                                        kt_ps_to_bf16x16(_mm512_mul_ps(kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + j))), sv)));
+#else
+                for (int j = j0; j < j1; j++) d[j] = kt_f32_to_bf16(kt_fp8_to_f32(q[j]) * s);
+#endif
             } else {
                 const int8_t *q = W->q + row * (W->cols / 2);
                 for (int j = j0 / 2; j < j1 / 2; j++) {
@@ -460,15 +478,25 @@ enum { QSMALL = 4, QPREFETCH_NT = 2 };
 
 #define KT_AI static inline __attribute__((always_inline))
 
-/* out[i] = sum_k a[i * lda + k] * code(k) over n values of one stored row. For int4, a is
- * stored per 32 values as 16 even then 16 odd ones (see small_nt) and n is a multiple of 32. */
+/* out[i] = sum_k a[i * lda + k] * code(k) over n values of one stored row (fmt: the kt_qmat's
+ * format; fp8 codes decode to their exact value, fp8.h). For int4, a is stored per 32 values
+ * as 16 even then 16 odd ones (see small_nt) and n is a multiple of 32, as it is for fp8. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int int4, int n, float *out) {
+KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n, float *out) {
     __m512 p[QSMALL][2];
     for (int i = 0; i < QSMALL; i++) p[i][0] = p[i][1] = _mm512_setzero_ps();
     int k = 0;
-    if (int4) {
+    if (fmt == KT_W_FP8) {
+        for (; k + 32 <= n; k += 32) {
+            __m512 w0 = kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + k)));
+            __m512 w1 = kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + k + 16)));
+            for (int i = 0; i < M; i++) {
+                p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
+                p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
+            }
+        }
+    } else if (fmt == KT_W_INT4) {
         for (; k + 32 <= n; k += 32) {
             __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
             __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
@@ -497,12 +525,15 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int int4, int 
     for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1]));
 }
 #else
-KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int int4, int n, float *out) {
+KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n, float *out) {
     for (int i = 0; i < M; i++) {
         float part[16] = {0}, t = 0.f;
         const float *ai = a + i * lda;
         int k = 0;
-        if (int4) {
+        if (fmt == KT_W_FP8) {
+            for (; k + 16 <= n; k += 16)
+                for (int l = 0; l < 16; l++) part[l] += ai[k + l] * kt_fp8_to_f32((uint8_t)q[k + l]);
+        } else if (fmt == KT_W_INT4) {
             for (; k + 32 <= n; k += 32)
                 for (int l = 0; l < 16; l++) {
                     int8_t b = q[k / 2 + l];
@@ -535,7 +566,7 @@ KT_AI void small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const flo
         float acc[QSMALL] = {0}, part[QSMALL];
         for (int g = 0; g < W->ngroups; g++) {
             int k0 = g * W->group;
-            qdot(M, a + k0, lda, q + (int4 ? k0 / 2 : k0), int4, W->group, part);
+            qdot(M, a + k0, lda, q + (int4 ? k0 / 2 : k0), W->fmt, W->group, part);
             for (int i = 0; i < M; i++) acc[i] += sc[g] * part[i];
         }
         for (int i = 0; i < M; i++) C[i * ldc + j] = acc[i];
@@ -589,6 +620,18 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
             const char *ahead = (const char *)W->q + (row + QPREFETCH) * (int4 ? cols / 2 : cols) + (int4 ? col0 / 2 : col0);
             for (int b = 0; b < (int4 ? n / 2 : n); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
         }
+        if (W->fmt == KT_W_FP8) { /* one scale per block of `group` columns, a multiple of 32 */
+            const uint8_t *q = (const uint8_t *)W->q + row * cols + col0;
+            for (int j = 0; j < n; j += 16) {
+                __m512 w = kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + j)));
+                float s = sc[(col0 + j) / W->group];
+                for (int i = 0; i < M; i++) {
+                    float *c = acc + (long)i * nv * 16 + j;
+                    _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_set1_ps(ak[i] * s), w, _mm512_loadu_ps(c)));
+                }
+            }
+            continue;
+        }
         if (!int4) {
             const int8_t *q = W->q + row * cols + col0;
             __m512 av[QSMALL];
@@ -635,6 +678,11 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
         for (int i = 0; i < M; i++) {
             float ak = kt_bf16_to_f32(A[i * lda + k]);
             float *c = acc + (long)i * n;
+            if (W->fmt == KT_W_FP8) {
+                const uint8_t *q = (const uint8_t *)W->q + row * cols + col0;
+                for (int j = 0; j < n; j++) c[j] += ak * sc[(col0 + j) / W->group] * kt_fp8_to_f32(q[j]);
+                continue;
+            }
             if (!int4) {
                 const int8_t *q = W->q + row * cols + col0;
                 float as = ak * sc[0];
