@@ -339,3 +339,179 @@ def test_convert_with_a_prebuilt_layer():
         assert torch.equal(plain(ids).logits, built(ids).logits)   # same kernel, same bf16 weights
     a, b = tm.wrap_pair(plain, built, "qwen3_moe")
     assert sorted(n for n, _ in a.named_parameters()) == sorted(n for n, _ in b.named_parameters())
+
+
+# ---- as published: the checkpoint's codes in the kernel ----
+def stacked(state, name, proj, role, E):
+    return torch.stack([state[f"{name}.{e}.{proj}.{role}"] for e in range(E)])
+
+
+def assert_codes_as_published(case, loaded, state):
+    """Every layer's stored codes and scales equal the checkpoint's, bit for bit."""
+    _, scheme, _, opts = CASES[case]
+    for name, m in loading.experts_modules(loaded):
+        layer = m._ktmoe.layer
+        E, I = layer.num_experts, layer.intermediate_size
+        assert layer.weights == scheme
+        for proj, src in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            got_q, got_s = layer.quantized_weights(proj)
+            if scheme == "fp8":
+                if opts.get("fused_fp8"):
+                    fused = state[f"{name}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"].view(torch.uint8)
+                    scales = state[f"{name}.{'down_proj' if proj == 'down' else 'gate_up_proj'}_scale_inv"]
+                    rb = scales.shape[1] // 2
+                    cut = {"gate": (slice(None, I), slice(None, rb)), "up": (slice(I, None), slice(rb, None)),
+                           "down": (slice(None), slice(None))}[proj]
+                    want_q, want_s = fused[:, cut[0]], scales[:, cut[1]]
+                else:
+                    want_q = stacked(state, name, src, "weight", E).view(torch.uint8)
+                    want_s = stacked(state, name, src, "weight_scale_inv", E)
+            else:
+                words = stacked(state, name, src, "weight_packed", E)
+                want_q = torch.stack([quantized.unpack_int4(w, w.shape[1] * 8) for w in words])
+                want_s = stacked(state, name, src, "weight_scale", E).float()
+            assert np.array_equal(got_q, want_q.numpy()), f"{name} {proj}: codes differ from the checkpoint's"
+            assert np.array_equal(got_s, want_s.numpy()), f"{name} {proj}: scales differ from the checkpoint's"
+
+
+def packed_bytes(case, E, H, I, layers):
+    """What the kernel holds for the published format (ktmoe.MoEExperts.from_quantized's docstring)."""
+    _, scheme, _, _ = CASES[case]
+    per = 3 * E * H * I
+    if scheme == "fp8":
+        return layers * (per + 4 * per // 128)          # codes + a copy of each block's scales per row
+    return layers * (per // 2 + 4 * per // 32)          # nibbles + fp32 scales per group of 32
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loaded_as_published(case, tmp_path):
+    model, state = write(case, tmp_path / "c")
+    loaded, stats = load(tmp_path / "c")
+    assert stats.as_published and stats.scheme.method == CASES[case][1]
+    assert not stats.ignored, stats.ignored
+    assert_codes_as_published(case, loaded, state)
+    experts = loading.experts_modules(loaded)
+    k = experts[0][1]._ktmoe.layer
+    assert stats.packed_bytes == packed_bytes(case, k.num_experts, k.hidden_size, k.intermediate_size, len(experts))
+    assert_same_logits(loaded, model)
+
+
+def test_from_pretrained_on_quantized_checkpoints(tmp_path):
+    """ktmoe.torch.from_pretrained routes a quantized local checkpoint through ktmoe's loader:
+    as published by default, converted when asked (said on the "ktmoe" logger)."""
+    model, state = write("deepseek_v3-fp8", tmp_path / "c", num_hidden_layers=2)
+    loaded = ktmoe.torch.from_pretrained(tmp_path / "c", dtype=torch.float32)
+    assert_codes_as_published("deepseek_v3-fp8", loaded, state)
+    assert_same_logits(loaded, model)
+    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['trust_remote_code'\]"):
+        ktmoe.torch.from_pretrained(tmp_path / "c", trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"from_pretrained .*: quantization method 'gptq'"):
+        cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+        (tmp_path / "g").mkdir()
+        shutil.copy(tmp_path / "c" / "model.safetensors.index.json", tmp_path / "g")
+        for f in (tmp_path / "c").glob("*.safetensors"):
+            shutil.copy(f, tmp_path / "g")
+        (tmp_path / "g" / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+        ktmoe.torch.from_pretrained(tmp_path / "g")
+
+
+def test_lora_on_top_of_published_codes_matches_eager_peft(tmp_path):
+    """PEFT target_parameters LoRA on experts built from the checkpoint's codes: the same
+    loss and LoRA gradients as eager HF + PEFT on the dequantized weights (SPEC 6)."""
+    model, _ = write("kimi_k2-int4", tmp_path / "c", num_hidden_layers=2)
+    loaded, _ = load(tmp_path / "c")
+    ref, kt = tm.wrap_pair(model, loaded, "deepseek_v3")
+    b = tm.batch(seed=1)
+    losses = [m(**b).loss for m in (ref, kt)]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[1].item() - losses[0].item()) <= RTOL * abs(losses[0].item())
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    checked = 0
+    for n, p in kt.named_parameters():
+        if "experts" in n and "lora_" in n:
+            a, want = p.grad.double().flatten(), grads[n].double().flatten()
+            rel = ((a - want).norm() / want.norm()).item()
+            assert rel <= RTOL, f"{n}: relative error {rel:.3e} > {RTOL} (SPEC 6)"
+            checked += 1
+    assert checked == 4   # gate_up and down, A and B, of the one MoE layer
+
+
+def test_finetune_as_published(tokenizer_dir, tmp_path, capsys):
+    """FP8 DeepSeek-V3 and INT4 Kimi-like checkpoints fine-tune with LoRA on the experts and the
+    attention: finite losses, no conversion, the experts from the checkpoint's codes."""
+    for case in ("deepseek_v3-fp8", "kimi_k2-int4"):
+        d = tmp_path / case
+        write(case, d, vocab_size=512, num_hidden_layers=2)
+        with_tokenizer(d, tokenizer_dir)
+        out = tmp_path / f"out-{case}"
+        assert finetune("--model", d, *FAST, "--steps", 2, "--out", out) == 0
+        cap = capsys.readouterr()
+        assert "converting" not in cap.err, cap.err
+        assert "the checkpoint's codes" in cap.out, cap.out
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["experts_as_published"] and summary["settings"]["weights"] == CASES[case][1]
+        losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+        assert len(losses) == 2 and all(np.isfinite(losses)), losses
+        card = (out / "adapter" / "README.md").read_text()
+        assert "ktmoe.torch.from_pretrained" in card
+
+
+def test_finetune_nan_code_in_experts_is_one_error_line(tokenizer_dir, tmp_path, capsys):
+    d = tmp_path / "c"
+    _, state = write("deepseek_v3-fp8", d, vocab_size=512, num_hidden_layers=2)
+    state["model.layers.1.mlp.experts.4.down_proj.weight"].view(torch.uint8)[9, 3] = 0x7F
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    qc.write_shards(state, d, 2)
+    with_tokenizer(d, tokenizer_dir)
+    assert finetune("--model", d, *FAST, "--steps", 1, "--out", tmp_path / "out") == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "warning:" not in ln]
+    assert len(err) == 1 and err[0].startswith("ktmoe finetune: error: --model "), err
+    assert "model.layers.1.mlp.experts.4.down_proj.weight: NaN e4m3 code" in err[0], err
+
+
+MEASURE = """
+import sys, torch
+from ktmoe.finetune import checkpoint, loading
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+ckpt = checkpoint.Checkpoint(sys.argv[1], require_tokenizer=False)
+loading.skeleton(loading.load_config(ckpt))   # imports (transformers, the model's module) are not the load's
+import ktmoe.torch
+from ktmoe.finetune import quantized
+# torch's first float ops start its intra-op thread pool (stacks, per-thread heaps): not the load's
+quantized.dequantize(quantized.Scheme("fp8", block=(128, 128)), {"codes": torch.zeros(256, 256, dtype=torch.uint8),
+                     "scale": torch.ones(2, 2)}, torch.empty(256, 256, dtype=torch.bfloat16), "warm-up")
+with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM: the peak of the imports is not the load's
+    f.write("5")
+before = rss()
+_, st = loading.load(ckpt, device=torch.device("cpu"), dtype=torch.bfloat16, max_tokens=64)
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(peak - before, st.packed_bytes, st.largest_layer_bytes, st.other_bytes, int(st.as_published))
+"""
+
+
+def test_peak_host_memory_as_published(tmp_path):
+    """An FP8 checkpoint of 8 MoE layers (6 MiB of codes each) loaded as published in a fresh
+    process: the peak resident memory added by the load (VmHWM, reset after the imports) stays
+    within packed + one layer's codes and scales + the other weights + 8 MiB of allocator slack,
+    well below holding every layer's codes (a further 42 MiB)."""
+    import resource
+    import subprocess
+    import sys
+    assert resource.getpagesize() == 4096
+    qc.make(tmp_path / "c", "qwen3_moe", "fp8", shards=3, hidden_size=512, moe_intermediate_size=256, num_experts=16,
+            vocab_size=256, num_hidden_layers=8, head_dim=64, num_attention_heads=4, num_key_value_heads=1,
+            intermediate_size=64)
+    res = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "c")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    added, packed, layer, other, published = map(int, res.stdout.split()[-5:])
+    codes = 3 * 16 * 256 * 512
+    assert published and layer == codes + 4 * (16 * (2 * 2 * 4 + 4 * 2))   # codes + fp32 block scales
+    assert packed == 8 * (codes + 4 * codes // 128)
+    slack = 8 * 2**20
+    assert added <= packed + layer + other + slack, (
+        f"load added {added / 2**20:.1f} MiB > packed {packed / 2**20:.1f} + one layer {layer / 2**20:.1f} + "
+        f"other {other / 2**20:.1f} + 8 MiB")
