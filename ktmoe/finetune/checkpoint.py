@@ -25,7 +25,7 @@ from . import FinetuneError
 # safetensors dtype -> (torch dtype name, bytes per element)
 DTYPES = {"BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
           "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-          "U8": ("uint8", 1), "BOOL": ("bool", 1)}
+          "U8": ("uint8", 1), "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1)}
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MAX_HEADER = 100 * 2**20
@@ -75,7 +75,7 @@ def read_header(path: Path) -> dict:
             raise bad(f"entry {name!r} lacks dtype / shape / data_offsets") from None
         if dtype not in DTYPES:
             raise FinetuneError(f"{path}: tensor {name!r} has dtype {dtype}, which ktmoe finetune does not read "
-                                f"(supported: {', '.join(DTYPES)}; FP8 / quantized checkpoints are not supported)")
+                                f"(supported: {', '.join(DTYPES)})")
         nbytes = math.prod(shape) * DTYPES[dtype][1]
         if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
             raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not match shape {list(shape)} {dtype} "
@@ -89,6 +89,7 @@ class Checkpoint:
 
     def __init__(self, path, what: str = "--model", require_tokenizer: bool = True):
         self.path = Path(path).expanduser()
+        self.label = f"{what} {self.path}"   # how error messages name this checkpoint
         p = self.path
         if not p.exists():
             raise FinetuneError(f"{what} {p}: no such directory")
@@ -134,9 +135,9 @@ class Checkpoint:
         if files:
             return files
         if any(p.glob("*.bin")) or any(p.glob("*.pt")):
-            raise FinetuneError(f"--model {p}: only safetensors weights are read; this directory has "
+            raise FinetuneError(f"{self.label}: only safetensors weights are read; this directory has "
                                 f"PyTorch .bin/.pt files (convert them with save_pretrained(safe_serialization=True))")
-        raise FinetuneError(f"--model {p}: no *.safetensors weight files")
+        raise FinetuneError(f"{self.label}: no *.safetensors weight files")
 
     def has_tokenizer(self) -> bool:
         return any((self.path / f).is_file() for f in TOKENIZER_FILES)

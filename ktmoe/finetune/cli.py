@@ -85,11 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(the schedule still spans every step); continue later with --resume")
     t.add_argument("--keep-checkpoints", type=_positive(int), default=2, help="how many checkpoints to keep")
     h = p.add_argument_group("hardware")
-    h.add_argument("--weights", choices=("bf16", "int8", "int4"), default="bf16",
-                   help="expert weight format in the kernel: bf16, or quantized at load to int8 (one scale per "
-                   "row) or int4 (one scale per row and group of --group-size columns)")
+    h.add_argument("--weights", choices=("bf16", "int8", "int4", "fp8"), default=None,
+                   help="expert weight format in the kernel. Default: the checkpoint's own: bf16 for unquantized "
+                   "checkpoints, fp8 / int4 codes as published for FP8 block-scaled and INT4 pack-quantized ones. "
+                   "Another format converts layer by layer at load: bf16, or quantized to int8 (one scale per row) "
+                   "or int4 (one scale per row and group of --group-size columns); fp8 only for FP8 checkpoints")
     h.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
-                   help="int4 columns per scale (default 128)")
+                   help="int4 columns per scale (default 128, or an INT4 checkpoint's own)")
     h.add_argument("--activations", choices=("bf16", "int8"), default="bf16",
                    help="with int8/int4 weights: bf16 = weight-only (default), int8 = W8A8 (activations quantized "
                    "per row on the fly; faster when compute-bound, less accurate)")

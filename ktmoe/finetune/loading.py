@@ -4,30 +4,35 @@
    memory) while buffers (rotary tables ...) are computed normally on the CPU.
 2. `check_supported(model)`: every routed-experts module must be one the kernel runs
    (ktmoe.torch.experts.unsupported_reason); found before a byte of weights is read.
-3. `load(...)`: non-expert tensors are read from safetensors and placed on `device` (the GPU
-   when present) in `dtype`; then, one layer at a time, that layer's expert tensors are read
-   straight into one [E, 2I, H] / [E, H, I] CPU buffer (fused `experts.gate_up_proj` /
-   `experts.down_proj`, or per expert `experts.{e}.gate_proj|w1 / up_proj|w3 / down_proj|w2
-   .weight`), handed to `ktmoe.torch.experts.convert` (which packs them into the kernel's
-   memory and leaves placeholders) and freed. Checkpoint names are mapped to the model's:
-   Mixtral's `block_sparse_moe` is `mlp`, and a vision-language checkpoint's
-   `model.language_model.*` is the text-only causal LM's `model.*` (its vision tower and
-   other tensors the class lists in `_keys_to_ignore_on_load_unexpected` are left out). Peak host memory: the packed experts, plus one
-   layer's raw expert tensors, plus the non-expert weights when they stay on the CPU.
-   Nothing of the experts ever reaches the GPU.
+3. `load(...)`: the checkpoint's quantization scheme is read from config.json
+   (quantized.py: none, FP8 block-scaled, INT4 compressed-tensors pack-quantized; anything
+   else raises); non-expert tensors are read from safetensors and placed on `device` (the GPU
+   when present) in `dtype`, the quantized ones (FP8 attention projections and dense MLPs,
+   INT4 linears outside `ignore`) dequantized one tensor at a time; then, one layer at a time,
+   that layer's expert tensors are read into one CPU buffer and packed into the kernel's
+   memory (expert_layers.py: as published through MoEExperts.from_quantized, or as weights
+   through `ktmoe.torch.experts.convert`, which leaves placeholders) and freed. Checkpoint
+   names are mapped to the model's: Mixtral's `block_sparse_moe` is `mlp`, and a
+   vision-language checkpoint's `model.language_model.*` is the text-only causal LM's
+   `model.*` (its vision tower and other tensors the class lists in
+   `_keys_to_ignore_on_load_unexpected` are left out). Peak host memory: the packed experts,
+   plus one layer's raw expert tensors (codes and scales as published, or bf16 weights when
+   converting), plus the non-expert weights when they stay on the CPU. Nothing of the experts
+   ever reaches the GPU.
 
 The entry point this composes, "build a ktmoe experts module from given tensors", is:
 assign the tensors as the module's `gate_up_proj` / `down_proj` parameters, then call
-`convert(module)`; see `_load_experts`.
+`convert(module)`; or build a `ktmoe.MoEExperts` and call `convert(module, layer=...)`;
+see expert_layers.py.
 """
 from __future__ import annotations
 
 import contextlib
-import mmap
 import time
 from dataclasses import dataclass, field
 
-from . import FinetuneError
+from . import FinetuneError, expert_layers
+from . import quantized as quant
 from .checkpoint import Checkpoint
 
 # checkpoint-name spellings of the same module (Mixtral's original layout)
@@ -36,7 +41,6 @@ RENAMES = [(".block_sparse_moe.", ".mlp.")]
 # language model one level deeper than the text-only causal-LM class that is built for them
 # (AutoModelForCausalLM, like plain transformers): checkpoint prefix -> model prefix
 PREFIXES = [("model.language_model.", "model.")]
-GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 META_REASON = "expert weights are on the meta device"
 
 
@@ -48,6 +52,9 @@ class LoadStats:
     largest_layer_bytes: int = 0   # the one-layer read buffer
     other_bytes: int = 0           # non-expert weights (on `device`)
     expert_format: str = ""        # "fused" or "per-expert"
+    scheme: quant.Scheme = field(default_factory=quant.Scheme)   # how the checkpoint stores its linears
+    as_published: bool = False     # experts packed from the checkpoint's own codes and scales
+    dequantized: int = 0           # non-expert tensors dequantized to `dtype`
     ignored: list = field(default_factory=list)   # checkpoint tensors the model does not use
     skipped: list = field(default_factory=list)   # ... and that its class says to leave out (vision tower ...)
 
@@ -78,7 +85,7 @@ def load_config(ckpt: Checkpoint):
         return AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
     except (ValueError, KeyError, OSError, TypeError) as e:
         mt = ckpt.config.get("model_type")
-        raise FinetuneError(f"--model {ckpt.path}: unsupported architecture (model_type {mt!r}: "
+        raise FinetuneError(f"{ckpt.label}: unsupported architecture (model_type {mt!r}: "
                             f"transformers {_tf_version()} cannot build its config: {str(e).splitlines()[0]})") from None
 
 
@@ -142,65 +149,81 @@ def _expected_unused(model, key: str) -> bool:
 def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int | None = None,
          progress=None, kernel_format: dict | None = None, shared: bool = False):
     """(model, LoadStats): the model of `ckpt` with experts packed in ktmoe, the rest on `device`.
-    kernel_format: the experts' weights / group_size / activations (ktmoe.MoEExperts), default bf16.
+    kernel_format: the experts' weights / group_size / activations / isa (ktmoe.MoEExperts);
+    default (None, or weights None): the checkpoint's own format (bf16, or fp8 / int4 as published).
     shared: one of several torch.distributed ranks (collective): the first rank of each host reads
-    and packs the experts into memory the host's ranks share; the others read no expert tensor."""
+    and packs the experts into memory the host's ranks share; the others read no expert tensor.
+    Codes kept as published (fp8 / int4 checkpoints in their own format) cannot be shared yet:
+    that raises FinetuneError, naming the --weights that can."""
     from torch import nn
 
     t0 = time.perf_counter()
+    where = ckpt.label
+    scheme = quant.scheme_of(ckpt.config, where)
+    kernel_format = dict(kernel_format or {})
+    try:
+        fmt, _ = quant.target_format(scheme, kernel_format.get("weights"), kernel_format.get("group_size"),
+                                     kernel_format.get("activations", "bf16"))
+    except ValueError as e:
+        raise FinetuneError(f"{where}: {e}") from None
+    kernel_format.update(fmt)
     config = load_config(ckpt)
     config.use_cache = False
+    if scheme.quantized:   # the model built here holds dequantized non-expert weights: not a transformers-quantized model
+        for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+            if hasattr(c, "quantization_config"):
+                del c.quantization_config
     model = skeleton(config)
-    found = check_supported(model, f"--model {ckpt.path}")
-    stats = LoadStats(expert_layers=len(found))
+    found = check_supported(model, where)
+    stats = LoadStats(expert_layers=len(found), scheme=scheme)
 
     state = model.state_dict(keep_vars=True)   # persistent entries: name -> Parameter / buffer
     by_model_key = {}
     for key in ckpt.tensors:
         by_model_key.setdefault(_canonical(key, state), key)
-    expert_plans = [(name, m, _expert_plan(name, m, by_model_key, ckpt)) for name, m in found]
-    if kernel_format:   # the weight format must fit every layer before a byte of weights is read
+    expert_plans = [(name, m, expert_layers.plan(name, m, by_model_key, ckpt, scheme)) for name, m in found]
+    stats.as_published = scheme.quantized and quant.as_published(scheme, kernel_format)
+    if not stats.as_published:   # the weight format must fit every layer before a byte of weights is read
         from ktmoe.experts import _check_format
         for name, _, plan in expert_plans:
             try:
-                _check_format(kernel_format.get("weights", "bf16"), kernel_format.get("group_size"),
+                _check_format(kernel_format["weights"], kernel_format.get("group_size"),
                               kernel_format.get("activations", "bf16"), False, plan["H"], plan["I"])
             except ValueError as e:
-                raise FinetuneError(f"--model {ckpt.path}: {name}: {e} (--weights / --group-size / "
-                                    f"--activations)") from None
+                raise FinetuneError(f"{where}: {name}: {e} (--weights / --group-size / --activations)") from None
+    if shared and stats.as_published:
+        raise FinetuneError(f"{where}: several ranks share one packed copy of the experts per host, which ktmoe "
+                            f"builds only from weights; the {scheme.describe()} codes kept as published cannot be "
+                            f"shared yet: pass --weights int4 / int8 / bf16 to convert them at load, or run one "
+                            f"process")
     expert_keys = {k for _, _, plan in expert_plans for k in plan["keys"]}
     expert_params = {f"{name}.{p}" for name, _ in found for p in ("gate_up_proj", "down_proj")}
 
     # non-expert weights
     modules = dict(model.named_modules())
-    missing = []
+    missing, used = [], set(expert_keys)
     for name, current in state.items():
         if name in expert_params:
             continue
-        ckey = by_model_key.get(name)
-        if ckey is None:
+        t = _read_tensor(ckpt, scheme, name, tuple(current.shape), by_model_key, used, stats, dtype)
+        if t is None:
             missing.append(name)
             continue
-        info = ckpt.tensors[ckey]
-        if tuple(info.shape) != tuple(current.shape):
-            raise FinetuneError(f"--model {ckpt.path}: tensor {ckey!r} has shape {list(info.shape)}, "
-                                f"the model built from config.json expects {list(current.shape)}")
-        t = ckpt.read(ckey)
         parent, _, leaf = name.rpartition(".")
         owner = modules[parent]
         if isinstance(current, nn.Parameter):
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             owner._parameters[leaf] = nn.Parameter(t, requires_grad=current.requires_grad)
         else:
-            owner._buffers[leaf] = t.to(device=device, dtype=current.dtype)
+            t = t.to(device=device, dtype=current.dtype)
+            owner._buffers[leaf] = t
         stats.other_bytes += t.numel() * t.element_size()
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n in missing if _lookup(model, n).device.type == "meta"]   # tied ones are filled now
     if missing:
-        raise FinetuneError(f"--model {ckpt.path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
+        raise FinetuneError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
                             f"e.g. {', '.join(missing[:4])}")
-    used = {by_model_key[n] for n in state if n in by_model_key} | expert_keys
     unused = sorted(k for k in ckpt.tensors if k not in used)
     stats.skipped = [k for k in unused if _expected_unused(model, k) or _expected_unused(model, _canonical(k, state))]
     skipped = set(stats.skipped)
@@ -212,16 +235,17 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
 
         def reader(plan):
             def read():
-                gate_up, down, _ = _read_experts(ckpt, plan)
-                stats.largest_layer_bytes = max(stats.largest_layer_bytes, _nbytes(gate_up, down))
+                gate_up, down, arena = expert_layers.read_weights(ckpt, plan)
+                stats.largest_layer_bytes = max(stats.largest_layer_bytes, arena.nbytes)
                 return gate_up, down
             return read
+        opts = {k: v for k, v in kernel_format.items() if k in ("weights", "group_size", "activations", "isa")}
         convert_shared([(name, m, reader(plan)) for name, m, plan in expert_plans], host_group(), progress,
-                       max_tokens=max_tokens, num_threads=num_threads, **(kernel_format or {}))
+                       max_tokens=max_tokens, num_threads=num_threads, **opts)
         stats.packed_bytes = sum(m._ktmoe.layer.weight_bytes for _, m, _ in expert_plans)
     for i, (name, m, plan) in enumerate(expert_plans if not shared else []):
-        layer_bytes = _load_experts(ckpt, name, m, plan, max_tokens=max_tokens, num_threads=num_threads,
-                                    kernel_format=kernel_format or {})
+        layer_bytes = expert_layers.load(ckpt, name, m, plan, max_tokens=max_tokens, num_threads=num_threads,
+                                         kernel_format=kernel_format)
         stats.largest_layer_bytes = max(stats.largest_layer_bytes, layer_bytes)
         stats.packed_bytes += m._ktmoe.layer.weight_bytes
         if progress is not None:
@@ -237,106 +261,51 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     return model, stats
 
 
-def _expert_plan(name: str, module, keys: dict, ckpt: Checkpoint) -> dict:
-    """Which checkpoint tensors hold this experts module, fused or per expert."""
-    E, H, I = module.down_proj.shape
-    gu, dn = keys.get(f"{name}.gate_up_proj"), keys.get(f"{name}.down_proj")
-    if gu is not None and dn is not None:
-        _check_shape(ckpt, gu, (E, 2 * I, H), name)
-        _check_shape(ckpt, dn, (E, H, I), name)
-        return {"fused": True, "gate_up": gu, "down": dn, "keys": [gu, dn], "E": E, "H": H, "I": I}
-
-    def find(e, names):
-        for n in names:
-            k = keys.get(f"{name}.{e}.{n}.weight")
-            if k is not None:
-                return k
-        return None
-
-    per = []
-    for e in range(E):
-        g, u, d = find(e, GATE), find(e, UP), find(e, DOWN)
-        if g is None or u is None or d is None:
-            raise FinetuneError(
-                f"--model {ckpt.path}: no expert weights for {name} (looked for fused {name}.gate_up_proj + "
-                f"{name}.down_proj, or per expert {name}.{e}.gate_proj/up_proj/down_proj.weight "
-                f"(or w1/w3/w2); expert {e} is missing)")
-        _check_shape(ckpt, g, (I, H), name)
-        _check_shape(ckpt, u, (I, H), name)
-        _check_shape(ckpt, d, (H, I), name)
-        per.append((g, u, d))
-    return {"fused": False, "per": per, "keys": [k for t in per for k in t], "E": E, "H": H, "I": I}
-
-
-def _check_shape(ckpt, key, want, name):
-    got = tuple(ckpt.tensors[key].shape)
-    if got != tuple(want):
-        raise FinetuneError(f"--model {ckpt.path}: {key!r} has shape {list(got)}, expected {list(want)} for {name} "
-                            f"(from config.json)")
-
-
-def _buffer_dtype(ckpt, keys):
+def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, stats, dtype):
+    """Model tensor `name` from the checkpoint (dequantized into a new CPU tensor of `dtype` when
+    stored quantized; the keys read are added to `used`), or None when the checkpoint lacks it."""
+    where = ckpt.label
+    ckey = keys.get(name)
+    info = ckpt.tensors.get(ckey) if ckey is not None else None
+    base = name[:-len("weight")] if name.endswith(".weight") else None
+    stored = None   # {role: checkpoint key} of a quantized linear
+    if scheme.method == "fp8" and info is not None and info.dtype == "F8_E4M3" and base is not None:
+        stored = {"codes": ckey, "scale": keys.get(base + "weight_scale_inv")}
+    elif scheme.method == "int4" and info is None and base is not None and keys.get(base + "weight_packed"):
+        stored = {r: keys.get(base + s) for r, s in scheme.suffixes().items()}
+    if stored is None:
+        if info is None:
+            return None
+        if info.dtype == "F8_E4M3":
+            raise FinetuneError(f"{where}: tensor {ckey!r} is float8_e4m3fn, which ktmoe reads only as the codes of an "
+                                f"FP8 linear weight (quant_method 'fp8' with its weight_scale_inv)"
+                                f"{'' if scheme.method == 'fp8' else '; config.json declares ' + _declared(scheme)}")
+        if tuple(info.shape) != shape:
+            raise FinetuneError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
+                                f"the model built from config.json expects {list(shape)}")
+        used.add(ckey)
+        return ckpt.read(ckey)
+    lacking = [r for r, k in stored.items() if k is None]
+    if lacking:
+        codes = stored["codes"]
+        raise FinetuneError(f"{where}: {codes!r} has no {scheme.suffixes()[lacking[0]]!r} next to it (its "
+                            f"{lacking[0]}; {scheme.describe()})")
+    if scheme.method == "fp8" and tuple(info.shape) != shape:
+        raise FinetuneError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
+                            f"the model built from config.json expects {list(shape)}")
+    used.update(stored.values())
+    stats.dequantized += 1
     import torch
-    names = {ckpt.tensors[k].torch_dtype for k in keys}
-    # one buffer per layer in the checkpoint's dtype when the kernel reads it directly
-    if len(names) == 1 and names <= {"bfloat16", "float32"}:
-        return getattr(torch, names.pop()), False
-    return torch.float32, True
-
-
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _load_experts(ckpt: Checkpoint, name: str, module, plan: dict, *, max_tokens, num_threads, kernel_format) -> int:
-    """Reads one layer's experts into one buffer pair, packs them into ktmoe, frees the buffers."""
-    from torch import nn
-
-    from ktmoe.torch.experts import convert
-
-    gate_up, down, mem = _read_experts(ckpt, plan)
-    nbytes = _nbytes(gate_up, down)
-    module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-    module.down_proj = nn.Parameter(down, requires_grad=False)
-    del gate_up, down
-    convert(module, name, max_tokens=max_tokens, num_threads=num_threads, **kernel_format)
+    out = torch.empty(shape, dtype=dtype if dtype.is_floating_point else torch.float32)
     try:
-        mem.close()
-    except BufferError:   # a tensor view is still alive somewhere: the mapping goes when it does
-        pass
-    return nbytes
+        return quant.dequantize(scheme, {r: ckpt.read(k) for r, k in stored.items()}, out,
+                                quant.weight_name(stored["codes"]))
+    except FinetuneError as e:
+        raise FinetuneError(f"{where}: {e}") from None
 
 
-def _read_experts(ckpt: Checkpoint, plan: dict):
-    """(gate_up [E, 2I, H], down [E, H, I], their buffer): one layer's experts read into one buffer."""
-    import torch
-
-    E, H, I = plan["E"], plan["H"], plan["I"]
-    dtype, widen = _buffer_dtype(ckpt, plan["keys"])
-    # the layer's read buffer is its own anonymous mapping, so that it goes back to the OS the moment
-    # the layer is packed (a malloc'ed buffer below glibc's mmap threshold would stay in the heap)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    n_gu, n_dn = E * 2 * I * H, E * H * I
-    mem = mmap.mmap(-1, (n_gu + n_dn) * itemsize)
-    flat = torch.frombuffer(mem, dtype=dtype)
-    gate_up, down = flat[:n_gu].view(E, 2 * I, H), flat[n_gu:].view(E, H, I)
-    del flat
-
-    def put(key, dst):
-        if widen:
-            dst.copy_(ckpt.read(key))
-        else:
-            ckpt.read_into(key, dst)
-
-    if plan["fused"]:
-        put(plan["gate_up"], gate_up)
-        put(plan["down"], down)
-    else:
-        for e, (g, u, d) in enumerate(plan["per"]):
-            put(g, gate_up[e, :I])
-            put(u, gate_up[e, I:])
-            put(d, down[e])
-    return gate_up, down, mem
+def _declared(scheme) -> str:
+    return scheme.describe() if scheme.quantized else "no quantization"
 
 
 def _tf_version() -> str:

@@ -47,7 +47,7 @@ import time
 import warnings
 from pathlib import Path
 
-from . import FinetuneError, data, loading, output, tiny
+from . import FinetuneError, data, loading, output, quantized, tiny
 from .checkpoint import Checkpoint
 from .ranks import Ranks
 
@@ -98,11 +98,18 @@ def relayed_warnings():
         yield
 
 
-def _main(args, t_start) -> int:
-    if args.weights != "int4" and args.group_size is not None:
-        raise FinetuneError(f"--group-size: applies to --weights int4 only (got --weights {args.weights})")
-    if args.weights == "bf16" and args.activations != "bf16":
+def _check_format_flags(weights: str, args) -> None:
+    """--group-size / --activations against the expert format in effect (given, or the checkpoint's)."""
+    if weights != "int4" and args.group_size is not None:
+        raise FinetuneError(f"--group-size: applies to --weights int4 only (got --weights {weights}"
+                            f"{'' if args.weights else ', the checkpoint' + chr(39) + 's format'})")
+    if weights == "bf16" and args.activations != "bf16":
         raise FinetuneError("--activations int8 (W8A8): needs quantized expert weights, --weights int8 or int4")
+
+
+def _main(args, t_start) -> int:
+    if args.weights or not args.model:   # else the checkpoint's format decides, checked once it is read
+        _check_format_flags(args.weights or "bf16", args)
     if args.model and not args.data:
         raise FinetuneError("--data FILE is required with --model (the shipped data set is for the built-in model)")
     if args.targets == ["router"]:
@@ -129,6 +136,12 @@ def _main(args, t_start) -> int:
         ranks.on_main(tiny.ensure, out / "base-model")
     model_dir = out / "base-model" if builtin else Path(args.model).expanduser()
     ckpt = Checkpoint(model_dir)
+    scheme = quantized.scheme_of(ckpt.config, ckpt.label)
+    _check_format_flags(args.weights or scheme.method, args)
+    try:
+        kernel_format, conversion = quantized.target_format(scheme, args.weights, args.group_size, args.activations)
+    except ValueError as e:
+        raise FinetuneError(f"--weights {args.weights}: {str(e).removeprefix('weights: ')}") from None
     data_path = Path(args.data).expanduser() if args.data else tiny.dataset_path()
     defaults = dict(tiny.DEFAULTS) if builtin else dict(lr=2e-4, batch_tokens=4096, epochs=1, lora_r=16,
                                                         lora_alpha=32, save_every=100)
@@ -158,10 +171,11 @@ def _main(args, t_start) -> int:
                 "data_sha256": _sha256(data_path), "lr": opt["lr"], "warmup_steps": warmup, "total_steps": total,
                 "batch_tokens": opt["batch_tokens"], "lora_r": opt["lora_r"], "lora_alpha": opt["lora_alpha"],
                 "targets": args.targets, "seed": args.seed, "max_seq_len": max_len,
-                "max_grad_norm": args.max_grad_norm, "weights": args.weights,
-                "group_size": (args.group_size or 128) if args.weights == "int4" else None,
+                "max_grad_norm": args.max_grad_norm, "weights": kernel_format["weights"],
+                "group_size": kernel_format["group_size"] if kernel_format["weights"] == "int4" else None,
                 "activations": args.activations, "dtype": str(dtype).split(".")[-1],
-                "grad_checkpointing": args.grad_checkpointing}
+                "grad_checkpointing": args.grad_checkpointing,
+                "quantization": scheme.describe() if scheme.quantized else None}
     resume_from = _latest_checkpoint(out) if args.resume else None
     if resume_from is not None:
         _check_resume(resume_from, settings)
@@ -181,16 +195,20 @@ def _main(args, t_start) -> int:
         if not args.quiet:
             print(f"\r  loading experts: layer {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
     max_tokens = max(opt["batch_tokens"], max_len)
-    kernel_format = {"weights": args.weights, "group_size": settings["group_size"], "activations": args.activations}
+    if scheme.quantized:
+        print(f"  checkpoint quantized: {scheme.describe()}")
+    if conversion:
+        print(f"ktmoe finetune: {conversion}", file=sys.stderr)
     model, ls = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=args.threads,
                              progress=load_progress, kernel_format=kernel_format, shared=ranks.world > 1)
     rss_loaded = _rss_now()
     kernel = loading.experts_modules(model)[0][1]._ktmoe.layer
     print(f"  loaded in {ls.seconds:.2f} s: {_count(ls.expert_layers, 'MoE layer')}, experts ({ls.expert_format} in the "
-          f"checkpoint) {_mib(ls.packed_bytes)} packed in the kernel ({_format(kernel)}, {kernel.isa}, "
+          f"checkpoint) {_mib(ls.packed_bytes)} packed in the kernel ({_format(kernel, ls)}, {kernel.isa}, "
           f"{_count(kernel.num_threads, 'thread')}), "
-          f"other weights {_mib(ls.other_bytes)} on {device.type} ({settings['dtype']}); host memory now "
-          f"{_mib(rss_loaded)}")
+          f"other weights {_mib(ls.other_bytes)} on {device.type} ({settings['dtype']}"
+          f"{_dequantized(ls)}); "
+          f"one layer's read buffer {_mib(ls.largest_layer_bytes)}; host memory now {_mib(rss_loaded)}")
     if ls.skipped:
         print(f"  built as {type(model).__name__} (text only): {len(ls.skipped)} checkpoint tensor(s) it leaves out "
               f"are not loaded ({_prefixes(ls.skipped)})")
@@ -311,6 +329,7 @@ def _main(args, t_start) -> int:
                "first_loss": first, "final_loss_mean_last_10": last, "peak_host_bytes": peak_host,
                "peak_gpu_bytes": peak_gpu, "experts_packed_bytes": ls.packed_bytes,
                "experts_largest_layer_bytes": ls.largest_layer_bytes, "other_weights_bytes": ls.other_bytes,
+               "checkpoint_quantization": ls.scheme.describe(), "experts_as_published": ls.as_published,
                "kernel_isa": kernel.isa, "threads": kernel.num_threads, "torch_threads": torch.get_num_threads(), "device": device.type,
                "trainable_parameters": n_train, "ranks": ranks.world, "peak_host_bytes_per_rank": peaks,
                "settings": settings}
@@ -455,13 +474,20 @@ def _latest_checkpoint(out: Path):
     return found[-1] if found else None
 
 
-def _format(kernel) -> str:
+def _format(kernel, ls) -> str:
     """The kernel's weight format as the command line spells it."""
     if kernel.weights == "bf16":
         return "bf16 weights"
     group = f" group {kernel.group_size}" if kernel.weights == "int4" else ""
+    if kernel.weights == "fp8":
+        group = f" {ls.scheme.block[0]}x{ls.scheme.block[1]} blocks"
     mode = "W8A8" if kernel.activations == "int8" else "weight-only"
-    return f"{kernel.weights}{group} weights, {mode}"
+    published = ", the checkpoint's codes" if ls.as_published else ""
+    return f"{kernel.weights}{group} weights{published}, {mode}"
+
+
+def _dequantized(ls) -> str:
+    return f", {_count(ls.dequantized, 'quantized tensor')} dequantized" if ls.dequantized else ""
 
 
 def _rng_state(torch) -> dict:
@@ -656,6 +682,22 @@ base model's absolute path):
 ```python
 from peft import AutoPeftModelForCausalLM
 model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/adapter")
+```
+{_quantized_note(settings)}"""
+
+
+def _quantized_note(settings) -> str:
+    if not settings.get("quantization"):
+        return ""
+    return f"""
+The base model is stored quantized ({settings["quantization"]}). Without a GPU, transformers cannot
+load it this way (its FP8 / compressed-tensors loaders need a GPU or extra packages); ktmoe's
+streaming loader can, on the CPU:
+
+```python
+import ktmoe.torch
+from peft import PeftModel
+model = PeftModel.from_pretrained(ktmoe.torch.from_pretrained("{settings["model"]}"), "path/to/this/adapter")
 ```
 """
 

@@ -88,30 +88,57 @@ def unsupported_reason(module: nn.Module, weights_needed: bool = True) -> str | 
 
 def convert(module: nn.Module, where: str = "", *, max_tokens: int = 65536, num_threads: int | None = None,
             isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
-            activations: str = "bf16", region=None) -> nn.Module:
+            activations: str = "bf16", region=None, layer=None, dtype: torch.dtype | None = None) -> nn.Module:
     """Packs the module's expert weights into the kernel and releases them (in place).
     weights / group_size / activations: the kernel's weight format (ktmoe.MoEExperts).
+
     region: memory already holding this layer's packed weights (MoEExperts.attach, e.g. the
-    host's shared copy, distributed.py): the module's own weights are not read (may be meta)."""
+    host's shared copy, distributed.py): the module's own weights are not read (may be meta).
+    layer: a prebuilt ktmoe.MoEExperts to run instead (e.g. MoEExperts.from_quantized of a
+    checkpoint's codes and scales); the module's weights are then not read (they may be on
+    the meta device), its E, H, I must match the layer's, and the kernel options other than
+    num_threads must be left at their defaults (the layer has its own; num_threads None lets
+    ktmoe.torch pick per call, as for any converted module). dtype: the placeholders' dtype
+    (default: the module's parameters' dtype). The converted module is the same either way."""
     if is_converted(module):
         return module
-    reason = unsupported_reason(module, weights_needed=region is None)
+    if region is not None and layer is not None:
+        raise ValueError("layer: give a prebuilt layer or a packed region, not both")
+    at = f"{type(module).__name__}{' at ' + where if where else ''}"
+    reason = unsupported_reason(module, weights_needed=region is None and layer is None)
     if reason is not None:
-        raise ValueError(f"ktmoe cannot run {type(module).__name__}{' at ' + where if where else ''}: {reason}")
+        raise ValueError(f"ktmoe cannot run {at}: {reason}")
     import ktmoe
-    gu, dn = module.gate_up_proj, module.down_proj
-    kernel_options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
-                          group_size=group_size, activations=activations)
-    if region is None:
-        layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), **kernel_options)
+    if layer is None:
+        gu, dn = module.gate_up_proj, module.down_proj
+        kernel_options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
+                              group_size=group_size, activations=activations)
+        if region is None:
+            layer = ktmoe.MoEExperts(gate_up=_kernel_copy(gu), down=_kernel_copy(dn), **kernel_options)
+        else:
+            layer = ktmoe.MoEExperts.attach(region, *dn.shape, **kernel_options)
+        auto_threads = num_threads is None
     else:
-        layer = ktmoe.MoEExperts.attach(region, *dn.shape, **kernel_options)
-    module._ktmoe = KernelExperts(layer, auto_threads=num_threads is None)
+        if not isinstance(layer, ktmoe.MoEExperts):
+            raise TypeError(f"layer: expected a ktmoe.MoEExperts, got {type(layer).__name__}")
+        given = {k: v for k, v in dict(max_tokens=max_tokens, isa=isa, weights=weights,
+                                       group_size=group_size, activations=activations).items()
+                 if v != {"max_tokens": 65536, "weights": "bf16", "activations": "bf16"}.get(k)}
+        if given:
+            raise ValueError(f"layer: a prebuilt layer has its own kernel options; got {sorted(given)} too")
+        E, H, I = module.down_proj.shape
+        got = (layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        if got != (E, H, I):
+            raise ValueError(f"layer: E, H, I = {got} do not match {at}'s (E, H, I) = {(E, H, I)}")
+        if num_threads is not None:
+            layer.num_threads = num_threads
+        auto_threads = num_threads is None
+    module._ktmoe = KernelExperts(layer, auto_threads=auto_threads)
     module._ktmoe_merged = {p: [] for p in PARAMS}   # parameter name -> [(adapter, A, B, scale)]
     for name in PARAMS:
         old = getattr(module, name)
         delattr(module, name)
-        module.__dict__[name] = nn.Parameter(_placeholder(old.shape, old.dtype), requires_grad=False)
+        module.__dict__[name] = nn.Parameter(_placeholder(old.shape, dtype or old.dtype), requires_grad=False)
     module.__class__ = _ktmoe_class(type(module))
     return module
 
@@ -188,6 +215,11 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
             return
         import ktmoe
         old = self._ktmoe.layer
+        if old.weights == "fp8":
+            error_msgs.append(f"{prefix}: ktmoe experts holding a checkpoint's fp8 codes cannot be repacked from "
+                              f"weights (ktmoe does not quantize to fp8); load the checkpoint again "
+                              f"(ktmoe.torch.from_pretrained)")
+            return
         layer = ktmoe.MoEExperts(gate_up=_kernel_copy(real["gate_up_proj"]), down=_kernel_copy(real["down_proj"]),
                                  max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa,
                                  weights=old.weights, group_size=old.group_size or None, activations=old.activations)
@@ -203,7 +235,9 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
 
 def _extra_repr(self) -> str:
     k = self._ktmoe.layer
+    block = getattr(k, "block", None)
     fmt = k.weights + (f"/g{k.group_size}" if k.weights == "int4" else "") + \
+        (f"/{block[0]}x{block[1]}" if k.weights == "fp8" and block else "") + \
         (f", activations={k.activations}" if k.weights != "bf16" else "")
     return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \
            f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU"

@@ -104,16 +104,95 @@ def host_sharing(share: bool | None, what: str):
     return host if host.size > 1 or share is True else None
 
 
-def from_pretrained(path, *, weights: str = "bf16", group_size: int | None = None, activations: str = "bf16",
+def from_pretrained(path, *, weights: str | None = None, group_size: int | None = None, activations: str = "bf16",
                     max_tokens: int = 65536, num_threads: int | None = None, isa: str | None = None,
                     auto_class=None, share: bool | None = None, **kwargs) -> nn.Module:
     """`auto_class.from_pretrained(path, experts_implementation="ktmoe", **kwargs)` (default
     AutoModelForCausalLM), then every experts module converted with the kernel options
-    (share: see patch)."""
+    (share: see patch).
+
+    weights None (default): the checkpoint's own format, bf16 for an unquantized checkpoint.
+    A local checkpoint whose config.json declares a quantization (FP8 block-scaled, INT4
+    compressed-tensors pack-quantized) is loaded by ktmoe's streaming loader instead of
+    transformers (whose FP8 / compressed-tensors loaders need a GPU or extra packages): the
+    experts' codes and scales go into the kernel as published (or converted layer by layer to
+    `weights`, said once on the "ktmoe" logger), the quantized non-expert weights are
+    dequantized to `dtype` (default bf16) on `device_map` (one device, default CPU); no other
+    keyword arguments are accepted there. Other quantization methods raise ValueError. Under
+    torch.distributed the ranks of a host share one packed copy there too (share as in patch),
+    except for codes kept as published, which raise (convert them with `weights`)."""
     from ..experts import _check_format
+    local = _local_config(path)
+    if local is not None and "quantization_config" in local:
+        return _from_quantized_checkpoint(path, weights=weights, group_size=group_size, activations=activations,
+                                          max_tokens=max_tokens, num_threads=num_threads, isa=isa,
+                                          auto_class=auto_class, share=share, **kwargs)
+    weights = weights or "bf16"
     _check_format(weights, group_size, activations, False, 0, 0)   # names and values; sizes in patch()
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
     model = auto_class.from_pretrained(path, experts_implementation=NAME, **kwargs)
     return patch(model, max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
                  group_size=group_size, activations=activations, share=share)
+
+
+def _local_config(path) -> dict | None:
+    import json
+    import os
+    cfg = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None   # transformers reports it
+    return data if isinstance(data, dict) else None
+
+
+def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_tokens, num_threads, isa, auto_class,
+                               share, **kwargs) -> nn.Module:
+    import logging
+
+    import torch
+
+    from ..finetune import FinetuneError, loading, quantized
+    from ..finetune.checkpoint import Checkpoint
+    from transformers import AutoModelForCausalLM
+    if auto_class not in (None, AutoModelForCausalLM):
+        raise ValueError(f"auto_class: a quantized checkpoint is built as AutoModelForCausalLM by ktmoe's loader, "
+                         f"got {getattr(auto_class, '__name__', auto_class)!r}")
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", torch.bfloat16))
+    if dtype == "auto":
+        dtype = torch.bfloat16
+    device = kwargs.pop("device_map", None) or "cpu"
+    if kwargs:
+        raise TypeError(f"from_pretrained of a quantized checkpoint (ktmoe's loader): unsupported keyword "
+                        f"argument(s) {sorted(kwargs)} (supported: dtype, device_map as one device)")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map: one device for a quantized checkpoint (ktmoe's loader), got {device!r}") \
+            from None
+    try:
+        ckpt = Checkpoint(path, what="from_pretrained", require_tokenizer=False)
+        scheme = quantized.scheme_of(ckpt.config, ckpt.label)
+        try:
+            fmt, conversion = quantized.target_format(scheme, weights, group_size, activations)
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
+        if not quantized.as_published(scheme, fmt):
+            from ..experts import _check_format
+            try:
+                _check_format(fmt["weights"], fmt["group_size"], activations, False, 0, 0)
+            except ValueError as e:
+                raise FinetuneError(str(e)) from None
+        if conversion:
+            logging.getLogger("ktmoe").warning("ktmoe.torch.from_pretrained: %s", conversion)
+        register()
+        host = host_sharing(share, "from_pretrained")
+        model, _ = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=num_threads,
+                                kernel_format={**fmt, "isa": isa}, shared=host is not None)
+    except FinetuneError as e:
+        raise ValueError(str(e)) from None
+    return model

@@ -1,0 +1,283 @@
+"""Quantized checkpoints as published: the scheme config.json declares, the tensors of one
+quantized linear layer, and dequantizing one such tensor (for the non-expert weights).
+
+Supported schemes (`quantization_config` in config.json):
+- FP8, block-scaled (DeepSeek-V3 / R1, Qwen3-*-FP8): `quant_method` "fp8", `fmt` "e4m3",
+  `activation_scheme` "dynamic", `weight_block_size` [br, bc] (128 x 128 as published),
+  fp32 scales (`scale_fmt` "float" when given). A quantized linear `<m>` stores
+  `<m>.weight` float8_e4m3fn [out, in] and `<m>.weight_scale_inv` float32
+  [ceil(out / br), ceil(in / bc)]; w[i, j] = code[i, j] * weight_scale_inv[i // br, j // bc]
+  (despite its name the stored value multiplies: DeepSeek-V3's weight_dequant). Codes
+  0x7F / 0xFF are e4m3's NaN and are refused. Modules listed in `modules_to_not_convert`
+  (router, norms, lm_head, embeddings) are stored unquantized as `<m>.weight`.
+- INT4, compressed-tensors `pack-quantized` (Kimi K2 / K2.5): `quant_method`
+  "compressed-tensors", `format` "pack-quantized", every config group's `weights` {num_bits
+  4, type "int", symmetric true, strategy "group", group_size 32 | 64 | 128, no actorder}, no
+  input / output activation quantization. `<m>.weight_packed` int32 [out, ceil(in / 8)]:
+  column j of a row is the nibble at bits 4 * (j % 8) of word j // 8 and holds q + 8, q in
+  [-8, 7]; `<m>.weight_scale` [out, in / group] (bf16, fp16 or fp32); `<m>.weight_shape`
+  int [2] = [out, in]; w[i, j] = q[i, j] * weight_scale[i, j // group]. Modules in `ignore`
+  are stored unquantized as `<m>.weight`.
+- No `quantization_config`: plain bf16 / fp16 / fp32 weights.
+Everything else (GPTQ / AWQ with zero points, bitsandbytes, mxfp4, compressed-tensors
+float- or int-quantized, other bit widths, asymmetric, ...) raises, naming the method and
+what is supported. Which tensors are quantized is read from the checkpoint itself (the
+tensor names and dtypes above), not from the `ignore` / `modules_to_not_convert` lists.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+from . import FinetuneError
+
+GROUP_SIZES = (32, 64, 128)
+E4M3_NAN_MASK = 0x7F   # (code & 0x7F) == 0x7F is NaN in float8_e4m3fn (there is no Inf)
+INT4_XOR = 0x88        # a pack-quantized byte XOR 0x88 = two signed two's-complement nibbles
+SUPPORTED = ("FP8 block-scaled (quant_method 'fp8', fmt 'e4m3', weight_block_size, dynamic activations) and "
+             "INT4 compressed-tensors 'pack-quantized' (symmetric int, 4 bits, strategy 'group', group_size "
+             "32/64/128, weight-only)")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a checkpoint's linear weights are stored: "bf16" (not quantized), "fp8" or "int4"."""
+    method: str = "bf16"
+    block: tuple | None = None        # fp8: (rows, cols) per scale
+    group_size: int | None = None     # int4: columns per scale
+
+    @property
+    def quantized(self) -> bool:
+        return self.method != "bf16"
+
+    def describe(self) -> str:
+        if self.method == "fp8":
+            return f"FP8 e4m3, one fp32 scale per {self.block[0]}x{self.block[1]} block"
+        if self.method == "int4":
+            return f"INT4 compressed-tensors pack-quantized, symmetric, group {self.group_size}"
+        return "not quantized"
+
+    def suffixes(self) -> dict:
+        """{role: tensor name after `<module>.`} of one linear layer: codes, scale, shape (int4)."""
+        return {"fp8": {"codes": "weight", "scale": "weight_scale_inv"},
+                "int4": {"codes": "weight_packed", "scale": "weight_scale", "shape": "weight_shape"},
+                "bf16": {"codes": "weight"}}[self.method]
+
+
+def scheme_of(config: dict, where: str) -> Scheme:
+    """The checkpoint's Scheme from its config.json dict; FinetuneError for anything unsupported."""
+    q = config.get("quantization_config")
+    if q is None:
+        if "compression_config" in config:
+            raise FinetuneError(f"{where}: config.json has a 'compression_config' (an older compressed-tensors "
+                                f"layout), which ktmoe does not read; supported: {SUPPORTED}")
+        return Scheme()
+    if not isinstance(q, dict):
+        raise FinetuneError(f"{where}: config.json 'quantization_config' is not an object")
+    method = q.get("quant_method")
+    if method == "fp8":
+        return _fp8(q, where)
+    if method == "compressed-tensors":
+        return _compressed_tensors(q, where)
+    why = {"gptq": "GPTQ layout (qweight / qzeros / g_idx, zero points)",
+           "awq": "AWQ layout (qweight / qzeros, zero points)",
+           "bitsandbytes": "bitsandbytes 4/8-bit", "mxfp4": "MXFP4 (gpt-oss)"}.get(str(method).lower())
+    what = f" ({why})" if why else ""
+    raise FinetuneError(f"{where}: quantization method {method!r}{what} is not supported; supported: {SUPPORTED}")
+
+
+def _fp8(q: dict, where: str) -> Scheme:
+    def bad(what):
+        return FinetuneError(f"{where}: quantization method 'fp8' with {what} is not supported; supported: {SUPPORTED}")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise bad(f"fmt {q.get('fmt')!r} (only e4m3)")
+    if str(q.get("activation_scheme", "dynamic")).lower() != "dynamic":
+        raise bad(f"activation_scheme {q.get('activation_scheme')!r} (static activation scales; only 'dynamic')")
+    if q.get("scale_fmt", "float") != "float":
+        raise bad(f"scale_fmt {q.get('scale_fmt')!r} (only fp32 scales, 'float')")
+    if q.get("expert_dtype", "fp8") != "fp8":
+        raise bad(f"expert_dtype {q.get('expert_dtype')!r} (only 'fp8' experts)")
+    block = q.get("weight_block_size")
+    if block is None:
+        raise bad("no weight_block_size (per-tensor scales; only block-scaled checkpoints)")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise bad(f"weight_block_size {block!r} (expected two positive integers)")
+    return Scheme("fp8", block=(block[0], block[1]))
+
+
+def _compressed_tensors(q: dict, where: str) -> Scheme:
+    def bad(what):
+        return FinetuneError(f"{where}: quantization method 'compressed-tensors' with {what} is not supported; "
+                             f"supported: {SUPPORTED}")
+    top = q.get("format")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise bad("no config_groups")
+    if q.get("quantization_status", "compressed") != "compressed":
+        raise bad(f"quantization_status {q.get('quantization_status')!r} (only 'compressed' checkpoints)")
+    if q.get("sparsity_config"):
+        raise bad("a sparsity_config (sparse weights)")
+    sizes = set()
+    for gname, g in groups.items():
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+            raise bad(f"config group {gname!r} without weights")
+        fmt = g.get("format") or top
+        if fmt != "pack-quantized":
+            raise bad(f"format {fmt!r} (config group {gname!r}; only 'pack-quantized')")
+        w = g["weights"]
+        for key, want in (("type", "int"), ("num_bits", 4), ("strategy", "group")):
+            if w.get(key) != want:
+                raise bad(f"weights {key} {w.get(key)!r} (config group {gname!r}; only {want!r})")
+        if w.get("symmetric") is not True:
+            raise bad(f"asymmetric weights (symmetric {w.get('symmetric')!r}, zero points; config group {gname!r}: "
+                      f"the kernel has no zero points)")
+        if w.get("actorder") not in (None, False):
+            raise bad(f"actorder {w.get('actorder')!r} (activation-ordered groups, g_idx; config group {gname!r})")
+        if w.get("group_size") not in GROUP_SIZES:
+            raise bad(f"group_size {w.get('group_size')!r} (config group {gname!r}; only {list(GROUP_SIZES)})")
+        if w.get("dynamic") not in (None, False):
+            raise bad(f"dynamic weight quantization (config group {gname!r})")
+        for act in ("input_activations", "output_activations"):
+            if g.get(act):
+                raise bad(f"{act} quantization (config group {gname!r}; only weight-only checkpoints)")
+        sizes.add(w["group_size"])
+    if len(sizes) != 1:
+        raise bad(f"config groups of different group sizes {sorted(sizes)}")
+    return Scheme("int4", group_size=sizes.pop())
+
+
+def target_format(scheme: Scheme, weights: str | None, group_size: int | None, activations: str) -> tuple:
+    """(kernel format dict, conversion sentence or None) for the requested `weights` (None: the
+    checkpoint's own format) and `group_size`; ValueError if the request cannot be met."""
+    if weights is None:
+        weights = scheme.method
+    if weights == "fp8" and scheme.method != "fp8":
+        raise ValueError(f"weights: 'fp8' is the format of FP8 checkpoints as published; this checkpoint is "
+                         f"{scheme.describe()} and ktmoe does not quantize to fp8 (use 'int8' or 'int4')")
+    if weights == "fp8" and activations != "bf16":
+        raise ValueError(f"activations: {activations!r} (W8A8) is not available for fp8 weights (weight-only); "
+                         f"use activations 'bf16', or convert the experts to int8 / int4")
+    if weights == "int4" and group_size is None:
+        group_size = scheme.group_size if scheme.method == "int4" else 128
+    fmt = {"weights": weights, "group_size": group_size, "activations": activations}
+    if weights == "fp8":
+        fmt["block"] = scheme.block
+    same = weights == scheme.method and (weights != "int4" or group_size == scheme.group_size)
+    if same or not scheme.quantized:
+        return fmt, None
+    to = "bf16" if weights == "bf16" else f"{weights}" + (f" group {group_size}" if weights == "int4" else "")
+    then = "" if weights == "bf16" else ", then quantized"
+    return fmt, (f"converting the checkpoint's experts ({scheme.describe()}) to {to} layer by layer as they are "
+                 f"loaded: dequantized to bf16{then} (not the checkpoint's codes)")
+
+
+def as_published(scheme: Scheme, kernel_format: dict) -> bool:
+    """True when the kernel format is the quantized checkpoint's own (codes taken as they are)."""
+    return scheme.quantized and kernel_format.get("weights") == scheme.method and (
+        scheme.method != "int4" or kernel_format.get("group_size") == scheme.group_size)
+
+
+# ---- one tensor (non-expert weights: dequantized for torch) ----
+ROWS_PER_STEP = 128   # dequantized a band of rows at a time: transient memory ~ 128 rows x cols x 4 bytes
+
+
+def dequantize(scheme: Scheme, tensors: dict, out, name: str):
+    """Fills `out` [out, in] (a float tensor of any float dtype) with the weight of linear `name`
+    (its `.weight`) from its checkpoint tensors {role: torch tensor} (Scheme.suffixes), computed
+    in fp32 one band of rows at a time, and returns it; FinetuneError naming the tensor if
+    malformed."""
+    if scheme.method == "fp8":
+        return dequantize_fp8(tensors["codes"], tensors["scale"], scheme.block, out, name)
+    return dequantize_int4(tensors["codes"], tensors["scale"], tensors["shape"], out, name)
+
+
+def dequantize_fp8(codes, scale_inv, block: tuple, out, name: str):
+    import torch
+    rows, cols = codes.shape
+    br, bc = block
+    check_fp8(codes, scale_inv, block, name)
+    codes = codes.view(torch.float8_e4m3fn)
+    step = max(br, ROWS_PER_STEP // br * br)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        s = scale_inv[r0 // br:-(-r1 // br)].to(torch.float32).repeat_interleave(br, 0)[:r1 - r0]
+        out[r0:r1] = codes[r0:r1].to(torch.float32).mul_(s.repeat_interleave(bc, 1)[:, :cols])
+    return out
+
+
+def check_fp8(codes, scale_inv, block: tuple, name: str) -> None:
+    """Scale shape, NaN codes and finite non-negative scales of one fp8 tensor [.., rows, cols]."""
+    import torch
+    rows, cols = codes.shape[-2:]
+    br, bc = block
+    want = (*codes.shape[:-2], math.ceil(rows / br), math.ceil(cols / bc))
+    if tuple(scale_inv.shape) != want:
+        raise FinetuneError(f"{name}_scale_inv has shape {list(scale_inv.shape)}, expected {list(want)} for "
+                            f"{name} {list(codes.shape)} in {br}x{bc} blocks (weight_block_size)")
+    nan = (codes.view(torch.uint8) & E4M3_NAN_MASK) == E4M3_NAN_MASK
+    if nan.any():
+        at = [int(i) for i in nan.nonzero()[0]]
+        raise FinetuneError(f"{name}: NaN e4m3 code(s) (0x7F / 0xFF), {int(nan.sum())} of them, first at {at}")
+    _check_scales(scale_inv, f"{name}_scale_inv")
+
+
+def dequantize_int4(packed, scale, shape_t, out, name: str):
+    import torch
+    base = name.removesuffix(".weight")
+    rows, cols = out.shape
+    got = [int(v) for v in shape_t.reshape(-1)]
+    if got != [rows, cols]:
+        raise FinetuneError(f"{base}.weight_shape is {got}, the model built from config.json expects "
+                            f"{[rows, cols]}")
+    check_int4(packed, scale, rows, cols, base)
+    group = cols // scale.shape[-1]
+    for r0 in range(0, rows, ROWS_PER_STEP):
+        r1 = min(rows, r0 + ROWS_PER_STEP)
+        w = unpack_int4(packed[r0:r1], cols).to(torch.float32).view(r1 - r0, cols // group, group)
+        out[r0:r1] = w.mul_(scale[r0:r1].to(torch.float32)[:, :, None]).view(r1 - r0, cols)
+    return out
+
+
+def check_int4(packed, scale, rows: int, cols: int, base: str) -> None:
+    """Packed and scale shapes of one pack-quantized tensor [.., rows, cols], finite scales."""
+    lead = tuple(packed.shape[:-2])
+    want = (*lead, rows, math.ceil(cols / 8))
+    if tuple(packed.shape) != want:
+        raise FinetuneError(f"{base}.weight_packed has shape {list(packed.shape)}, expected {list(want)} "
+                            f"(8 codes per int32 word) for [{rows}, {cols}]")
+    groups = [g for g in GROUP_SIZES if cols % g == 0 and tuple(scale.shape) == (*lead, rows, cols // g)]
+    if not groups:
+        raise FinetuneError(f"{base}.weight_scale has shape {list(scale.shape)}, expected "
+                            f"[{', '.join(map(str, lead + (rows,)))}, {cols} / group] with a group of "
+                            f"{'/'.join(map(str, GROUP_SIZES))} dividing {cols}")
+    _check_scales(scale, f"{base}.weight_scale")
+
+
+def unpack_int4(packed, cols: int):
+    """int8 [rows, cols] codes in [-8, 7] from pack-quantized int32 words [rows, ceil(cols / 8)]."""
+    import torch
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nibbles = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF       # [rows, words, 8]
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+
+
+def weight_name(codes_key: str) -> str:
+    """`<m>.weight` for the codes tensor of a linear (`<m>.weight` or `<m>.weight_packed`)."""
+    return codes_key.removesuffix("_packed")
+
+
+def _check_scales(scale, name: str) -> None:
+    import torch
+    s = scale.to(torch.float32)
+    bad = ~torch.isfinite(s) | (s < 0)
+    if bad.any():
+        at = [int(i) for i in bad.nonzero()[0]]
+        raise FinetuneError(f"{name}: scale {s[tuple(at)].item()} at {at} (scales must be finite and >= 0)")
+
+
+def check_byte_order() -> None:
+    """The int32 words of pack-quantized checkpoints are handed to the kernel as their bytes."""
+    if sys.byteorder != "little":
+        raise FinetuneError("INT4 pack-quantized checkpoints are read on little-endian CPUs only")
