@@ -515,3 +515,32 @@ def test_peak_host_memory_as_published(tmp_path):
     assert added <= packed + layer + other + slack, (
         f"load added {added / 2**20:.1f} MiB > packed {packed / 2**20:.1f} + one layer {layer / 2**20:.1f} + "
         f"other {other / 2**20:.1f} + 8 MiB")
+
+
+def test_shared_between_ranks_converted_or_refused(tmp_path):
+    """loading.load(shared=True) (a torch.distributed rank; one gloo rank here): a quantized
+    checkpoint converted at load (fp8 -> int4) goes through the host's shared packed copy and
+    stores the same codes as a one-process load; codes kept as published cannot be shared yet
+    and raise before any tensor is read, naming the --weights that can."""
+    import torch.distributed as dist
+    write("qwen3_moe-fp8", tmp_path / "c")
+    ckpt = checkpoint.Checkpoint(tmp_path / "c", require_tokenizer=False)
+    with pytest.raises(FinetuneError, match="cannot be shared yet: pass --weights int4"):
+        loading.load(ckpt, device=CPU, dtype=torch.float32, max_tokens=256, shared=True)
+    alone, _ = load(tmp_path / "c", weights="int4", group_size=64)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shared, stats = loading.load(ckpt, device=CPU, dtype=torch.float32, max_tokens=256,
+                                     kernel_format={"weights": "int4", "group_size": 64}, shared=True)
+        mods = loading.experts_modules(shared)
+        assert stats.packed_bytes == sum(m._ktmoe.layer.weight_bytes for _, m in mods) > 0
+        for (_, a), (_, b) in zip(loading.experts_modules(alone), mods):
+            for proj in ("gate", "up", "down"):
+                qa, sa = a._ktmoe.layer.quantized_weights(proj)
+                qb, sb = b._ktmoe.layer.quantized_weights(proj)
+                assert np.array_equal(qa, qb) and np.array_equal(sa, sb), proj   # bit for bit
+        ids = tm.batch(seed=4)["input_ids"]
+        with torch.no_grad():
+            assert torch.equal(shared(ids).logits, alone(ids).logits)
+    finally:
+        dist.destroy_process_group()
