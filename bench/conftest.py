@@ -1,4 +1,4 @@
-"""pytest-benchmark setup for the layer benchmarks (SPEC.md section 10).
+"""pytest-benchmark setup for the layer benchmarks (design.md 10).
 
 Run:  pytest bench/ --benchmark-enable --benchmark-json=bench/baseline-<machine-kind>.json
 (pyproject's addopts disable timing, so without --benchmark-enable every case runs once as a

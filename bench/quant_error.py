@@ -1,4 +1,4 @@
-"""Quantization error itself (SPEC.md section 6): the quantized reference vs the bf16 reference.
+"""Quantization error itself (design.md 6): the quantized reference vs the bf16 reference.
 
 Builds a Qwen3-30B-A3B-shaped layer (E=128, H=2048, I=768, k=8; base weights normal * 0.02 as
 bf16; x and dy normal bf16; random top-8 routing with softmax weights over the 8 chosen

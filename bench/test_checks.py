@@ -7,7 +7,7 @@ import torch
 from ktmoe import bench
 
 SMALL = bench.Shape("small", "qwen3_moe", 8, 256, 128, 2, 64)
-TOL = 1e-2   # SPEC.md section 6: relative Frobenius error allowed for bf16 kernels
+TOL = 1e-2   # design.md 6: relative Frobenius error allowed for bf16 kernels
 
 
 def test_roofline_probes(roofline):

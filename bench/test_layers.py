@@ -1,4 +1,4 @@
-"""Layer benchmarks: every shape of SPEC.md section 10, forward and forward+backward, LoRA r=16,
+"""Layer benchmarks: every shape of design.md 10, forward and forward+backward, LoRA r=16,
 for ktmoe and both torch baselines (eager: transformers experts + PEFT; grouped: torch loop).
 
 Each case builds its runner on the shared Problem, makes one timed warm-up call (which also

@@ -2,7 +2,7 @@
 published, and their addresses for the kernel (kt_layer_create_quantized), which copies them as
 they are into its packed memory (no re-quantization, no intermediate copy).
 
-Formats (SPEC.md 5; reference/quant.py implements each exactly):
+Formats (design.md 5; reference/quant.py implements each exactly):
 
 - "int8": codes int8 [E, rows, cols] in [-127, 127]; scales [E, rows, 1].
 - "int4": two codes per byte, codes uint8 or int8 [E, rows, cols / 2]: column 2j in the low

@@ -1,6 +1,6 @@
 """`ktmoe bench`: the expert layer against this machine's roofline and two torch baselines.
 
-What is measured (SPEC.md section 10), all in one process, one run:
+What is measured (design.md 10), all in one process, one run:
 - the roofline: the bf16 peak of the kernel path in use, from a register-only loop (AMX tiles
   on the amx path; else VDPBF16PS where the CPU has AVX512_BF16; else fp32 FMA, AVX-512F zmm
   or AVX2 ymm; Roofline.bf16_probe says which), the AMX int8 peak (amx path only) and the
@@ -36,7 +36,7 @@ SEED = 0
 PASSES = ("fwd", "fwdbwd")
 IMPLS = ("ktmoe", "ktmoe-wT", "ktmoe-int8", "ktmoe-int4", "ktmoe-w8a8", "ktmoe-w4a8", "ktmoe-fp8", "grouped", "eager")
 # ktmoe-wT: the opt-in transposed weight copy (2x weight memory). The quantized rows
-# (SPEC.md 5): (weights, activations); int4 with group size 128; fp8: e4m3 codes with 128 x 128
+# (design.md 5): (weights, activations); int4 with group size 128; fp8: e4m3 codes with 128 x 128
 # block scales made from the bf16 weights by reference.quantize_fp8 (as the FP8 releases are
 # made) and taken by MoEExperts.from_quantized, weight-only.
 QUANTIZED = {"ktmoe-int8": ("int8", "bf16"), "ktmoe-int4": ("int4", "bf16"),

@@ -26,7 +26,7 @@ from .lora import LoRA
 BF16 = ml_dtypes.bfloat16
 # (E, H, I, T, k, r): a tail-heavy shape and a larger one
 VERIFY_SHAPES = [(8, 72, 56, 33, 2, 5), (16, 512, 256, 128, 4, 16)]
-TOLERANCE = 1e-2  # SPEC.md section 6: relative Frobenius error of bf16 kernels
+TOLERANCE = 1e-2  # design.md 6: relative Frobenius error of bf16 kernels
 
 DESCRIPTION = """\
 ktmoe: LoRA fine-tuning of Mixture-of-Experts LLMs whose routed experts run in CPU kernels
@@ -182,7 +182,7 @@ def cmd_verify(args) -> int:
         for label, fmt, group, acts in formats:
             if group and (H % group or I % group) or fmt == "fp8" and (H % FP8_BLOCK[1] or I % FP8_BLOCK[1]):
                 continue
-            # the quantized reference: same codes, same rounding (SPEC.md 5-6)
+            # the quantized reference: same codes, same rounding (design.md 5-6)
             base, prequantized = _verify_weights(label, fmt, group, (gu[:, :I], gu[:, I:], w["down"]))
             y_ref, cache = reference.moe_forward(x, ids, weights, *base, lora=ref_lora, activations=acts)
             dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)

@@ -72,7 +72,7 @@ class MoEExperts:
     `region_bytes` / `pack_region` / `attach`: the packed weights in caller memory (one copy
     that several processes map; see each).
 
-    `weights="int8"` / `"int4"` quantize the expert weights once, here (SPEC.md 5): int8
+    `weights="int8"` / `"int4"` quantize the expert weights once, here (design.md 5): int8
     with one fp32 scale per output row, int4 with one per output row and `group_size`
     (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]. Packed memory:
     int8 rows*cols + 4*rows bytes per matrix, int4 rows*cols/2 + 4*rows*cols/group_size.
@@ -99,7 +99,7 @@ class MoEExperts:
     def from_quantized(cls, weights, gate_up=None, down=None, *, gate=None, up=None, group_size=None, block=None,
                        int4_packing: str = "nibbles", max_tokens: int = 65536, num_threads: int | None = None,
                        isa: str | None = None, activations: str = "bf16") -> "MoEExperts":
-        """A layer on codes and scales that are already quantized, taken as they are (SPEC.md 5).
+        """A layer on codes and scales that are already quantized, taken as they are (design.md 5).
 
         Nothing is re-quantized: the stored codes equal the given ones bit for bit and the
         scales their float32 values (quantized_weights() returns them). Each of gate_up
@@ -283,7 +283,7 @@ class MoEExperts:
     # ---- blocking calls ----
     def forward(self, x, topk_ids, topk_weights, lora: LoRA | None = None,
                 keep_for_backward: bool = False, out=None):
-        """y [T, H] = sum_j w_tj * expert_{id_tj}(x_t), in x's dtype (SPEC.md section 2)."""
+        """y [T, H] = sum_j w_tj * expert_{id_tj}(x_t), in x's dtype (design.md 2)."""
         self.submit_forward(x, topk_ids, topk_weights, lora, keep_for_backward, out)
         return self.wait()
 

@@ -1,4 +1,4 @@
-"""LoRA factors of a layer's experts, in the two layouts ktmoe reads (SPEC.md section 4).
+"""LoRA factors of a layer's experts, in the two layouts ktmoe reads (design.md 4).
 
 - `LoRA(gate=(A, B), up=(A, B), down=(A, B), scale=s)`: one factor pair per projection,
   A [E, r, in], B [E, out, r] (per-expert nn.Linear LoRA, kt-kernel's layout).

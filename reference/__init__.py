@@ -1,4 +1,4 @@
-"""Plain-numpy oracle for ktmoe (SPEC.md section 6): routed MoE experts with LoRA.
+"""Plain-numpy oracle for ktmoe (design.md 6): routed MoE experts with LoRA.
 
     y, cache = reference.moe_forward(x, topk_ids, topk_weights, w_gate, w_up, w_down, lora=None)
     dx, dw, lora_grads = reference.moe_backward(dy, cache)
@@ -8,7 +8,7 @@ reference.LoRA.peft(gate_up=(A, B), down=(A, B), scale=s) (PEFT target_parameter
 lora_grads come back as {name: (dA, dB)} in the same layout. All results are float64.
 Validated against torch autograd in tests/test_reference.py.
 
-Quantized weights (SPEC.md section 5, reference/quant.py):
+Quantized weights (design.md 5, reference/quant.py):
 
     Qg = reference.quantize(w_gate, "int8")            # or "int4", group_size=32/64/128
     y, cache = reference.moe_forward(x, ids, w, Qg, Qu, Qd, lora)                      # weight-only

@@ -1,4 +1,4 @@
-"""LoRA layouts of the reference (SPEC.md section 4), readable as the specification.
+"""LoRA layouts of the reference (design.md 4), readable as the specification.
 
 A `LoRA` holds the caller's arrays as given, in one of two layouts, and translates between
 that layout and the per-expert factors the math of moe.py uses:

@@ -1,6 +1,6 @@
-"""Routed MoE experts, forward and backward, in plain numpy (SPEC.md sections 2-3 and 5).
+"""Routed MoE experts, forward and backward, in plain numpy (design.md 2-3 and 5).
 
-This is the test oracle: each line is one line of the SPEC's math, looping over experts
+This is the test oracle: each line is one line of the math of docs/design.md, looping over experts
 with no performance tricks. Inputs may be float32 or ml_dtypes.bfloat16 (or anything
 numpy can read); they are upcast to float64 and all math is float64, so the oracle's own
 rounding is negligible next to a kernel's fp32 accumulation. Results are float64.

@@ -1,4 +1,4 @@
-"""Quantized weight formats of the reference (SPEC.md section 5), readable as the specification.
+"""Quantized weight formats of the reference (design.md 5), readable as the specification.
 
 A C kernel implements the same rounding and is compared bit-exactly on q and scale, so every
 step below is the float32 arithmetic the kernel does (numpy float32 ops are IEEE float32,

@@ -58,7 +58,7 @@ def pytest_terminal_summary(terminalreporter):
     worst = getattr(helpers, "WORST", None)
     if not worst:
         return
-    tr.section("largest relative error vs reference (SPEC 6 limit 1e-2), per ISA")
+    tr.section("largest relative error vs reference (design.md 6 limit 1e-2), per ISA")
     for isa in sorted({isa for isa, _ in worst}):
         row = {t: e for (i, t), e in worst.items() if i == isa}
         tr.write_line(f"{isa}:")

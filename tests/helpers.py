@@ -1,11 +1,11 @@
-"""The one test harness: kernel forward + backward against the numpy reference (SPEC.md 6).
+"""The one test harness: kernel forward + backward against the numpy reference (design.md 6).
 
     assert_matches_reference(layer_kwargs, x, ids, weights, lora, isa=...)
 
 runs ktmoe.MoEExperts forward (keep_for_backward) and backward, with LoRA gradient buffers
 pre-filled with random values (gradients must ACCUMULATE, and experts with no token must
 be left untouched), then checks y, dx, dw and every LoRA gradient against reference/ with
-the SPEC limits: relative Frobenius error <= 1e-2 and cosine >= 0.9999; where the reference
+the design.md 6 limits: relative Frobenius error <= 1e-2 and cosine >= 0.9999; where the reference
 is exactly zero the kernel must be exactly zero. The worst error per (ISA, tensor) is kept
 in WORST for the summary printed by conftest.py.
 
@@ -220,8 +220,8 @@ def check(name, got, want, isa):
     if err > old_err:
         where = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].split("::")[-1]
     WORST[key] = (max(old_err, err), min(old_cos, cos), where)
-    assert err <= 1e-2, f"{name}: relative error {err:.3e} > 1e-2 (SPEC.md 6)"
-    assert cos >= 0.9999, f"{name}: cosine {cos:.6f} < 0.9999 (SPEC.md 6)"
+    assert err <= 1e-2, f"{name}: relative error {err:.3e} > 1e-2 (design.md 6)"
+    assert cos >= 0.9999, f"{name}: cosine {cos:.6f} < 0.9999 (design.md 6)"
     return err, cos
 
 
@@ -297,7 +297,7 @@ def assert_matches_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=No
         if use_out:
             assert y is out and dx is bwd["dx_out"] and dw is bwd["dw_out"], "out buffers not returned"
 
-    # dtypes and shapes (SPEC 2: output in the caller's dtype)
+    # dtypes and shapes (design.md 2: output in the caller's dtype)
     assert dtype_name(y) == dtype_name(x) and tuple(y.shape) == (T, H), "y"
     assert dtype_name(dx) == dtype_name(x) and tuple(dx.shape) == (T, H), "dx"
     assert dtype_name(dw) == dtype_name(weights) and tuple(dw.shape) == tuple(ids.shape), "dw"

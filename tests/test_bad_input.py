@@ -1,4 +1,4 @@
-"""Bad input: a clear exception naming the argument, raised before any kernel runs (SPEC.md 7).
+"""Bad input: a clear exception naming the argument, raised before any kernel runs (design.md 7).
 
 Each case checks the exception type, that the argument's name is in the message, that every
 caller array (weights, x, ids, weights, LoRA, gradient and out buffers) is bit-for-bit

@@ -2,7 +2,7 @@
 
 - one MoEExperts shared by two threads: blocking calls wait their turn; a thread whose kept
   forward was replaced by another thread's forward is refused in backward; every result
-  that comes back matches reference/ (helpers.assert_matches_reference, SPEC.md 6 limits);
+  that comes back matches reference/ (helpers.assert_matches_reference, design.md 6 limits);
 - two layers in two threads: both correct;
 - submit_* twice before wait() raises; wait() from another thread raises; another thread's
   submit waits until the call in flight is waited for;

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 HERE = Path(__file__).resolve().parent
-RTOL = 1e-2   # SPEC.md relative Frobenius limit; measured about 1.4e-7 (same kernel both sides)
+RTOL = 1e-2   # docs/design.md relative Frobenius limit; measured about 1.4e-7 (same kernel both sides)
 PAGE = 4096
 
 

@@ -3,7 +3,7 @@
 - the default job (fewer steps) runs, writes adapter / log / plot / summary / checkpoints,
   and its loss falls well below the start;
 - the adapter loads with PeftModel.from_pretrained on plain transformers and gives the same
-  logits as the ktmoe model with that adapter (SPEC 6 tolerance: rel <= 1e-2);
+  logits as the ktmoe model with that adapter (design.md 6 tolerance: rel <= 1e-2);
 - --resume after --stop-after continues exactly: the same losses, bit for bit, and the
   same adapter as an uninterrupted run;
 - --targets router trains the routers and saves them with the adapter;
@@ -77,7 +77,7 @@ def test_adapter_loads_in_plain_peft(default_run):
     (no ktmoe) loads it and its loss on a training example is well below the base model's.
 
     Every layer's experts, given the same hidden states and routing, agree with ktmoe's
-    (SPEC 6, 1e-2). Whole-model logits are not compared: the fp32 eager model and the bf16
+    (design.md 6, 1e-2). Whole-model logits are not compared: the fp32 eager model and the bf16
     kernel differ by ~0.3 % per layer, enough to flip a near-tied top-k choice of a later
     router, after which the two models legitimately route a token to different experts."""
     from peft import PeftModel
@@ -110,7 +110,7 @@ def test_adapter_loads_in_plain_peft(default_run):
         for layer, ((args, y_plain), kt_experts) in enumerate(zip(seen, experts(kt))):
             y_kt = kt_experts(*args)
             rel = ((y_kt - y_plain).norm() / y_plain.norm()).item()
-            assert rel <= 1e-2, f"layer {layer}: plain PEFT vs ktmoe experts: relative error {rel:.2e} > 1e-2 (SPEC 6)"
+            assert rel <= 1e-2, f"layer {layer}: plain PEFT vs ktmoe experts: relative error {rel:.2e} > 1e-2 (design.md 6)"
     assert a.loss.item() < 0.7 * before      # the adapter is what learned: loss on a training example fell
 
 

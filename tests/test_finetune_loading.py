@@ -2,7 +2,7 @@
 
 Each checkpoint is written to a tmp dir from a tiny random model (tests/torch_models.py) in
 one of the layouts found in the field, loaded with `loading.load`, and must give the same
-logits as the model that was saved (SPEC 6 tolerance: the kernel rounds activations to
+logits as the model that was saved (design.md 6 tolerance: the kernel rounds activations to
 bf16, so rel <= 1e-2, cosine >= 0.9999):
 - fused v5 tensors (`experts.gate_up_proj` / `down_proj`), single file, tied embeddings;
 - per-expert tensors (`experts.{e}.gate_proj.weight` ...) written by hand, sharded over
@@ -26,7 +26,7 @@ import ktmoe.torch
 import torch_models as tm
 from ktmoe.finetune import FinetuneError, checkpoint, loading
 
-RTOL, MIN_COS = 1e-2, 0.9999   # SPEC 6
+RTOL, MIN_COS = 1e-2, 0.9999   # design.md 6
 
 
 def per_expert_state(model, dtype):
@@ -84,7 +84,7 @@ CASES = [("qwen3_moe", "fused", dict(tie_word_embeddings=True)),
 
 
 def assert_same_logits(loaded, model):
-    """The loaded model's logits against the reference model's on one batch (SPEC 6 limits)."""
+    """The loaded model's logits against the reference model's on one batch (design.md 6 limits)."""
     ids = tm.batch(seed=4)["input_ids"]
     want = reference_logits(model, ids)
     with torch.no_grad():
@@ -92,8 +92,8 @@ def assert_same_logits(loaded, model):
     a, b = got.double().flatten(), want.double().flatten()
     rel = ((a - b).norm() / b.norm()).item()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (SPEC 6)"
-    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (design.md 6)"
+    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (design.md 6)"
 
 
 @pytest.mark.parametrize("arch,layout,overrides", CASES, ids=[f"{a}-{b}" for a, b, _ in CASES])

@@ -1,4 +1,4 @@
-"""Out-of-bounds guards (SPEC.md 7): no kernel reads or writes outside a caller's array.
+"""Out-of-bounds guards (design.md 7): no kernel reads or writes outside a caller's array.
 
 Every array the public API touches (base weights at load, x, topk_ids, topk_weights, LoRA
 factors, dy, out / dx_out / dw_out and the LoRA gradient buffers) is placed flush against

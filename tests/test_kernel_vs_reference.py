@@ -1,7 +1,7 @@
-"""Kernel vs reference on every ISA path this CPU has (SPEC.md sections 2-4, 6, 11).
+"""Kernel vs reference on every ISA path this CPU has (design.md 2-4, 6, 11).
 
 Every test goes through helpers.assert_matches_reference, which checks y, dx, dw and all
-LoRA gradients at relative error <= 1e-2 and cosine >= 0.9999 (SPEC.md 6).
+LoRA gradients at relative error <= 1e-2 and cosine >= 0.9999 (design.md 6).
 Shapes stay small (CI has 2 cores); one medium case.
 """
 
@@ -56,7 +56,7 @@ def test_layer_attributes(isa):
 # ---------------------------------------------------------------- routing / shape grid
 
 def _grid_case(name, rng):
-    """(E, H, I, r, ids, weights) for one named case of SPEC.md 11."""
+    """(E, H, I, r, ids, weights) for one named case of design.md 11."""
     if name == "T1":
         E, H, I, r, T, k = 4, 64, 32, 4, 1, 2
         ids, w = make_routing(rng, T, k, E)
@@ -218,7 +218,7 @@ def test_fused_and_split_weights_agree(isa):
 @pytest.mark.parametrize("ldtype", [np.float32, BF16])
 @pytest.mark.parametrize("layout", ["per_projection", "peft"])
 def test_lora_B_zero_is_exactly_no_lora(layout, ldtype, isa):
-    """PEFT init (B = 0): y, dx, dw bit-identical to no LoRA, no NaN, dA exactly 0 (SPEC 4, 11)."""
+    """PEFT init (B = 0): y, dx, dw bit-identical to no LoRA, no NaN, dA exactly 0 (design.md 4, 11)."""
     rng = np.random.default_rng(4)
     E, H, I, T, k = 5, 72, 56, 19, 2
     weights = make_weights(rng, E, H, I)
@@ -273,7 +273,7 @@ def test_optimizer_step_between_forwards(layout, start_B_zero, isa):
 
 @pytest.mark.parametrize("layout", ["per_projection", None])
 def test_varying_T_on_one_instance(layout, isa):
-    """After warm-up: T = max_tokens, then 1, then in between, then max again (SPEC 11)."""
+    """After warm-up: T = max_tokens, then 1, then in between, then max again (design.md 11)."""
     rng = np.random.default_rng(7)
     E, H, I, k, max_tokens = 6, 72, 56, 2, 48
     weights = make_weights(rng, E, H, I)
@@ -316,7 +316,7 @@ def test_out_buffers(dtype, isa):
 
 
 def test_two_layers_keep_their_own_saved_state(isa):
-    """forward A, forward B, backward A, backward B: no shared live scratch (SPEC 11)."""
+    """forward A, forward B, backward A, backward B: no shared live scratch (design.md 11)."""
     rng = np.random.default_rng(10)
     H, T, k = 40, 12, 2
     problems = []
@@ -346,7 +346,7 @@ def test_two_layers_keep_their_own_saved_state(isa):
 
 
 def test_caller_buffers_reused_between_forward_and_backward(isa):
-    """Zeroing the grads and overwriting y's buffer after forward must not change backward (SPEC 11)."""
+    """Zeroing the grads and overwriting y's buffer after forward must not change backward (design.md 11)."""
     rng = np.random.default_rng(11)
     E, H, I, T, k = 4, 40, 24, 14, 2
     weights = make_weights(rng, E, H, I)
@@ -379,7 +379,7 @@ def test_caller_buffers_reused_between_forward_and_backward(isa):
 
 @pytest.mark.parametrize("dtype", [BF16, np.float32])
 def test_silu_over_minus_100_to_100(dtype, isa):
-    """G spans [-100, 100] (exp(100) overflows fp32): no NaN/Inf, matches the reference (SPEC 11)."""
+    """G spans [-100, 100] (exp(100) overflows fp32): no NaN/Inf, matches the reference (design.md 11)."""
     rng = np.random.default_rng(12)
     E, H, I, T, k = 3, 32, 48, 24, 2
     weights = make_weights(rng, E, H, I, dtype=np.float64, fused=True)
@@ -418,7 +418,7 @@ def test_num_threads(num_threads, isa):
 def test_one_A_array_for_gate_and_up(T, isa):
     """Per-projection LoRA whose gate and up A are the same array (as PEFT's gate_up A is) but
     whose gradients go to separate buffers: the kernel computes X A^T once and the dx product
-    once (SPEC.md 4), yet each buffer still gets its own projection's dA."""
+    once (design.md 4), yet each buffer still gets its own projection's dA."""
     rng = np.random.default_rng(7)
     E, H, I, r = 5, 72, 56, 4
     weights = make_weights(rng, E, H, I)

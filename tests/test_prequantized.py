@@ -1,9 +1,9 @@
-"""Pre-quantized weights (MoEExperts.from_quantized, SPEC.md 5): FP8 e4m3 with block scales and
+"""Pre-quantized weights (MoEExperts.from_quantized, design.md 5): FP8 e4m3 with block scales and
 INT4 / INT8 codes as published, kernel vs the reference on the same codes on every ISA path.
 
 The layer's stored codes and scales must equal the given ones bit for bit (checked inside
 helpers.assert_matches_reference through helpers.quantized_reference), and y, dx, dw and every
-LoRA gradient must match the reference at the SPEC.md 6 limits (relative error <= 1e-2, cosine
+LoRA gradient must match the reference at the design.md 6 limits (relative error <= 1e-2, cosine
 >= 0.9999). INT4 codes cover all of [-8, 7] (the published format uses -8), in weight-only and
 W8A8 mode, in ktmoe's nibble packing and compressed-tensors' int32 words. Plus the packed bytes,
 round trips of every accepted input type, and bad input (clear errors, nothing modified).
@@ -100,7 +100,7 @@ def test_int8_checkpoint_matches_reference(activations, isa):
 
 
 def test_fp8_codes_decode_exactly():
-    """reference.decode_fp8 (the SPEC formula) equals ml_dtypes' e4m3fn values for all 254 finite codes."""
+    """reference.decode_fp8 (the design.md 5 formula) equals ml_dtypes' e4m3fn values for all 254 finite codes."""
     import ml_dtypes
     codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
     want = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
@@ -109,7 +109,7 @@ def test_fp8_codes_decode_exactly():
 
 def test_fp8_every_code_through_the_kernel(isa):
     """All 254 finite codes (subnormals, +-0, +-448) in expert 0's gate and up weights, at 4 rows
-    (register kernels) and 16 rows (expanded bf16 panels); tolerance SPEC.md 6 as in the harness."""
+    (register kernels) and 16 rows (expanded bf16 panels); tolerance design.md 6 as in the harness."""
     rng = np.random.default_rng(3)
     E, H, I = 2, 256, 128
     kw = make_prequantized(rng, "fp8", E, H, I, block=(128, 128))
@@ -131,7 +131,7 @@ def test_fp8_every_code_through_the_kernel(isa):
 
 def test_packed_bytes():
     """fp8: codes + one fp32 per row and column block = 1.031x the format's bytes for 128 x 128
-    blocks (limit 1.05x, SPEC.md 5); ingested int4 / int8: exactly codes + scales."""
+    blocks (limit 1.05x, design.md 5); ingested int4 / int8: exactly codes + scales."""
     rng = np.random.default_rng(0)
     E, H, I = 2, 512, 256
     kw = make_prequantized(rng, "fp8", E, H, I, block=(128, 128))
@@ -139,7 +139,7 @@ def test_packed_bytes():
     packed = sum(q.nbytes_packed() for q in kw["reference"])
     raw = sum(q.nbytes_raw() for q in kw["reference"])
     assert layer.weight_bytes == packed == 3 * E * H * I * (1 + 4 / 128)
-    assert layer.weight_bytes <= 1.05 * raw, (layer.weight_bytes, raw)           # SPEC.md 5 memory goal
+    assert layer.weight_bytes <= 1.05 * raw, (layer.weight_bytes, raw)           # design.md 5 memory goal
     for fmt in ("int4", "int8"):
         kw = make_prequantized(rng, fmt, E, H, I, group_size=64)
         layer = ktmoe.MoEExperts.from_quantized(**kw["from_quantized"])

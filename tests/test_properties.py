@@ -1,4 +1,4 @@
-"""Property tests: random problems, kernel vs reference on every ISA path (SPEC.md 2-6, 11).
+"""Property tests: random problems, kernel vs reference on every ISA path (design.md 2-6, 11).
 
 Hypothesis draws E, H, I, r, T, k (odd sizes and tails, k = 1 and r = 1 included; H, I >= 16
 and >= 16 live slots, see MIN_HI / MIN_LIVE),
@@ -8,7 +8,7 @@ and routing weights, int32 / int64 ids, fp32 / bf16 LoRA), the LoRA layout and p
 the weight format (bf16, int8, int4 with a group size dividing H and I) and the activation
 mode (bf16, int8 = W8A8). Each example goes through helpers.assert_matches_reference (the
 one harness: y, dx, dw, every LoRA gradient at relative error <= 1e-2 and cosine >= 0.9999,
-SPEC.md 6) on every path of ktmoe.available_isas().
+design.md 6) on every path of ktmoe.available_isas().
 
 Pre-quantized weights (MoEExperts.from_quantized: fp8 with a drawn block, int4 codes over all
 of [-8, 7] in either packing, fp32 / bf16 scales) get their own test with 2/5 as many examples.
@@ -35,7 +35,7 @@ SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, database=None, dead
 DT = {"bf16": BF16, "fp32": np.float32}
 # H, I below this give tensors with a handful of independent terms, where the kernel's bf16
 # intermediates (kept G / U, bf16 GEMM inputs) are not averaged out and the per-tensor 1e-2 of
-# SPEC.md 6 does not hold (e.g. I = 2 or 3: y, dB errors of 1.8-2.5 %; see the README)
+# design.md 6 does not hold (e.g. I = 2 or 3: y, dB errors of 1.8-2.5 %; see the README)
 MIN_HI = 16
 # Likewise at least this many live (token, slot) pairs: dw of T = 1 is one dot product
 # <dy, D> whose cancellation can blow its relative error up (8.9 % measured at T = 1,

@@ -1,9 +1,9 @@
-"""INT8 / INT4 expert weights (SPEC.md 5): kernel vs the quantized reference on every ISA path.
+"""INT8 / INT4 expert weights (design.md 5): kernel vs the quantized reference on every ISA path.
 
 The reference (reference/quant.py) quantizes the same weights with the same rounding; the
 kernel's stored values and scales must equal it bit for bit (checked inside
 helpers.assert_matches_reference), and y, dx, dw and every LoRA gradient must match the
-quantized reference at the SPEC.md 6 limits (relative error <= 1e-2, cosine >= 0.9999), in
+quantized reference at the design.md 6 limits (relative error <= 1e-2, cosine >= 0.9999), in
 weight-only mode and in W8A8 mode. Plus the option checks and the packed memory.
 """
 import numpy as np
@@ -82,7 +82,7 @@ def test_frozen_experts_and_fp32_weights(fmt, group, isa):
 
 
 def test_packed_memory():
-    """Packed bytes = quantized values + fp32 scales exactly (<= 1.05x, SPEC.md 5)."""
+    """Packed bytes = quantized values + fp32 scales exactly (<= 1.05x, design.md 5)."""
     rng = np.random.default_rng(0)
     E, H, I = 4, 256, 128
     weights = make_weights(rng, E, H, I)
@@ -142,7 +142,7 @@ def test_non_finite_weights_cannot_be_quantized(where, value):
     weights[where][2, 5, 7] = value
     with pytest.raises(ValueError, match=f"{where}: contains NaN or Inf"):
         ktmoe.MoEExperts(**weights, weights="int8")
-    ktmoe.MoEExperts(**weights)   # bf16 weights are copied as they are (NaN propagates, SPEC.md 7)
+    ktmoe.MoEExperts(**weights)   # bf16 weights are copied as they are (NaN propagates, design.md 7)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4/g32", "w8a8"])

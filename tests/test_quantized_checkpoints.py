@@ -8,7 +8,7 @@ and a Kimi-K2-like INT4 compressed-tensors pack-quantized one (deepseek_v3 archi
 group 32, bf16 scales). Checks:
 - the scheme is read from config.json; every unsupported method or setting raises naming it;
 - loaded as published: the kernel's stored codes and scales equal the checkpoint's bit for
-  bit; logits equal an eager HF model holding the dequantized weights (SPEC 6: rel <= 1e-2,
+  bit; logits equal an eager HF model holding the dequantized weights (design.md 6: rel <= 1e-2,
   cosine >= 0.9999); ktmoe.torch.from_pretrained gives the same model;
 - converting (fp8 -> bf16, fp8 -> int4, int4 g32 -> bf16): the stored codes are ktmoe's own
   quantizer's of the dequantized bf16 weights; logits as above for bf16;
@@ -30,7 +30,7 @@ import quantized_checkpoints as qc
 import torch_models as tm
 from ktmoe.finetune import FinetuneError, checkpoint, loading, quantized, tiny
 
-RTOL, MIN_COS = 1e-2, 0.9999   # SPEC 6
+RTOL, MIN_COS = 1e-2, 0.9999   # design.md 6
 CPU = torch.device("cpu")
 
 CASES = {   # name: (arch, scheme, config overrides, make() options)
@@ -58,8 +58,8 @@ def assert_same_logits(loaded, model, seed=4):
     a, b = got.double().flatten(), want.double().flatten()
     rel = ((a - b).norm() / b.norm()).item()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (SPEC 6)"
-    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+    assert rel <= RTOL, f"logits: relative error {rel:.3e} > {RTOL} (design.md 6)"
+    assert cos >= MIN_COS, f"logits: cosine {cos:.6f} < {MIN_COS} (design.md 6)"
 
 
 # ---- the scheme in config.json ----
@@ -417,7 +417,7 @@ def test_from_pretrained_on_quantized_checkpoints(tmp_path):
 
 def test_lora_on_top_of_published_codes_matches_eager_peft(tmp_path):
     """PEFT target_parameters LoRA on experts built from the checkpoint's codes: the same
-    loss and LoRA gradients as eager HF + PEFT on the dequantized weights (SPEC 6)."""
+    loss and LoRA gradients as eager HF + PEFT on the dequantized weights (design.md 6)."""
     model, _ = write("kimi_k2-int4", tmp_path / "c", num_hidden_layers=2)
     loaded, _ = load(tmp_path / "c")
     ref, kt = tm.wrap_pair(model, loaded, "deepseek_v3")
@@ -432,7 +432,7 @@ def test_lora_on_top_of_published_codes_matches_eager_peft(tmp_path):
         if "experts" in n and "lora_" in n:
             a, want = p.grad.double().flatten(), grads[n].double().flatten()
             rel = ((a - want).norm() / want.norm()).item()
-            assert rel <= RTOL, f"{n}: relative error {rel:.3e} > {RTOL} (SPEC 6)"
+            assert rel <= RTOL, f"{n}: relative error {rel:.3e} > {RTOL} (design.md 6)"
             checked += 1
     assert checked == 4   # gate_up and down, A and B, of the one MoE layer
 

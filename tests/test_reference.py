@@ -1,6 +1,6 @@
 """The oracle checked against torch autograd (float64), so the kernel tests can trust it.
 
-torch here computes the same SPEC math a different way: per (token, slot) with gathered,
+torch here computes the same math (docs/design.md) a different way: per (token, slot) with gathered,
 materialised expert weights W + s*B@A (the PEFT layout through PEFT's own einsum), and
 autograd supplies every gradient. The reference must agree to float64 rounding.
 """

@@ -1,4 +1,4 @@
-"""The quantized reference (reference/quant.py, SPEC.md section 5) checked on its own.
+"""The quantized reference (reference/quant.py, design.md 5) checked on its own.
 
 - quantize / quantize_rows: the rounding rules (range, max code reached, half-way ties to
   even, zero rows and groups, bf16 == fp32 input, errors) and the dequantization error bound;

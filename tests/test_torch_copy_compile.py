@@ -2,7 +2,7 @@
 
 - deepcopy of a patched (PEFT) model: the copy shares the packed expert weights, has its
   own LoRA parameters, and two copies' forward/backward interleaved give the eager HF +
-  PEFT gradients (SPEC.md 6 limits); training one leaves the other unchanged;
+  PEFT gradients (design.md 6 limits); training one leaves the other unchanged;
 - torch.save(model) / pickle raise pickle.PicklingError naming save_pretrained;
 - torch.compile (backends "eager", "aot_eager", "inductor") with the experts as the opaque
   custom op ktmoe::experts: loss and every gradient equal eager ktmoe's.
@@ -118,7 +118,7 @@ def test_torch_compile_matches_eager(backend):
     ref.train()
     ref(**b).loss.backward()
     _loss_and_grads(compiled, kt, b)
-    compare_grads(ref, kt)      # compiled ktmoe vs eager HF + PEFT, SPEC.md 6 limits
+    compare_grads(ref, kt)      # compiled ktmoe vs eager HF + PEFT, design.md 6 limits
     with torch.no_grad():
         assert_close(f"compiled ({backend}) no-grad logits", compiled(**b).logits, kt(**b).logits)
 

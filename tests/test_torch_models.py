@@ -1,4 +1,4 @@
-"""ktmoe.torch on tiny transformers v5 MoE models vs eager HF + PEFT (SPEC.md section 6).
+"""ktmoe.torch on tiny transformers v5 MoE models vs eager HF + PEFT (design.md 6).
 
 For every architecture in torch_models.ARCHS: logits, loss and the gradient of every
 trainable parameter (attention LoRA, routers, expert LoRA) agree with the eager model;
@@ -20,7 +20,7 @@ from peft import PeftModel
 
 import torch_models as tm
 
-RTOL, MIN_COS = 1e-2, 0.9999   # SPEC.md section 6
+RTOL, MIN_COS = 1e-2, 0.9999   # design.md 6
 WORST = {}
 
 
@@ -36,8 +36,8 @@ def assert_close(name, got, want, arch=None):
     if arch is not None:
         if rel > WORST.get(arch, (0.0, ""))[0]:
             WORST[arch] = (rel, name)
-    assert rel <= RTOL, f"{name}: relative error {rel:.3e} > {RTOL} (SPEC 6)"
-    assert cos >= MIN_COS, f"{name}: cosine {cos:.6f} < {MIN_COS} (SPEC 6)"
+    assert rel <= RTOL, f"{name}: relative error {rel:.3e} > {RTOL} (design.md 6)"
+    assert cos >= MIN_COS, f"{name}: cosine {cos:.6f} < {MIN_COS} (design.md 6)"
 
 
 def grads(model):

@@ -1,8 +1,8 @@
-"""ktmoe.torch with INT8 / INT4 expert weights (SPEC.md 5): patch(model, weights=..., ...).
+"""ktmoe.torch with INT8 / INT4 expert weights (design.md 5): patch(model, weights=..., ...).
 
 Weight-only mode multiplies by bf16(q * scale); an eager HF + PEFT model holding exactly
 those weights (made by reference.quantize(...).dequantize()) must then agree with the
-patched model at the SPEC.md 6 limits, logits and every trainable gradient. W8A8 adds the
+patched model at the design.md 6 limits, logits and every trainable gradient. W8A8 adds the
 activation rounding, so it is compared with weight-only at a measured quantization-error
 bound (its kernel accuracy is tested layer by layer in test_quantized.py).
 """

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""_roofline: the machine ceilings of SPEC.md section 10, measured on this machine now.
+"""_roofline: the machine ceilings of design.md 10, measured on this machine now.
 
 amx_peak(threads, seconds, kind="bf16")  -> FLOP/s (bf16, TDPBF16PS) or OP/s (int8, TDPBSSD)
                                            of a register-only tile loop on `threads` threads.

@@ -1,7 +1,7 @@
 /* amx_tiles.h: the one AMX tile configuration ktmoe uses (palette 1, all 8 tiles 16 rows x
  * 64 bytes), shared by the GEMMs (gemm_amx.c) and the roofline probe (roofline.c).
  *
- * gcc 12 trap (SPEC.md 8): its _tile_loadconfig declares only 8 of the 64 configuration
+ * gcc 12 trap (design.md 8): its _tile_loadconfig declares only 8 of the 64 configuration
  * bytes as read, so at -O2/-O3 the stores that fill the rest may be dropped or sunk past
  * the ldtilecfg (SIGILL / SIGSEGV at the first tile instruction). The compiler barrier
  * right before the load makes the whole configuration count as read. Compile with the

@@ -1,4 +1,4 @@
-/* fp8.h: decoding FP8 e4m3fn weight codes (SPEC.md 5; reference/quant.py decode_fp8), exactly.
+/* fp8.h: decoding FP8 e4m3fn weight codes (design.md 5; reference/quant.py decode_fp8), exactly.
  *
  * A code is s.eeee.mmm: value = (-1)^s * (e ? 8 + m : m) * 2^(max(e, 1) - 10), i.e. bias 7,
  * subnormals for e = 0, no infinities, and NaN = s.1111.111 (0x7f, 0xff), which ktmoe rejects

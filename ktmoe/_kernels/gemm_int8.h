@@ -1,4 +1,4 @@
-/* gemm_int8.h: the int8 GEMM shapes every ISA path implements (W8A8 mode, SPEC.md 5).
+/* gemm_int8.h: the int8 GEMM shapes every ISA path implements (W8A8 mode, design.md 5).
  *
  * Same two shapes as the bf16 GEMMs of gemm.h, on int8 inputs with exact int32 results:
  *

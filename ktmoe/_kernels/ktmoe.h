@@ -4,7 +4,7 @@
  * for its backward. Calls are asynchronous: kt_submit_* queue the work on the shared
  * thread pool and return; kt_wait blocks until it is done. All shapes and ids are
  * checked by the caller (ktmoe/experts.py) before anything is submitted; the C side
- * trusts them. Math: SPEC.md sections 2-4.
+ * trusts them. Math: design.md 2-4.
  */
 #ifndef KTMOE_H
 #define KTMOE_H
@@ -52,7 +52,7 @@ int kt_amx_request_permission(void);
  * up = gate + I*H and gate_up_stride = 2*I*H) and down [E, H, I]. transposed != 0 also
  * keeps a transposed copy (twice the weight memory) that the backward streams like the
  * forward streams the weights (bf16 only).
- * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 quantize them (SPEC.md 5;
+ * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 quantize them (design.md 5;
  * int4 with one scale per group_size columns, group_size dividing H and I). act_int8 != 0
  * (quantized formats only): W8A8, activations quantized per row for the base products.
  * Returns NULL and *status = -2 on OOM, -4 / -5 if gate-up / down hold NaN or Inf
@@ -75,7 +75,7 @@ int kt_region_pack(void *base, size_t bytes, int E, int H, int I, int isa,
                    const void *down, int down_dtype, int transposed, int wformat, int group_size);
 kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, int isa, int num_threads,
                           int transposed, int wformat, int group_size, int act_int8, int *status);
-/* Pre-quantized weights taken as they are (no re-quantization; SPEC.md 5): the codes and
+/* Pre-quantized weights taken as they are (no re-quantization; design.md 5): the codes and
  * scales of gate, up [E, I, H] and down [E, H, I], one kt_qsource each (gate and up may
  * point into one fused [E, 2I, H] array, like kt_layer_create's). Code rows are contiguous:
  * wformat KT_W_INT8: int8 codes in [-127, 127], one byte per value; KT_W_INT4: two codes per

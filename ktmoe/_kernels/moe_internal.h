@@ -49,7 +49,7 @@ typedef struct {
     float *w;           /* [T * k] router weights as fp32 */
 } kt_routing;
 
-/* Quantized base weights of one kind (gate/up or down) for all experts (SPEC.md 5,
+/* Quantized base weights of one kind (gate/up or down) for all experts (design.md 5,
  * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row),
  * int4 (one scale per row and group of `group` columns) or fp8 e4m3fn codes (fp8.h; the
  * block scales copied to every row of their block, group = the block's columns). Rows are

@@ -1,4 +1,4 @@
-/* moe_passes.c: the forward and backward of one layer's routed experts (SPEC.md 2-4).
+/* moe_passes.c: the forward and backward of one layer's routed experts (design.md 2-4).
  *
  * Compiled once per ISA (meson passes -DKT_ISA=portable|avx512|amx plus that ISA's
  * flags), so the same source drives each path's GEMMs (gemm.h) and the compiler
@@ -295,7 +295,7 @@ static void lora_product(const pass *c, int thread, int m, int r, int K, const k
     for (int i = 0; i < m; i++) split_row(out + i * ldo, tmp + (long)i * 2 * r, tmp + (long)i * 2 * r + r, r, s);
 }
 
-/* ---- products with the base weights, in every weight format (SPEC.md 5) ----
+/* ---- products with the base weights, in every weight format (design.md 5) ----
  * base_nt: C[m, n] = A[m, :K] W_e[row0 : row0 + n, :]^T (K = the weight's columns),
  * base_nn: C[m, n] = A[m, :K] W_e[:, col0 : col0 + n]    (K = the weight's rows),
  * W being the layer's gate/up (which = 0) or down (which = 1) weights of expert e.

@@ -1,5 +1,5 @@
 /* quantize.c: INT8 / INT4 expert weights, quantized once when a layer is created
- * (SPEC.md 5); pre-quantized INT8 / INT4 / FP8 codes and scales taken as they are
+ * (design.md 5); pre-quantized INT8 / INT4 / FP8 codes and scales taken as they are
  * (kt_layer_create_quantized); and the export of the stored values for tests and inspection.
  *
  * The rules match reference/quant.py bit for bit (all arithmetic in fp32):

@@ -1,4 +1,4 @@
-/* roofline.c: the two machine ceilings a layer benchmark is measured against (SPEC.md §10).
+/* roofline.c: the two machine ceilings a layer benchmark is measured against (design.md 10).
  *
  *   kt_rf_amx_peak:       AMX tile throughput from a register-only loop (no memory traffic):
  *                         bf16 TDPBF16PS (2*16*16*32 FLOP each) or int8 TDPBSSD (2*16*16*64 OP).
