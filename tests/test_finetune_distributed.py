@@ -7,10 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import ktmoe.cli
+
+HERE = Path(__file__).resolve().parent
 
 RTOL = 1e-2   # per-step loss vs one process; measured about 1e-4 (bf16 kernel, other batch split)
 FAST = ["--steps", "4", "--quiet", "--torch-threads", "1"]
@@ -19,8 +22,10 @@ FAST = ["--steps", "4", "--quiet", "--torch-threads", "1"]
 def cli(*argv, **kw):
     env = dict(os.environ)
     env.pop("KTMOE_NUM_THREADS", None)
+    # from the tests' folder, not the repository root: `python -m` puts the current directory
+    # first on sys.path, where the source tree's uncompiled ktmoe/ would shadow the installed one
     return subprocess.run([sys.executable, "-m", "ktmoe.cli", "finetune", *map(str, argv)], env=env,
-                          capture_output=True, text=True, timeout=300, **kw)
+                          capture_output=True, text=True, timeout=300, cwd=HERE, **kw)
 
 
 def log(out):
@@ -88,7 +93,7 @@ def test_killed_rank_ends_job_and_leaves_no_shared_memory(tmp_path):
     env.pop("KTMOE_NUM_THREADS", None)
     p = subprocess.Popen([sys.executable, "-m", "ktmoe.cli", "finetune", "--out", str(out), "--steps", "2000",
                           "--quiet", "--torch-threads", "1", "--nproc", "2"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, cwd=HERE)
     try:
         deadline = time.time() + 180
         while not ((out / "log.jsonl").is_file() and len(log(out)) >= 2):

@@ -1,9 +1,9 @@
 """`ktmoe finetune --nproc N`: N local ranks of the same job, started by torch.distributed's
 elastic launcher (what `torchrun --standalone --nproc-per-node N -m ktmoe.finetune ...` runs).
 
-Each rank is `python -m ktmoe.finetune ARGS` (without --nproc) with the launcher's environment
-(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR / MASTER_PORT): train.py sees
-WORLD_SIZE > 1 and runs data-parallel. If one rank fails, the launcher stops the others and
+Each rank is `python -c RANK_ENTRY ARGS` (the job of `python -m ktmoe.finetune ARGS`, without
+--nproc) with the launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+MASTER_ADDR / MASTER_PORT): train.py sees WORLD_SIZE > 1 and runs data-parallel. If one rank fails, the launcher stops the others and
 this returns: 2 when a rank reported an input error (rank 0 printed it), 130 after Ctrl-C,
 else 1 with one line naming the rank and how it ended.
 """
@@ -27,6 +27,16 @@ def without_nproc(argv: list) -> list:
     return out
 
 
+# Each rank's command: `python -c` with the current directory taken off sys.path first (where
+# `python -m ktmoe.finetune` would put it), so that a source checkout's uncompiled ktmoe/ in the
+# directory the job was started from never shadows the installed package in the ranks.
+RANK_ENTRY = ("import sys\n"
+              "if sys.path and sys.path[0] == '':   # absent under PYTHONSAFEPATH / -P\n"
+              "    del sys.path[0]\n"
+              "from ktmoe.cli import main\n"
+              "sys.exit(main(['finetune', *sys.argv[1:]]))\n")
+
+
 def launch(argv: list, nproc: int) -> int:
     import logging
 
@@ -36,7 +46,7 @@ def launch(argv: list, nproc: int) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ktmoe-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     try:
-        elastic_launch(config, sys.executable)("-m", "ktmoe.finetune", *without_nproc(argv))
+        elastic_launch(config, sys.executable)("-c", RANK_ENTRY, *without_nproc(argv))
     except ChildFailedError as e:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
         if 2 in codes.values():
