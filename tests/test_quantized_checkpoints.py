@@ -544,3 +544,26 @@ def test_shared_between_ranks_converted_or_refused(tmp_path):
             assert torch.equal(shared(ids).logits, alone(ids).logits)
     finally:
         dist.destroy_process_group()
+
+
+def test_kimi_k2_model_type_loads_as_deepseek_v3(tmp_path):
+    """Kimi K2's config.json says model_type "kimi_k2" with auto_map custom code (transformers has
+    no such model type): ktmoe reads it as DeepseekV3Config (its architecture) and loads the INT4
+    experts as published, without running the checkpoint's code."""
+    model, state = write("kimi_k2-int4", tmp_path / "c")
+    cfg_path = tmp_path / "c" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["model_type"] == "deepseek_v3"
+    cfg.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+               auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                         "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    cfg_path.write_text(json.dumps(cfg))
+    loaded, stats = load(tmp_path / "c")
+    assert stats.as_published and stats.scheme.method == "int4"
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    assert_codes_as_published("kimi_k2-int4", loaded, state)
+    assert_same_logits(loaded, model)
+    cfg["architectures"] = ["KimiK25ForConditionalGeneration"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(FinetuneError, match="needs architectures"):
+        load(tmp_path / "c")

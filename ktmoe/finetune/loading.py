@@ -79,8 +79,23 @@ def _parameters_on_meta():
         nn.Module.register_parameter = original
 
 
+# model types whose published config.json asks for custom code (auto_map) while its architecture
+# is one transformers has: model_type -> (transformers config class, architecture it must name).
+# Kimi K2 / K2.5 ("kimi_k2") are DeepSeek-V3 models; ktmoe never runs the checkpoint's own code.
+ALIASES = {"kimi_k2": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}
+
+
 def load_config(ckpt: Checkpoint):
+    import transformers
     from transformers import AutoConfig
+    mt = ckpt.config.get("model_type")
+    if mt in ALIASES:
+        cls_name, arch = ALIASES[mt]
+        if arch not in (ckpt.config.get("architectures") or []):
+            raise FinetuneError(f"{ckpt.label}: model_type {mt!r} is read as transformers' {cls_name}, which needs "
+                                f"architectures [{arch!r}], got {ckpt.config.get('architectures')!r}")
+        fields = {k: v for k, v in ckpt.config.items() if k not in ("model_type", "auto_map")}
+        return getattr(transformers, cls_name)(**fields)
     try:
         return AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
     except (ValueError, KeyError, OSError, TypeError) as e:
