@@ -26,7 +26,9 @@ PAGE = 4096
 
 
 def launch(out: Path, *args, nproc: int = 2) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU ranks (gloo) even where a GPU is visible: several ranks on one GPU is not a supported
+    # set-up (FSDP2's default mesh and DDP would pick cuda:LOCAL_RANK); GPUs are issue 16's run
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("KTMOE_NUM_THREADS", None)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                         str(HERE / "dist_job.py"), str(out), *args], env=env, capture_output=True, text=True,

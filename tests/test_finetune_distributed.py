@@ -16,7 +16,7 @@ import ktmoe.cli
 HERE = Path(__file__).resolve().parent
 
 RTOL = 1e-2   # per-step loss vs one process; measured about 1e-4 (bf16 kernel, other batch split)
-FAST = ["--steps", "4", "--quiet", "--torch-threads", "1"]
+FAST = ["--steps", "4", "--quiet", "--torch-threads", "1", "--device", "cpu"]   # CPU ranks also where a GPU is
 
 
 def cli(*argv, **kw):
@@ -92,7 +92,7 @@ def test_killed_rank_ends_job_and_leaves_no_shared_memory(tmp_path):
     env = dict(os.environ)
     env.pop("KTMOE_NUM_THREADS", None)
     p = subprocess.Popen([sys.executable, "-m", "ktmoe.cli", "finetune", "--out", str(out), "--steps", "2000",
-                          "--quiet", "--torch-threads", "1", "--nproc", "2"], env=env, stdout=subprocess.PIPE,
+                          "--quiet", "--torch-threads", "1", "--device", "cpu", "--nproc", "2"], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=HERE)
     try:
         deadline = time.time() + 180
@@ -119,3 +119,30 @@ def test_killed_rank_ends_job_and_leaves_no_shared_memory(tmp_path):
     assert _mapped_anywhere(inodes[0].pop()) is None, "the shared region is gone with the ranks"
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) <= shm_before, "nothing named in /dev/shm"
+
+
+def test_more_ranks_than_gpus_is_one_clear_error(monkeypatch):
+    """Rank i of a host runs on GPU i: more local ranks than GPUs is refused before any GPU is
+    touched, with the same error on every rank (rank 0 prints it)."""
+    from ktmoe.finetune import FinetuneError
+    from ktmoe.finetune.ranks import Ranks
+
+    class Cuda:
+        @staticmethod
+        def device_count():
+            return 1
+
+        @staticmethod
+        def set_device(i):
+            raise AssertionError("set_device must not be reached")
+
+    class Torch:
+        cuda = Cuda
+
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(FinetuneError, match="--nproc 2 with the non-expert part on the GPU needs one GPU per rank, "
+                                                "and this host has 1: pass --device cpu, or --nproc 1"):
+            Ranks.from_env(Torch, use_cuda=True)

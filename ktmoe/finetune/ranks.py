@@ -37,7 +37,11 @@ class Ranks:
             return Ranks()
         import torch.distributed as dist
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if use_cuda:
+        if use_cuda:   # rank i of a host on GPU i: every rank meets the same error (rank 0 prints it)
+            local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), torch.cuda.device_count()
+            if local_world > gpus:
+                raise FinetuneError(f"--nproc {local_world} with the non-expert part on the GPU needs one GPU per "
+                                    f"rank, and this host has {gpus}: pass --device cpu, or --nproc {gpus}")
             torch.cuda.set_device(local)
         if not dist.is_initialized():
             dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
