@@ -131,10 +131,7 @@ class MoEExperts:
         caller's arrays may be freed afterwards. Every check runs before anything is copied.
         """
         spec = _ingest.prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, activations)
-        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-            raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
-        num_threads = _check_threads(num_threads)
-        isa_choice = _cpu.select_isa(isa)
+        num_threads, isa_choice = _run_options(max_tokens, num_threads, isa)
         E, H, I = spec["E"], spec["H"], spec["I"]
         layer = _core.Layer(E, H, I, isa_choice[0], num_threads, 0, 0, 0, "float32", 0, "float32", False,
                             weights, spec["group"], activations == "int8", sources=spec["sources"])
@@ -492,12 +489,17 @@ def _flag(value) -> bool:
     return value
 
 
-def _options(H, I, max_tokens, num_threads, isa, transposed_weights, weights, group_size, activations):
-    """(kernel group size, thread count, (isa, reason)) of validated layer options."""
+def _run_options(max_tokens, num_threads, isa) -> tuple:
+    """(thread count, (isa, reason)) of validated max_tokens / num_threads / isa."""
     if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
-    group_size = _check_format(weights, group_size, activations, _flag(transposed_weights), H, I)
-    return group_size, _check_threads(num_threads), _cpu.select_isa(isa)
+    return _check_threads(num_threads), _cpu.select_isa(isa)
+
+
+def _options(H, I, max_tokens, num_threads, isa, transposed_weights, weights, group_size, activations):
+    """(kernel group size, thread count, (isa, reason)) of validated layer options."""
+    num_threads, isa_choice = _run_options(max_tokens, num_threads, isa)
+    return _check_format(weights, group_size, activations, _flag(transposed_weights), H, I), num_threads, isa_choice
 
 
 def _region(region, writable: bool) -> Buffer:
