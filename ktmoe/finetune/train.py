@@ -254,7 +254,7 @@ def _main(args, t_start) -> int:
             for step in range(start, stop_at):
                 epoch, epoch_f, indices = schedule.at(step)
                 mine, counts = ranks.shard(indices)
-                batch, _ = data.collate(examples, mine, pad_id)
+                batch, _ = data.collate(examples, mine, pad_id, max_tokens)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 n_real = sum(len(examples[i].ids) for i in indices)   # the whole batch's, over all ranks
                 n_items = sum(e.trained_tokens - (e.labels[0] != -100) for e in (examples[i] for i in indices))
