@@ -10,7 +10,8 @@
 #   tests/sanitize.sh                      # the kernel grid (see TESTS below)
 #   tests/sanitize.sh tests/test_gemm.py   # other test files / pytest arguments
 #
-# Environment: KTMOE_SAN_VENV (default /tmp/ktmoe-san-venv, reused when it exists:
+# Environment: KTMOE_SAN_ASAN_OPTIONS (appended to ASAN_OPTIONS, later options win, e.g.
+# detect_stack_use_after_return=0), KTMOE_SAN_VENV (default /tmp/ktmoe-san-venv, reused when it exists:
 # KTMOE_SAN_FRESH=1 rebuilds it), KTMOE_SAN_LOGS (default /tmp/ktmoe-san-logs).
 # Needs gcc's libasan / libubsan and network access to PyPI (or a local index) once.
 set -euo pipefail
@@ -43,7 +44,7 @@ ubsan=$(gcc -print-file-name=libubsan.so)
 rm -rf "$logs"; mkdir -p "$logs"
 # leaks: CPython and numpy keep allocations alive until exit by design, so leak detection
 # is off; every other ASan error stops the process, UBSan reports are logged and counted
-export ASAN_OPTIONS="detect_leaks=0:log_path=$logs/asan:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1"
+export ASAN_OPTIONS="detect_leaks=0:log_path=$logs/asan:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1${KTMOE_SAN_ASAN_OPTIONS:+:$KTMOE_SAN_ASAN_OPTIONS}"
 export UBSAN_OPTIONS="print_stacktrace=1:log_path=$logs/ubsan"
 export LD_PRELOAD="$asan $ubsan"
 # (from / : in the checkout, `python -c` would import the uncompiled source tree)
