@@ -36,6 +36,17 @@ Run it from outside the source tree (so `import ktmoe` is the installed package)
     python bench/hybrid_step.py --layers 8 --tokens 4096 --gpu-only --json hybrid.json
     python bench/hybrid_step.py --device cpu --layers 2 --tokens 256 --vocab 32000   # CPU-only, small
 
+Data parallel (torchrun): under `python -m torch.distributed.run --standalone --nproc-per-node G
+bench/hybrid_step.py ...` each of the G ranks takes one GPU (LOCAL_RANK), the hybrid model's
+non-expert part is wrapped in DistributedDataParallel (LoRA gradients averaged over the ranks),
+the experts' packed weights are shared by the host's ranks (one copy, ktmoe.torch.distributed)
+and each rank's kernel gets its share of the cores. The global batch stays --batch sequences of
+--tokens / --batch tokens (the same token ids for every G), rank r taking sequences r, r + G, ...
+(--batch a multiple of G), so the losses of G ranks should match one process's; rank 0 prints
+the losses of every step (warm-up included), the slowest rank's step time, each rank's peak GPU
+memory and the host memory as the sum over the ranks of their proportional set size (PSS:
+pages shared by the ranks, the experts among them, counted once). Only the hybrid mode runs.
+
 --hidden / --experts / --moe-intermediate / --vocab / --heads / --kv-heads / --head-dim / --top-k
 shrink the model (defaults: Qwen3-30B-A3B). Weights: by default a fast deterministic fill
 (each tensor is a cyclic copy of one seeded N(0, 0.02) block of 1,000,003 values, norms 1),
@@ -220,7 +231,66 @@ def maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def run_mode(mode: str, args) -> dict:
+def pss_bytes() -> int | None:
+    """This process's proportional set size now (Linux), or None."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Ranks:
+    """One process, or rank `rank` of `world` under torchrun (default process group: nccl for
+    the GPU tensors, gloo for CPU ones)."""
+
+    def __init__(self, args=None):
+        import os
+        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1) if args is not None else 1
+        self.rank, self.local, self.dist = 0, 0, None
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        self.dist, self.local = dist, int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(self.local)
+            args.device = f"cuda:{self.local}"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        self.rank = dist.get_rank()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float, device) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        self.dist.all_reduce(t)
+        return float(t[0]) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            self.dist.destroy_process_group()
+
+
+def run_mode(mode: str, args, ranks: Ranks | None = None) -> dict:
+    ranks = ranks or Ranks()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -246,6 +316,10 @@ def run_mode(mode: str, args) -> dict:
         impl = f"torch experts_implementation={args.gpu_experts}"
     model = add_lora(model, args)
     model.train()
+    engine = model
+    if ranks.world > 1:   # the ranks' LoRA gradients averaged (the experts' on the CPU through gloo)
+        from torch.nn.parallel import DistributedDataParallel
+        engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = {}
     for p in trainable:
@@ -256,18 +330,22 @@ def run_mode(mode: str, args) -> dict:
     B = args.batch
     if args.tokens % B:
         raise SystemExit(f"--tokens {args.tokens} is not a multiple of --batch {B}")
-    ids = torch.randint(0, args.vocab, (B, args.tokens // B), generator=g).to(device)
+    ids = torch.randint(0, args.vocab, (B, args.tokens // B), generator=g)
+    if B % ranks.world:
+        raise SystemExit(f"--batch {B} is not a multiple of the {ranks.world} ranks")
+    ids = ids[ranks.rank::ranks.world].contiguous().to(device)   # this rank's sequences of the global batch
 
     if mode == "hybrid":
         timers = ExpertTimers(device).install()
-    steps = []
+    steps, losses = [], []
     try:
         for i in range(args.warmup + args.steps):
             if timers:
                 timers.reset()
             _sync(device)
+            ranks.barrier()
             t0 = time.perf_counter()
-            out = model(input_ids=ids, labels=ids)
+            out = engine(input_ids=ids, labels=ids)
             loss = out.loss
             _sync(device)
             t1 = time.perf_counter()
@@ -278,7 +356,10 @@ def run_mode(mode: str, args) -> dict:
             opt.zero_grad(set_to_none=True)
             _sync(device)
             t3 = time.perf_counter()
-            rec = {"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "loss": float(loss.detach())}
+            # equal sequences per rank: the mean of the ranks' mean losses is the global batch's
+            rec = {"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2,
+                   "loss": ranks.mean(float(loss.detach()), device)}
+            losses.append(rec["loss"])
             del out, loss
             if timers:
                 rec.update({k: timers.acc[k] for k in timers.KEYS})
@@ -292,8 +373,18 @@ def run_mode(mode: str, args) -> dict:
         if timers:
             timers.uninstall()
 
+    if ranks.world > 1:   # the slowest rank's times
+        every = ranks.gather([{k: r[k] for k in ("step", "fwd", "bwd", "opt")} for r in steps])
+        for i, r in enumerate(steps):
+            for k in ("step", "fwd", "bwd", "opt"):
+                r[k] = max(e[i][k] for e in every)
     med = lambda k: statistics.median(r[k] for r in steps)   # noqa: E731
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    per_rank = ranks.gather({"peak_host_bytes": maxrss_bytes(), "pss_bytes": pss_bytes(), "peak_gpu_bytes": gpu_peak})
     res = {
+        "ranks": ranks.world, "losses": losses, "per_rank": per_rank,
+        "host_pss_bytes": (sum(r["pss_bytes"] for r in per_rank)
+                           if all(r["pss_bytes"] is not None for r in per_rank) else None),
         "mode": mode, "impl": impl, "device": str(device), "layers": args.layers, "tokens": args.tokens,
         "batch": B, "steps": args.steps, "warmup": args.warmup,
         "step_s": med("step"), "fwd_s": med("fwd"), "bwd_s": med("bwd"), "opt_s": med("opt"),
@@ -301,7 +392,7 @@ def run_mode(mode: str, args) -> dict:
         "tokens_per_s": args.tokens / med("step"), "loss": steps[-1]["loss"],
         "trainable_params": n_train, "build_s": t_build, "patch_s": t_patch,
         "peak_host_bytes": maxrss_bytes(),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "peak_gpu_bytes": gpu_peak,
     }
     if mode == "hybrid":
         fn = [r["fn_fwd"] + r["fn_bwd"] for r in steps]
@@ -313,7 +404,7 @@ def run_mode(mode: str, args) -> dict:
             "kernel_share": statistics.median(k / r["step"] for k, r in zip(kn, steps)),
             "expert_calls_per_step": steps[-1]["calls"],
         })
-    del model, opt, trainable
+    del model, engine, opt, trainable
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -330,9 +421,15 @@ def summary_line(r: dict) -> str:
               f"(fwd {r['experts_fwd_s'] * 1e3:.1f}, bwd {r['experts_bwd_s'] * 1e3:.1f}; kernel alone "
               f"{r['kernel_s'] * 1e3:.1f} ms = {100 * r['kernel_share']:.1f}%)")
     s += f", loss {r['loss']:.4f}, peak host {r['peak_host_bytes'] / gib:.2f} GiB"
+    if r.get("host_pss_bytes") is not None:
+        s += f" (PSS now, all ranks: {r['host_pss_bytes'] / gib:.2f} GiB)"
     if r["peak_gpu_bytes"] is not None:
-        s += f", peak GPU {r['peak_gpu_bytes'] / gib:.2f} GiB"
-    return s + f" [{r['impl']}]"
+        gpus = [p["peak_gpu_bytes"] / gib for p in r.get("per_rank", [])] or [r["peak_gpu_bytes"] / gib]
+        s += ", peak GPU " + " / ".join(f"{g:.2f}" for g in gpus) + " GiB"
+    s += f" [{r['impl']}]"
+    if r.get("ranks", 1) > 1:
+        s = f"{r['ranks']} ranks: " + s
+    return s + "\n  losses: " + " ".join(f"{v:.6f}" for v in r.get("losses", []))
 
 
 def parse_args(argv=None):
@@ -370,22 +467,27 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    ranks = Ranks(args)
+    if ranks.world > 1 and args.gpu_only:
+        raise SystemExit("hybrid_step: under torchrun only the hybrid mode runs (drop --gpu-only)")
     modes = ([] if args.no_hybrid else ["hybrid"]) + (["gpu-only"] if args.gpu_only else [])
     if not modes:
         raise SystemExit("nothing to run (--no-hybrid without --gpu-only)")
     if args.gpu_only and not args.device.startswith("cuda"):
         print(f"note: --gpu-only on {args.device}: transformers' experts on the same device, for reference only",
               flush=True)
-    print(f"hybrid_step: Qwen3-MoE L={args.layers} H={args.hidden} E={args.experts} k={args.top_k} "
+    say = print if ranks.main else (lambda *a, **k: None)
+    say(f"hybrid_step: Qwen3-MoE L={args.layers} H={args.hidden} E={args.experts} k={args.top_k} "
           f"I={args.moe_intermediate} heads={args.heads}/{args.kv_heads}x{args.head_dim} vocab={args.vocab}, "
           f"T={args.tokens}, LoRA r={args.lora_r} alpha={args.lora_alpha}, device={args.device}, "
-          f"torch {torch.__version__}, {platform.node()}", flush=True)
+          f"torch {torch.__version__}, {platform.node()}, ranks {ranks.world}", flush=True)
     results = []
     for mode in modes:
-        r = run_mode(mode, args)
+        r = run_mode(mode, args, ranks)
         results.append(r)
-        print(summary_line(r), flush=True)
-    if args.json:
+        say(summary_line(r), flush=True)
+    ranks.close()
+    if args.json and ranks.main:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
     return results

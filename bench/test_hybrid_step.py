@@ -38,3 +38,26 @@ def test_hybrid_step_tiny(tmp_path, capsys):
     from ktmoe.torch import function as F
     assert not hasattr(F._host, "__wrapped__")
     assert not hasattr(F.KernelExperts.forward, "__wrapped__")
+
+
+def test_hybrid_step_two_ranks_match_one(tmp_path):
+    """Under torchrun (2 CPU ranks, gloo, shared experts): the same global batch gives one
+    process's losses (every step, warm-up included), and each rank reports its memory."""
+    import os
+    import subprocess
+    args = TINY + ["--batch", "2", "--warmup", "1", "--steps", "2", "--threads", "1"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"g{n}.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               str(Path(__file__).with_name("hybrid_step.py")), *args, "--json", str(out)]
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[n] = json.loads(out.read_text())["results"][0]
+    one, two = runs[1], runs[2]
+    assert two["ranks"] == 2 and len(two["per_rank"]) == 2 and one["ranks"] == 1
+    assert len(one["losses"]) == len(two["losses"]) == 3
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) <= 1e-3 * abs(a), (one["losses"], two["losses"])
+    assert all(r["pss_bytes"] and r["peak_host_bytes"] > 0 for r in two["per_rank"])
