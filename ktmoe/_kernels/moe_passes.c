@@ -483,68 +483,47 @@ enum { QSMALL = 4, QPREFETCH_NT = 2 };
  * as 16 even then 16 odd ones (see small_nt) and n is a multiple of 32, as it is for fp8. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-/* 32 codes at q (+ k) as two fp32 vectors (int4: the 16 even then the 16 odd columns; fp8:
- * the values / 256, fp8.h) */
-KT_AI void code32(const int8_t *q, int fmt, __m512 *w0, __m512 *w1) {
+KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n, float *out) {
+    __m512 p[QSMALL][2];
+    for (int i = 0; i < QSMALL; i++) p[i][0] = p[i][1] = _mm512_setzero_ps();
+    int k = 0;
     if (fmt == KT_W_FP8) {
-        *w0 = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)q));
-        *w1 = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + 16)));
-    } else if (fmt == KT_W_INT4) {
-        __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
-        *w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
-        *w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
-    } else {
-        *w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
-        *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
-    }
-}
-
-/* out[i] = sum_g sc[g] * sum_{k in group g} a[i * lda + k] * code(k) over one whole stored
- * row of `cols` values in groups of `group`: the group sums stay in vectors (four partial
- * sums per row, so that the FMA latency chains overlap), are scaled there, and one
- * horizontal reduction per row ends it. */
-KT_AI void qrow(int M, const float *a, long lda, const int8_t *q, int fmt, int cols, int group, const float *sc,
-                float *out) {
-    __m512 tot[QSMALL];
-    for (int i = 0; i < M; i++) tot[i] = _mm512_setzero_ps();
-    int int4 = fmt == KT_W_INT4;
-    float unit = fmt == KT_W_FP8 ? 256.f : 1.f; /* fp8: the decoded values are code / 256 (exact) */
-    for (int k0 = 0, g = 0; k0 < cols; k0 += group, g++) {
-        __m512 p[QSMALL][4];
-        for (int i = 0; i < M; i++) p[i][0] = p[i][1] = p[i][2] = p[i][3] = _mm512_setzero_ps();
-        int k = k0, k1 = k0 + group < cols ? k0 + group : cols;
-        for (; k + 64 <= k1; k += 64) {
-            __m512 w0, w1, w2, w3;
-            code32(q + (int4 ? k / 2 : k), fmt, &w0, &w1);
-            code32(q + (int4 ? (k + 32) / 2 : k + 32), fmt, &w2, &w3);
-            for (int i = 0; i < M; i++) {
-                const float *ai = a + i * lda + k;
-                p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(ai), w0, p[i][0]);
-                p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(ai + 16), w1, p[i][1]);
-                p[i][2] = _mm512_fmadd_ps(_mm512_loadu_ps(ai + 32), w2, p[i][2]);
-                p[i][3] = _mm512_fmadd_ps(_mm512_loadu_ps(ai + 48), w3, p[i][3]);
-            }
-        }
-        for (; k + 32 <= k1; k += 32) {
-            __m512 w0, w1;
-            code32(q + (int4 ? k / 2 : k), fmt, &w0, &w1);
+        for (; k + 32 <= n; k += 32) {
+            __m512 w0 = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + k)));
+            __m512 w1 = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + k + 16)));
             for (int i = 0; i < M; i++) {
                 p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
                 p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
             }
         }
-        for (; k < k1; k += 16) { /* int8 tails (int4 and fp8 rows are multiples of 32) */
-            __mmask16 mk = (__mmask16)(k1 - k >= 16 ? 0xffff : (1u << (k1 - k)) - 1);
+    } else if (fmt == KT_W_INT4) {
+        for (; k + 32 <= n; k += 32) {
+            __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
+            for (int i = 0; i < M; i++) {
+                p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
+                p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
+            }
+        }
+    } else {
+        for (; k + 32 <= n; k += 32) {
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k + 16))));
+            for (int i = 0; i < M; i++) {
+                p[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k), w0, p[i][0]);
+                p[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * lda + k + 16), w1, p[i][1]);
+            }
+        }
+        for (; k < n; k += 16) {
+            __mmask16 mk = (__mmask16)(n - k >= 16 ? 0xffff : (1u << (n - k)) - 1);
             __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
             for (int i = 0; i < M; i++)
-                p[i][2] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i * lda + k), w, p[i][2]);
+                p[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i * lda + k), w, p[i][0]);
         }
-        __m512 s = _mm512_set1_ps(sc[g] * unit);
-        for (int i = 0; i < M; i++)
-            tot[i] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(p[i][0], p[i][1]), _mm512_add_ps(p[i][2], p[i][3])),
-                                     s, tot[i]);
     }
-    for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(tot[i]);
+    float unit = fmt == KT_W_FP8 ? 256.f : 1.f; /* fp8: the decoded values were code / 256 (exact) */
+    for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1])) * unit;
 }
 #else
 KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n, float *out) {
@@ -570,16 +549,6 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int fmt, int n
         out[i] = t;
     }
 }
-
-KT_AI void qrow(int M, const float *a, long lda, const int8_t *q, int fmt, int cols, int group, const float *sc,
-                float *out) {
-    float acc[QSMALL] = {0}, part[QSMALL];
-    for (int k0 = 0, g = 0; k0 < cols; k0 += group, g++) {
-        qdot(M, a + k0, lda, q + (fmt == KT_W_INT4 ? k0 / 2 : k0), fmt, cols - k0 < group ? cols - k0 : group, part);
-        for (int i = 0; i < M; i++) acc[i] += sc[g] * part[i];
-    }
-    for (int i = 0; i < M; i++) out[i] = acc[i];
-}
 #endif
 
 KT_AI void small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const float *a, long lda,
@@ -595,9 +564,13 @@ KT_AI void small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const flo
             for (long b = 0; b < bytes; b += 64) _mm_prefetch((const char *)q + QPREFETCH_NT * bytes + b, _MM_HINT_T0);
         }
 #endif
-        float out[QSMALL];
-        qrow(M, a, lda, q, W->fmt, cols, W->group, sc, out);
-        for (int i = 0; i < M; i++) C[i * ldc + j] = out[i];
+        float acc[QSMALL] = {0}, part[QSMALL];
+        for (int g = 0; g < W->ngroups; g++) {
+            int k0 = g * W->group;
+            qdot(M, a + k0, lda, q + (int4 ? k0 / 2 : k0), W->fmt, W->group, part);
+            for (int i = 0; i < M; i++) acc[i] += sc[g] * part[i];
+        }
+        for (int i = 0; i < M; i++) C[i * ldc + j] = acc[i];
     }
 }
 
@@ -632,54 +605,8 @@ KT_AI __m512 code8(const int8_t *q, int j, __mmask16 mk) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + j)));
 }
 
-/* fp8: the accumulators of a strip of columns stay in registers while the K stored rows stream
- * past (strips of 256 / M columns, so that M x strip / 16 accumulators fit), each row's codes
- * decoded once and scaled by their block's scale (blocks are multiples of 32 columns) */
-KT_AI void small_nn_fp8_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_bf16 *A, long lda,
-                          float *C, long ldc) {
-    enum { NVMAX = 16 };
-    const int nvs = M == 1 ? 16 : M == 2 ? 8 : 4; /* vectors per strip */
-    int cols = W->cols, K = W->rows;
-    float *a = kt_scratch(9, sizeof(float) * (size_t)QSMALL * K);
-    for (int i = 0; i < M; i++) row_to_f32(a + (long)i * K, A + i * lda, K);
-    const uint8_t *q0 = (const uint8_t *)W->q + (long)e * K * cols + col0;
-    const float *sc0 = W->scale + (long)e * K * W->ngroups;
-    for (int j0 = 0; j0 < n; j0 += 16 * nvs) {
-        int nv = (n - j0 + 15) / 16 < nvs ? (n - j0 + 15) / 16 : nvs;
-        int rest = n - j0 - 16 * (nv - 1); /* columns in the strip's last vector (16 but at n's end) */
-        __mmask16 last = (__mmask16)(rest >= 16 ? 0xffff : (1u << rest) - 1);
-        int g[NVMAX];
-        for (int v = 0; v < nv; v++) g[v] = (col0 + j0 + 16 * v) / W->group;
-        __m512 acc[QSMALL][NVMAX];
-        for (int i = 0; i < M; i++)
-            for (int v = 0; v < nvs; v++) acc[i][v] = _mm512_setzero_ps();
-        for (int k = 0; k < K; k++) {
-            const uint8_t *q = q0 + (long)k * cols + j0;
-            const float *sc = sc0 + (long)k * W->ngroups;
-            if (k + QPREFETCH < K)
-                for (int b = 0; b < 16 * nv; b += 64) _mm_prefetch((const char *)q + QPREFETCH * cols + b, _MM_HINT_T0);
-            __m512 ak[QSMALL];
-            for (int i = 0; i < M; i++) ak[i] = _mm512_set1_ps(a[(long)i * K + k]);
-            for (int v = 0; v < nvs; v++) {
-                if (v >= nv) break;
-                /* w is code / 256: times 256 * scale (exact powers of two) */
-                __m128i b = v == nv - 1 ? _mm_maskz_loadu_epi8(last, q + 16 * v) : _mm_loadu_si128((const __m128i *)(q + 16 * v));
-                __m512 w = _mm512_mul_ps(kt_fp8x16_to_ps_div256(b), _mm512_set1_ps(sc[g[v]] * 256.f));
-                for (int i = 0; i < M; i++) acc[i][v] = _mm512_fmadd_ps(ak[i], w, acc[i][v]);
-            }
-        }
-        for (int i = 0; i < M; i++)
-            for (int v = 0; v < nv; v++)
-                _mm512_mask_storeu_ps(C + i * ldc + j0 + 16 * v, v == nv - 1 ? last : (__mmask16)0xffff, acc[i][v]);
-    }
-}
-
 KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_bf16 *A, long lda,
                       float *C, long ldc) {
-    if (W->fmt == KT_W_FP8) {
-        small_nn_fp8_m(M, W, e, col0, n, A, lda, C, ldc);
-        return;
-    }
     int int4 = W->fmt == KT_W_INT4, cols = W->cols, K = W->rows;
     /* accumulators [M][n] in L1 (int4: per 32 columns, 16 even then 16 odd ones) */
     float *acc = kt_scratch(9, sizeof(float) * (size_t)QSMALL * (n + 32));
@@ -693,6 +620,18 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
         if (k + QPREFETCH < K) { /* the same columns QPREFETCH rows ahead: keeps more misses in flight */
             const char *ahead = (const char *)W->q + (row + QPREFETCH) * (int4 ? cols / 2 : cols) + (int4 ? col0 / 2 : col0);
             for (int b = 0; b < (int4 ? n / 2 : n); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        }
+        if (W->fmt == KT_W_FP8) { /* one scale per block of `group` columns, a multiple of 32 */
+            const uint8_t *q = (const uint8_t *)W->q + row * cols + col0;
+            for (int j = 0; j < n; j += 16) {
+                __m512 w = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + j)));
+                float s = sc[(col0 + j) / W->group] * 256.f; /* w is code / 256: exact powers of two */
+                for (int i = 0; i < M; i++) {
+                    float *c = acc + (long)i * nv * 16 + j;
+                    _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_set1_ps(ak[i] * s), w, _mm512_loadu_ps(c)));
+                }
+            }
+            continue;
         }
         if (!int4) {
             const int8_t *q = W->q + row * cols + col0;
