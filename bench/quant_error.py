@@ -24,8 +24,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reference  # noqa: E402
+from ktmoe import reference
 
 BF16 = ml_dtypes.bfloat16
 E, H, I, K, R, SCALE = 128, 2048, 768, 8, 16, 2.0

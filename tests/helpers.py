@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 import ktmoe
-import reference
+from ktmoe import reference
 
 BF16 = ml_dtypes.bfloat16
 WORST = {}   # (isa, tensor name) -> (largest relative error, smallest cosine, test with the largest error)

@@ -13,7 +13,7 @@ import pytest
 
 import ktmoe
 from helpers import BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, make_weights
-import reference
+from ktmoe import reference
 
 E, H, I, T, k, R, MAX_T = 4, 40, 24, 6, 2, 3, 8
 BAD = (TypeError, ValueError)

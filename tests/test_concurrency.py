@@ -16,7 +16,7 @@ import pytest
 
 import ktmoe
 from helpers import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
-import reference
+from ktmoe import reference
 
 REPLACED = "this thread's kept forward was replaced by a forward from another thread"
 

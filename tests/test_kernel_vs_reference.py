@@ -11,7 +11,7 @@ import pytest
 import ktmoe
 from helpers import (BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, to64,
                      make_weights)
-import reference
+from ktmoe import reference
 
 PER = {"gate": 4, "up": 4, "down": 4}
 PEFT = {"gate_up": 4, "down": 4}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-import reference
+from ktmoe import reference
 from helpers import BF16, assert_matches_reference, make_lora, make_prequantized, make_routing
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import reference
+from ktmoe import reference
 
 TOL = 1e-10   # float64 vs float64, different operation order
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import reference
+from ktmoe import reference
 
 BF16 = ml_dtypes.bfloat16
 QMAX = {"int8": 127, "int4": 7}

@@ -10,7 +10,7 @@ import torch
 
 import ktmoe
 from helpers import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
-import reference
+from ktmoe import reference
 
 
 def tt(a):

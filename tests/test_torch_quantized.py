@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ktmoe.torch
-import reference
+from ktmoe import reference
 import torch_models as tm
 from test_torch_models import assert_close, compare_grads, rel_err
 
