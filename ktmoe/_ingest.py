@@ -31,13 +31,14 @@ import sys
 
 import numpy as np
 
+from . import formats
 from ._buffers import ITEMSIZE, Buffer, as_buffer
 from ._kernels import _core
 
-INGEST_FORMATS = ("int8", "int4", "fp8")
+INGEST_FORMATS = tuple(n for n, f in formats.WEIGHT_FORMATS.items() if f.from_checkpoint)
 INT4_PACKINGS = ("nibbles", "pack-quantized")
-INT4_GROUP_SIZES = (32, 64, 128)
-FP8_DEFAULT_BLOCK = (128, 128)
+INT4_GROUP_SIZES = formats.WEIGHT_FORMATS["int4"].group_sizes
+FP8_DEFAULT_BLOCK = formats.WEIGHT_FORMATS["fp8"].default_block
 SCALE_DTYPES = ("float32", "bfloat16")
 CODE_BYTES = {"int8": 1, "uint8": 1, "float8_e4m3fn": 1, "int32": 4}
 CODE_DTYPES = {"int8": ("int8",), "fp8": ("uint8", "float8_e4m3fn"),
@@ -127,14 +128,15 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         raise ValueError(f"int4_packing: must be one of {list(INT4_PACKINGS)}, got {int4_packing!r}")
     if int4_packing != "nibbles" and weights != "int4":
         raise ValueError(f"int4_packing: applies to weights='int4' only (weights={weights!r})")
-    if activations not in ("bf16", "int8"):
-        raise ValueError(f"activations: must be one of ['bf16', 'int8'], got {activations!r}")
-    if activations == "int8" and weights == "fp8":
-        raise ValueError("activations: 'int8' (W8A8) is not available for weights='fp8', which is weight-only "
-                         "(activations='bf16')")
-    if weights != "int4" and group_size is not None:
+    if not isinstance(activations, str) or activations not in formats.ACTIVATIONS:
+        raise ValueError(f"activations: must be one of {list(formats.ACTIVATIONS)}, got {activations!r}")
+    fmt = formats.WEIGHT_FORMATS[weights]
+    if activations not in fmt.activations:
+        raise ValueError(f"activations: '{activations}' (W8A8) is not available for weights='{weights}', which is "
+                         "weight-only (activations='bf16')")
+    if not fmt.group_sizes and group_size is not None:
         raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
-    if weights != "fp8" and block is not None:
+    if fmt.default_block is None and block is not None:
         raise ValueError(f"block: applies to weights='fp8' only (weights={weights!r})")
     if down is None:
         raise ValueError("down: the down projection's (codes, scales) are required")

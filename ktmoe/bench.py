@@ -30,24 +30,26 @@ import statistics
 import sys
 import time
 
+from . import formats
+
 LORA_R = 16
 LORA_ALPHA = 32          # scale s = alpha / r = 2
 SEED = 0
 PASSES = ("fwd", "fwdbwd")
-IMPLS = ("ktmoe", "ktmoe-wT", "ktmoe-int8", "ktmoe-int4", "ktmoe-w8a8", "ktmoe-w4a8", "ktmoe-fp8", "grouped", "eager")
 # ktmoe-wT: the opt-in transposed weight copy (2x weight memory). The quantized rows
-# (design.md 5): (weights, activations); int4 with group size 128; fp8: e4m3 codes with 128 x 128
-# block scales made from the bf16 weights by reference.quantize_fp8 (as the FP8 releases are
-# made) and taken by MoEExperts.from_quantized, weight-only.
-QUANTIZED = {"ktmoe-int8": ("int8", "bf16"), "ktmoe-int4": ("int4", "bf16"),
-             "ktmoe-w8a8": ("int8", "int8"), "ktmoe-w4a8": ("int4", "int8"), "ktmoe-fp8": ("fp8", "bf16")}
+# (design.md 5) are ktmoe/formats.py's MODES: (weights, activations); int4 with its default group
+# size (128); fp8: e4m3 codes with 128 x 128 block scales made from the bf16 weights by
+# reference.quantize_fp8 (as the FP8 releases are made) and taken by MoEExperts.from_quantized,
+# weight-only.
+QUANTIZED = {m.bench_row: (m.weights, m.activations) for m in formats.MODES if m.weights != "bf16"}
 OURS = ("ktmoe", "ktmoe-wT", *QUANTIZED)
-INT4_GROUP = 128
-FP8_BLOCK = (128, 128)
+IMPLS = (*OURS, "grouped", "eager")
+INT4_GROUP = formats.WEIGHT_FORMATS["int4"].default_group
+FP8_BLOCK = formats.FP8_BLOCK
 # `--weights`: the weight formats whose ktmoe rows run (the bf16 "ktmoe" row always runs: the
 # speed-up targets and the baselines' accuracy check compare against it)
-WEIGHT_ROWS = {"bf16": ("ktmoe", "ktmoe-wT"), "int8": ("ktmoe-int8", "ktmoe-w8a8"),
-               "int4": ("ktmoe-int4", "ktmoe-w4a8"), "fp8": ("ktmoe-fp8",)}
+WEIGHT_ROWS = {w: tuple(m.bench_row for m in formats.MODES if m.weights == w) + (("ktmoe-wT",) if w == "bf16" else ())
+               for w in formats.WEIGHT_FORMATS}
 BASELINES = ("eager", "grouped")
 
 @dataclasses.dataclass(frozen=True)
@@ -583,15 +585,7 @@ def roofline_line(roof: Roofline) -> str:
 def format_bytes_ratio(shape: Shape, weights: str) -> float:
     """Raw bytes of a quantized format (codes + one fp32 scale per row, per group of INT4_GROUP
     columns, or per FP8_BLOCK block) over raw bf16 bytes, for one expert's gate, up and down."""
-    H, I = shape.H, shape.I
-    rows = 2 * I + H
-    if weights == "int8":
-        return (3 * H * I + 4 * rows) / (6 * H * I)
-    if weights == "fp8":
-        br, bc = FP8_BLOCK
-        blocks = 2 * -(-I // br) * (H // bc) + -(-H // br) * (I // bc)
-        return (3 * H * I + 4 * blocks) / (6 * H * I)
-    return (3 * H * I / 2 + 4 * (2 * I * H + H * I) / INT4_GROUP) / (6 * H * I)
+    return formats.bytes_ratio(shape.H, shape.I, weights, INT4_GROUP, FP8_BLOCK)
 
 
 # ---------------------------------------------------------------- timing (the CLI's own)

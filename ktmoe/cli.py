@@ -19,7 +19,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from . import _cpu
+from . import _cpu, formats
 from .experts import MoEExperts
 from .lora import LoRA
 
@@ -135,14 +135,20 @@ def _problem(rng, E, H, I, T, k, r):
     return w, x, dy, ids, weights, lora
 
 
-VERIFY_FORMATS = [   # (label, weights, group_size, activations); "ckpt" and fp8: from_quantized codes
-    ("bf16", "bf16", None, "bf16"), ("int8", "int8", None, "bf16"), ("int4/g32", "int4", 32, "bf16"),
-    ("w8a8", "int8", None, "int8"), ("w4a8/g32", "int4", 32, "int8"),
-    ("fp8", "fp8", None, "bf16"), ("int4-ckpt/g32", "int4", 32, "bf16"), ("w4a8-ckpt/g32", "int4", 32, "int8")]
-FP8_BLOCK = (128, 128)
+VERIFY_GROUP = 32   # int4 rows: the smallest group size, so the small shapes hold several groups
+# (label, weights, group_size, activations, checkpoint): every MODES row of ktmoe/formats.py,
+# quantized by the layer (checkpoint=False) or, for a format only checkpoints hold (fp8) and for
+# int4 (whose published codes use -8, which ktmoe's own quantizer does not), codes made as a
+# published checkpoint holds them and taken by from_quantized
+VERIFY_FORMATS = [(m.label + (f"/g{VERIFY_GROUP}" if m.format.group_sizes else ""), m.weights,
+                   VERIFY_GROUP if m.format.group_sizes else None, m.activations, not m.format.quantized_here)
+                  for m in formats.MODES]
+VERIFY_FORMATS += [(f"{m.label}-ckpt/g{VERIFY_GROUP}", m.weights, VERIFY_GROUP, m.activations, True)
+                   for m in formats.MODES if m.format.group_sizes and m.format.from_checkpoint]
+FP8_BLOCK = formats.FP8_BLOCK
 
 
-def _verify_weights(label, fmt, group, base):
+def _verify_weights(fmt, group, checkpoint, base):
     """(reference weights, MoEExperts arguments) of a format: quantized by the layer (the
     reference quantizer gives the same codes), or, for fp8 and "-ckpt" rows, codes made here the
     way a published checkpoint holds them (reference.quantize_fp8 with 128 x 128 blocks; int4
@@ -152,7 +158,7 @@ def _verify_weights(label, fmt, group, base):
         return base, None
     if fmt == "fp8":
         Q = tuple(reference.quantize_fp8(b, FP8_BLOCK) for b in base)
-    elif label.startswith(("int4-ckpt", "w4a8-ckpt")):
+    elif checkpoint:
         Q = tuple(reference.quantize_int4_full_range(b, group) for b in base)
     else:
         return tuple(reference.quantize(b, fmt, **({"group_size": group} if group else {})) for b in base), None
@@ -168,7 +174,7 @@ def cmd_verify(args) -> int:
     rng = np.random.default_rng(0)
     isas = [args.isa] if args.isa else _cpu.available_isas()
     threads = args.threads if args.threads is not None else _env_threads()
-    formats = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
+    rows = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
     worst = 0.0
     print(f"relative Frobenius error against the numpy reference (tolerance {TOLERANCE:g}) of: y = output, "
           f"dx, dw = d topk_weights, dA/dB gu/dn = LoRA gradients of gate_up / down")
@@ -179,11 +185,11 @@ def cmd_verify(args) -> int:
         scale = 2.0
         gu = np.asarray(w["gate_up"], np.float32)
         ref_lora = reference.LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale)
-        for label, fmt, group, acts in formats:
+        for label, fmt, group, acts, checkpoint in rows:
             if group and (H % group or I % group) or fmt == "fp8" and (H % FP8_BLOCK[1] or I % FP8_BLOCK[1]):
                 continue
             # the quantized reference: same codes, same rounding (design.md 5-6)
-            base, prequantized = _verify_weights(label, fmt, group, (gu[:, :I], gu[:, I:], w["down"]))
+            base, prequantized = _verify_weights(fmt, group, checkpoint, (gu[:, :I], gu[:, I:], w["down"]))
             y_ref, cache = reference.moe_forward(x, ids, weights, *base, lora=ref_lora, activations=acts)
             dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
             for isa in isas:

@@ -21,15 +21,12 @@ import threading
 
 import numpy as np
 
-from . import _cpu, _ingest
+from . import _cpu, _ingest, formats
 from ._buffers import Buffer, as_buffer, new_array
 from ._kernels import _core
 from .lora import LoRA
 
 FLOAT_DTYPES = ("float32", "bfloat16")
-WEIGHT_FORMATS = ("bf16", "int8", "int4", "fp8")   # fp8: from_quantized only
-ACTIVATION_MODES = ("bf16", "int8")
-GROUP_SIZES = (32, 64, 128)
 ID_DTYPES = ("int32", "int64")
 
 
@@ -517,31 +514,8 @@ def _region(region, writable: bool) -> Buffer:
 
 
 def _check_format(weights, group_size, activations, transposed_weights, H: int, I: int) -> int:
-    """Validates the weight format options; returns the kernel's group size (0 unless int4)."""
-    if not isinstance(weights, str) or weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights: must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
-    if not isinstance(activations, str) or activations not in ACTIVATION_MODES:
-        raise ValueError(f"activations: must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
-    if weights == "fp8":
-        raise ValueError("weights: 'fp8' codes come from pre-quantized checkpoints: use "
-                         "MoEExperts.from_quantized('fp8', (codes, scales), (codes, scales)); this constructor "
-                         "quantizes bf16 / fp32 weights to 'int8' or 'int4'")
-    if activations == "int8" and weights == "bf16":
-        raise ValueError("activations: 'int8' (W8A8) needs quantized weights (weights='int8' or 'int4')")
-    if transposed_weights and weights != "bf16":
-        raise ValueError(f"transposed_weights: the transposed copy exists for bf16 weights only, not {weights!r}")
-    if weights != "int4":
-        if group_size is not None:
-            raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
-        return 0
-    if group_size is None:
-        group_size = 128
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size: must be one of {list(GROUP_SIZES)}, got {group_size!r}")
-    for name, n in (("H (hidden size)", H), ("I (intermediate size)", I)):
-        if n % group_size:
-            raise ValueError(f"group_size: {group_size} does not divide {name} = {n}")
-    return int(group_size)
+    """Validates the weight format options (ktmoe/formats.py); returns the kernel's group size."""
+    return formats.check_layer_format(weights, group_size, activations, transposed_weights, H, I)
 
 
 def _check_threads(num_threads) -> int:

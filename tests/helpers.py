@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 import ktmoe
-from ktmoe import reference
+from ktmoe import formats, reference
 
 BF16 = ml_dtypes.bfloat16
 WORST = {}   # (isa, tensor name) -> (largest relative error, smallest cosine, test with the largest error)
@@ -184,12 +184,8 @@ def quantized_reference(layer_kwargs, layer):
 
 def path_name(layer):
     """ISA plus weight format, the key of the error summary (amx, amx int8, amx int4/g32 w8a8...)."""
-    if layer.weights == "bf16":
-        return layer.isa
-    fmt = layer.weights + (f"/g{layer.group_size}" if layer.weights == "int4" else "")
-    fmt += f"/b{layer.block[0]}x{layer.block[1]}" if layer.weights == "fp8" else ""
-    fmt += " ckpt" if layer.prequantized and layer.weights != "fp8" else ""
-    return f"{layer.isa} {fmt}{' w8a8' if layer.activations == 'int8' else ''}"
+    fmt = formats.path_label(layer.weights, layer.activations, layer.group_size, layer.block, layer.prequantized)
+    return f"{layer.isa} {fmt}" if fmt else layer.isa
 
 
 def expert_slices(layout, name, E, shape_A):
