@@ -473,13 +473,6 @@ def make_runner(impl: str, p: Problem, threads: int | None = None):
     return RUNNERS[impl](p)
 
 
-def rel_error(a, b) -> float:
-    """Relative Frobenius error ||a - b|| / ||b|| (in float64)."""
-    a, b = a.double(), b.double()
-    nb = float(b.norm())
-    return float((a - b).norm() / nb) if nb else float(a.norm())
-
-
 # ---------------------------------------------------------------- results and table
 
 @dataclasses.dataclass
@@ -685,6 +678,7 @@ def run(args) -> int:
         return 2
     ours = selected_rows(args.weights)
     torch = _torch()
+    from .testing import rel_error
     torch.set_num_threads(threads)
     print(f"ktmoe bench: path {isa}, {threads} threads, torch {torch.__version__}, "
           f"LoRA r={LORA_R} (PEFT layout, fp32)")

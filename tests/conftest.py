@@ -49,8 +49,8 @@ def pytest_terminal_summary(terminalreporter):
         tr.section("largest gradient relative error vs eager HF+PEFT, per architecture (limit 1e-2)")
         for arch, (err, name) in sorted(models.items()):
             tr.write_line(f"    {arch:12s} {err:.3e}  ({name})")
-    helpers = sys.modules.get("helpers")
-    worst = getattr(helpers, "WORST", None)
+    testing = sys.modules.get("ktmoe.testing")
+    worst = getattr(testing, "WORST", None)
     if not worst:
         return
     tr.section("largest relative error vs reference (design.md 6 limit 1e-2), per ISA")

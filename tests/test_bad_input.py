@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, make_weights
+from ktmoe.testing import BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, make_weights
 from ktmoe import reference
 
 E, H, I, T, k, R, MAX_T = 4, 40, 24, 6, 2, 3, 8

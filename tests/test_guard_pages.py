@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, make_lora, make_prequantized, make_routing, make_weights, ktmoe_lora
+from ktmoe.testing import BF16, make_lora, make_prequantized, make_routing, make_weights, ktmoe_lora
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)

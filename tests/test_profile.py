@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import ktmoe_lora, make_lora, make_routing, make_weights
+from ktmoe.testing import ktmoe_lora, make_lora, make_routing, make_weights
 from ktmoe._profile import format_profile
 
 

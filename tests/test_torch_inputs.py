@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
+from ktmoe.testing import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
 from ktmoe import reference
 
 
