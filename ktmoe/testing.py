@@ -17,7 +17,9 @@ included, contributes O(1), so a missing or wrong term shows up well above 1e-2)
 (and QUANTIZED_CASES, PREQUANTIZED_CASES, which reuse its routings at other sizes) are the
 routing / shape cases of design.md 11 as data: Case.route(rng) draws a case's routing.
 """
+import ctypes
 import dataclasses
+import mmap
 import os
 import time
 from types import SimpleNamespace
@@ -328,6 +330,167 @@ PREQUANTIZED_CASES = {
     "hot_expert_700_rows": _r(QUANTIZED_CASES["hot_expert_700_rows"], block=(48, 64), group=64),
     "panels_640_384": QUANTIZED_CASES["panels_640_384"],
 }
+
+
+# ---------------------------------------------------------------- guard pages
+
+PAGE = mmap.PAGESIZE
+PROT_NONE = 0   # <sys/mman.h>; the mmap module has PROT_READ / PROT_WRITE only
+
+
+def _mprotect(addr, nbytes, prot):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.mprotect.restype = ctypes.c_int
+    if libc.mprotect(ctypes.c_void_p(addr), nbytes, prot) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect")
+
+
+def guarded_buffer(nbytes, side):
+    """(a writable uint8 array of nbytes in its own mmap, flush against a PROT_NONE page).
+
+    side "after": the buffer ends exactly at the page boundary before the guard page;
+    side "before": it starts exactly at the page boundary after the guard page. The mmap
+    stays alive as long as the array (numpy keeps the buffer's owner referenced)."""
+    data_pages = max(1, -(-nbytes // PAGE))
+    mm = mmap.mmap(-1, (data_pages + 1) * PAGE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    if side == "after":
+        guard, offset = base + data_pages * PAGE, data_pages * PAGE - nbytes
+    elif side == "before":
+        guard, offset = base, PAGE
+    else:
+        raise ValueError(side)
+    buf = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
+    _mprotect(guard, PAGE, PROT_NONE)
+    start = buf.__array_interface__["data"][0]
+    assert (start + nbytes == guard) if side == "after" else (start == guard + PAGE)
+    return buf
+
+
+def guarded(values, side):
+    """A writable copy of `values` (C-contiguous) flush against a PROT_NONE page (guarded_buffer)."""
+    values = np.ascontiguousarray(values)
+    arr = guarded_buffer(values.nbytes, side).view(values.dtype).reshape(values.shape)
+    arr[...] = values
+    return arr
+
+
+def guarded_matrix(rows, cols, ld, dtype, side, fill):
+    """A [rows, cols] view with row stride ld (elements) of a guarded buffer holding exactly
+    (rows - 1) * ld + cols elements, every element (the gaps between rows too) set to `fill`."""
+    dtype = np.dtype(dtype)
+    n = (rows - 1) * ld + cols if rows and cols else 0
+    flat = guarded_buffer(n * dtype.itemsize, side).view(dtype)
+    flat[...] = fill
+    if n == 0:
+        return np.zeros((rows, cols), dtype), flat
+    return np.lib.stride_tricks.as_strided(flat, (rows, cols), (ld * dtype.itemsize, dtype.itemsize)), flat
+
+
+# ---------------------------------------------------------------- the GEMM harness
+
+@dataclasses.dataclass(frozen=True)
+class GemmTarget:
+    """One GEMM this CPU runs: bf16 (gemm.h, fp32 out) or int8 (gemm_int8.h, int32 out), nt or
+    nn, one kernel path, and a sub-variant of the avx512 path forced through _gemm's hooks
+    ("nobf16": AVX-512F loops where the CPU has AVX512_BF16; "novnni": AVX-512BW loops where it
+    has AVX512_VNNI; "" = what the path picks by itself)."""
+    dtype: str      # "bf16" or "int8"
+    kind: str       # "nt" (W [N, K]) or "nn" (W [K, N])
+    isa: str
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype}-{self.kind}-{self.isa}" + (f"-{self.variant}" if self.variant else "")
+
+    def __call__(self, A, W, C, accumulate):
+        from ._kernels import _gemm
+        hook = {"nobf16": _gemm.avx512_force_nobf16, "novnni": _gemm.avx512_force_novnni}.get(self.variant)
+        old = hook(1) if hook else None
+        try:
+            fn = _gemm.gemm if self.dtype == "bf16" else _gemm.igemm
+            return fn(self.kind, self.isa, A, W, C, accumulate)
+        finally:
+            if hook:
+                hook(old)
+
+
+def gemm_targets() -> list:
+    """Every GemmTarget this CPU can run: each GEMM x each kernel path of ktmoe.available_isas() x
+    the avx512 path's sub-variants (with and without BF16 / VNNI where the CPU has them)."""
+    from . import _cpu
+    flags = _cpu._probe()[2]
+    out = []
+    for isa in ktmoe.available_isas():
+        for dtype, feature, off in (("bf16", "avx512_bf16", "nobf16"), ("int8", "avx512_vnni", "novnni")):
+            variants = ["", off] if isa == "avx512" and flags.get(feature) else [""]
+            out += [GemmTarget(dtype, kind, isa, v) for kind in ("nt", "nn") for v in variants]
+    return out
+
+
+GEMM_SENTINEL = {"bf16": np.float32(-7.25e19), "int8": np.int32(0x5A5A1234)}
+
+
+def check_gemm_guarded(target, rng, M, N, K, accumulate, side, extreme=False, tol=1e-5):
+    """One GEMM call with A, W and C each flush against a PROT_NONE page (`side`), row strides
+    longer than the rows (lda = K + 5, ldw = width + 3, ldc = N + 7) and, for side "after", a pad
+    before C: a read or write past either end faults, and the gaps and the pad (sentinel) must
+    stay untouched. C is compared with a float64 / int64 numpy product of the same values: exact
+    for int8 (int32 sums), relative Frobenius error <= tol for bf16 (fp32 sums). extreme: int8
+    inputs of +-127 only. Returns the relative error (0 for int8)."""
+    bf16 = target.dtype == "bf16"
+    in_dt, out_dt = (np.uint16, np.float32) if bf16 else (np.int8, np.int32)
+    wrows, wcols = (N, K) if target.kind == "nt" else (K, N)
+    lda, ldw, ldc = K + 5, wcols + 3, N + 7
+    A, _ = guarded_matrix(M, K, lda, in_dt, side, 0)
+    W, _ = guarded_matrix(wrows, wcols, ldw, in_dt, side, 0)
+    pad = 16 if side == "after" else 0
+    sentinel = GEMM_SENTINEL[target.dtype]
+    cn = (M - 1) * ldc + N if M and N else 0
+    cflat = guarded_buffer((pad + cn) * np.dtype(out_dt).itemsize, side).view(out_dt)
+    cflat[...] = sentinel
+    C = (np.lib.stride_tricks.as_strided(cflat[pad:], (M, N), (ldc * cflat.itemsize, cflat.itemsize))
+         if cn else np.zeros((M, N), out_dt))
+    if bf16:
+        a, w = rng.standard_normal((M, K)).astype(BF16), rng.standard_normal((wrows, wcols)).astype(BF16)
+        A[...], W[...] = a.view(np.uint16), w.view(np.uint16)
+        c0 = rng.standard_normal((M, N)).astype(np.float32)
+    elif extreme:
+        A[...] = np.where(rng.random((M, K)) < 0.5, 127, -127)
+        W[...] = np.where(rng.random((wrows, wcols)) < 0.5, 127, -127)
+        c0 = rng.integers(-1000000, 1000001, (M, N)).astype(np.int32)
+    else:
+        A[...] = rng.integers(-127, 128, (M, K))
+        W[...] = rng.integers(-127, 128, (wrows, wcols))
+        c0 = rng.integers(-1000000, 1000001, (M, N)).astype(np.int32)
+    C[...] = c0
+    # float64 products and sums are exact for int8 (|sum| <= 127^2 * 65536 + 10^6 < 2^53)
+    av = (A.view(BF16) if bf16 else A).astype(np.float64)
+    wv = (W.view(BF16) if bf16 else W).astype(np.float64)
+    ref = av @ (wv.T if target.kind == "nt" else wv) + (c0 if accumulate else 0)
+    out = target(A, W, C, accumulate)
+    assert out is C
+    where = f"{target.name} M={M} N={N} K={K} acc={accumulate} side={side}"
+    assert np.all(cflat[:pad] == sentinel), f"{where}: wrote into the pad before C"
+    if cn:
+        gaps = np.ones(cn, bool)
+        for m in range(M):
+            gaps[m * ldc:m * ldc + N] = False
+        assert np.all(cflat[pad:][gaps] == sentinel), f"{where}: wrote into the gaps between C's rows"
+    if not bf16:
+        assert np.array_equal(C.astype(np.float64), ref), f"{where}: int32 sums differ from the exact ones"
+        return 0.0
+    if K == 0:   # nothing to sum: C is exactly C0 (accumulate) or zeros
+        assert np.array_equal(C, c0 if accumulate else np.zeros_like(C)), where
+        return 0.0
+    if M == 0 or N == 0:
+        return 0.0
+    assert np.isfinite(C).all(), where
+    err = float(np.linalg.norm(C - ref) / np.linalg.norm(ref))
+    assert err <= tol, f"{where}: rel Frobenius error {err:.2e} > {tol}"
+    return err
 
 
 # ---------------------------------------------------------------- comparison
