@@ -309,7 +309,7 @@ class KtmoeRunner:
                                           group_size=INT4_GROUP if weights == "int4" else None)
         self.lora = ktmoe.LoRA.peft(gate_up=p.lora["gate_up"], down=p.lora["down"], scale=p.scale)
         self.grads = {n: tuple(torch.zeros_like(t) for t in ab) for n, ab in p.lora.items()}
-        self.lora_grads = ktmoe.LoRA.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
+        self.lora_grads = ktmoe.LoRAGrads.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
         self.y = torch.empty_like(p.x)
         self.dx = torch.empty_like(p.x)
         self.dw = torch.empty_like(p.weights)

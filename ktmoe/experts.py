@@ -24,7 +24,7 @@ import numpy as np
 from . import _cpu, _ingest, formats
 from ._buffers import Buffer, as_buffer, new_array
 from ._kernels import _core
-from .lora import LoRA
+from .lora import LoRA, LoRAGrads
 
 FLOAT_DTYPES = ("float32", "bfloat16")
 ID_DTYPES = ("int32", "int64")
@@ -281,9 +281,9 @@ class MoEExperts:
         self.submit_forward(x, topk_ids, topk_weights, lora, keep_for_backward, out)
         return self.wait()
 
-    def backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None):
+    def backward(self, dy, lora_grads: LoRAGrads | None = None, dx_out=None, dw_out=None):
         """(dx [T, H], dw [T, k]) of the last kept forward; LoRA gradients are added into
-        `lora_grads` (same layout and shapes as the forward's lora)."""
+        `lora_grads`, a ktmoe.LoRAGrads in the same layout and shapes as the forward's lora."""
         self.submit_backward(dy, lora_grads, dx_out, dw_out)
         return self.wait()
 
@@ -297,7 +297,7 @@ class MoEExperts:
             self._release()
             raise
 
-    def submit_backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None) -> None:
+    def submit_backward(self, dy, lora_grads: LoRAGrads | None = None, dx_out=None, dw_out=None) -> None:
         self._acquire()
         try:
             self._submit_backward(dy, lora_grads, dx_out, dw_out)
@@ -379,8 +379,10 @@ class MoEExperts:
         _expect_shape(dyb, (T, H), "dy", "[T, H] like the forward's x")
         res = None
         if lora_grads is not None:
-            if not isinstance(lora_grads, LoRA):
-                raise TypeError(f"lora_grads: expected ktmoe.LoRA or None, got {type(lora_grads).__name__}")
+            if not isinstance(lora_grads, LoRAGrads):
+                raise TypeError(f"lora_grads: expected ktmoe.LoRAGrads or None, got {type(lora_grads).__name__}"
+                                + (" (gradient buffers are a ktmoe.LoRAGrads: same layout, no scale)"
+                                   if isinstance(lora_grads, LoRA) else ""))
             if s["lora"] is None:
                 raise ValueError("lora_grads: the forward had no lora, so there are no LoRA gradients")
             res = lora_grads.resolve(self.num_experts, H, self.intermediate_size, "lora_grads", writable=True)

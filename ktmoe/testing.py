@@ -111,6 +111,13 @@ def ktmoe_lora(lora, arrays=None):
     return ktmoe.LoRA(**arrays, scale=lora.scale)
 
 
+def ktmoe_grads(lora, arrays):
+    """The ktmoe.LoRAGrads over gradient buffers `arrays` {name: (dA, dB)} in a reference.LoRA's layout."""
+    if lora.layout == "peft":
+        return ktmoe.LoRAGrads.peft(**arrays)
+    return ktmoe.LoRAGrads(**arrays)
+
+
 def reference_weights(layer_kwargs):
     """(Wg, Wu, Wd) as numpy from MoEExperts keyword arguments (fused or split)."""
     if layer_kwargs.get("gate_up") is not None:
@@ -589,7 +596,7 @@ def run_against_reference(layer_kwargs, x, ids, weights, lora=None, *, isa=None,
                 pair.append(buf)
             bufs[name] = tuple(pair)
             init[name] = tuple(to64(b) for b in pair)
-        kt_grads = ktmoe_lora(lora, bufs)
+        kt_grads = ktmoe_grads(lora, bufs)
 
     for _ in range(backward_calls):
         out = np.full((T, H), np.nan, dtype=BF16 if dtype_name(x) == "bfloat16" else np.float32) if use_out else None

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from ktmoe.testing import BF16, guarded, ktmoe_lora, make_lora, make_prequantized, make_routing, make_weights
+from ktmoe.testing import BF16, guarded, ktmoe_grads, ktmoe_lora, make_lora, make_prequantized, make_routing, make_weights
 
 def test_guard_page_faults():
     """The guard is real: touching the byte after an `after` array (or before a `before`
@@ -101,7 +101,7 @@ def _run(p, isa, activations, place):
     dw_out = place(np.full(p["ids"].shape, np.nan, p["w"].dtype))
     y = layer.forward(place(p["x"]), place(p["ids"]), place(p["w"]), lora=lora,
                       keep_for_backward=True, out=out)
-    dx, dw = layer.backward(place(p["dy"]), lora_grads=ktmoe_lora(p["lora"], grads),
+    dx, dw = layer.backward(place(p["dy"]), lora_grads=ktmoe_grads(p["lora"], grads),
                             dx_out=dx_out, dw_out=dw_out)
     assert y is out and dx is dx_out and dw is dw_out
     return [np.array(a) for a in (y, dx, dw)] + [np.array(g) for pair in grads.values() for g in pair]

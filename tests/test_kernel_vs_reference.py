@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from ktmoe.testing import (BF16, CASES, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, to64,
+from ktmoe.testing import (BF16, CASES, assert_matches_reference, check, ktmoe_grads, ktmoe_lora, make_lora, make_routing, to64,
                      make_weights)
 from ktmoe import reference
 
@@ -285,7 +285,7 @@ def test_two_layers_keep_their_own_saved_state(isa):
     ys = [p["layer"].forward(p["x"], p["ids"], p["w"], lora=ktmoe_lora(p["lora"]), keep_for_backward=True)
           for p in problems]
     for p, y in zip(problems, ys):
-        dx, dw = p["layer"].backward(p["dy"], lora_grads=ktmoe_lora(p["lora"], p["grads"]))
+        dx, dw = p["layer"].backward(p["dy"], lora_grads=ktmoe_grads(p["lora"], p["grads"]))
         y_ref, dx_ref, dw_ref, g_ref = p["ref"]
         check("y", y, y_ref, isa)
         check("dx", dx, dx_ref, isa)
@@ -317,7 +317,7 @@ def test_caller_buffers_reused_between_forward_and_backward(isa):
     for gA, gB in grads.values():              # optimizer.zero_grad()
         gA[...] = 0
         gB[...] = 0
-    dx, dw = layer.backward(dy, lora_grads=ktmoe_lora(lora, grads))
+    dx, dw = layer.backward(dy, lora_grads=ktmoe_grads(lora, grads))
     check("dx", dx, dx_ref, isa)
     check("dw", dw, dw_ref, isa)
     for n, (gA, gB) in grads.items():
