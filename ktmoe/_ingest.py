@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 from . import formats
-from ._buffers import ITEMSIZE, Buffer, as_buffer
+from ._buffers import ITEMSIZE, Buffer, as_buffer, checked
 from ._kernels import _core
 
 INGEST_FORMATS = tuple(n for n, f in formats.WEIGHT_FORMATS.items() if f.from_checkpoint)
@@ -53,16 +53,6 @@ def _codes_buffer(obj, name: str) -> Buffer:
     if isinstance(obj, np.ndarray) and str(obj.dtype) == "float8_e4m3fn":
         obj = obj.view(np.uint8)
     return as_buffer(obj, name)
-
-
-def _contiguous(b: Buffer, name: str, ndim: int, dtypes) -> Buffer:
-    if b.dtype not in dtypes:
-        raise TypeError(f"{name}: dtype must be one of {list(dtypes)}, got {b.dtype}")
-    if len(b.shape) != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(b.shape)}")
-    if not b.contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    return b
 
 
 def _pair(obj, name: str):
@@ -150,7 +140,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
 
     # codes: shapes give E, H, I
     dc, ds = _pair(down, "down")
-    dcb = _contiguous(_codes_buffer(dc, "down codes"), "down codes", 3, code_dtypes)
+    dcb = checked(_codes_buffer(dc, "down codes"), "down codes", 3, code_dtypes)
     cpu = _cols_per_unit(weights, dcb.dtype)
     E, H, I = dcb.shape[0], dcb.shape[1], dcb.shape[2] * cpu
     if min(E, H, I) < 1:
@@ -165,7 +155,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         rows_of = {"gate": I, "up": I}
     code_bufs = {}
     for name, (c, _) in zip(names, pairs):
-        b = _contiguous(_codes_buffer(c, f"{name} codes"), f"{name} codes", 3, code_dtypes)
+        b = checked(_codes_buffer(c, f"{name} codes"), f"{name} codes", 3, code_dtypes)
         if b.dtype != dcb.dtype:
             raise TypeError(f"{name} codes: dtype {b.dtype} differs from down codes' {dcb.dtype}")
         want = (E, rows_of[name], H // cpu)
@@ -179,7 +169,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
     # scales: dtype, then the group / block they imply
     scale_bufs = {}
     for name, s in list(zip(names, (p[1] for p in pairs))) + [("down", ds)]:
-        b = _contiguous(as_buffer(s, f"{name} scales"), f"{name} scales", 3, SCALE_DTYPES)
+        b = checked(as_buffer(s, f"{name} scales"), f"{name} scales", 3, SCALE_DTYPES)
         scale_bufs[name] = b
     sdt = scale_bufs["down"].dtype
     for name, b in scale_bufs.items():

@@ -22,7 +22,7 @@ import threading
 import numpy as np
 
 from . import _cpu, _ingest, formats
-from ._buffers import Buffer, as_buffer, new_array
+from ._buffers import Buffer, as_buffer, checked, new_array
 from ._kernels import _core
 from .lora import LoRA, LoRAGrads
 
@@ -31,16 +31,7 @@ ID_DTYPES = ("int32", "int64")
 
 
 def _array(obj, name: str, ndim: int, dtypes, *, writable: bool = False) -> Buffer:
-    b = as_buffer(obj, name)
-    if b.dtype not in dtypes:
-        raise TypeError(f"{name}: dtype must be one of {list(dtypes)}, got {b.dtype}")
-    if len(b.shape) != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {b.shape}")
-    if not b.contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    if writable and not b.writable:
-        raise ValueError(f"{name}: is read-only")
-    return b
+    return checked(as_buffer(obj, name), name, ndim, dtypes, writable=writable)
 
 
 def _expect_shape(b: Buffer, shape: tuple, name: str, what: str) -> None:
@@ -149,7 +140,7 @@ class MoEExperts:
         (weight_bytes of them, each page-aligned). Depends on the kernel path (the AMX path
         keeps bf16 weights in its tile layout)."""
         E, H, I = _sizes(num_experts, hidden_size, intermediate_size)
-        group = _check_format(weights, group_size, "bf16", _flag(transposed_weights), H, I)
+        group = formats.check_layer_format(weights, group_size, "bf16", _flag(transposed_weights), H, I)
         return _core.region_bytes(E, H, I, _cpu.select_isa(isa)[0], transposed_weights, weights, group)
 
     @staticmethod
@@ -498,7 +489,7 @@ def _run_options(max_tokens, num_threads, isa) -> tuple:
 def _options(H, I, max_tokens, num_threads, isa, transposed_weights, weights, group_size, activations):
     """(kernel group size, thread count, (isa, reason)) of validated layer options."""
     num_threads, isa_choice = _run_options(max_tokens, num_threads, isa)
-    return _check_format(weights, group_size, activations, _flag(transposed_weights), H, I), num_threads, isa_choice
+    return formats.check_layer_format(weights, group_size, activations, _flag(transposed_weights), H, I), num_threads, isa_choice
 
 
 def _region(region, writable: bool) -> Buffer:
@@ -513,11 +504,6 @@ def _region(region, writable: bool) -> Buffer:
     if b.addr % 4096:
         raise ValueError("region: must start on a page boundary (4096 bytes), as an mmap does")
     return b
-
-
-def _check_format(weights, group_size, activations, transposed_weights, H: int, I: int) -> int:
-    """Validates the weight format options (ktmoe/formats.py); returns the kernel's group size."""
-    return formats.check_layer_format(weights, group_size, activations, transposed_weights, H, I)
 
 
 def _check_threads(num_threads) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._buffers import Buffer, as_buffer
+from ._buffers import Buffer, as_buffer, checked
 
 PROJECTIONS = ("gate", "up", "down")
 LORA_DTYPES = ("float32", "bfloat16")
@@ -118,16 +118,7 @@ def _pair(value, name: str):
 
 
 def _buf(obj, name: str, ndim: int, writable: bool) -> Buffer:
-    b = as_buffer(obj, name)
-    if b.dtype not in LORA_DTYPES:
-        raise TypeError(f"{name}: dtype must be float32 or bfloat16, got {b.dtype}")
-    if len(b.shape) != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {b.shape}")
-    if not b.contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    if writable and not b.writable:
-        raise ValueError(f"{name}: gradient buffer is read-only")
-    return b
+    return checked(as_buffer(obj, name), name, ndim, LORA_DTYPES, writable=writable)
 
 
 def _resolve_per_projection(lora: _Factors, scale, E, H, I, name, writable) -> ResolvedLoRA:
