@@ -544,6 +544,18 @@ def check(name, got, want, isa, tolerance=None):
     return err, cos
 
 
+def check_outputs(isa, ref, y=None, dx=None, dw=None, grads=None):
+    """check() of each given kernel result against ref = (y, dx, dw, {name: (dA, dB)}) of
+    reference.moe_forward / moe_backward; grads {name: (dA, dB)} as the buffers hold them."""
+    y_ref, dx_ref, dw_ref, g_ref = ref
+    for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        if got is not None:
+            check(name, got, want, isa)
+    for n, (gA, gB) in (grads or {}).items():
+        check(f"dA_{n}", gA, g_ref[n][0], isa)
+        check(f"dB_{n}", gB, g_ref[n][1], isa)
+
+
 def make_layer(layer_kwargs, isa=None, num_threads=None):
     """The MoEExperts of harness layer arguments: MoEExperts keyword arguments, or
     make_prequantized's {"from_quantized": ..., "reference": ...} (plus "activations")."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from ktmoe.testing import (BF16, CASES, assert_matches_reference, check, ktmoe_grads, ktmoe_lora, make_lora, make_routing, to64,
+from ktmoe.testing import (BF16, CASES, assert_matches_reference, check, check_outputs, ktmoe_grads, ktmoe_lora, make_lora, make_routing, to64,
                      make_weights)
 from ktmoe import reference
 
@@ -286,13 +286,7 @@ def test_two_layers_keep_their_own_saved_state(isa):
           for p in problems]
     for p, y in zip(problems, ys):
         dx, dw = p["layer"].backward(p["dy"], lora_grads=ktmoe_grads(p["lora"], p["grads"]))
-        y_ref, dx_ref, dw_ref, g_ref = p["ref"]
-        check("y", y, y_ref, isa)
-        check("dx", dx, dx_ref, isa)
-        check("dw", dw, dw_ref, isa)
-        for n, (gA, gB) in p["grads"].items():
-            check(f"dA_{n}", gA, g_ref[n][0], isa)
-            check(f"dB_{n}", gB, g_ref[n][1], isa)
+        check_outputs(isa, p["ref"], y, dx, dw, p["grads"])
 
 
 def test_caller_buffers_reused_between_forward_and_backward(isa):
@@ -307,22 +301,18 @@ def test_caller_buffers_reused_between_forward_and_backward(isa):
     grads = {n: (np.full(A.shape, 7.0, A.dtype), np.full(B.shape, 7.0, B.dtype)) for n, (A, B) in lora.params.items()}
     Wg, Wu, Wd = weights["gate_up"][:, :I], weights["gate_up"][:, I:], weights["down"]
     y_ref, cache = reference.moe_forward(x, ids, w, Wg, Wu, Wd, lora)
-    dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
+    ref = (y_ref, *reference.moe_backward(dy, cache))
 
     layer = ktmoe.MoEExperts(**weights, isa=isa)
     out = np.empty((T, H), BF16)
     y = layer.forward(x, ids, w, lora=ktmoe_lora(lora), keep_for_backward=True, out=out)
-    check("y", y, y_ref, isa)
+    check_outputs(isa, ref, y)
     out[...] = np.nan                          # the caller reuses y's memory
     for gA, gB in grads.values():              # optimizer.zero_grad()
         gA[...] = 0
         gB[...] = 0
     dx, dw = layer.backward(dy, lora_grads=ktmoe_grads(lora, grads))
-    check("dx", dx, dx_ref, isa)
-    check("dw", dw, dw_ref, isa)
-    for n, (gA, gB) in grads.items():
-        check(f"dA_{n}", gA, g_ref[n][0], isa)
-        check(f"dB_{n}", gB, g_ref[n][1], isa)
+    check_outputs(isa, ref, dx=dx, dw=dw, grads=grads)
 
 
 # ---------------------------------------------------------------- numerics

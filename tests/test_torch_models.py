@@ -278,11 +278,7 @@ def test_two_merged_adapters():
     for model in (ref, kt):
         torch.manual_seed(3)
         model.add_adapter("b", tm.lora_config("qwen3_moe", r=2, lora_alpha=6))
-    with torch.no_grad():
-        src = dict(ref.named_parameters())
-        for name, p in kt.named_parameters():
-            if "lora_" in name:
-                p.copy_(src[name])
+    tm.copy_lora(ref, kt)
     b = tm.batch(seed=4)
     with torch.no_grad():
         merged_kt = kt.merge_and_unload(adapter_names=["default", "b"])
