@@ -139,31 +139,42 @@ def _check(kind, isa, A, W, C, in_dtype=np.uint16, out_dtype=np.float32):
     return a, w, c, M, N, K, lda, ldw, ldc
 
 
+def _run(kind, isa, A, W, C, accumulate, calls, bint int8):
+    """`calls` back-to-back calls of one GEMM (arguments checked once); returns their wall seconds."""
+    if int8:
+        a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, np.int8, np.int32)
+    else:
+        a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
+    cdef kt_gemm_fn f16 = NULL
+    cdef kt_igemm_fn f8 = NULL
+    if int8:
+        f8 = _ipick(kind, isa)
+    else:
+        f16 = _pick(kind, isa)
+    cdef int m = M, n = N, k = K, acc = bool(accumulate), i, reps = calls
+    cdef long la = lda, lw = ldw, lc = ldc
+    cdef const void *pa = <const void *><size_t>a
+    cdef const void *pw = <const void *><size_t>w
+    cdef void *pc = <void *><size_t>c
+    t0 = time.perf_counter()
+    with nogil:
+        for i in range(reps):
+            if f8 != NULL:
+                f8(m, n, k, <const int8_t *>pa, la, <const int8_t *>pw, lw, <int32_t *>pc, lc, acc)
+            else:
+                f16(m, n, k, <const kt_bf16 *>pa, la, <const kt_bf16 *>pw, lw, <float *>pc, lc, acc)
+    return time.perf_counter() - t0
+
+
 def gemm(kind, isa, A, W, C, accumulate=False):
     """C (+)= A W^T (nt) or A W (nn) with path `isa`; returns C."""
-    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
-    cdef kt_gemm_fn fn = _pick(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate)
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const kt_bf16 *pa = <const kt_bf16 *><size_t>a
-    cdef const kt_bf16 *pw = <const kt_bf16 *><size_t>w
-    cdef float *pc = <float *><size_t>c
-    with nogil:
-        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    _run(kind, isa, A, W, C, accumulate, 1, False)
     return C
 
 
 def igemm(kind, isa, A, W, C, accumulate=False):
     """C (+)= A W^T (nt) or A W (nn) on int8 A, W (in [-127, 127]) and int32 C with path `isa`; returns C."""
-    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, np.int8, np.int32)
-    cdef kt_igemm_fn fn = _ipick(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate)
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const int8_t *pa = <const int8_t *><size_t>a
-    cdef const int8_t *pw = <const int8_t *><size_t>w
-    cdef int32_t *pc = <int32_t *><size_t>c
-    with nogil:
-        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    _run(kind, isa, A, W, C, accumulate, 1, True)
     return C
 
 
@@ -171,18 +182,7 @@ def time_gemm(kind, isa, A, W, C, accumulate=False, calls=1):
     """Wall seconds of `calls` back-to-back gemm() calls (arguments checked once)."""
     if not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls: must be a positive integer, got {calls!r}")
-    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
-    cdef kt_gemm_fn fn = _pick(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate), i, reps = calls
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const kt_bf16 *pa = <const kt_bf16 *><size_t>a
-    cdef const kt_bf16 *pw = <const kt_bf16 *><size_t>w
-    cdef float *pc = <float *><size_t>c
-    t0 = time.perf_counter()
-    with nogil:
-        for i in range(reps):
-            fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
-    return time.perf_counter() - t0
+    return _run(kind, isa, A, W, C, accumulate, calls, False)
 
 
 def avx512_force_nobf16(flag):
