@@ -17,7 +17,6 @@ Plain numpy (float64 math), so it takes minutes and ~10 GB of memory at the defa
 """
 import argparse
 import gc
-import os
 import sys
 import time
 

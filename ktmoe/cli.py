@@ -18,7 +18,6 @@ import sys
 import numpy as np
 
 from . import _cpu, formats
-from .experts import MoEExperts
 
 # (E, H, I, T, k, r): a tail-heavy shape and a larger one
 VERIFY_SHAPES = [(8, 72, 56, 33, 2, 5), (16, 512, 256, 128, 4, 16)]
