@@ -11,11 +11,13 @@ smoke test). `pytest` alone collects tests/ only (testpaths).
   table and the kernel targets, and the JSON gets them as "table" / "targets" (and each
   benchmark's extra_info gets its speedups over the baselines, known only at the end).
 The shapes, runners, FLOP / byte formulas and table live in ktmoe/bench.py, shared with
-`ktmoe bench`.
+`ktmoe bench`; the pass/fail targets in bench/perf_targets.py (this suite only).
 """
 import gc
 
 import pytest
+
+import perf_targets
 
 RESULTS = []          # ktmoe.bench.Result, in run order
 BY_NODE = {}          # test nodeid -> Result, to add the speedups (known at the end) to the JSON
@@ -79,9 +81,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["table"] = [{"shape": r.shape, "pass": r.passes, "impl": r.impl, "ms": 1e3 * r.seconds,
                              **r.extra_info()} for r in RESULTS]
     output_json["targets"] = ([{"impl": i, "target": t, "measured": m, "status": s}
-                               for i in ("ktmoe", "ktmoe-wT") for t, m, s in bench.check_targets(RESULTS, i)]
+                               for i in ("ktmoe", "ktmoe-wT") for t, m, s in perf_targets.check_targets(RESULTS, i)]
                               + [{"impl": i, "target": t, "measured": m, "status": s}
-                                 for i, t, m, s in bench.check_quant_targets(RESULTS)])
+                                 for i, t, m, s in perf_targets.check_quant_targets(RESULTS)])
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -94,5 +96,5 @@ def pytest_terminal_summary(terminalreporter):
     for line in bench.format_table(_STATE["roofline"], RESULTS):
         tr.write_line(line)
     tr.write_line("targets:")
-    for line in bench.format_targets(RESULTS):
+    for line in perf_targets.format_targets(RESULTS):
         tr.write_line(line)

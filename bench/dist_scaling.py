@@ -62,8 +62,7 @@ def main():
     lora = ktmoe.LoRA(**{n: ((rng.standard_normal(a_) * 0.01).astype(np.float32),
                              (rng.standard_normal(b_) * 0.01).astype(np.float32)) for n, (a_, b_) in shapes.items()},
                       scale=2.0)
-    grads = ktmoe.LoRA(**{n: (np.zeros(a_, np.float32), np.zeros(b_, np.float32)) for n, (a_, b_) in shapes.items()},
-                       scale=2.0)
+    grads = ktmoe.LoRAGrads(**{n: (np.zeros(a_, np.float32), np.zeros(b_, np.float32)) for n, (a_, b_) in shapes.items()})
     x = rng.standard_normal((T, H)).astype(ml_dtypes.bfloat16)
     ids = np.stack([rng.permutation(E)[:a.k] for _ in range(T)]).astype(np.int32)
     w = rng.random((T, a.k)).astype(np.float32)

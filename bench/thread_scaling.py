@@ -39,7 +39,7 @@ def main():
     factors = [(rng.random(s, dtype=np.float32) - 0.5) * 0.02 for s in [(E * R, H), (2 * I, E * R), (E * R, I), (H, E * R)]]
     grads = [np.zeros_like(f) for f in factors]
     lora = ktmoe.LoRA.peft(gate_up=tuple(factors[:2]), down=tuple(factors[2:]), scale=2.0)
-    lora_grads = ktmoe.LoRA.peft(gate_up=tuple(grads[:2]), down=tuple(grads[2:]))
+    lora_grads = ktmoe.LoRAGrads.peft(gate_up=tuple(grads[:2]), down=tuple(grads[2:]))
     y, dx, dw = np.empty((T, H), BF16), np.empty((T, H), BF16), np.empty((T, K), np.float32)
     layer = ktmoe.MoEExperts(gate_up=gate_up, down=down, transposed_weights=args.transposed, max_tokens=T)
     print(f"T={T} path={layer.isa} transposed_weights={args.transposed} hot_expert={args.hot}")

@@ -79,5 +79,19 @@ def as_buffer(obj: Any, name: str) -> Buffer:
     return _from_numpy(np.asarray(view), (obj, view))
 
 
+def checked(b: Buffer, name: str, ndim: int, dtypes, *, writable: bool = False) -> Buffer:
+    """`b` after the checks every array argument gets (dtype in `dtypes`, `ndim` dimensions,
+    C-contiguous, writable when asked); TypeError / ValueError naming `name` otherwise."""
+    if b.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype must be one of {list(dtypes)}, got {b.dtype}")
+    if len(b.shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(b.shape)}")
+    if not b.contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    if writable and not b.writable:
+        raise ValueError(f"{name}: is read-only")
+    return b
+
+
 def new_array(shape: tuple, dtype: str) -> np.ndarray:
     return np.empty(shape, dtype=NUMPY_DTYPES[dtype])

@@ -31,13 +31,14 @@ import sys
 
 import numpy as np
 
-from ._buffers import ITEMSIZE, Buffer, as_buffer
+from . import formats
+from ._buffers import ITEMSIZE, Buffer, as_buffer, checked
 from ._kernels import _core
 
-INGEST_FORMATS = ("int8", "int4", "fp8")
+INGEST_FORMATS = tuple(n for n, f in formats.WEIGHT_FORMATS.items() if f.from_checkpoint)
 INT4_PACKINGS = ("nibbles", "pack-quantized")
-INT4_GROUP_SIZES = (32, 64, 128)
-FP8_DEFAULT_BLOCK = (128, 128)
+INT4_GROUP_SIZES = formats.WEIGHT_FORMATS["int4"].group_sizes
+FP8_DEFAULT_BLOCK = formats.WEIGHT_FORMATS["fp8"].default_block
 SCALE_DTYPES = ("float32", "bfloat16")
 CODE_BYTES = {"int8": 1, "uint8": 1, "float8_e4m3fn": 1, "int32": 4}
 CODE_DTYPES = {"int8": ("int8",), "fp8": ("uint8", "float8_e4m3fn"),
@@ -52,16 +53,6 @@ def _codes_buffer(obj, name: str) -> Buffer:
     if isinstance(obj, np.ndarray) and str(obj.dtype) == "float8_e4m3fn":
         obj = obj.view(np.uint8)
     return as_buffer(obj, name)
-
-
-def _contiguous(b: Buffer, name: str, ndim: int, dtypes) -> Buffer:
-    if b.dtype not in dtypes:
-        raise TypeError(f"{name}: dtype must be one of {list(dtypes)}, got {b.dtype}")
-    if len(b.shape) != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(b.shape)}")
-    if not b.contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    return b
 
 
 def _pair(obj, name: str):
@@ -127,14 +118,15 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         raise ValueError(f"int4_packing: must be one of {list(INT4_PACKINGS)}, got {int4_packing!r}")
     if int4_packing != "nibbles" and weights != "int4":
         raise ValueError(f"int4_packing: applies to weights='int4' only (weights={weights!r})")
-    if activations not in ("bf16", "int8"):
-        raise ValueError(f"activations: must be one of ['bf16', 'int8'], got {activations!r}")
-    if activations == "int8" and weights == "fp8":
-        raise ValueError("activations: 'int8' (W8A8) is not available for weights='fp8', which is weight-only "
-                         "(activations='bf16')")
-    if weights != "int4" and group_size is not None:
+    if not isinstance(activations, str) or activations not in formats.ACTIVATIONS:
+        raise ValueError(f"activations: must be one of {list(formats.ACTIVATIONS)}, got {activations!r}")
+    fmt = formats.WEIGHT_FORMATS[weights]
+    if activations not in fmt.activations:
+        raise ValueError(f"activations: '{activations}' (W8A8) is not available for weights='{weights}', which is "
+                         "weight-only (activations='bf16')")
+    if not fmt.group_sizes and group_size is not None:
         raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
-    if weights != "fp8" and block is not None:
+    if fmt.default_block is None and block is not None:
         raise ValueError(f"block: applies to weights='fp8' only (weights={weights!r})")
     if down is None:
         raise ValueError("down: the down projection's (codes, scales) are required")
@@ -148,7 +140,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
 
     # codes: shapes give E, H, I
     dc, ds = _pair(down, "down")
-    dcb = _contiguous(_codes_buffer(dc, "down codes"), "down codes", 3, code_dtypes)
+    dcb = checked(_codes_buffer(dc, "down codes"), "down codes", 3, code_dtypes)
     cpu = _cols_per_unit(weights, dcb.dtype)
     E, H, I = dcb.shape[0], dcb.shape[1], dcb.shape[2] * cpu
     if min(E, H, I) < 1:
@@ -163,7 +155,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         rows_of = {"gate": I, "up": I}
     code_bufs = {}
     for name, (c, _) in zip(names, pairs):
-        b = _contiguous(_codes_buffer(c, f"{name} codes"), f"{name} codes", 3, code_dtypes)
+        b = checked(_codes_buffer(c, f"{name} codes"), f"{name} codes", 3, code_dtypes)
         if b.dtype != dcb.dtype:
             raise TypeError(f"{name} codes: dtype {b.dtype} differs from down codes' {dcb.dtype}")
         want = (E, rows_of[name], H // cpu)
@@ -177,7 +169,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
     # scales: dtype, then the group / block they imply
     scale_bufs = {}
     for name, s in list(zip(names, (p[1] for p in pairs))) + [("down", ds)]:
-        b = _contiguous(as_buffer(s, f"{name} scales"), f"{name} scales", 3, SCALE_DTYPES)
+        b = checked(as_buffer(s, f"{name} scales"), f"{name} scales", 3, SCALE_DTYPES)
         scale_bufs[name] = b
     sdt = scale_bufs["down"].dtype
     for name, b in scale_bufs.items():

@@ -30,38 +30,27 @@ import statistics
 import sys
 import time
 
+from . import formats
+
 LORA_R = 16
 LORA_ALPHA = 32          # scale s = alpha / r = 2
 SEED = 0
 PASSES = ("fwd", "fwdbwd")
-IMPLS = ("ktmoe", "ktmoe-wT", "ktmoe-int8", "ktmoe-int4", "ktmoe-w8a8", "ktmoe-w4a8", "ktmoe-fp8", "grouped", "eager")
 # ktmoe-wT: the opt-in transposed weight copy (2x weight memory). The quantized rows
-# (design.md 5): (weights, activations); int4 with group size 128; fp8: e4m3 codes with 128 x 128
-# block scales made from the bf16 weights by reference.quantize_fp8 (as the FP8 releases are
-# made) and taken by MoEExperts.from_quantized, weight-only.
-QUANTIZED = {"ktmoe-int8": ("int8", "bf16"), "ktmoe-int4": ("int4", "bf16"),
-             "ktmoe-w8a8": ("int8", "int8"), "ktmoe-w4a8": ("int4", "int8"), "ktmoe-fp8": ("fp8", "bf16")}
+# (design.md 5) are ktmoe/formats.py's MODES: (weights, activations); int4 with its default group
+# size (128); fp8: e4m3 codes with 128 x 128 block scales made from the bf16 weights by
+# reference.quantize_fp8 (as the FP8 releases are made) and taken by MoEExperts.from_quantized,
+# weight-only.
+QUANTIZED = {m.bench_row: (m.weights, m.activations) for m in formats.MODES if m.weights != "bf16"}
 OURS = ("ktmoe", "ktmoe-wT", *QUANTIZED)
-INT4_GROUP = 128
-FP8_BLOCK = (128, 128)
+IMPLS = (*OURS, "grouped", "eager")
+INT4_GROUP = formats.WEIGHT_FORMATS["int4"].default_group
+FP8_BLOCK = formats.FP8_BLOCK
 # `--weights`: the weight formats whose ktmoe rows run (the bf16 "ktmoe" row always runs: the
 # speed-up targets and the baselines' accuracy check compare against it)
-WEIGHT_ROWS = {"bf16": ("ktmoe", "ktmoe-wT"), "int8": ("ktmoe-int8", "ktmoe-w8a8"),
-               "int4": ("ktmoe-int4", "ktmoe-w4a8"), "fp8": ("ktmoe-fp8",)}
+WEIGHT_ROWS = {w: tuple(m.bench_row for m in formats.MODES if m.weights == w) + (("ktmoe-wT",) if w == "bf16" else ())
+               for w in formats.WEIGHT_FORMATS}
 BASELINES = ("eager", "grouped")
-
-# Targets of the kernel-throughput work this benchmark checks (on the 16-core AMX machine)
-TARGET_ROOFLINE_T4096 = 0.50      # qwen3-4096 fwdbwd: >= 50 % of the roofline bound
-TARGET_GROUPED_T4096 = 20.0       # qwen3-4096 fwdbwd: >= 20x the grouped torch loop
-TARGET_BW_T16 = 1.4               # qwen3-16: time <= 1.4x the bandwidth bound
-TARGET_PACKED = 1.05              # packed weights <= 1.05x raw bytes of their format
-# Quantized formats: fwd+bwd speedups over ktmoe bf16 measured in the same run
-TARGET_INT8_T16 = 1.7             # qwen3-16: int8 weight-only >= 1.7x bf16
-TARGET_INT4_T16 = 2.5             # qwen3-16: int4 weight-only >= 2.5x bf16
-TARGET_W8A8_T4096 = 1.7           # qwen3-4096: W8A8 >= 1.7x bf16 (the int8 peak is ~1.85x the bf16 one)
-TARGET_FP8_T16 = 1.7              # qwen3-16: fp8 >= 1.7x bf16 (half the weight bytes)
-TARGET_FP8_T4096 = 1 / 1.15       # qwen3-4096: fp8 within 1.15x of bf16
-
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -320,7 +309,7 @@ class KtmoeRunner:
                                           group_size=INT4_GROUP if weights == "int4" else None)
         self.lora = ktmoe.LoRA.peft(gate_up=p.lora["gate_up"], down=p.lora["down"], scale=p.scale)
         self.grads = {n: tuple(torch.zeros_like(t) for t in ab) for n, ab in p.lora.items()}
-        self.lora_grads = ktmoe.LoRA.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
+        self.lora_grads = ktmoe.LoRAGrads.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
         self.y = torch.empty_like(p.x)
         self.dx = torch.empty_like(p.x)
         self.dw = torch.empty_like(p.weights)
@@ -484,13 +473,6 @@ def make_runner(impl: str, p: Problem, threads: int | None = None):
     return RUNNERS[impl](p)
 
 
-def rel_error(a, b) -> float:
-    """Relative Frobenius error ||a - b|| / ||b|| (in float64)."""
-    a, b = a.double(), b.double()
-    nb = float(b.norm())
-    return float((a - b).norm() / nb) if nb else float(a.norm())
-
-
 # ---------------------------------------------------------------- results and table
 
 @dataclasses.dataclass
@@ -593,79 +575,10 @@ def roofline_line(roof: Roofline) -> str:
             f"({roof.read_bytes >> 20} MiB buffer)")
 
 
-def check_targets(results: list, impl: str = "ktmoe") -> list[tuple[str, str, str]]:
-    """(target, measured, PASS/FAIL/n.a.) for the kernel targets of the issue, for `impl`
-    (ktmoe-wT, the opt-in transposed copy, holds twice the weights by design)."""
-    results = [r for r in results if r.impl == impl]
-
-    def get(shape, passes):
-        return next((r for r in results if r.shape == shape and r.passes == passes), None)
-    out = []
-    r = get("qwen3-4096", "fwdbwd")
-    out.append((f"qwen3-4096 fwdbwd >= {TARGET_ROOFLINE_T4096:.0%} of roofline",
-                f"{r.roofline_fraction:.1%}" if r else "not run",
-                "n.a." if r is None else "PASS" if r.roofline_fraction >= TARGET_ROOFLINE_T4096 else "FAIL"))
-    sp = r.speedup.get("grouped") if r else None
-    out.append((f"qwen3-4096 fwdbwd >= {TARGET_GROUPED_T4096:g}x grouped",
-                f"{sp:.2f}x" if sp else "not run",
-                "n.a." if sp is None else "PASS" if sp >= TARGET_GROUPED_T4096 else "FAIL"))
-    for passes in PASSES:
-        r = get("qwen3-16", passes)
-        ratio = r.seconds / r.t_memory if r else None
-        out.append((f"qwen3-16 {passes} <= {TARGET_BW_T16:g}x bandwidth bound",
-                    f"{ratio:.2f}x" if r else "not run",
-                    "n.a." if r is None else "PASS" if ratio <= TARGET_BW_T16 else "FAIL"))
-    ratios = [r.weight_ratio for r in results if r.weight_ratio is not None and impl != "ktmoe-wT"]
-    worst = max(ratios) if ratios else None
-    out.append((f"packed weights <= {TARGET_PACKED:g}x raw bf16", f"{worst:.3f}x" if worst else "not run",
-                "n.a." if worst is None else "PASS" if worst <= TARGET_PACKED else "FAIL"))
-    return out
-
-
-def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
-    """(impl, target, measured, PASS/FAIL/n.a.) for the INT8/INT4 targets: fwd+bwd speed-ups
-    over ktmoe bf16 measured in the same run, and packed memory against bf16."""
-    by = {(r.shape, r.passes, r.impl): r for r in results}
-    out = []
-    for impl, shape, want in (("ktmoe-int8", "qwen3-16", TARGET_INT8_T16), ("ktmoe-int4", "qwen3-16", TARGET_INT4_T16),
-                              ("ktmoe-w8a8", "qwen3-4096", TARGET_W8A8_T4096), ("ktmoe-fp8", "qwen3-16", TARGET_FP8_T16),
-                              ("ktmoe-fp8", "qwen3-4096", TARGET_FP8_T4096)):
-        q, b = by.get((shape, "fwdbwd", impl)), by.get((shape, "fwdbwd", "ktmoe"))
-        sp = b.seconds / q.seconds if q and b else None
-        what = f">= {want:g}x ktmoe bf16" if want >= 1 else f"within {1 / want:.2f}x of ktmoe bf16"
-        out.append((impl, f"{shape} fwdbwd {what}", f"{sp:.2f}x" if sp else "not run",
-                    "n.a." if sp is None else "PASS" if sp >= want else "FAIL"))
-    for impl in ("ktmoe-int8", "ktmoe-int4", "ktmoe-fp8"):
-        # packed bytes against the format's own raw bytes (codes + fp32 scales) and against bf16
-        rows = [(r.weight_ratio, format_bytes_ratio(SHAPES[r.shape], QUANTIZED[impl][0]))
-                for r in results if r.impl == impl and r.weight_ratio is not None]
-        worst = max(rows, key=lambda t: t[0] / t[1]) if rows else None
-        got = f"{worst[0] / worst[1]:.3f}x (= {worst[0]:.4f} of bf16)" if worst else "not run"
-        out.append((impl, f"packed weights <= {TARGET_PACKED:g}x codes + scales", got,
-                    "n.a." if worst is None else "PASS" if worst[0] / worst[1] <= TARGET_PACKED else "FAIL"))
-    return out
-
-
 def format_bytes_ratio(shape: Shape, weights: str) -> float:
     """Raw bytes of a quantized format (codes + one fp32 scale per row, per group of INT4_GROUP
     columns, or per FP8_BLOCK block) over raw bf16 bytes, for one expert's gate, up and down."""
-    H, I = shape.H, shape.I
-    rows = 2 * I + H
-    if weights == "int8":
-        return (3 * H * I + 4 * rows) / (6 * H * I)
-    if weights == "fp8":
-        br, bc = FP8_BLOCK
-        blocks = 2 * -(-I // br) * (H // bc) + -(-H // br) * (I // bc)
-        return (3 * H * I + 4 * blocks) / (6 * H * I)
-    return (3 * H * I / 2 + 4 * (2 * I * H + H * I) / INT4_GROUP) / (6 * H * I)
-
-
-def format_targets(results: list) -> list[str]:
-    lines = [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
-             for impl in ("ktmoe", "ktmoe-wT") for what, got, status in check_targets(results, impl)
-             if got != "not run" or impl == "ktmoe"]
-    return lines + [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
-                    for impl, what, got, status in check_quant_targets(results) if got != "not run"]
+    return formats.bytes_ratio(shape.H, shape.I, weights, INT4_GROUP, FP8_BLOCK)
 
 
 # ---------------------------------------------------------------- timing (the CLI's own)
@@ -765,6 +678,7 @@ def run(args) -> int:
         return 2
     ours = selected_rows(args.weights)
     torch = _torch()
+    from .testing import rel_error
     torch.set_num_threads(threads)
     print(f"ktmoe bench: path {isa}, {threads} threads, torch {torch.__version__}, "
           f"LoRA r={LORA_R} (PEFT layout, fp32)")
@@ -796,9 +710,6 @@ def run(args) -> int:
     add_speedups(results)
     print()
     for line in format_table(roof, results):
-        print(line)
-    print("targets:")
-    for line in format_targets(results):
         print(line)
     for line in notes:
         print(line)

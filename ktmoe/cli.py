@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 
-import ml_dtypes
 import numpy as np
 
-from . import _cpu
-from .experts import MoEExperts
-from .lora import LoRA
+from . import _cpu, formats
 
-BF16 = ml_dtypes.bfloat16
 # (E, H, I, T, k, r): a tail-heavy shape and a larger one
 VERIFY_SHAPES = [(8, 72, 56, 33, 2, 5), (16, 512, 256, 128, 4, 16)]
-TOLERANCE = 1e-2  # design.md 6: relative Frobenius error of bf16 kernels
+TOLERANCE = formats.TOLERANCES["bf16"]["rel"]  # design.md 6: relative Frobenius error (every mode's class)
 
 DESCRIPTION = """\
 ktmoe: LoRA fine-tuning of Mixture-of-Experts LLMs whose routed experts run in CPU kernels
@@ -114,98 +109,69 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    nb = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / nb) if nb else float(np.linalg.norm(a))
+VERIFY_GROUP = 32   # int4 rows: the smallest group size, so the small shapes hold several groups
+# (label, weights, group_size, activations, checkpoint): every MODES row of ktmoe/formats.py,
+# quantized by the layer (checkpoint=False) or, for a format only checkpoints hold (fp8) and for
+# int4 (whose published codes use -8, which ktmoe's own quantizer does not), codes made as a
+# published checkpoint holds them and taken by from_quantized
+VERIFY_FORMATS = [(m.label + (f"/g{VERIFY_GROUP}" if m.format.group_sizes else ""), m.weights,
+                   VERIFY_GROUP if m.format.group_sizes else None, m.activations, not m.format.quantized_here)
+                  for m in formats.MODES]
+VERIFY_FORMATS += [(f"{m.label}-ckpt/g{VERIFY_GROUP}", m.weights, VERIFY_GROUP, m.activations, True)
+                   for m in formats.MODES if m.format.group_sizes and m.format.from_checkpoint]
+FP8_BLOCK = formats.FP8_BLOCK
 
 
-def _problem(rng, E, H, I, T, k, r):
-    """Random bf16 weights and inputs, routing with an id = -1 slot, PEFT-layout LoRA with B != 0."""
-    def rnd(*shape, scale=1.0):
-        return (rng.standard_normal(shape) * scale).astype(BF16)
-    w = dict(gate_up=rnd(E, 2 * I, H, scale=H ** -0.5), down=rnd(E, H, I, scale=I ** -0.5))
-    x, dy = rnd(T, H), rnd(T, H)
-    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
-    ids[0, -1] = -1
-    weights = rng.random((T, k)).astype(np.float32)
-    lora = [rnd(E * r, H, scale=0.1), rnd(2 * I, E * r, scale=0.1),   # fp32, as PEFT keeps them
-            rnd(E * r, I, scale=0.1), rnd(H, E * r, scale=0.1)]
-    lora = [a.astype(np.float32) for a in lora]
-    return w, x, dy, ids, weights, lora
-
-
-VERIFY_FORMATS = [   # (label, weights, group_size, activations); "ckpt" and fp8: from_quantized codes
-    ("bf16", "bf16", None, "bf16"), ("int8", "int8", None, "bf16"), ("int4/g32", "int4", 32, "bf16"),
-    ("w8a8", "int8", None, "int8"), ("w4a8/g32", "int4", 32, "int8"),
-    ("fp8", "fp8", None, "bf16"), ("int4-ckpt/g32", "int4", 32, "bf16"), ("w4a8-ckpt/g32", "int4", 32, "int8")]
-FP8_BLOCK = (128, 128)
-
-
-def _verify_weights(label, fmt, group, base):
-    """(reference weights, MoEExperts arguments) of a format: quantized by the layer (the
-    reference quantizer gives the same codes), or, for fp8 and "-ckpt" rows, codes made here the
-    way a published checkpoint holds them (reference.quantize_fp8 with 128 x 128 blocks; int4
-    over all of [-8, 7], reference.quantize_int4_full_range) and taken by from_quantized."""
-    from . import reference
-    if fmt == "bf16":
-        return base, None
-    if fmt == "fp8":
-        Q = tuple(reference.quantize_fp8(b, FP8_BLOCK) for b in base)
-    elif label.startswith(("int4-ckpt", "w4a8-ckpt")):
-        Q = tuple(reference.quantize_int4_full_range(b, group) for b in base)
-    else:
-        return tuple(reference.quantize(b, fmt, **({"group_size": group} if group else {})) for b in base), None
-    pack = (lambda q: q) if fmt == "fp8" else reference.pack_int4
-    qg, qu, qd = Q
-    return Q, dict(gate_up=(np.concatenate([pack(qg.q), pack(qu.q)], axis=1), np.concatenate([qg.scale, qu.scale], 1)),
-                   down=(pack(qd.q), qd.scale), **({"block": FP8_BLOCK} if fmt == "fp8" else {}))
 VERIFY_COLUMNS = ("y", "dx", "dw", "dA gu", "dB gu", "dA dn", "dB dn")   # the errors each row prints
 
 
+VERIFY_TENSORS = ("y", "dx", "dw", "dA_gate_up", "dB_gate_up", "dA_down", "dB_down")   # ktmoe.testing.errors' names
+
+
+def _verify_layer(testing, rng, weights, fmt, group, acts, checkpoint, E, H, I) -> dict:
+    """The harness layer arguments of one VERIFY_FORMATS row: the bf16 weights quantized by the
+    layer (the reference quantizer gives the same codes), or codes as a published checkpoint
+    holds them (ktmoe.testing.make_prequantized: fp8 with 128 x 128 blocks, int4 over all of
+    [-8, 7]) taken by from_quantized."""
+    if checkpoint:
+        return dict(testing.make_prequantized(rng, fmt, E, H, I, group_size=group or 32, block=FP8_BLOCK),
+                    activations=acts)
+    return dict(weights, weights=fmt, group_size=group, activations=acts)
+
+
 def cmd_verify(args) -> int:
-    from . import reference
+    from . import testing   # imported here: it loads torch where installed
     rng = np.random.default_rng(0)
     isas = [args.isa] if args.isa else _cpu.available_isas()
     threads = args.threads if args.threads is not None else _env_threads()
-    formats = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
+    rows = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
     worst = 0.0
     print(f"relative Frobenius error against the numpy reference (tolerance {TOLERANCE:g}) of: y = output, "
           f"dx, dw = d topk_weights, dA/dB gu/dn = LoRA gradients of gate_up / down")
     print(f"{'path':<9} {'weights':<13} {'E,H,I,T,k,r':<22} {'fwd ms':>8} {'bwd ms':>8}  "
           + " ".join(f"{c:>7}" for c in VERIFY_COLUMNS))
     for E, H, I, T, k, r in VERIFY_SHAPES:
-        w, x, dy, ids, weights, (ga, gb, da, db) = _problem(rng, E, H, I, T, k, r)
-        scale = 2.0
-        gu = np.asarray(w["gate_up"], np.float32)
-        ref_lora = reference.LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale)
-        for label, fmt, group, acts in formats:
+        # random bf16 weights and inputs, routing with an id = -1 slot, PEFT-layout fp32 LoRA with B != 0
+        weights = testing.make_weights(rng, E, H, I)
+        x = rng.standard_normal((T, H)).astype(testing.BF16)
+        ids, w = testing.make_routing(rng, T, k, E)
+        ids[0, -1] = -1
+        lora = testing.make_lora(rng, "peft", E, H, I, {"gate_up": r, "down": r}, scale=2.0)
+        for label, fmt, group, acts, checkpoint in rows:
             if group and (H % group or I % group) or fmt == "fp8" and (H % FP8_BLOCK[1] or I % FP8_BLOCK[1]):
                 continue
-            # the quantized reference: same codes, same rounding (design.md 5-6)
-            base, prequantized = _verify_weights(label, fmt, group, (gu[:, :I], gu[:, I:], w["down"]))
-            y_ref, cache = reference.moe_forward(x, ids, weights, *base, lora=ref_lora, activations=acts)
-            dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
+            layer_kwargs = _verify_layer(testing, rng, weights, fmt, group, acts, checkpoint, E, H, I)
             for isa in isas:
-                if prequantized:
-                    layer = MoEExperts.from_quantized(fmt, **prequantized, isa=isa, num_threads=threads,
-                                                      activations=acts)
-                else:
-                    layer = MoEExperts(gate_up=w["gate_up"], down=w["down"], isa=isa, num_threads=threads,
-                                       weights=fmt, group_size=group, activations=acts)
-                grads = [np.zeros(a.shape, np.float32) for a in (ga, gb, da, db)]
-                t0 = time.perf_counter()
-                y = layer.forward(x, ids, weights, LoRA.peft(gate_up=(ga, gb), down=(da, db), scale=scale),
-                                  keep_for_backward=True)
-                t1 = time.perf_counter()
-                dx, dw = layer.backward(dy, LoRA.peft(gate_up=tuple(grads[:2]), down=tuple(grads[2:])))
-                t2 = time.perf_counter()
-                errs = [_rel(y, y_ref), _rel(dx, dx_ref), _rel(dw, dw_ref),
-                        _rel(grads[0], g_ref["gate_up"][0]), _rel(grads[1], g_ref["gate_up"][1]),
-                        _rel(grads[2], g_ref["down"][0]), _rel(grads[3], g_ref["down"][1])]
-                worst = max(worst, *errs)
                 shape = f"{E},{H},{I},{T},{k},{r}"
-                print(f"{isa:<9} {label:<13} {shape:<22} {1e3 * (t1 - t0):8.2f} {1e3 * (t2 - t1):8.2f}  "
+                try:   # the quantized reference: same codes, same rounding (design.md 5-6)
+                    run = testing.run_against_reference(layer_kwargs, x, ids, w, lora, isa=isa, num_threads=threads)
+                except AssertionError as e:   # the stored codes differ from the reference's
+                    print(f"{isa:<9} {label:<13} {shape:<22} FAIL: {e}")
+                    worst = float("inf")
+                    continue
+                errs = [testing.errors(run)[t] for t in VERIFY_TENSORS]
+                worst = max(worst, *errs)
+                print(f"{isa:<9} {label:<13} {shape:<22} {1e3 * run.fwd_s:8.2f} {1e3 * run.bwd_s:8.2f}  "
                       + " ".join(f"{e:7.1e}" for e in errs))
     ok = worst <= TOLERANCE
     print(f"{'PASS' if ok else 'FAIL'}: largest relative error {worst:.2e} (tolerance {TOLERANCE:g})")

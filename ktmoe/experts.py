@@ -21,29 +21,17 @@ import threading
 
 import numpy as np
 
-from . import _cpu, _ingest
-from ._buffers import Buffer, as_buffer, new_array
+from . import _cpu, _ingest, formats
+from ._buffers import Buffer, as_buffer, checked, new_array
 from ._kernels import _core
-from .lora import LoRA
+from .lora import LoRA, LoRAGrads
 
 FLOAT_DTYPES = ("float32", "bfloat16")
-WEIGHT_FORMATS = ("bf16", "int8", "int4", "fp8")   # fp8: from_quantized only
-ACTIVATION_MODES = ("bf16", "int8")
-GROUP_SIZES = (32, 64, 128)
 ID_DTYPES = ("int32", "int64")
 
 
 def _array(obj, name: str, ndim: int, dtypes, *, writable: bool = False) -> Buffer:
-    b = as_buffer(obj, name)
-    if b.dtype not in dtypes:
-        raise TypeError(f"{name}: dtype must be one of {list(dtypes)}, got {b.dtype}")
-    if len(b.shape) != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {b.shape}")
-    if not b.contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    if writable and not b.writable:
-        raise ValueError(f"{name}: is read-only")
-    return b
+    return checked(as_buffer(obj, name), name, ndim, dtypes, writable=writable)
 
 
 def _expect_shape(b: Buffer, shape: tuple, name: str, what: str) -> None:
@@ -152,7 +140,7 @@ class MoEExperts:
         (weight_bytes of them, each page-aligned). Depends on the kernel path (the AMX path
         keeps bf16 weights in its tile layout)."""
         E, H, I = _sizes(num_experts, hidden_size, intermediate_size)
-        group = _check_format(weights, group_size, "bf16", _flag(transposed_weights), H, I)
+        group = formats.check_layer_format(weights, group_size, "bf16", _flag(transposed_weights), H, I)
         return _core.region_bytes(E, H, I, _cpu.select_isa(isa)[0], transposed_weights, weights, group)
 
     @staticmethod
@@ -284,9 +272,9 @@ class MoEExperts:
         self.submit_forward(x, topk_ids, topk_weights, lora, keep_for_backward, out)
         return self.wait()
 
-    def backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None):
+    def backward(self, dy, lora_grads: LoRAGrads | None = None, dx_out=None, dw_out=None):
         """(dx [T, H], dw [T, k]) of the last kept forward; LoRA gradients are added into
-        `lora_grads` (same layout and shapes as the forward's lora)."""
+        `lora_grads`, a ktmoe.LoRAGrads in the same layout and shapes as the forward's lora."""
         self.submit_backward(dy, lora_grads, dx_out, dw_out)
         return self.wait()
 
@@ -300,7 +288,7 @@ class MoEExperts:
             self._release()
             raise
 
-    def submit_backward(self, dy, lora_grads: LoRA | None = None, dx_out=None, dw_out=None) -> None:
+    def submit_backward(self, dy, lora_grads: LoRAGrads | None = None, dx_out=None, dw_out=None) -> None:
         self._acquire()
         try:
             self._submit_backward(dy, lora_grads, dx_out, dw_out)
@@ -382,8 +370,10 @@ class MoEExperts:
         _expect_shape(dyb, (T, H), "dy", "[T, H] like the forward's x")
         res = None
         if lora_grads is not None:
-            if not isinstance(lora_grads, LoRA):
-                raise TypeError(f"lora_grads: expected ktmoe.LoRA or None, got {type(lora_grads).__name__}")
+            if not isinstance(lora_grads, LoRAGrads):
+                raise TypeError(f"lora_grads: expected ktmoe.LoRAGrads or None, got {type(lora_grads).__name__}"
+                                + (" (gradient buffers are a ktmoe.LoRAGrads: same layout, no scale)"
+                                   if isinstance(lora_grads, LoRA) else ""))
             if s["lora"] is None:
                 raise ValueError("lora_grads: the forward had no lora, so there are no LoRA gradients")
             res = lora_grads.resolve(self.num_experts, H, self.intermediate_size, "lora_grads", writable=True)
@@ -499,7 +489,7 @@ def _run_options(max_tokens, num_threads, isa) -> tuple:
 def _options(H, I, max_tokens, num_threads, isa, transposed_weights, weights, group_size, activations):
     """(kernel group size, thread count, (isa, reason)) of validated layer options."""
     num_threads, isa_choice = _run_options(max_tokens, num_threads, isa)
-    return _check_format(weights, group_size, activations, _flag(transposed_weights), H, I), num_threads, isa_choice
+    return formats.check_layer_format(weights, group_size, activations, _flag(transposed_weights), H, I), num_threads, isa_choice
 
 
 def _region(region, writable: bool) -> Buffer:
@@ -514,34 +504,6 @@ def _region(region, writable: bool) -> Buffer:
     if b.addr % 4096:
         raise ValueError("region: must start on a page boundary (4096 bytes), as an mmap does")
     return b
-
-
-def _check_format(weights, group_size, activations, transposed_weights, H: int, I: int) -> int:
-    """Validates the weight format options; returns the kernel's group size (0 unless int4)."""
-    if not isinstance(weights, str) or weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights: must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
-    if not isinstance(activations, str) or activations not in ACTIVATION_MODES:
-        raise ValueError(f"activations: must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
-    if weights == "fp8":
-        raise ValueError("weights: 'fp8' codes come from pre-quantized checkpoints: use "
-                         "MoEExperts.from_quantized('fp8', (codes, scales), (codes, scales)); this constructor "
-                         "quantizes bf16 / fp32 weights to 'int8' or 'int4'")
-    if activations == "int8" and weights == "bf16":
-        raise ValueError("activations: 'int8' (W8A8) needs quantized weights (weights='int8' or 'int4')")
-    if transposed_weights and weights != "bf16":
-        raise ValueError(f"transposed_weights: the transposed copy exists for bf16 weights only, not {weights!r}")
-    if weights != "int4":
-        if group_size is not None:
-            raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
-        return 0
-    if group_size is None:
-        group_size = 128
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size: must be one of {list(GROUP_SIZES)}, got {group_size!r}")
-    for name, n in (("H (hidden size)", H), ("I (intermediate size)", I)):
-        if n % group_size:
-            raise ValueError(f"group_size: {group_size} does not divide {name} = {n}")
-    return int(group_size)
 
 
 def _check_threads(num_threads) -> int:

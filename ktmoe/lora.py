@@ -1,50 +1,78 @@
-"""LoRA factors of a layer's experts, in the two layouts ktmoe reads (design.md 4).
+"""LoRA factors of a layer's experts and their gradient buffers, in the two layouts ktmoe reads
+(design.md 4).
 
 - `LoRA(gate=(A, B), up=(A, B), down=(A, B), scale=s)`: one factor pair per projection,
   A [E, r, in], B [E, out, r] (per-expert nn.Linear LoRA, kt-kernel's layout).
 - `LoRA.peft(gate_up=(A, B), down=(A, B), scale=s)`: PEFT `target_parameters` on
   transformers v5 fused experts: gate_up A [E*r, H] (expert-major, shared by gate and
   up), B [2I, E*r] (column j*E + e is rank j of expert e; gate rows first); down A
-  [E*r, I], B [H, E*r].
+  [E*r, I], B [H, E*r]. ktmoe.torch hands PEFT's lora_A / lora_B weights over in this form.
+- `LoRAGrads(...)` / `LoRAGrads.peft(...)`: the buffers backward ADDS the LoRA gradients into,
+  in the same layouts and shapes as the forward's LoRA (no scale: the forward's is used).
 
-Any projection may be left out. The same class holds gradient buffers for backward.
-The kernel reads both layouts in place through strides: nothing is reshaped or copied
-here, and no delta weight W + BA is ever formed.
+Any projection may be left out. resolve() checks a LoRA or LoRAGrads against a layer once and
+gives the kernel's views (ResolvedLoRA: each projection as A [E, r, in], B [E, out, r]
+strides); the kernel reads both layouts in place through those strides: nothing is reshaped
+or copied here, and no delta weight W + BA is ever formed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._buffers import Buffer, as_buffer
+from ._buffers import Buffer, as_buffer, checked
 
 PROJECTIONS = ("gate", "up", "down")
 LORA_DTYPES = ("float32", "bfloat16")
 
 
-class LoRA:
-    """LoRA factor pairs (or their gradient buffers) for the gate, up and down projections."""
+class _Factors:
+    """Factor pairs (or gradient buffers) for the gate, up and down projections in one layout."""
 
-    def __init__(self, gate=None, up=None, down=None, *, scale: float = 1.0):
+    def __init__(self, gate=None, up=None, down=None):
         self.layout = "per_projection"
         self.factors = {"gate": gate, "up": up, "down": down}
+
+    @classmethod
+    def _peft(cls, gate_up, down, **kw):
+        obj = cls(**kw)
+        obj.layout = "peft"
+        obj.factors = {"gate_up": gate_up, "down": down}
+        return obj
+
+    def resolve(self, E: int, H: int, I: int, name: str, writable: bool = False) -> "ResolvedLoRA":
+        """Checks shapes/dtypes against a layer and returns kernel views; raises naming `name`."""
+        scale = getattr(self, "scale", 0.0)
+        if self.layout == "peft":
+            return _resolve_peft(self, scale, E, H, I, name, writable)
+        return _resolve_per_projection(self, scale, E, H, I, name, writable)
+
+
+class LoRA(_Factors):
+    """LoRA factor pairs for the gate, up and down projections, and their scale s."""
+
+    def __init__(self, gate=None, up=None, down=None, *, scale: float = 1.0):
+        super().__init__(gate, up, down)
         self.scale = float(scale)
 
     @classmethod
     def peft(cls, gate_up=None, down=None, *, scale: float = 1.0) -> "LoRA":
-        obj = cls(scale=scale)
-        obj.layout = "peft"
-        obj.factors = {"gate_up": gate_up, "down": down}
-        return obj
+        return cls._peft(gate_up, down, scale=scale)
 
     def __repr__(self) -> str:
         parts = [k for k, v in self.factors.items() if v is not None]
         return f"LoRA(layout={self.layout!r}, projections={parts}, scale={self.scale})"
 
-    def resolve(self, E: int, H: int, I: int, name: str, writable: bool = False) -> "ResolvedLoRA":
-        """Checks shapes/dtypes against a layer and returns kernel views; raises naming `name`."""
-        if self.layout == "peft":
-            return _resolve_peft(self, E, H, I, name, writable)
-        return _resolve_per_projection(self, E, H, I, name, writable)
+
+class LoRAGrads(_Factors):
+    """Gradient buffers of a LoRA (same layout and shapes), accumulated into by backward."""
+
+    @classmethod
+    def peft(cls, gate_up=None, down=None) -> "LoRAGrads":
+        return cls._peft(gate_up, down)
+
+    def __repr__(self) -> str:
+        parts = [k for k, v in self.factors.items() if v is not None]
+        return f"LoRAGrads(layout={self.layout!r}, projections={parts})"
 
 
 @dataclass(frozen=True)
@@ -73,6 +101,8 @@ class ResolvedLoRA:
         return (self.layout, tuple(sorted((k, v.signature) for k, v in self.proj.items())))
 
     def kernel_spec(self) -> tuple:
+        """The form _core.fill_lora copies into the C struct kt_lora (scale 0 for gradients:
+        the kernel reads the forward's)."""
         out = []
         for p in PROJECTIONS:
             v = self.proj.get(p)
@@ -88,20 +118,11 @@ def _pair(value, name: str):
 
 
 def _buf(obj, name: str, ndim: int, writable: bool) -> Buffer:
-    b = as_buffer(obj, name)
-    if b.dtype not in LORA_DTYPES:
-        raise TypeError(f"{name}: dtype must be float32 or bfloat16, got {b.dtype}")
-    if len(b.shape) != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {b.shape}")
-    if not b.contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    if writable and not b.writable:
-        raise ValueError(f"{name}: gradient buffer is read-only")
-    return b
+    return checked(as_buffer(obj, name), name, ndim, LORA_DTYPES, writable=writable)
 
 
-def _resolve_per_projection(lora: LoRA, E, H, I, name, writable) -> ResolvedLoRA:
-    res = ResolvedLoRA("per_projection", lora.scale)
+def _resolve_per_projection(lora: _Factors, scale, E, H, I, name, writable) -> ResolvedLoRA:
+    res = ResolvedLoRA("per_projection", scale)
     dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
     for p in PROJECTIONS:
         if lora.factors[p] is None:
@@ -121,8 +142,8 @@ def _resolve_per_projection(lora: LoRA, E, H, I, name, writable) -> ResolvedLoRA
     return res
 
 
-def _resolve_peft(lora: LoRA, E, H, I, name, writable) -> ResolvedLoRA:
-    res = ResolvedLoRA("peft", lora.scale)
+def _resolve_peft(lora: _Factors, scale, E, H, I, name, writable) -> ResolvedLoRA:
+    res = ResolvedLoRA("peft", scale)
     specs = {"gate_up": (H, 2 * I), "down": (I, H)}
     for key, (fin, fout) in specs.items():
         if lora.factors[key] is None:

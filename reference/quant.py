@@ -51,9 +51,11 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from ..formats import WEIGHT_FORMATS   # the formats' constants (ktmoe/formats.py); the math is all here
+
 BF16 = ml_dtypes.bfloat16
-QMAX = {"int8": 127, "int4": 7}
-INT4_GROUP_SIZES = (32, 64, 128)
+QMAX = {name: f.qmax for name, f in WEIGHT_FORMATS.items() if f.qmax}    # int8: 127, int4: 7
+INT4_GROUP_SIZES = WEIGHT_FORMATS["int4"].group_sizes                    # (32, 64, 128)
 
 
 def _symmetric_codes(v32, amax, qmax):

@@ -2,12 +2,11 @@
 the error summary.
 
 Kernel tests take an `isa` argument and run once per entry of ktmoe.available_isas().
-ktmoe is imported lazily so that the reference tests run without the compiled package.
 The tests import the installed ktmoe (a wheel, or an editable install), never the source
-tree's uncompiled ktmoe/: the repository root (needed for `reference/`) goes last on
-sys.path, also under `python -m pytest`, which puts the current directory first. Without
-an installed ktmoe, a run of more than the reference tests stops with one line saying what
-to install.
+tree's uncompiled ktmoe/: the repository root is taken off sys.path, also under
+`python -m pytest`, which puts the current directory first. The numpy reference has one
+import name, `ktmoe.reference` (reference/ installed into the package). Without an installed
+ktmoe, the run stops with one line saying what to install.
 """
 import importlib.metadata
 import os
@@ -17,8 +16,7 @@ from pathlib import Path
 import pytest
 
 _ROOT = str(Path(__file__).resolve().parents[1])
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT] + [_ROOT]
-REFERENCE_ONLY = ("test_reference.py", "test_reference_quant.py")   # numpy / torch only, no ktmoe
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 NOT_INSTALLED = ("ktmoe is not installed in this Python ({}); the tests need the installed, compiled package "
                  "(the source tree's ktmoe/ is not): run `pip install torch==2.13.0 && pip install '.[test]'` "
                  "(or, to develop, `pip install "
@@ -34,10 +32,7 @@ def _installed() -> bool:
 
 
 def pytest_configure(config):
-    if _installed():
-        return
-    wanted = [Path(str(a).split("::")[0]).name for a in (config.args or ["tests"])]
-    if not all(name in REFERENCE_ONLY for name in wanted):
+    if not _installed():
         pytest.exit(NOT_INSTALLED.format(sys.executable), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
@@ -54,8 +49,8 @@ def pytest_terminal_summary(terminalreporter):
         tr.section("largest gradient relative error vs eager HF+PEFT, per architecture (limit 1e-2)")
         for arch, (err, name) in sorted(models.items()):
             tr.write_line(f"    {arch:12s} {err:.3e}  ({name})")
-    helpers = sys.modules.get("helpers")
-    worst = getattr(helpers, "WORST", None)
+    testing = sys.modules.get("ktmoe.testing")
+    worst = getattr(testing, "WORST", None)
     if not worst:
         return
     tr.section("largest relative error vs reference (design.md 6 limit 1e-2), per ISA")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, make_weights
-import reference
+from ktmoe.testing import BF16, assert_matches_reference, check, ktmoe_grads, ktmoe_lora, make_lora, make_routing, make_weights
+from ktmoe import reference
 
 E, H, I, T, k, R, MAX_T = 4, 40, 24, 6, 2, 3, 8
 BAD = (TypeError, ValueError)
@@ -48,7 +48,7 @@ def s(isa):
                                 lora=lora() if callable(lora) else lora, keep_for_backward=True, **args)
 
     def bwd(**o):
-        grads = o.pop("lora_grads", ktmoe_lora(ns.lora, ns.grads))
+        grads = o.pop("lora_grads", ktmoe_grads(ns.lora, ns.grads))
         args = dict(dy=ns.dy, dx_out=ns.dx_out, dw_out=ns.dw_out)
         args.update(o)
         return ns.layer.backward(args.pop("dy"), lora_grads=grads() if callable(grads) else grads, **args)
@@ -192,17 +192,18 @@ BACKWARD = [
     ("dx_out_dtype", lambda s: s.bwd(dx_out=np.zeros((T, H), np.float32)), ["dx_out"]),
     ("dw_out_shape", lambda s: s.bwd(dw_out=f32(T, k + 1)), ["dw_out"]),
     ("dw_out_dtype", lambda s: s.bwd(dw_out=np.zeros((T, k), BF16)), ["dw_out"]),
-    ("grads_peft_for_per_projection", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRA.peft(
+    ("grads_peft_for_per_projection", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRAGrads.peft(
         gate_up=(f32(E * R, H), f32(2 * I, E * R)), down=(f32(E * R, I), f32(H, E * R)))), ["lora_grads"]),
-    ("grads_rank_mismatch", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRA(
+    ("grads_rank_mismatch", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRAGrads(
         **{**s.grads, "gate": (f32(E, R + 1, H), f32(E, I, R + 1))})), ["lora_grads"]),
-    ("grads_dtype", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRA(
+    ("grads_dtype", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRAGrads(
         **{n: (_bf16(a), _bf16(b)) for n, (a, b) in s.grads.items()})), ["lora_grads"]),
-    ("grads_missing_projection", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRA(
+    ("grads_missing_projection", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRAGrads(
         gate=s.grads["gate"], up=s.grads["up"])), ["lora_grads"]),
-    ("grads_noncontiguous", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRA(
+    ("grads_noncontiguous", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRAGrads(
         **{**s.grads, "up": (noncontig(s.grads["up"][0]), s.grads["up"][1])})), ["lora_grads", "up"]),
     ("grads_not_a_LoRA", lambda s: s.bwd(lora_grads=s.grads), ["lora_grads"]),
+    ("grads_given_as_LoRA", lambda s: s.bwd(lora_grads=lambda: ktmoe.LoRA(**s.grads, scale=2.0)), ["lora_grads", "LoRAGrads"]),
 ]
 
 
@@ -320,6 +321,6 @@ def test_nan_in_lora_and_dy_does_not_crash(isa):
     grads = {n: (np.zeros_like(A), np.zeros_like(B)) for n, (A, B) in lora.params.items()}
     layer = ktmoe.MoEExperts(**weights, isa=isa)
     y = layer.forward(x, ids, w, lora=ktmoe_lora(lora), keep_for_backward=True)
-    dx, dw = layer.backward(dy, lora_grads=ktmoe_lora(lora, grads))
+    dx, dw = layer.backward(dy, lora_grads=ktmoe_grads(lora, grads))
     assert np.isnan(np.asarray(y, np.float32)).any()
     assert not np.isfinite(np.asarray(dx, np.float32)).all()

@@ -2,7 +2,7 @@
 
 - one MoEExperts shared by two threads: blocking calls wait their turn; a thread whose kept
   forward was replaced by another thread's forward is refused in backward; every result
-  that comes back matches reference/ (helpers.assert_matches_reference, design.md 6 limits);
+  that comes back matches reference/ (ktmoe.testing.assert_matches_reference, design.md 6 limits);
 - two layers in two threads: both correct;
 - submit_* twice before wait() raises; wait() from another thread raises; another thread's
   submit waits until the call in flight is waited for;
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
-import reference
+from ktmoe.testing import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
+from ktmoe import reference
 
 REPLACED = "this thread's kept forward was replaced by a forward from another thread"
 
@@ -235,5 +235,5 @@ def _ref_weights(weights):
 
 
 def _kt(lo):
-    from helpers import ktmoe_lora
+    from ktmoe.testing import ktmoe_lora
     return ktmoe_lora(lo) if lo is not None else None

@@ -1,11 +1,16 @@
-"""The expert bf16 GEMMs of gemm.h (kt_gemm_nt/nn_<isa>, through ktmoe._kernels._gemm) against a
-float64 numpy matmul of the same bf16 values, on every ISA path this CPU has.
+"""The expert GEMMs, bf16 (gemm.h, kt_gemm_nt/nn_<isa>) and int8 (gemm_int8.h, kt_igemm_nt/nn_<isa>),
+through ktmoe._kernels._gemm, on every target this CPU runs (ktmoe.testing.gemm_targets(): each
+kernel path and the avx512 path's sub-variants with and without BF16 / VNNI), in the GEMM
+harness ktmoe.testing.check_gemm_guarded: A, W and C flush against a PROT_NONE page (after their
+last byte or before their first, alternating), row strides longer than the rows, the gaps and a
+pad before C holding a sentinel that must stay; bf16 against a float64 matmul of the same values,
+int8 exactly against int64 sums (the checks of tests_c/test_igemm.c, which CI does not build).
 
-Shapes cover the tails of every path: M, N, K not multiples of 4/16/32/64, several AMX K panels
-(512) and N chunks (128), both AMX nt variants (M <= 64 transposed output, M > 64 packed), the
-small-M AVX-512 fallbacks of the AMX path, M, N or K = 0; accumulate on and off; row strides
-larger than the row (row slices of bigger arrays). The argument checks raise ValueError naming
-the argument.
+bf16 shapes cover the tails of every path: M, N, K not multiples of 4/16/32/64, several AMX K
+panels (512) and N chunks (128), both AMX nt variants (M <= 64 transposed output, M > 64 packed),
+the small-M AVX-512 fallbacks of the AMX path, M, N or K = 0; accumulate on and off. int8 runs
+test_igemm.c's M x N x K grid, with a +-127-only pass at K = 2048. The argument checks raise
+ValueError naming the argument.
 """
 import ml_dtypes
 import numpy as np
@@ -31,55 +36,51 @@ def _gemm():
     return _gemm
 
 
-def _bf16(rng, shape):
-    return rng.standard_normal(shape).astype(BF16)
+def _targets(dtype):
+    import ktmoe.testing
+    return [t for t in ktmoe.testing.gemm_targets() if t.dtype == dtype]
 
 
-def _variants(isa):
-    """(name, force_nobf16) of the inner loops to test for this path."""
-    import ktmoe._cpu as cpu
-    if isa == "avx512" and cpu._probe()[2]["avx512_bf16"]:
-        return [("bf16", 0), ("f", 1)]
-    return [("", 0)]
+def pytest_generate_tests(metafunc):
+    if "bf16_target" in metafunc.fixturenames:
+        ts = _targets("bf16")
+        metafunc.parametrize("bf16_target", ts, ids=[t.name for t in ts])
+    if "int8_target" in metafunc.fixturenames:
+        ts = _targets("int8")
+        metafunc.parametrize("int8_target", ts, ids=[t.name for t in ts])
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("kind", ["nt", "nn"])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_gemm_vs_numpy(isa, kind, M, N, K, accumulate):
-    g = _gemm()
-    rng = np.random.default_rng(M * 1000003 + N * 1009 + K + (kind == "nn"))
-    # row slices of bigger arrays: lda, ldw, ldc larger than the rows
-    A_full = _bf16(rng, (M, K + 3))
-    A = A_full[:, :K]
-    W_full = _bf16(rng, (N, K + 5) if kind == "nt" else (K, N + 5))
-    W = W_full[:, :K] if kind == "nt" else W_full[:, :N]
-    C_full = rng.standard_normal((M, N + 2)).astype(np.float32)
-    C = C_full[:, :N]
-    C0 = C.copy()
-    guard = C_full[:, N:].copy()
-    Wm = W.astype(np.float64).T if kind == "nt" else W.astype(np.float64)
-    ref = A.astype(np.float64) @ Wm + (C0.astype(np.float64) if accumulate else 0.0)
-    for name, nobf16 in _variants(isa):
-        C[...] = C0
-        old = g.avx512_force_nobf16(nobf16)
-        try:
-            out = g.gemm(kind, isa, A.view(np.uint16), W.view(np.uint16), C, accumulate)
-        finally:
-            g.avx512_force_nobf16(old)
-        assert out is C
-        np.testing.assert_array_equal(C_full[:, N:], guard, err_msg="wrote outside C")
-        if K == 0:
-            # nothing to sum: C is exactly C0 (accumulate) or zeros
-            np.testing.assert_array_equal(C, C0 if accumulate else np.zeros_like(C))
-            continue
-        if M == 0 or N == 0:
-            continue
-        err = float(np.linalg.norm(C - ref) / np.linalg.norm(ref))
-        key = f"{isa}{'-' + name if name else ''} {kind}"
-        WORST[key] = max(WORST.get(key, 0.0), err)
-        assert np.isfinite(C).all()
-        assert err <= TOL, f"{key} M={M} N={N} K={K} acc={accumulate}: rel Frobenius error {err:.2e} > {TOL}"
+def test_bf16_gemm_vs_numpy(bf16_target, M, N, K, accumulate):
+    from ktmoe.testing import check_gemm_guarded
+    t = bf16_target
+    rng = np.random.default_rng(M * 1000003 + N * 1009 + K + (t.kind == "nn"))
+    side = ("after", "before")[(M + N + K + accumulate) % 2]
+    err = check_gemm_guarded(t, rng, M, N, K, accumulate, side, tol=TOL)
+    key = f"{t.isa}{'-' + t.variant if t.variant else ''} {t.kind}"
+    WORST[key] = max(WORST.get(key, 0.0), err)
+
+
+# test_igemm.c's grid
+IGEMM_M = [0, 1, 2, 3, 5, 15, 16, 17, 31, 33, 64, 65, 200, 513]
+IGEMM_N = [1, 15, 16, 17, 64, 100, 128, 256]
+IGEMM_K = [0, 1, 3, 4, 63, 64, 65, 128, 768, 2048]
+
+
+@pytest.mark.parametrize("M", IGEMM_M)
+def test_int8_gemm_exact(int8_target, M):
+    """Every N x K x accumulate of the grid for this M, exact int32; guard side alternating."""
+    from ktmoe.testing import check_gemm_guarded
+    rng = np.random.default_rng(M)
+    im = IGEMM_M.index(M)
+    for i_n, N in enumerate(IGEMM_N):
+        for i_k, K in enumerate(IGEMM_K):
+            for acc in (False, True):
+                at_end = (im + i_n + i_k + acc) % 2
+                check_gemm_guarded(int8_target, rng, M, N, K, acc, ("before", "after")[at_end])
+                if K == 2048 and N in (17, 256) and M in (33, 3):   # +-127 only: the largest sums
+                    check_gemm_guarded(int8_target, rng, M, N, K, acc, ("after", "before")[at_end], extreme=True)
 
 
 def test_worst_error_summary(capsys):

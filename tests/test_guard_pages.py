@@ -13,7 +13,6 @@ test_guard_page_faults checks that the guard itself works (touching it kills a f
 """
 import ctypes
 import faulthandler
-import mmap
 import os
 import signal
 
@@ -21,41 +20,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, make_lora, make_prequantized, make_routing, make_weights, ktmoe_lora
-
-PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.mprotect.restype = ctypes.c_int
-PROT_NONE = 0   # <sys/mman.h>; the mmap module has PROT_READ / PROT_WRITE only
-
-
-def guarded(values, side):
-    """A writable copy of `values` in its own mmap, flush against a PROT_NONE page.
-
-    side "after": the array ends exactly at the page boundary before the guard page;
-    side "before": the array starts exactly at the page boundary after the guard page.
-    The mmap stays alive as long as the array (numpy keeps the buffer's owner referenced).
-    """
-    values = np.ascontiguousarray(values)
-    nbytes = values.nbytes
-    data_pages = max(1, -(-nbytes // PAGE))
-    mm = mmap.mmap(-1, (data_pages + 1) * PAGE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    if side == "after":
-        guard, offset = base + data_pages * PAGE, data_pages * PAGE - nbytes
-    elif side == "before":
-        guard, offset = base, PAGE
-    else:
-        raise ValueError(side)
-    arr = np.frombuffer(mm, dtype=values.dtype, count=values.size, offset=offset).reshape(values.shape)
-    arr[...] = values
-    if _libc.mprotect(ctypes.c_void_p(guard), PAGE, PROT_NONE) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect")
-    start = arr.__array_interface__["data"][0]
-    assert (start + nbytes == guard) if side == "after" else (start == guard + PAGE)
-    return arr
-
+from ktmoe.testing import BF16, guarded, ktmoe_grads, ktmoe_lora, make_lora, make_prequantized, make_routing, make_weights
 
 def test_guard_page_faults():
     """The guard is real: touching the byte after an `after` array (or before a `before`
@@ -136,7 +101,7 @@ def _run(p, isa, activations, place):
     dw_out = place(np.full(p["ids"].shape, np.nan, p["w"].dtype))
     y = layer.forward(place(p["x"]), place(p["ids"]), place(p["w"]), lora=lora,
                       keep_for_backward=True, out=out)
-    dx, dw = layer.backward(place(p["dy"]), lora_grads=ktmoe_lora(p["lora"], grads),
+    dx, dw = layer.backward(place(p["dy"]), lora_grads=ktmoe_grads(p["lora"], grads),
                             dx_out=dx_out, dw_out=dw_out)
     assert y is out and dx is dx_out and dw is dw_out
     return [np.array(a) for a in (y, dx, dw)] + [np.array(g) for pair in grads.values() for g in pair]

@@ -1,6 +1,6 @@
 """Kernel vs reference on every ISA path this CPU has (design.md 2-4, 6, 11).
 
-Every test goes through helpers.assert_matches_reference, which checks y, dx, dw and all
+Every test goes through ktmoe.testing.assert_matches_reference, which checks y, dx, dw and all
 LoRA gradients at relative error <= 1e-2 and cosine >= 0.9999 (design.md 6).
 Shapes stay small (CI has 2 cores); one medium case.
 """
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import (BF16, assert_matches_reference, check, ktmoe_lora, make_lora, make_routing, to64,
+from ktmoe.testing import (BF16, CASES, assert_matches_reference, check, check_outputs, ktmoe_grads, ktmoe_lora, make_lora, make_routing, to64,
                      make_weights)
-import reference
+from ktmoe import reference
 
 PER = {"gate": 4, "up": 4, "down": 4}
 PEFT = {"gate_up": 4, "down": 4}
@@ -56,63 +56,13 @@ def test_layer_attributes(isa):
 # ---------------------------------------------------------------- routing / shape grid
 
 def _grid_case(name, rng):
-    """(E, H, I, r, ids, weights) for one named case of design.md 11."""
-    if name == "T1":
-        E, H, I, r, T, k = 4, 64, 32, 4, 1, 2
-        ids, w = make_routing(rng, T, k, E)
-    elif name == "every_expert_hit":
-        E, H, I, r, T, k = 8, 64, 32, 4, 16, 2
-        ids, w = make_routing(rng, T, k, E)
-        ids[:, 0] = np.arange(T) % E
-        ids[:, 1] = (np.arange(T) + 3) % E
-    elif name == "expert_without_token":
-        E, H, I, r, T, k = 6, 64, 32, 4, 20, 2
-        ids = np.stack([rng.choice([0, 1, 2, 4, 5], 2, replace=False) for _ in range(T)]).astype(np.int32)
-        w = (0.1 + rng.random((T, k))).astype(np.float32)
-    elif name == "one_expert_takes_all":
-        E, H, I, r, T, k = 5, 64, 32, 4, 24, 2
-        ids, w = make_routing(rng, T, k, E - 1)
-        ids[:, 0] = E - 1            # the last expert has every token; others share the second slot
-    elif name == "k1_all_on_last_expert":
-        E, H, I, r, T, k = 5, 64, 32, 4, 24, 1
-        ids, w = make_routing(rng, T, k, E)
-        ids[:] = E - 1
-    elif name == "minus_one_slots":
-        E, H, I, r, T, k = 6, 64, 32, 4, 16, 3
-        ids, w = make_routing(rng, T, k, E, minus_one=0.3)
-        ids[5] = -1                  # a token routed nowhere
-    elif name == "all_minus_one":
-        E, H, I, r, T, k = 4, 64, 32, 4, 8, 2
-        ids, w = make_routing(rng, T, k, E)
-        ids[:] = -1
-    elif name == "tails_40_24_r3":
-        E, H, I, r, T, k = 4, 40, 24, 3, 13, 2
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-    elif name == "tails_72_56_r5":
-        E, H, I, r, T, k = 5, 72, 56, 5, 19, 3
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-    elif name == "odd_tiny_17_9_r1":
-        E, H, I, r, T, k = 3, 17, 9, 1, 7, 2
-        ids, w = make_routing(rng, T, k, E)
-    elif name == "hot_expert_700_rows":
-        E, H, I, r, T, k = 3, 40, 24, 3, 700, 2     # expert 0 takes every token: more rows than one task block
-        ids, w = make_routing(rng, T, k, E)
-        ids[:, 0] = 0
-        ids[:, 1] = 1 + np.arange(T) % 2
-    elif name == "several_chunks_300_200":
-        E, H, I, r, T, k = 4, 300, 200, 4, 24, 2   # H, I span more than one column chunk, with tails
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-    elif name == "medium_256_160":
-        E, H, I, r, T, k = 8, 256, 160, 8, 64, 2
-        ids, w = make_routing(rng, T, k, E)
-    else:
-        raise KeyError(name)
-    return E, H, I, r, ids, w
+    """(E, H, I, r, ids, weights) for one named case of design.md 11 (ktmoe.testing.CASES)."""
+    c = CASES[name]
+    ids, w = c.route(rng)
+    return c.E, c.H, c.I, c.r, ids, w
 
 
-GRID = ["T1", "every_expert_hit", "expert_without_token", "one_expert_takes_all",
-        "k1_all_on_last_expert", "minus_one_slots", "all_minus_one", "tails_40_24_r3",
-        "tails_72_56_r5", "odd_tiny_17_9_r1", "hot_expert_700_rows", "several_chunks_300_200", "medium_256_160"]
+GRID = list(CASES)
 
 
 @pytest.mark.parametrize("layout", ["per_projection", "peft", None])
@@ -335,14 +285,8 @@ def test_two_layers_keep_their_own_saved_state(isa):
     ys = [p["layer"].forward(p["x"], p["ids"], p["w"], lora=ktmoe_lora(p["lora"]), keep_for_backward=True)
           for p in problems]
     for p, y in zip(problems, ys):
-        dx, dw = p["layer"].backward(p["dy"], lora_grads=ktmoe_lora(p["lora"], p["grads"]))
-        y_ref, dx_ref, dw_ref, g_ref = p["ref"]
-        check("y", y, y_ref, isa)
-        check("dx", dx, dx_ref, isa)
-        check("dw", dw, dw_ref, isa)
-        for n, (gA, gB) in p["grads"].items():
-            check(f"dA_{n}", gA, g_ref[n][0], isa)
-            check(f"dB_{n}", gB, g_ref[n][1], isa)
+        dx, dw = p["layer"].backward(p["dy"], lora_grads=ktmoe_grads(p["lora"], p["grads"]))
+        check_outputs(isa, p["ref"], y, dx, dw, p["grads"])
 
 
 def test_caller_buffers_reused_between_forward_and_backward(isa):
@@ -357,22 +301,18 @@ def test_caller_buffers_reused_between_forward_and_backward(isa):
     grads = {n: (np.full(A.shape, 7.0, A.dtype), np.full(B.shape, 7.0, B.dtype)) for n, (A, B) in lora.params.items()}
     Wg, Wu, Wd = weights["gate_up"][:, :I], weights["gate_up"][:, I:], weights["down"]
     y_ref, cache = reference.moe_forward(x, ids, w, Wg, Wu, Wd, lora)
-    dx_ref, dw_ref, g_ref = reference.moe_backward(dy, cache)
+    ref = (y_ref, *reference.moe_backward(dy, cache))
 
     layer = ktmoe.MoEExperts(**weights, isa=isa)
     out = np.empty((T, H), BF16)
     y = layer.forward(x, ids, w, lora=ktmoe_lora(lora), keep_for_backward=True, out=out)
-    check("y", y, y_ref, isa)
+    check_outputs(isa, ref, y)
     out[...] = np.nan                          # the caller reuses y's memory
     for gA, gB in grads.values():              # optimizer.zero_grad()
         gA[...] = 0
         gB[...] = 0
-    dx, dw = layer.backward(dy, lora_grads=ktmoe_lora(lora, grads))
-    check("dx", dx, dx_ref, isa)
-    check("dw", dw, dw_ref, isa)
-    for n, (gA, gB) in grads.items():
-        check(f"dA_{n}", gA, g_ref[n][0], isa)
-        check(f"dB_{n}", gB, g_ref[n][1], isa)
+    dx, dw = layer.backward(dy, lora_grads=ktmoe_grads(lora, grads))
+    check_outputs(isa, ref, dx=dx, dw=dw, grads=grads)
 
 
 # ---------------------------------------------------------------- numerics

@@ -2,7 +2,7 @@
 INT4 / INT8 codes as published, kernel vs the reference on the same codes on every ISA path.
 
 The layer's stored codes and scales must equal the given ones bit for bit (checked inside
-helpers.assert_matches_reference through helpers.quantized_reference), and y, dx, dw and every
+ktmoe.testing.assert_matches_reference through ktmoe.testing.quantized_reference), and y, dx, dw and every
 LoRA gradient must match the reference at the design.md 6 limits (relative error <= 1e-2, cosine
 >= 0.9999). INT4 codes cover all of [-8, 7] (the published format uses -8), in weight-only and
 W8A8 mode, in ktmoe's nibble packing and compressed-tensors' int32 words. Plus the packed bytes,
@@ -12,69 +12,23 @@ import numpy as np
 import pytest
 
 import ktmoe
-import reference
-from helpers import BF16, assert_matches_reference, make_lora, make_prequantized, make_routing
+from ktmoe import reference
+from ktmoe.testing import BF16, PREQUANTIZED_CASES, assert_matches_reference, make_lora, make_prequantized, make_routing
 
 
-def _case(name, rng):
-    """(E, H, I, r, ids, weights, options) of one case; options: block (fp8), group (int4),
-    fused, zero_B, layout."""
-    opt = dict(block=(128, 32), group=32, fused=True, zero_B=False, layout="peft")
-    if name == "T1":                          # sizes as test_quantized.py's T1: dA of one token is rank one,
-        E, H, I, r, T, k = 4, 128, 64, 4, 1, 2   # at H, I = 64, 32 it measured 1.04e-2 (int4, vs 0.74e-2 on fp32 q*s)
-        ids, w = make_routing(rng, T, k, E)
-        opt.update(layout="per_projection", fused=False)
-    elif name == "every_expert_hit":          # 4 rows per expert: the register kernels (M <= 4)
-        E, H, I, r, T, k = 8, 64, 32, 4, 16, 2
-        ids, w = make_routing(rng, T, k, E)
-        ids[:, 0] = np.arange(T) % E
-        ids[:, 1] = (np.arange(T) + 3) % E
-    elif name == "k1_all_on_last_expert":
-        E, H, I, r, T, k = 5, 64, 32, 4, 24, 1
-        ids, w = make_routing(rng, T, k, E)
-        ids[:] = E - 1
-        opt.update(layout="per_projection")
-    elif name == "minus_one_slots":
-        E, H, I, r, T, k = 6, 64, 32, 4, 16, 3
-        ids, w = make_routing(rng, T, k, E, minus_one=0.3)
-        ids[5] = -1                            # a token routed nowhere
-    elif name == "zero_B":
-        E, H, I, r, T, k = 4, 128, 96, 4, 20, 2
-        ids, w = make_routing(rng, T, k, E)
-        opt.update(zero_B=True)
-    elif name == "row_blocks_restart_at_I":   # fp8: I % br != 0, so up's blocks start at row I
-        E, H, I, r, T, k = 3, 192, 96, 3, 30, 2
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-        opt.update(block=(64, 32), group=32)
-    elif name == "hot_expert_700_rows":       # more rows than one task's block (512)
-        E, H, I, r, T, k = 3, 128, 64, 3, 700, 2
-        ids, w = make_routing(rng, T, k, E)
-        ids[:, 0] = 0
-        ids[:, 1] = 1 + np.arange(T) % 2
-        opt.update(block=(48, 64), group=64)
-    elif name == "panels_640_384":            # K above one expansion panel (512), several column chunks
-        E, H, I, r, T, k = 3, 640, 384, 4, 24, 2
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-        opt.update(block=(128, 128), group=128)
-    else:
-        raise KeyError(name)
-    return E, H, I, r, ids, w, opt
-
-
-CASES = ["T1", "every_expert_hit", "k1_all_on_last_expert", "minus_one_slots", "zero_B",
-         "row_blocks_restart_at_I", "hot_expert_700_rows", "panels_640_384"]
+CASES = list(PREQUANTIZED_CASES)
 INT4_CASES = ["T1", "every_expert_hit", "minus_one_slots", "zero_B", "hot_expert_700_rows", "panels_640_384"]
 
 
 def _run(fmt, case, isa, activations="bf16", packing="nibbles", scale_dtype=np.float32):
     rng = np.random.default_rng(CASES.index(case))
-    E, H, I, r, ids, w, opt = _case(case, rng)
-    kwargs = make_prequantized(rng, fmt, E, H, I, group_size=opt["group"], block=opt["block"], fused=opt["fused"],
+    c = PREQUANTIZED_CASES[case]
+    ids, w = c.route(rng)
+    kwargs = make_prequantized(rng, fmt, c.E, c.H, c.I, group_size=c.group, block=c.block, fused=c.fused,
                                scale_dtype=scale_dtype, packing=packing)
     kwargs["activations"] = activations
-    x = rng.standard_normal((ids.shape[0], H)).astype(BF16)
-    ranks = {"gate_up": r, "down": r} if opt["layout"] == "peft" else {"gate": r, "up": r, "down": r}
-    lora = make_lora(rng, opt["layout"], E, H, I, ranks, zero_B=opt["zero_B"])
+    x = rng.standard_normal((ids.shape[0], c.H)).astype(BF16)
+    lora = make_lora(rng, c.layout, c.E, c.H, c.I, c.ranks(), zero_B=c.zero_B)
     return assert_matches_reference(kwargs, x, ids, w, lora, isa=isa)
 
 
@@ -289,7 +243,7 @@ def test_int8_code_minus_128_rejected():
 
 
 def test_constructor_refers_fp8_to_from_quantized():
-    from helpers import make_weights
+    from ktmoe.testing import make_weights
     w = make_weights(np.random.default_rng(0), 2, 64, 32)
     with pytest.raises(ValueError, match="weights: 'fp8' codes come from pre-quantized checkpoints"):
         ktmoe.MoEExperts(**w, weights="fp8")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import ktmoe_lora, make_lora, make_routing, make_weights
+from ktmoe.testing import ktmoe_grads, ktmoe_lora, make_lora, make_routing, make_weights
 from ktmoe._profile import format_profile
 
 
@@ -20,7 +20,7 @@ def _run(isa, T=48, E=6, H=64, I=48, k=2, r=4, calls=2, threads=2):
     layer.reset_profile()
     for _ in range(calls):
         layer.forward(x, ids, w, lora=ktmoe_lora(lora), keep_for_backward=True)
-        layer.backward(x, lora_grads=ktmoe_lora(lora, grads))
+        layer.backward(x, lora_grads=ktmoe_grads(lora, grads))
     return layer, int((ids >= 0).sum()), (E, H, I, r, calls, threads)
 
 

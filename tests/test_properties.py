@@ -6,7 +6,7 @@ the routing (distinct experts per token as a top-k router gives, -1 slots, a tok
 nowhere, one hot expert taking a slot of every token), the dtypes (fp32 / bf16 x, weights
 and routing weights, int32 / int64 ids, fp32 / bf16 LoRA), the LoRA layout and projections,
 the weight format (bf16, int8, int4 with a group size dividing H and I) and the activation
-mode (bf16, int8 = W8A8). Each example goes through helpers.assert_matches_reference (the
+mode (bf16, int8 = W8A8). Each example goes through ktmoe.testing.assert_matches_reference (the
 one harness: y, dx, dw, every LoRA gradient at relative error <= 1e-2 and cosine >= 0.9999,
 design.md 6) on every path of ktmoe.available_isas().
 
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, make_lora, make_prequantized, make_routing, make_weights
+from ktmoe.testing import BF16, assert_matches_reference, make_lora, make_prequantized, make_routing, make_weights
 
 EXAMPLES = int(os.environ.get("KTMOE_PROPERTY_EXAMPLES", "25"))
 PREQUANTIZED_EXAMPLES = max(1, EXAMPLES * 2 // 5)   # fp8 / published int4: 10 by default
@@ -121,7 +121,7 @@ def build(p):
         ranks = {n: (r if p["projections"] == "all" else int(rng.integers(1, r + 1))) for n in names}
         lora = make_lora(rng, p["layout"], E, H, I, ranks, dtype=DT[p["ldt"]], zero_B=p["zero_B"])
     kwargs = dict(weights, weights=p["fmt"], group_size=p["group"], activations=p["activations"])
-    if p["prequantized"]:   # the codes and scales of a published checkpoint (helpers.make_prequantized)
+    if p["prequantized"]:   # the codes and scales of a published checkpoint (ktmoe.testing.make_prequantized)
         kwargs = make_prequantized(rng, p["fmt"], E, H, I, group_size=p["group"], block=p["block"], fused=fused,
                                    scale_dtype=DT[p["wdt"]], packing=p["packing"])
         kwargs["activations"] = p["activations"]

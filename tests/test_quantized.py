@@ -2,7 +2,7 @@
 
 The reference (reference/quant.py) quantizes the same weights with the same rounding; the
 kernel's stored values and scales must equal it bit for bit (checked inside
-helpers.assert_matches_reference), and y, dx, dw and every LoRA gradient must match the
+ktmoe.testing.assert_matches_reference), and y, dx, dw and every LoRA gradient must match the
 quantized reference at the design.md 6 limits (relative error <= 1e-2, cosine >= 0.9999), in
 weight-only mode and in W8A8 mode. Plus the option checks and the packed memory.
 """
@@ -10,47 +10,13 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, make_lora, make_routing, make_weights
+from ktmoe.testing import BF16, QUANTIZED_CASES, assert_matches_reference, make_lora, make_routing, make_weights
 
 FORMATS = [("int8", None), ("int4", 32), ("int4", 128)]
 
 
-def _case(name, rng):
-    """(E, H, I, r, ids, weights) of one quantized case."""
-    if name == "T1":
-        E, H, I, r, T, k = 4, 128, 64, 4, 1, 2
-        ids, w = make_routing(rng, T, k, E)
-    elif name == "every_expert_hit":
-        E, H, I, r, T, k = 8, 128, 64, 4, 16, 2
-        ids, w = make_routing(rng, T, k, E)
-        ids[:, 0] = np.arange(T) % E
-        ids[:, 1] = (np.arange(T) + 3) % E
-    elif name == "minus_one_slots":
-        E, H, I, r, T, k = 6, 128, 128, 4, 16, 3
-        ids, w = make_routing(rng, T, k, E, minus_one=0.3)
-        ids[5] = -1
-    elif name == "hot_expert_700_rows":
-        E, H, I, r, T, k = 3, 128, 64, 3, 700, 2
-        ids, w = make_routing(rng, T, k, E)
-        ids[:, 0] = 0
-        ids[:, 1] = 1 + np.arange(T) % 2
-    elif name == "panels_640_384":       # K above one expansion panel (512), several column chunks
-        E, H, I, r, T, k = 3, 640, 384, 4, 24, 2
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-    elif name == "tails_72_56_r5":       # int8 only: no int4 group divides these
-        E, H, I, r, T, k = 5, 72, 56, 5, 19, 3
-        ids, w = make_routing(rng, T, k, E, minus_one=0.1)
-    elif name == "odd_tiny_17_9_r1":
-        E, H, I, r, T, k = 3, 17, 9, 1, 7, 2
-        ids, w = make_routing(rng, T, k, E)
-    else:
-        raise KeyError(name)
-    return E, H, I, r, ids, w
-
-
-CASES = ["T1", "every_expert_hit", "minus_one_slots", "hot_expert_700_rows", "panels_640_384",
-         "tails_72_56_r5", "odd_tiny_17_9_r1"]
-SIZES = {c: _case(c, np.random.default_rng(0))[1:3] for c in CASES}
+CASES = list(QUANTIZED_CASES)
+SIZES = {c: (QUANTIZED_CASES[c].H, QUANTIZED_CASES[c].I) for c in CASES}
 PARAMS = [(c, f, g, a) for c in CASES for f, g in FORMATS for a in ("bf16", "int8")
           if g is None or all(n % g == 0 for n in SIZES[c])]
 
@@ -59,11 +25,11 @@ PARAMS = [(c, f, g, a) for c in CASES for f, g in FORMATS for a in ("bf16", "int
                          ids=[f"{c}-{f}{'' if g is None else '-g%d' % g}-{a}" for c, f, g, a in PARAMS])
 def test_matches_quantized_reference(case, fmt, group, activations, isa):
     rng = np.random.default_rng(CASES.index(case))
-    E, H, I, r, ids, w = _case(case, rng)
-    weights = make_weights(rng, E, H, I, fused=case != "T1")
-    x = rng.standard_normal((ids.shape[0], H)).astype(BF16)
-    lora = make_lora(rng, "peft" if case != "T1" else "per_projection", E, H, I,
-                     {"gate_up": r, "down": r} if case != "T1" else {"gate": r, "up": r, "down": r})
+    c = QUANTIZED_CASES[case]
+    ids, w = c.route(rng)
+    weights = make_weights(rng, c.E, c.H, c.I, fused=c.fused)
+    x = rng.standard_normal((ids.shape[0], c.H)).astype(BF16)
+    lora = make_lora(rng, c.layout, c.E, c.H, c.I, c.ranks())
     kwargs = dict(weights, weights=fmt, group_size=group, activations=activations)
     assert_matches_reference(kwargs, x, ids, w, lora, isa=isa)
 

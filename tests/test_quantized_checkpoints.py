@@ -174,7 +174,7 @@ def test_int4_converted_to_bf16_matches_dequantized_model(tmp_path):
 
 
 def test_fp8_converted_to_int4_is_the_usual_quantizer_of_the_dequantized_weights(tmp_path):
-    from reference import quant as ref
+    from ktmoe.reference import quant as ref
     model, _ = write("qwen3_moe-fp8", tmp_path / "c")
     loaded, stats = load(tmp_path / "c", weights="int4", group_size=64)
     assert not stats.as_published

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ktmoe
-from helpers import make_weights
+from ktmoe.testing import make_weights
 from ktmoe import _cpu
 
 

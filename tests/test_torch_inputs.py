@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ktmoe
-from helpers import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
-import reference
+from ktmoe.testing import BF16, assert_matches_reference, check, make_lora, make_routing, make_weights, to64
+from ktmoe import reference
 
 
 def tt(a):

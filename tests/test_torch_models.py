@@ -19,20 +19,14 @@ import torch
 from peft import PeftModel
 
 import torch_models as tm
+from ktmoe.testing import TOLERANCE, compare
 
-RTOL, MIN_COS = 1e-2, 0.9999   # design.md 6
+RTOL, MIN_COS = TOLERANCE["rel"], TOLERANCE["cos"]   # design.md 6: 1e-2, 0.9999
 WORST = {}
 
 
-def rel_err(a, b):
-    a, b = a.detach().double().flatten(), b.detach().double().flatten()
-    rel = ((a - b).norm() / b.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    return rel, cos
-
-
 def assert_close(name, got, want, arch=None):
-    rel, cos = rel_err(got, want)
+    rel, cos = compare(got, want)   # the harness's metric (relative Frobenius error, cosine)
     if arch is not None:
         if rel > WORST.get(arch, (0.0, ""))[0]:
             WORST[arch] = (rel, name)
@@ -278,11 +272,7 @@ def test_two_merged_adapters():
     for model in (ref, kt):
         torch.manual_seed(3)
         model.add_adapter("b", tm.lora_config("qwen3_moe", r=2, lora_alpha=6))
-    with torch.no_grad():
-        src = dict(ref.named_parameters())
-        for name, p in kt.named_parameters():
-            if "lora_" in name:
-                p.copy_(src[name])
+    tm.copy_lora(ref, kt)
     b = tm.batch(seed=4)
     with torch.no_grad():
         merged_kt = kt.merge_and_unload(adapter_names=["default", "b"])

@@ -76,16 +76,21 @@ def peft_pair(arch, seed=0, **lora_kw):
     return wrap_pair(ref, kt, arch, seed, **lora_kw)
 
 
+def copy_lora(src_model, dst_model):
+    """Copies every LoRA factor of src_model into the same-named one of dst_model."""
+    with torch.no_grad():
+        src = dict(src_model.named_parameters())
+        for name, p in dst_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(src[name])
+
+
 def wrap_pair(ref, kt, arch, seed=0, **lora_kw):
     """Both models wrapped with the same PEFT LoRA (same initial values) and trainable routers."""
     torch.manual_seed(seed + 1)
     ref = get_peft_model(ref, lora_config(arch, **lora_kw))
     kt = get_peft_model(kt, lora_config(arch, **lora_kw))
-    with torch.no_grad():
-        src = dict(ref.named_parameters())
-        for name, p in kt.named_parameters():
-            if "lora_" in name:
-                p.copy_(src[name])
+    copy_lora(ref, kt)
     for model in (ref, kt):
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):

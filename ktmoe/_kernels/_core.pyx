@@ -108,7 +108,7 @@ cdef extern from *:
 
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "int32": 2, "int64": 3}
 ISA_CODES = {"portable": 0, "avx512": 1, "amx": 2}
-WEIGHT_FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3}
+from ktmoe.formats import C_CODES as WEIGHT_FORMATS   # weight format name -> kt_wformat (ktmoe/formats.py)
 PROJ_CODES = {"gate": 0, "up": 1, "down": 2}
 
 _DL_NAMES = {(0, 32): "int32", (0, 64): "int64", (2, 32): "float32", (4, 16): "bfloat16",

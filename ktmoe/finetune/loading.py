@@ -199,11 +199,11 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     expert_plans = [(name, m, expert_layers.plan(name, m, by_model_key, ckpt, scheme)) for name, m in found]
     stats.as_published = scheme.quantized and quant.as_published(scheme, kernel_format)
     if not stats.as_published:   # the weight format must fit every layer before a byte of weights is read
-        from ktmoe.experts import _check_format
+        from ktmoe.formats import check_layer_format
         for name, _, plan in expert_plans:
             try:
-                _check_format(kernel_format["weights"], kernel_format.get("group_size"),
-                              kernel_format.get("activations", "bf16"), False, plan["H"], plan["I"])
+                check_layer_format(kernel_format["weights"], kernel_format.get("group_size"),
+                                   kernel_format.get("activations", "bf16"), False, plan["H"], plan["I"])
             except ValueError as e:
                 raise FinetuneError(f"{where}: {name}: {e} (--weights / --group-size / --activations)") from None
     if shared and stats.as_published:

@@ -30,9 +30,10 @@ import math
 import sys
 from dataclasses import dataclass
 
+from .. import formats
 from . import FinetuneError
 
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = formats.WEIGHT_FORMATS["int4"].group_sizes
 E4M3_NAN_MASK = 0x7F   # (code & 0x7F) == 0x7F is NaN in float8_e4m3fn (there is no Inf)
 INT4_XOR = 0x88        # a pack-quantized byte XOR 0x88 = two signed two's-complement nibbles
 SUPPORTED = ("FP8 block-scaled (quant_method 'fp8', fmt 'e4m3', weight_block_size, dynamic activations) and "

@@ -1,7 +1,7 @@
 """The built-in model of `ktmoe finetune`'s default job: a tiny Qwen3-MoE, built locally.
 
 - Tokenizer: byte-level BPE (512 tokens) trained with the `tokenizers` library on the shipped
-  data set (data/tiny_instructions.jsonl), with ChatML special tokens and chat template.
+  data set (tiny_dataset/tiny_instructions.jsonl), with ChatML special tokens and chat template.
   Training is deterministic, so every build gives the same vocabulary.
 - Model: Qwen3-MoE, 4 layers, hidden 128, 8 experts (top-2) of intermediate size 128,
   random weights from a fixed seed. initializer_range 0.1 (not 0.02) so that the frozen
@@ -35,7 +35,7 @@ DEFAULTS = dict(lr=3e-3, batch_tokens=1024, epochs=16, lora_r=16, lora_alpha=32,
 
 
 def dataset_path() -> Path:
-    return Path(__file__).with_name("data") / "tiny_instructions.jsonl"
+    return Path(__file__).with_name("tiny_dataset") / "tiny_instructions.jsonl"
 
 
 def _texts(path: Path):

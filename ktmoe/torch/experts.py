@@ -39,7 +39,8 @@ import pickle
 import torch
 from torch import nn
 
-from .function import PICKLE_MESSAGE, KernelExperts, LoraFactors, experts_apply
+from .function import PICKLE_MESSAGE, KernelExperts, experts_apply
+from .lora import combine
 
 PARAMS = ("gate_up_proj", "down_proj")
 
@@ -174,7 +175,7 @@ def _placeholder(shape, dtype) -> torch.Tensor:
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                    lora: LoraFactors | None = None) -> torch.Tensor:
+                    lora=None) -> torch.Tensor:
     """The `experts_implementation="ktmoe"` forward (registered in transformers' ExpertsInterface).
     A module not converted yet (from_pretrained path) is converted on its first call."""
     if not is_converted(self):
@@ -187,9 +188,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     return experts_apply(self._ktmoe, hidden_states, top_k_index, top_k_weights, lora)
 
 
-def merged_lora(module) -> LoraFactors | None:
-    """Factors PEFT merged into this module (frozen), as one kernel LoRA, or None."""
-    from .peft import combine
+def merged_lora(module):
+    """Factors PEFT merged into this module (frozen), as one kernel ktmoe.LoRA, or None."""
     return combine({p: [(a, b, s, False) for _, a, b, s in module._ktmoe_merged[p]] for p in PARAMS},
                    module._ktmoe.layer.num_experts)
 

@@ -38,7 +38,6 @@ import itertools
 import pickle
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -49,20 +48,6 @@ PICKLE_MESSAGE = (
     "pickle.dumps): the expert weights live only in the kernel's packed CPU memory. Save what you trained "
     "instead: the LoRA adapter with model.save_pretrained(dir) (PEFT), then rebuild with "
     "ktmoe.torch.from_pretrained(base) + PeftModel.from_pretrained(model, dir). copy.deepcopy(model) works.")
-
-
-@dataclass
-class LoraFactors:
-    """PEFT `target_parameters` factors for one layer: gate_up (A [E*r, H], B [2I, E*r]) and
-    down (A [E*r, I], B [H, E*r]); either may be None. One scale for both (kernel contract)."""
-    gate_up: tuple | None
-    down: tuple | None
-    scale: float
-
-    def tensors(self) -> list:
-        return [t for pair in (self.gate_up, self.down) if pair is not None for t in pair]
-
-
 
 
 _HANDLES = itertools.count(1)
@@ -162,26 +147,37 @@ def _host(t: torch.Tensor, float_dtype: bool = True) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
-def _kernel_lora(factors: list, scale: float):
-    """ktmoe.LoRA over host tensors [gate_up A, B, down A, B] (None where absent), or None."""
+def _kernel_lora(factors: list, scale: float | None):
+    """ktmoe.LoRA (scale given) or ktmoe.LoRAGrads (scale None) over host tensors [gate_up A, B,
+    down A, B] (None where absent), or None."""
     import ktmoe
     gu = (factors[0], factors[1]) if factors[0] is not None else None
     dn = (factors[2], factors[3]) if factors[2] is not None else None
     if gu is None and dn is None:
         return None
+    if scale is None:
+        return ktmoe.LoRAGrads.peft(gate_up=gu, down=dn)
     return ktmoe.LoRA.peft(gate_up=gu, down=dn, scale=scale)
 
 
 def _hooks_active() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing, save_on_cpu) are active. torch has no
+    public query: this reads the private torch._C._autograd._top_saved_tensors_default_hooks
+    (the innermost default hooks, None without any; torch's own AOT autograd uses it), tested
+    with torch 2.13. Under torch.compile it is not called (experts_apply)."""
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def experts_apply(kernel: KernelExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                  lora: LoraFactors | None) -> torch.Tensor:
+                  lora=None) -> torch.Tensor:
     """y [T, H] = sum_j w_tj * expert_{ids_tj}(x_t) (+ LoRA), differentiable in x, w and the
-    LoRA factors; the base expert weights are frozen."""
-    gu = lora.gate_up if lora is not None and lora.gate_up is not None else (None, None)
-    dn = lora.down if lora is not None and lora.down is not None else (None, None)
+    LoRA factors; the base expert weights are frozen. lora: a ktmoe.LoRA in the PEFT layout
+    (LoRA.peft: PEFT's lora_A / lora_B weights as they are, any device), or None."""
+    if lora is not None and getattr(lora, "layout", None) != "peft":
+        raise TypeError(f"lora: expected a ktmoe.LoRA.peft(...) (PEFT target_parameters layout) or None, "
+                        f"got {lora!r}")
+    gu = lora.factors["gate_up"] if lora is not None and lora.factors["gate_up"] is not None else (None, None)
+    dn = lora.factors["down"] if lora is not None and lora.factors["down"] is not None else (None, None)
     scale = float(lora.scale) if lora is not None else 1.0
     factors = [t for t in (*gu, *dn) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *factors])
@@ -228,7 +224,7 @@ def _experts_backward_op(handle: int, state: torch.Tensor, dy: torch.Tensor, x: 
             kernel.pick_threads(x.device)
             kernel.forward(xh, idh, wh, _kernel_lora(hosts, scale), keep=True)
         bufs = [None if h is None else torch.zeros_like(h) for h in hosts] if lora_grads else None
-        dx, dw = kernel.backward(_host(dy).to(xh.dtype), _kernel_lora(bufs, scale) if bufs else None,
+        dx, dw = kernel.backward(_host(dy).to(xh.dtype), _kernel_lora(bufs, None) if bufs else None,
                                  ids.shape[1], wh.dtype)
     out = [dx.to(x.device, x.dtype, non_blocking=True), dw.to(w.device, w.dtype, non_blocking=True)]
     if lora_grads:

@@ -63,11 +63,11 @@ def patch(model: nn.Module, *, max_tokens: int = 65536, num_threads: int | None 
     if bad:
         lines = "; ".join(f"{name} ({cls}): {why}" for name, cls, why in bad)
         raise ValueError(f"ktmoe.torch.patch: cannot run the experts of {what}: {lines}")
-    from ..experts import _check_format
+    from ..formats import check_layer_format
     for name, m in found:   # format options, against every layer's sizes, before anything is converted
         if not _experts.is_converted(m):
             E, H, I = m.down_proj.shape
-            _check_format(weights, group_size, activations, False, H, I)
+            check_layer_format(weights, group_size, activations, False, H, I)
     host = host_sharing(share, "ktmoe.torch.patch")
     options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
                    activations=activations)
@@ -121,14 +121,14 @@ def from_pretrained(path, *, weights: str | None = None, group_size: int | None 
     keyword arguments are accepted there. Other quantization methods raise ValueError. Under
     torch.distributed the ranks of a host share one packed copy there too (share as in patch),
     except for codes kept as published, which raise (convert them with `weights`)."""
-    from ..experts import _check_format
+    from ..formats import check_layer_format
     local = _local_config(path)
     if local is not None and "quantization_config" in local:
         return _from_quantized_checkpoint(path, weights=weights, group_size=group_size, activations=activations,
                                           max_tokens=max_tokens, num_threads=num_threads, isa=isa,
                                           auto_class=auto_class, share=share, **kwargs)
     weights = weights or "bf16"
-    _check_format(weights, group_size, activations, False, 0, 0)   # names and values; sizes in patch()
+    check_layer_format(weights, group_size, activations, False, 0, 0)   # names and values; sizes in patch()
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
     model = auto_class.from_pretrained(path, experts_implementation=NAME, **kwargs)
@@ -182,9 +182,9 @@ def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_to
         except ValueError as e:
             raise FinetuneError(str(e)) from None
         if not quantized.as_published(scheme, fmt):
-            from ..experts import _check_format
+            from ..formats import check_layer_format
             try:
-                _check_format(fmt["weights"], fmt["group_size"], activations, False, 0, 0)
+                check_layer_format(fmt["weights"], fmt["group_size"], activations, False, 0, 0)
             except ValueError as e:
                 raise FinetuneError(str(e)) from None
         if conversion:

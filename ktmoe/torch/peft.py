@@ -19,6 +19,10 @@ call; for a ktmoe experts module that must never run. `install()` therefore over
 - PeftModel.get_nb_trainable_parameters (print_trainable_parameters): "all params" counts
   the kernel's frozen expert weights too, as it does for the model before patching.
 
+These replacements are PEFT internals (tested with peft 0.21.2): target_parameters always
+dispatch to ParamWrapper, and PEFT's custom-module registration is per LoraConfig (a user's
+own config would not carry it); ktmoe/torch/__init__.py lists every internal ktmoe relies on.
+
 Unsupported configurations raise: LoRA dropout, DoRA / other variants, lora_bias,
 mixed-adapter batches, and two trainable adapters (or rank/alpha patterns giving gate_up
 and down different scales) on one experts module, which the kernel's single LoRA cannot
@@ -28,7 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from .function import LoraFactors
+import ktmoe
+
+from .experts import PARAMS, experts_forward, is_converted, placeholders_registered
+from .lora import combine
 
 _ORIGINAL: dict = {}
 
@@ -44,7 +51,6 @@ def _chain(wrapper):
 
 
 def _is_ktmoe(wrapper) -> bool:
-    from .experts import is_converted
     return is_converted(wrapper.get_base_layer())
 
 
@@ -61,44 +67,7 @@ def _check_options(w, adapter: str) -> None:
         raise ValueError(f"{where}: expected [E, out, in] expert weights (PEFT saw a transposed layout)")
 
 
-def combine(sources: dict, E: int) -> LoraFactors | None:
-    """One kernel LoRA from {param name: [(A, B, scale, trainable), ...]}.
-
-    A single source per projection is passed as is. Frozen sources (merged adapters) are
-    concatenated along the rank with their scale folded into B; a trainable source cannot
-    be concatenated (its gradient would land in a copy) and sets the kernel's scale.
-    """
-    trainable = {s for srcs in sources.values() for (_, _, s, t) in srcs if t}
-    if len(trainable) > 1:
-        raise NotImplementedError(f"ktmoe experts: trainable LoRA factors with different scales {sorted(trainable)} "
-                                  f"on one experts module (the kernel takes one scale per layer)")
-    singles = {s for srcs in sources.values() if len(srcs) == 1 for (_, _, s, _) in srcs}
-    scale = trainable.pop() if trainable else (singles.pop() if len(singles) == 1 else 1.0)
-    pairs = {}
-    for name, srcs in sources.items():
-        if not srcs:
-            pairs[name] = None
-        elif len(srcs) == 1 and srcs[0][2] == scale:
-            pairs[name] = (srcs[0][0], srcs[0][1])
-        elif any(t for (_, _, _, t) in srcs):
-            raise NotImplementedError(f"ktmoe experts: a trainable LoRA on {name} together with another adapter "
-                                      f"(merged or active) is not supported")
-        else:
-            pairs[name] = _concat([(a.detach(), b.detach() * (s / scale)) for a, b, s, _ in srcs], E)
-    if all(p is None for p in pairs.values()):
-        return None
-    return LoraFactors(gate_up=pairs["gate_up_proj"], down=pairs["down_proj"], scale=scale)
-
-
-def _concat(pairs, E: int):
-    """Stacks PEFT-layout factors along the rank: A [E*r, in] is expert-major, B [out, E*r] has
-    column j*E + e for rank j of expert e."""
-    A = torch.cat([a.float().reshape(E, -1, a.shape[-1]) for a, _ in pairs], dim=1)
-    B = torch.cat([b.float().reshape(b.shape[0], -1, E) for _, b in pairs], dim=1)
-    return A.reshape(-1, A.shape[-1]).contiguous(), B.reshape(B.shape[0], -1).contiguous()
-
-
-def lora_of(wrapper, E: int) -> LoraFactors | None:
+def lora_of(wrapper, E: int) -> ktmoe.LoRA | None:
     """Kernel factors of a ParamWrapper chain over a ktmoe experts module (PEFT semantics for
     disable_adapters / merged), plus factors merged earlier."""
     chain, base = _chain(wrapper)
@@ -127,7 +96,6 @@ def _forward(self, x, *args, **kwargs):
         return _ORIGINAL["forward"](self, x, *args, **kwargs)
     if kwargs.pop("adapter_names", None) is not None:
         raise ValueError("ktmoe experts: mixed-adapter batches (adapter_names=...) are not supported")
-    from .experts import experts_forward
     _, base = _chain(self)
     return experts_forward(base, x, *args, lora=lora_of(self, base._ktmoe.layer.num_experts), **kwargs)
 
@@ -167,7 +135,6 @@ def _unmerge(self):
 
 def _inject_parameters(self, peft_config, model, *args, **kwargs):
     """PEFT's target_parameters injection, with the ktmoe placeholders registered meanwhile."""
-    from .experts import placeholders_registered
     with placeholders_registered(model):
         return _ORIGINAL["_inject_parameters"](self, peft_config, model, *args, **kwargs)
 
@@ -175,7 +142,6 @@ def _inject_parameters(self, peft_config, model, *args, **kwargs):
 def _nb_trainable_parameters(self) -> tuple[int, int]:
     """PEFT's (trainable, all) parameter counts, the kernel's frozen expert weights included in
     "all" (they are not torch parameters of the model, see experts.py)."""
-    from .experts import PARAMS, is_converted
     trainable, total = _ORIGINAL["get_nb_trainable_parameters"](self)
     seen = set()
     for m in self.modules():

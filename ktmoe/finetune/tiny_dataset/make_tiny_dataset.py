@@ -6,7 +6,7 @@ capitals, opposites and "what comes after N", some with a system message or a se
 Most lines are chat `messages`; one in five is a `prompt` / `response` pair, so both input
 formats of `ktmoe finetune --data` are exercised. Deterministic (seed 0):
 
-    python ktmoe/finetune/data/make_tiny_dataset.py      # rewrites tiny_instructions.jsonl
+    python ktmoe/finetune/tiny_dataset/make_tiny_dataset.py      # rewrites tiny_instructions.jsonl
 """
 import json
 import random
