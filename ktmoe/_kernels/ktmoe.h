@@ -16,6 +16,25 @@ enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX512 = 1, KT_ISA_AMX = 2 };
 enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
 enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_FP8 = 3 };
 
+/* Status codes of the calls below (0 = success). kt_status_message (status.c) is the one table
+ * that turns a non-zero status into its error: the message and the kind of exception the Python
+ * side raises; `at` says whether a layer was being created (or packed) or a call was made. */
+enum kt_status {
+    KT_OK = 0,
+    KT_ERR_BUSY = -1,               /* the layer already has a call in flight */
+    KT_ERR_NOMEM = -2,              /* out of memory (or worker threads could not start) */
+    KT_ERR_NOT_KEPT = -3,           /* backward without a kept forward */
+    KT_ERR_GATE_UP_NONFINITE = -4,  /* gate / up hold NaN or Inf (quantized formats) */
+    KT_ERR_DOWN_NONFINITE = -5,     /* down holds NaN or Inf (quantized formats) */
+    KT_ERR_REGION_SMALL = -6,       /* region smaller than its layout */
+    KT_ERR_REGION_NOT_PACKED = -7,  /* region not packed (yet) */
+    KT_ERR_REGION_MISMATCH = -8,    /* region packed for other shapes / format / ISA */
+    KT_ERR_FORMAT = -9              /* no kernel for this weight format, activation mode and source */
+};
+enum kt_error_kind { KT_ERRK_VALUE = 0, KT_ERRK_MEMORY = 1, KT_ERRK_RUNTIME = 2 };
+enum kt_status_at { KT_AT_CREATE = 0, KT_AT_CALL = 1 };
+const char *kt_status_message(int status, int at, int *kind);
+
 /* A strided 3-d tensor view [E, rows, cols]; strides in elements. */
 typedef struct {
     void *data;

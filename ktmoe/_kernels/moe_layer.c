@@ -38,8 +38,7 @@ static kt_buf workspace[KT_WS_COUNT];
 
 void *kt_workspace(int slot, size_t bytes) { return kt_buf_get(&workspace[slot], bytes); }
 
-#define KT_SCRATCH_SLOTS 12
-static __thread struct { void *p; size_t n; } scratch[KT_SCRATCH_SLOTS];
+static __thread struct { void *p; size_t n; } scratch[KT_SCR_COUNT];
 
 void *kt_scratch(int slot, size_t bytes) {
     if (scratch[slot].n < bytes) {
@@ -138,7 +137,7 @@ kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
                              const void *down, int down_dtype, int transposed,
                              int wformat, int group_size, int act_int8, const kt_region *region, int attach,
                              int *status) {
-    *status = -2;
+    *status = KT_ERR_NOMEM;
     kt_layer *L = calloc(1, sizeof *L);
     if (!L) return NULL;
     L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
@@ -158,7 +157,7 @@ kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
     }
     if (!ok || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
     if (attach) { /* the region already holds the packed weights */
-        *status = 0;
+        *status = KT_OK;
         return L;
     }
     pack_rows_fn pack = wformat == KT_W_BF16 ? pack_bf16 : pack_quantized;
@@ -171,9 +170,9 @@ kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
             rc = pack(L, e, 2 * i0, n, g + (size_t)i0 * H * esz, H, w_dtype);
             if (!rc) rc = pack(L, e, 2 * i0 + n, n, u + (size_t)i0 * H * esz, H, w_dtype);
         }
-        if (rc == 1) rc = -4;
+        if (rc == 1) rc = KT_ERR_GATE_UP_NONFINITE;
         if (!rc) rc = pack(L, e, -1, H, (const char *)down + (size_t)e * per * desz, I, down_dtype);
-        if (rc == 1) rc = -5;
+        if (rc == 1) rc = KT_ERR_DOWN_NONFINITE;
         if (rc || wformat != KT_W_BF16) continue;
         /* the expert's plain bf16 copy is complete: the transposed copy, the tile layout */
         const kt_bf16 *gu = L->prepacked ? L->stage : L->w_gate_up + 2 * per * e;
@@ -292,7 +291,7 @@ int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int i
     rt->w = kt_alloc(sizeof(float) * n);
     if (!rt->offset || !rt->pos_of_slot || !rt->slot_of_pos || !rt->hit || !rt->w) {
         kt_routing_free(rt);
-        return -2;
+        return KT_ERR_NOMEM;
     }
     for (long s = 0; s < n; s++) {
         long e = id_at(ids, ids_dtype, s);
@@ -307,7 +306,7 @@ int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int i
     }
     rt->npos = rt->offset[E];
     long *fill = calloc((size_t)E, sizeof(long));
-    if (!fill) { kt_routing_free(rt); return -2; }
+    if (!fill) { kt_routing_free(rt); return KT_ERR_NOMEM; }
     for (long s = 0; s < n; s++) {
         long e = id_at(ids, ids_dtype, s);
         if (e < 0) { rt->pos_of_slot[s] = -1; continue; }
@@ -343,7 +342,7 @@ static void run_job(void *p) {
     kt_layer *L = p;
     int kind = L->job_kind;
     double t0 = kt_now();
-    int status = kind == 0 ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
+    int status = kind == KT_JOB_FORWARD ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
     L->prof.passes[kind]++;
     L->prof.pass_wall[kind] += kt_now() - t0;
     pthread_mutex_lock(&L->mu);
@@ -355,8 +354,8 @@ static void run_job(void *p) {
 
 static int start(kt_layer *L) {
     L->busy = 1;
-    L->status = 0;
-    if (kt_pool_submit(run_job, L)) { L->busy = 0; return -2; }
+    L->status = KT_OK;
+    if (kt_pool_submit(run_job, L)) { L->busy = 0; return KT_ERR_NOMEM; }
     return 0;
 }
 
@@ -366,9 +365,9 @@ int kt_layer_has_saved(const kt_layer *L) { return L->has_saved; }
 int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
                       const void *ids, int ids_dtype, const void *weights, int w_dtype,
                       const kt_lora *lora, int keep, void *y) {
-    if (L->busy) return -1;
+    if (L->busy) return KT_ERR_BUSY;
     kt_layer_release_saved(L);
-    L->job_kind = 0;
+    L->job_kind = KT_JOB_FORWARD;
     L->x = x; L->x_dtype = x_dtype;
     L->ids = ids; L->ids_dtype = ids_dtype;
     L->weights = weights; L->w_dtype = w_dtype;
@@ -380,9 +379,9 @@ int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
 }
 
 int kt_submit_backward(kt_layer *L, const void *dy, const kt_lora *grads, void *dx, void *dw) {
-    if (L->busy) return -1;
-    if (!L->has_saved) return -3;
-    L->job_kind = 1;
+    if (L->busy) return KT_ERR_BUSY;
+    if (!L->has_saved) return KT_ERR_NOT_KEPT;
+    L->job_kind = KT_JOB_BACKWARD;
     L->dy = dy; L->dx = dx; L->dw = dw;
     L->has_grads = grads != NULL;
     if (grads) L->grads_in = *grads; else memset(&L->grads_in, 0, sizeof L->grads_in);

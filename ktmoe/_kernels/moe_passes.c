@@ -204,7 +204,7 @@ static int build_row_blocks(pass *c) {
         n += (m + KT_ROW_BLOCK - 1) / KT_ROW_BLOCK;
     }
     c->blk_e = kt_workspace(KT_WS_BLOCKS, sizeof(int) * 2 * (size_t)(n ? n : 1));
-    if (!c->blk_e) return -2;
+    if (!c->blk_e) return KT_ERR_NOMEM;
     c->blk_r0 = c->blk_e + n;
     c->nblk = 0;
     for (int h = 0; h < rt->nhit; h++) {
@@ -261,8 +261,8 @@ static inline float unsplit(const kt_bf16 *row, int r, int j) {
 
 /* Product rows [m, 3r] (leading dimension ld) -> [2r, m]: hi rows then lo rows of the
  * transpose, each source row i scaled by w[i] first (w may be NULL). */
-static kt_bf16 *transpose_split(const kt_bf16 *src, long ld, int m, int r, const float *w, int slot) {
-    kt_bf16 *t = kt_scratch(slot, sizeof(kt_bf16) * 2 * (size_t)(m ? m : 1) * r);
+static kt_bf16 *transpose_split(const kt_bf16 *src, long ld, int m, int r, const float *w) {
+    kt_bf16 *t = kt_scratch(KT_SCR_SPLIT_T, sizeof(kt_bf16) * 2 * (size_t)(m ? m : 1) * r);
     for (int i = 0; i < m; i++)
         for (int j = 0; j < r; j++)
             split((w ? w[i] : 1.f) * unsplit(src + i * ld, r, j), &t[(long)j * m + i], &t[(long)(r + j) * m + i]);
@@ -281,7 +281,7 @@ static void fold(float *grad, long ldg, const float *tmp, int r, int n) {
 /* grad [r, n] (ldg) += At ([2r, m] split transpose) x G [m, n] (leading dimension ldgm). */
 static void grad_gemm(const pass *c, int thread, int r, int n, int m, const kt_bf16 *At, const kt_bf16 *G, long ldgm,
                       float *grad, long ldg) {
-    float *tmp = kt_scratch(6, sizeof(float) * 2 * (size_t)r * (n ? n : 1));
+    float *tmp = kt_scratch(KT_SCR_GRAD_OUT, sizeof(float) * 2 * (size_t)r * (n ? n : 1));
     PROF_GEMM(c, thread, lora, 4.0 * r * n * m, GEMM_NN(2 * r, n, m, At, m, G, ldgm, tmp, n, 0));
     fold(grad, ldg, tmp, r, n);
 }
@@ -290,7 +290,7 @@ static void grad_gemm(const pass *c, int thread, int r, int n, int m, const kt_b
  * [3r, K] ([hi; hi; lo]); out has leading dimension ldo. */
 static void lora_product(const pass *c, int thread, int m, int r, int K, const kt_bf16 *X, long ldx, const kt_bf16 *F,
                          float s, kt_bf16 *out, long ldo) {
-    float *tmp = kt_scratch(4, sizeof(float) * (size_t)(m ? m : 1) * 2 * r);
+    float *tmp = kt_scratch(KT_SCR_LORA_OUT, sizeof(float) * (size_t)(m ? m : 1) * 2 * r);
     PROF_GEMM(c, thread, lora, 4.0 * m * r * K, GEMM_NT(m, 2 * r, K, X, ldx, F + (long)r * K, K, tmp, 2 * r, 0));
     for (int i = 0; i < m; i++) split_row(out + i * ldo, tmp + (long)i * 2 * r, tmp + (long)i * 2 * r + r, r, s);
 }
@@ -421,7 +421,7 @@ static inline float round_even(float v) {
  * so they propagate into the products. */
 static void quantize_act(int m, int K, const kt_bf16 *A, long lda, const float *fold, long fstride,
                          int8_t *aq, long ldq, float *sa) {
-    float *v = kt_scratch(11, sizeof(float) * (size_t)(K + 16));
+    float *v = kt_scratch(KT_SCR_ACT_F32, sizeof(float) * (size_t)(K + 16));
     for (int i = 0; i < m; i++) {
         const kt_bf16 *a = A + i * lda;
         /* one pass: the values (times the fold), their amax and a finiteness check (v * 0 is
@@ -576,7 +576,7 @@ KT_AI void small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const flo
 
 static void small_nt(const kt_qmat *W, int e, int m, int row0, int n, const kt_bf16 *A, long lda, float *C, long ldc) {
     int K = W->cols;
-    float *a = kt_scratch(9, sizeof(float) * (size_t)QSMALL * K);
+    float *a = kt_scratch(KT_SCR_SMALL, sizeof(float) * (size_t)QSMALL * K);
     for (int i = 0; i < m; i++) {
         if (W->fmt == KT_W_INT4) /* per 32 values: even ones, then odd ones (qdot's order) */
             for (int k = 0; k < K; k += 32)
@@ -609,7 +609,7 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
                       float *C, long ldc) {
     int int4 = W->fmt == KT_W_INT4, cols = W->cols, K = W->rows;
     /* accumulators [M][n] in L1 (int4: per 32 columns, 16 even then 16 odd ones) */
-    float *acc = kt_scratch(9, sizeof(float) * (size_t)QSMALL * (n + 32));
+    float *acc = kt_scratch(KT_SCR_SMALL, sizeof(float) * (size_t)QSMALL * (n + 32));
     int nv = (n + 15) / 16;
     for (int i = 0; i < M * nv * 16; i++) acc[i] = 0.f;
     for (int k = 0; k < K; k++) {
@@ -671,7 +671,7 @@ KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_
 KT_AI void small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_bf16 *A, long lda,
                       float *C, long ldc) {
     int int4 = W->fmt == KT_W_INT4, cols = W->cols, K = W->rows;
-    float *acc = kt_scratch(9, sizeof(float) * (size_t)QSMALL * (n + 32));
+    float *acc = kt_scratch(KT_SCR_SMALL, sizeof(float) * (size_t)QSMALL * (n + 32));
     for (int i = 0; i < M * n; i++) acc[i] = 0.f;
     for (int k = 0; k < K; k++) {
         long row = (long)e * K + k;
@@ -728,7 +728,7 @@ static void weight_only(const kt_qmat *W, int nt, int e, int m, int off, int n, 
         if (m) (nt ? small_nt : small_nn)(W, e, m, off, n, A, lda, C, ldc);
         return;
     }
-    kt_bf16 *wb = kt_scratch(8, sizeof(kt_bf16) * (size_t)n * QKP);
+    kt_bf16 *wb = kt_scratch(KT_SCR_PANEL, sizeof(kt_bf16) * (size_t)n * QKP);
     for (int k0 = 0; k0 < K; k0 += QKP) {
         int kp = K - k0 < QKP ? K - k0 : QKP;
         if (nt) {
@@ -751,8 +751,8 @@ static long act_rows(const pass *c, int m, int K, const kt_bf16 *A, long lda, lo
         *sa = c->sa + p0;
         return c->ldq;
     }
-    int8_t *t = kt_scratch(9, (size_t)(m ? m : 1) * K);
-    float *ts = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
+    int8_t *t = kt_scratch(KT_SCR_ACT_Q, (size_t)(m ? m : 1) * K);
+    float *ts = kt_scratch(KT_SCR_ACT_SCALE, sizeof(float) * (size_t)(m ? m : 1));
     quantize_act(m, K, A, lda, fold, fstride, t, K, ts);
     *aq = t;
     *sa = ts;
@@ -783,7 +783,7 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
     const int8_t *aq;
     const float *sa;
     long ldq = act_rows(c, m, K, A, lda, p0, NULL, 0, &aq, &sa);
-    int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
+    int32_t *acc = kt_scratch(KT_SCR_IACC, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
     const float *sw = W->scale + ((long)e * W->rows + row0) * W->ngroups;
     if (W->fmt == KT_W_INT8) {
         IGEMM_NT(m, n, K, aq, ldq, W->q + ((long)e * W->rows + row0) * K, K, acc, n, 0);
@@ -791,7 +791,7 @@ static void base_nt(const pass *c, int which, int e, int m, int row0, int n, con
             for (int j = 0; j < n; j++) C[i * ldc + j] = sa[i] * sw[j] * (float)acc[(long)i * n + j];
         return;
     }
-    int8_t *wq = kt_scratch(8, (size_t)n * QKP);
+    int8_t *wq = kt_scratch(KT_SCR_PANEL, (size_t)n * QKP);
     for (int i = 0; i < m; i++) memset(C + i * ldc, 0, sizeof(float) * (size_t)n);
     for (int k0 = 0; k0 < K; k0 += QKP) {
         int kp = K - k0 < QKP ? K - k0 : QKP;
@@ -829,7 +829,7 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
         weight_only(W, 0, e, m, col0, n, K, A, lda, C, ldc);
         return;
     }
-    int32_t *acc = kt_scratch(2, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
+    int32_t *acc = kt_scratch(KT_SCR_IACC, sizeof(int32_t) * (size_t)(m ? m : 1) * n);
     const float *sw = W->scale + (long)e * W->rows * W->ngroups; /* [K, ngroups] */
     if (W->fmt == KT_W_INT8) { /* one group: A's rows folded with W's row scales and quantized once */
         const int8_t *aq;
@@ -842,9 +842,9 @@ static void base_nn(const pass *c, int which, int e, int m, int col0, int n, con
     }
     /* int4: the scales change with the output column group, so A is folded and quantized once
      * per group (each group of a row block is handled by exactly one task: no repetition) */
-    int8_t *aq = kt_scratch(9, (size_t)(m ? m : 1) * K);
-    float *sa = kt_scratch(10, sizeof(float) * (size_t)(m ? m : 1));
-    int8_t *wq = kt_scratch(8, (size_t)K * n);
+    int8_t *aq = kt_scratch(KT_SCR_ACT_Q, (size_t)(m ? m : 1) * K);
+    float *sa = kt_scratch(KT_SCR_ACT_SCALE, sizeof(float) * (size_t)(m ? m : 1));
+    int8_t *wq = kt_scratch(KT_SCR_PANEL, (size_t)K * n);
     expand_int8(W, e, 0, K, col0, n, wq, n);
     for (int j0 = 0; j0 < n;) {
         int g = (col0 + j0) / W->group, j1 = (g + 1) * W->group - col0;
@@ -921,7 +921,7 @@ static void task_copy_lora(void *ctx, long task, int thread) {
     long nhit = L->rt.nhit;
     if (task < nhit) {
         int e = L->rt.hit[task];
-        float *row = kt_scratch(7, sizeof(float) * (size_t)(L->H > L->I ? L->H : L->I));
+        float *row = kt_scratch(KT_SCR_FACTOR, sizeof(float) * (size_t)(L->H > L->I ? L->H : L->I));
         for (int p = 0; p < 3; p++) {
             const kt_lora_bf16 *d = &L->lora[p];
             const kt_view3 *A = &L->lora_in.proj[p].A;
@@ -938,7 +938,7 @@ static void task_copy_lora(void *ctx, long task, int thread) {
     const kt_view3 *B = &L->lora_in.proj[p].B;
     int r = d->r, out = d->out, nb = o0 + BLOCK_O < out ? BLOCK_O : out - o0;
     /* gather the block as [expert][j][o] rows, then split each row */
-    float *blk = kt_scratch(7, sizeof(float) * (size_t)nhit * r * BLOCK_O);
+    float *blk = kt_scratch(KT_SCR_FACTOR, sizeof(float) * (size_t)nhit * r * BLOCK_O);
     for (long h = 0; h < nhit; h++) { /* one expert's [nb, r] block at a time: its rows stay in L1 */
         float *bh = blk + h * r * BLOCK_O;
         long base = L->rt.hit[h] * B->stride[0] + o0 * B->stride[1];
@@ -979,7 +979,7 @@ static void task_gate_up(void *ctx, long task, int thread) {
     long p0;
     int e = task_block(c, task, c->nci, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
-    float *gu = kt_scratch(0, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
+    float *gu = kt_scratch(KT_SCR_OUT, sizeof(float) * 2 * (size_t)m * n); /* [m, 2n]: gate | up */
     PROF_GEMM(c, thread, base, 4.0 * m * n * H, base_nt(c, 0, e, m, 2 * i0, 2 * n, c->rows + p0 * c->ldr, c->ldr, p0, gu, 2 * n));
     const kt_bf16 *pgu = (const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu;
     for (int p = KT_GATE; p <= KT_UP; p++) {
@@ -1034,7 +1034,7 @@ static void task_down(void *ctx, long task, int thread) {
     long p0;
     int e = task_block(c, task, c->nch, &chunk, &p0, &m);
     int n = kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = chunk * KT_CHUNK_H;
-    float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
+    float *d = kt_scratch(KT_SCR_OUT, sizeof(float) * (size_t)m * n);
     PROF_GEMM(c, thread, base, 2.0 * m * n * I, base_nt(c, 1, e, m, h0, n, c->hh + p0 * I, I, p0, d, n));
     if (rd) PROF_GEMM(c, thread, lora, 6.0 * m * n * rd,
                       GEMM_NN(m, n, 3 * rd, (const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd,
@@ -1047,8 +1047,8 @@ static void task_combine(void *ctx, long task, int thread) {
     (void)thread;
     pass *c = ctx;
     kt_layer *L = c->L;
-    int H = L->H, k = L->rt.k, backward = L->job_kind == 1;
-    float *acc = kt_scratch(0, sizeof(float) * H), *row = kt_scratch(1, sizeof(float) * H);
+    int H = L->H, k = L->rt.k, backward = L->job_kind == KT_JOB_BACKWARD;
+    float *acc = kt_scratch(KT_SCR_OUT, sizeof(float) * H), *row = kt_scratch(KT_SCR_ROW, sizeof(float) * H);
     long t1, t0 = token_range(L, task, &t1);
     size_t esz = L->x_dtype == KT_BF16 ? 2 : 4;
     for (long t = t0; t < t1; t++) {
@@ -1080,7 +1080,7 @@ static int alloc_quantized_rows(pass *c) {
     long npos = L->rt.npos, K = L->H > 2 * L->I ? L->H : 2 * L->I;
     c->aq = kt_workspace(KT_WS_AQ, (size_t)(npos ? npos : 1) * K);
     c->sa = kt_workspace(KT_WS_SA, sizeof(float) * (size_t)(npos ? npos : 1));
-    return c->aq && c->sa ? 0 : -2;
+    return c->aq && c->sa ? 0 : KT_ERR_NOMEM;
 }
 
 /* The bf16 LoRA copies (layer buffers) for this call's ranks. */
@@ -1093,7 +1093,7 @@ static int alloc_lora_copies(kt_layer *L) {
         L->lora[p].A = p == KT_UP && L->shared_a ? L->lora[KT_GATE].A
                                                   : kt_buf_get(&L->lora_a[p], sizeof(kt_bf16) * 3 * (size_t)L->E * r * in);
         L->lora[p].BT = kt_buf_get(&L->lora_bt[p], sizeof(kt_bf16) * 3 * (size_t)L->E * r * out);
-        if (!L->lora[p].A || !L->lora[p].BT) return -2;
+        if (!L->lora[p].A || !L->lora[p].BT) return KT_ERR_NOMEM;
     }
     return 0;
 }
@@ -1117,7 +1117,7 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
              && kt_buf_get(&L->pgu, sizeof(kt_bf16) * 3 * (size_t)npos * c.rgu)
              && kt_buf_get(&L->pd, sizeof(kt_bf16) * 3 * (size_t)npos * c.r[KT_DOWN])
              && (!L->keep || kt_buf_get(&L->gu, sizeof(kt_bf16) * (size_t)npos * 2 * I));
-    if (!ok || build_row_blocks(&c) || alloc_quantized_rows(&c)) { rc = -2; goto done; }
+    if (!ok || build_row_blocks(&c) || alloc_quantized_rows(&c)) { rc = KT_ERR_NOMEM; goto done; }
     c.ldq = H;
     long ntok = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     phase_serial(L, KT_PH_SETUP_FWD, t0);
@@ -1132,7 +1132,7 @@ int CAT(kt_forward_, KT_ISA)(kt_layer *L) {
     if (c.r[KT_DOWN]) phase(&c, KT_PH_DOWN_LORA, nhit, task_down_lora);
     phase(&c, KT_PH_DOWN, c.nblk * c.nch, task_down);
     phase(&c, KT_PH_COMBINE_Y, ntok, task_combine);
-    if (L->oom) rc = -2;
+    if (L->oom) rc = KT_ERR_NOMEM;
 done:
     if (rc || !L->keep) kt_layer_release_saved(L);
     else L->has_saved = 1;
@@ -1197,13 +1197,13 @@ static void task_dhh(void *ctx, long task, int thread) {
     int whole = whole_rows(L, m); /* the first chunk's task does every chunk */
     if (whole && chunk) return;
     int n = whole ? I : kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = whole ? 0 : chunk * KT_CHUNK_I;
-    float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
+    float *d = kt_scratch(KT_SCR_OUT, sizeof(float) * (size_t)m * n);
     const kt_bf16 *q = c->q + p0 * qld(c);
     PROF_GEMM(c, thread, base, 2.0 * m * n * H, base_nn(c, 1, e, m, i0, n, c->rows + p0 * c->ldr, c->ldr, p0, d, n));
     if (rd) PROF_GEMM(c, thread, lora, 6.0 * m * n * rd,
                       GEMM_NN(m, n, 3 * rd, q, qld(c), L->lora[KT_DOWN].A + (long)e * 3 * rd * I + i0, I, d, n, 1));
     const kt_bf16 *gu = L->gu.p;
-    float *hv = kt_scratch(5, sizeof(float) * KT_CHUNK_I);
+    float *hv = kt_scratch(KT_SCR_SILU, sizeof(float) * KT_CHUNK_I);
     for (int ch = i0 / KT_CHUNK_I; ch * KT_CHUNK_I < i0 + n; ch++) { /* gate/up rows are chunk-interleaved */
         int cn = kt_chunk_n(ch, KT_CHUNK_I, I), c0 = ch * KT_CHUNK_I;
         for (int i = 0; i < m; i++) {
@@ -1227,9 +1227,9 @@ static void task_grad_down_a(void *ctx, long task, int thread) {
     int n = kt_chunk_n(chunk, KT_CHUNK_I, I), i0 = chunk * KT_CHUNK_I;
     long p0;
     int m = expert_rows(L, e, &p0);
-    float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
+    float *w = kt_scratch(KT_SCR_RWEIGHT, sizeof(float) * (size_t)(m ? m : 1));
     for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
-    const kt_bf16 *qt = transpose_split(c->q + p0 * qld(c), qld(c), m, rd, w, 3);
+    const kt_bf16 *qt = transpose_split(c->q + p0 * qld(c), qld(c), m, rd, w);
     grad_gemm(c, thread, rd, n, m, qt, c->hh + p0 * I + i0, I, c->grad[KT_DOWN].A + (long)e * rd * I + i0, I);
 }
 
@@ -1243,20 +1243,20 @@ static void task_lora_grads(void *ctx, long task, int thread) {
     const kt_bf16 *dgu = c->dgu + p0 * 2 * I;
     if (rd && grads) {
         /* dBd^T += (w s Hh Ad^T)^T dy */
-        float *w = kt_scratch(2, sizeof(float) * (size_t)(m ? m : 1));
+        float *w = kt_scratch(KT_SCR_RWEIGHT, sizeof(float) * (size_t)(m ? m : 1));
         for (int i = 0; i < m; i++) w[i] = L->rt.w[L->rt.slot_of_pos[p0 + i]];
-        const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd, m, rd, w, 3);
+        const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pd.p + p0 * 3 * rd, 3 * rd, m, rd, w);
         grad_gemm(c, thread, rd, H, m, pt, c->rows + p0 * c->ldr, c->ldr, c->grad[KT_DOWN].BT + (long)e * rd * H, H);
     }
     if (!c->rgu) return;
     kt_bf16 *xe = NULL;
     if (grads) {
-        xe = kt_scratch(5, sizeof(kt_bf16) * (size_t)(m ? m : 1) * H);
+        xe = kt_scratch(KT_SCR_XROWS, sizeof(kt_bf16) * (size_t)(m ? m : 1) * H);
         const kt_bf16 *xb = L->xb.p;
         for (int i = 0; i < m; i++)
             memcpy(xe + (size_t)i * H, xb + (long)(L->rt.slot_of_pos[p0 + i] / L->rt.k) * H, sizeof(kt_bf16) * H);
     }
-    float *tmp = kt_scratch(4, sizeof(float) * (size_t)(m ? m : 1) * 2 * c->rgu);
+    float *tmp = kt_scratch(KT_SCR_LORA_OUT, sizeof(float) * (size_t)(m ? m : 1) * 2 * c->rgu);
     for (int p = KT_GATE; p <= KT_UP; p++) {
         int r = c->r[p], half = p == KT_UP, off = half ? 3 * c->r[KT_GATE] : 0;
         if (!r) continue;
@@ -1272,13 +1272,13 @@ static void task_lora_grads(void *ctx, long task, int thread) {
             split_row(q + (long)i * qld(c), tmp + (long)i * 2 * r, tmp + (long)i * 2 * r + r, r, L->scale);
         if (!grads) continue;
         /* dB^T += (s X A^T)^T dG;  dA += (s dG B)^T X */
-        const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu + off, 3 * c->rgu, m, r, NULL, 3);
+        const kt_bf16 *pt = transpose_split((const kt_bf16 *)L->pgu.p + p0 * 3 * c->rgu + off, 3 * c->rgu, m, r, NULL);
         for (int ch = 0; ch < c->nci; ch++) {
             int n = kt_chunk_n(ch, KT_CHUNK_I, I), i0 = ch * KT_CHUNK_I;
             grad_gemm(c, thread, r, n, m, pt, dgu + 2 * i0 + half * n, 2 * I, c->grad[p].BT + (long)e * r * I + i0, I);
         }
         if (c->share_grad) continue; /* dA once, from Qg + Qu, below */
-        const kt_bf16 *qt = transpose_split(q, qld(c), m, r, NULL, 3);
+        const kt_bf16 *qt = transpose_split(q, qld(c), m, r, NULL);
         grad_gemm(c, thread, r, H, m, qt, xe, H, c->grad[p].A + (long)e * r * H, H);
     }
     if (!L->shared_a) return;
@@ -1286,7 +1286,7 @@ static void task_lora_grads(void *ctx, long task, int thread) {
      * (task_dx then skips up); with one gradient buffer, dA = (Qg + Qu)^T X once */
     int r = c->r[KT_GATE];
     kt_bf16 *qg = c->q + p0 * qld(c) + 3 * rd, *qu = qg + 3 * r;
-    float *sum = kt_scratch(4, sizeof(float) * (size_t)(m ? m : 1) * 2 * c->rgu);
+    float *sum = kt_scratch(KT_SCR_LORA_OUT, sizeof(float) * (size_t)(m ? m : 1) * 2 * c->rgu);
     for (int i = 0; i < m; i++) {
         kt_bf16 *a = qg + (long)i * qld(c), *b = qu + (long)i * qld(c);
         for (int j = 0; j < r; j++) sum[j] = unsplit(a, r, j) + unsplit(b, r, j);
@@ -1294,7 +1294,7 @@ static void task_lora_grads(void *ctx, long task, int thread) {
         split_row(a, sum, sum + r, r, 1.f);
     }
     if (!c->share_grad) return;
-    const kt_bf16 *qt = transpose_split(qg, qld(c), m, r, NULL, 3);
+    const kt_bf16 *qt = transpose_split(qg, qld(c), m, r, NULL);
     grad_gemm(c, thread, r, H, m, qt, xe, H, c->grad[KT_GATE].A + (long)e * r * H, H);
 }
 
@@ -1307,7 +1307,7 @@ static void task_dx(void *ctx, long task, int thread) {
     int whole = whole_rows(L, m); /* the first chunk's task does every chunk */
     if (whole && chunk) return;
     int n = whole ? H : kt_chunk_n(chunk, KT_CHUNK_H, H), h0 = whole ? 0 : chunk * KT_CHUNK_H;
-    float *d = kt_scratch(0, sizeof(float) * (size_t)m * n);
+    float *d = kt_scratch(KT_SCR_OUT, sizeof(float) * (size_t)m * n);
     /* [dG | dU] and [Wg; Wu] share the chunk-interleaved order: one GEMM over 2I */
     PROF_GEMM(c, thread, base, 4.0 * m * n * I, base_nn(c, 0, e, m, h0, n, c->dgu + p0 * 2 * I, 2 * I, p0, d, n));
     for (int p = KT_GATE; p <= (L->shared_a ? KT_GATE : KT_UP); p++) { /* shared A: gate's Q slot holds Qg + Qu */
@@ -1343,7 +1343,7 @@ static void task_export_grads(void *ctx, long task, int thread) {
     const kt_view3 *B = &L->grads_in.proj[p].B;
     int r = g->r, out = g->out, nb = o0 + BLOCK_O < out ? BLOCK_O : out - o0;
     /* the block's gradients as [expert][j][o] rows, then added in the caller's order */
-    float *blk = kt_scratch(7, sizeof(float) * (size_t)nhit * r * BLOCK_O);
+    float *blk = kt_scratch(KT_SCR_FACTOR, sizeof(float) * (size_t)nhit * r * BLOCK_O);
     for (long h = 0; h < nhit; h++)
         for (int j = 0; j < r; j++)
             memcpy(blk + (h * r + j) * BLOCK_O, g->BT + ((long)L->rt.hit[h] * r + j) * out + o0, sizeof(float) * nb);
@@ -1378,7 +1378,7 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
                                   .BT = kt_workspace(KT_WS_GRAD0 + 2 * p + 1, sizeof(float) * (size_t)E * r * out)};
         ok = ok && c.grad[p].A && c.grad[p].BT;
     }
-    if (!ok || alloc_quantized_rows(&c)) { rc = -2; goto done; }
+    if (!ok || alloc_quantized_rows(&c)) { rc = KT_ERR_NOMEM; goto done; }
     /* W8A8 with int8 weights: one fold + quantization per row serves every column chunk; int4
      * folds per output column group, inside the tasks (c.aq NULL) */
     int8_t *aq = L->wformat == KT_W_INT8 ? c.aq : NULL;
@@ -1398,7 +1398,7 @@ int CAT(kt_backward_, KT_ISA)(kt_layer *L) {
     phase(&c, KT_PH_DX, c.nblk * c.nch, task_dx);
     phase(&c, KT_PH_COMBINE_DX, ntok, task_combine);
     if (L->has_grads) phase(&c, KT_PH_EXPORT_GRADS, nhit + b_tasks(L), task_export_grads);
-    if (L->oom) rc = -2;
+    if (L->oom) rc = KT_ERR_NOMEM;
 done:
     kt_layer_release_saved(L);
     return rc;

@@ -72,11 +72,11 @@ static kt_layer *create_in(void *base, size_t bytes, int attach, int E, int H, i
                                      transposed, wformat, group_size, act_int8, &r, attach, status);
     if (L && L->region.requested != kt_layer_weight_bytes(L)) { /* a weight array outside kt_weight_alloc */
         kt_layer_destroy(L);
-        *status = -6;
+        *status = KT_ERR_REGION_SMALL;
         return NULL;
     }
-    if (!L && *status == -2 && kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size) > bytes)
-        *status = -6;
+    if (!L && *status == KT_ERR_NOMEM && kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size) > bytes)
+        *status = KT_ERR_REGION_SMALL;
     return L;
 }
 
@@ -84,7 +84,7 @@ int kt_region_pack(void *base, size_t bytes, int E, int H, int I, int isa,
                    const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                    const void *down, int down_dtype, int transposed, int wformat, int group_size) {
     size_t need = kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size);
-    if (bytes < need) return -6;
+    if (bytes < need) return KT_ERR_REGION_SMALL;
     kt_region_header *h = base;
     header_fill(h, E, H, I, isa, transposed, wformat, group_size, need);
     int status;
@@ -102,10 +102,10 @@ kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, i
     kt_region_header want;
     size_t need = kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size);
     header_fill(&want, E, H, I, isa, transposed, wformat, group_size, need);
-    if (bytes < need || bytes < sizeof *h) { *status = -6; return NULL; }
-    if (!__atomic_load_n(&h->ready, __ATOMIC_ACQUIRE)) { *status = -7; return NULL; }
+    if (bytes < need || bytes < sizeof *h) { *status = KT_ERR_REGION_SMALL; return NULL; }
+    if (!__atomic_load_n(&h->ready, __ATOMIC_ACQUIRE)) { *status = KT_ERR_REGION_NOT_PACKED; return NULL; }
     want.ready = 1;
-    if (memcmp(h, &want, sizeof want)) { *status = -8; return NULL; }
+    if (memcmp(h, &want, sizeof want)) { *status = KT_ERR_REGION_MISMATCH; return NULL; }
     /* the layer only reads the region (its pieces are never written or freed in attach mode) */
     return create_in((void *)base, bytes, 1, E, H, I, isa, num_threads, NULL, NULL, 0, KT_BF16, NULL, KT_BF16,
                      transposed, wformat, group_size, act_int8, status);

@@ -46,7 +46,7 @@ int kt_quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, lo
     float *v = malloc(sizeof(float) * (size_t)cols);
     int8_t *q = malloc((size_t)cols);
     int bad = 0;
-    if (!v || !q) { free(v); free(q); return -2; }
+    if (!v || !q) { free(v); free(q); return KT_ERR_NOMEM; }
     for (int i = 0; i < n; i++) {
         long row = (long)e * W->rows + dst_row0 + i;
         if (dtype == KT_BF16) {
@@ -125,7 +125,7 @@ kt_layer *kt_layer_create_quantized(int E, int H, int I, int isa, int num_thread
                                     const kt_qsource *gate, const kt_qsource *up, const kt_qsource *down,
                                     int scale_dtype, int block_rows, int group, int code_xor, int act_int8,
                                     int *status) {
-    *status = -2;
+    *status = KT_ERR_NOMEM;
     kt_layer *L = kt_layer_new_quantized(E, H, I, isa, num_threads, wformat, group, act_int8);
     if (!L) return NULL;
     for (int e = 0; e < E; e++) {
@@ -136,7 +136,7 @@ kt_layer *kt_layer_create_quantized(int E, int H, int I, int isa, int num_thread
         }
         copy_rows(&L->q_down, e, 0, down, 0, H, scale_dtype, block_rows, code_xor);
     }
-    *status = 0;
+    *status = KT_OK;
     return L;
 }
 
