@@ -74,8 +74,10 @@ int kt_amx_request_permission(void);
  * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 quantize them (design.md 5;
  * int4 with one scale per group_size columns, group_size dividing H and I). act_int8 != 0
  * (quantized formats only): W8A8, activations quantized per row for the base products.
- * Returns NULL and *status = -2 on OOM, -4 / -5 if gate-up / down hold NaN or Inf
- * (quantized formats), else the layer and *status = 0. */
+ * The pair (wformat, act_int8) must have a row in the format table (fmt.h, fmt_table.c) that
+ * can be made from float weights (not fp8). Returns NULL and *status = KT_ERR_FORMAT if not,
+ * KT_ERR_NOMEM on OOM, KT_ERR_GATE_UP_NONFINITE / KT_ERR_DOWN_NONFINITE if gate-up / down hold
+ * NaN or Inf (quantized formats), else the layer and *status = KT_OK. */
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                           const void *down, int down_dtype, int transposed,
@@ -106,7 +108,8 @@ kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, i
  * (row, col) is scales[row / block_rows][col / group]; group = 0 means the whole row (int8).
  * int8 / int4 have block_rows = 1; fp8 keeps a per-row copy of its block scales (group =
  * the block's columns, a multiple of 32 dividing H, I and 512). act_int8: W8A8 (int8 / int4).
- * Returns NULL and *status = -2 on OOM, else the layer and *status = 0. */
+ * Returns NULL and *status = KT_ERR_NOMEM on OOM, KT_ERR_FORMAT if (wformat, act_int8) is no
+ * quantized row of the format table, else the layer and *status = KT_OK. */
 typedef struct {
     const void *codes;
     long codes_stride;  /* bytes from one expert's codes to the next */
@@ -154,7 +157,7 @@ void kt_layer_release_saved(kt_layer *L);
 size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks);
 
 /* Per-phase profile (always on: one clock read per phase and thread, two per GEMM call).
- * A pass is a list of phases (moe_passes.c); each phase is one parallel loop. Per phase:
+ * A pass is a list of phases (pass_forward.c, pass_backward.c); each phase is one parallel loop. Per phase:
  * calls and tasks, wall seconds, thread seconds (threads x wall), busy seconds (threads
  * running tasks; thread - busy = idle at the phase's end barrier), and the thread seconds
  * and FLOPs of the GEMM calls inside its tasks, split into base-weight products and LoRA

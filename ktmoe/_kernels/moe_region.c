@@ -10,6 +10,7 @@
  * layer never writes to it and never frees it. Offsets, not addresses, are stored, so every
  * process may map the region anywhere. */
 #include "moe_internal.h"
+#include <stdlib.h>
 #include <string.h>
 
 #define KT_REGION_ALIGN 4096
@@ -45,6 +46,8 @@ size_t kt_layer_region_bytes(int E, int H, int I, int isa, int transposed, int w
     kt_layer L;
     memset(&L, 0, sizeof L);
     L.E = E; L.H = H; L.I = I; L.isa = isa; L.wformat = wformat;
+    L.fmt = kt_fmt_of(isa, wformat, 0);
+    if (!L.fmt) return 0; /* no such format: creating the layer fails with KT_ERR_FORMAT */
     L.region.mode = KT_REGION_MEASURE;
     L.region.used = KT_REGION_ALIGN; /* the header page */
     kt_layer_alloc_weights(&L, transposed, group_size);
@@ -57,7 +60,8 @@ static void header_fill(kt_region_header *h, int E, int H, int I, int isa, int t
     h->magic = KT_REGION_MAGIC;
     h->version = KT_REGION_VERSION;
     h->E = E; h->H = H; h->I = I; h->isa = isa; h->transposed = transposed; h->wformat = wformat;
-    h->group_size = wformat == KT_W_INT4 ? group_size : 0;
+    const kt_fmt_ops *f = kt_fmt_of(isa, wformat, 0);
+    h->group_size = f && f->code_bits && !f->per_row_scale ? group_size : 0; /* only a grouped layout depends on it */
     h->bytes = bytes;
 }
 
