@@ -17,15 +17,16 @@
  * 115 -> 87 ms per forward + backward; at T = 16 the backward's small-M products, which on plain
  * W went to the AVX-512 kernels without packing, now convert tiles: dx 3.4 -> 5.7 ms.
  *
- * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048):
+ * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048;
+ * the helpers shared with gemm_int8_amx.c are in amx_gemm.h):
  *  1. Small M: nt with M < KT_AMX_MSMALL_NT (2), nn with M < KT_AMX_MSMALL_NN (6) call
  *     kt_gemm_*_avx512 (gemm_avx512.c): for 1 row (nt) or 1..5 rows (nn, whose W must be packed)
  *     the AVX-512 BF16 kernels are as fast or faster.
- *  2. nt with M <= KT_AMX_MCT (64), "transposed output": compute C^T = W * A^T. The At operand is
- *     then W itself, tile-loaded straight from W with stride ldw, so W is never packed; the Bt
- *     operand is A^T in VNNI layout, i.e. 16x16 transposes (in 32-bit words = k pairs) of 16
- *     rows of A, packed once per K panel (M x KT_AMX_KP). Blocks of 32 W rows x 32 A rows use
- *     all 8 tiles (4 fp32 accumulators, 2 W tiles, 2 A^T tiles) for the whole K panel; each
+ *  2. nt with M <= KT_AMX_MCT (64), "transposed output" (gemm_amx_ct.c): compute C^T = W * A^T.
+ *     The At operand is then W itself, tile-loaded straight from W with stride ldw, so W is
+ *     never packed; the Bt operand is A^T in VNNI layout, i.e. 16x16 transposes (in 32-bit
+ *     words = k pairs) of 16 rows of A, packed once per K panel (M x KT_AMX_KP). Blocks of 32
+ *     W rows x 32 A rows use all 8 tiles (4 fp32 accumulators, 2 W tiles, 2 A^T tiles) for the whole K panel; each
  *     16x16 C^T accumulator is then stored to a scratch tile, transposed in AVX-512 registers
  *     and written (or added) into C with masked stores. W tiles cut by the N edge or the K tail
  *     are staged through a zero-padded 16x32 scratch tile.
