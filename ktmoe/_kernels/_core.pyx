@@ -9,6 +9,15 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
 
 cdef extern from "ktmoe.h":
+    enum:
+        KT_OK
+        KT_ERR_NOMEM
+        KT_ERRK_VALUE
+        KT_ERRK_MEMORY
+        KT_ERRK_RUNTIME
+        KT_AT_CREATE
+        KT_AT_CALL
+    const char *kt_status_message(int status, int at, int *kind)
     ctypedef struct kt_view3:
         void *data
         int dtype
@@ -190,19 +199,7 @@ def region_pack(size_t base, size_t nbytes, int E, int H, int I, str isa, size_t
 
 
 def _create_status(int status):
-    if status == 0:
-        return
-    if status == -4:
-        raise ValueError("gate_up: contains NaN or Inf; such weights cannot be quantized")
-    if status == -5:
-        raise ValueError("down: contains NaN or Inf; such weights cannot be quantized")
-    if status == -6:
-        raise ValueError("region: smaller than MoEExperts.region_bytes(...) for these shapes and format")
-    if status == -7:
-        raise ValueError("region: holds no packed weights yet (its packing has not completed)")
-    if status == -8:
-        raise ValueError("region: was packed for other shapes, weight format or kernel path than the ones given")
-    raise MemoryError("ktmoe: could not allocate the packed expert weights or start worker threads")
+    _raise_status(status, KT_AT_CREATE)
 
 
 cdef void fill_lora(kt_lora *out, tuple spec):
@@ -262,7 +259,7 @@ cdef class Layer:
                                      <const void *>down, DTYPE_CODES[down_dtype], transposed,
                                      wf, group_size, act_int8, &status)
         if self.L == NULL:
-            _create_status(status if status else -2)
+            _create_status(status if status else KT_ERR_NOMEM)
         self.E, self.H, self.I, self.isa, self.num_threads = E, H, I, isa, num_threads
         self.weights, self.group_size = weights, group_size
 
@@ -350,12 +347,19 @@ cdef class Layer:
 
 
 def _check(int rc):
-    if rc == 0:
+    _raise_status(rc, KT_AT_CALL)
+
+
+_ERROR_KINDS = {KT_ERRK_VALUE: ValueError, KT_ERRK_MEMORY: MemoryError, KT_ERRK_RUNTIME: RuntimeError}
+
+
+def _raise_status(int status, int at):
+    """Raises the error of a non-zero C status, as the table of status.c says (nothing for 0)."""
+    cdef int kind = KT_ERRK_RUNTIME
+    cdef const char *msg
+    if status == KT_OK:
         return
-    if rc == -1:
-        raise RuntimeError("ktmoe: this layer already has a call in flight; wait() for it first")
-    if rc == -2:
-        raise MemoryError("ktmoe: out of memory for this call's buffers")
-    if rc == -3:
-        raise RuntimeError("ktmoe: backward needs a forward with keep_for_backward=True first")
-    raise RuntimeError(f"ktmoe: kernel error {rc}")
+    msg = kt_status_message(status, at, &kind)
+    if msg == NULL:
+        raise RuntimeError(f"ktmoe: kernel error {status}")
+    raise _ERROR_KINDS[kind](msg.decode())

@@ -17,15 +17,16 @@
  * 115 -> 87 ms per forward + backward; at T = 16 the backward's small-M products, which on plain
  * W went to the AVX-512 kernels without packing, now convert tiles: dx 3.4 -> 5.7 ms.
  *
- * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048):
+ * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048;
+ * the helpers shared with gemm_int8_amx.c are in amx_gemm.h):
  *  1. Small M: nt with M < KT_AMX_MSMALL_NT (2), nn with M < KT_AMX_MSMALL_NN (6) call
  *     kt_gemm_*_avx512 (gemm_avx512.c): for 1 row (nt) or 1..5 rows (nn, whose W must be packed)
  *     the AVX-512 BF16 kernels are as fast or faster.
- *  2. nt with M <= KT_AMX_MCT (64), "transposed output": compute C^T = W * A^T. The At operand is
- *     then W itself, tile-loaded straight from W with stride ldw, so W is never packed; the Bt
- *     operand is A^T in VNNI layout, i.e. 16x16 transposes (in 32-bit words = k pairs) of 16
- *     rows of A, packed once per K panel (M x KT_AMX_KP). Blocks of 32 W rows x 32 A rows use
- *     all 8 tiles (4 fp32 accumulators, 2 W tiles, 2 A^T tiles) for the whole K panel; each
+ *  2. nt with M <= KT_AMX_MCT (64), "transposed output" (gemm_amx_ct.c): compute C^T = W * A^T.
+ *     The At operand is then W itself, tile-loaded straight from W with stride ldw, so W is
+ *     never packed; the Bt operand is A^T in VNNI layout, i.e. 16x16 transposes (in 32-bit
+ *     words = k pairs) of 16 rows of A, packed once per K panel (M x KT_AMX_KP). Blocks of 32
+ *     W rows x 32 A rows use all 8 tiles (4 fp32 accumulators, 2 W tiles, 2 A^T tiles) for the whole K panel; each
  *     16x16 C^T accumulator is then stored to a scratch tile, transposed in AVX-512 registers
  *     and written (or added) into C with masked stores. W tiles cut by the N edge or the K tail
  *     are staged through a zero-padded 16x32 scratch tile.
@@ -67,109 +68,12 @@
  * falls back to the AVX-512 kernels.
  */
 #include "gemm.h"
-#include "amx_tiles.h"
-#include <immintrin.h>
-#include <pthread.h>
-#include <stdlib.h>
+#include "gemm_amx.h"
 #include <string.h>
 
-#ifndef KT_AMX_KP
-#define KT_AMX_KP 512   /* K panel, a multiple of 32 */
-#endif
-#ifndef KT_AMX_NC
-#define KT_AMX_NC 128   /* columns of W packed at once, a multiple of 32 */
-#endif
-#ifndef KT_AMX_MSMALL_NT
-#define KT_AMX_MSMALL_NT 2 /* nt with M below this: AVX-512 */
-#endif
-#ifndef KT_AMX_MSMALL_NN
-#define KT_AMX_MSMALL_NN 6 /* nn with M below this: AVX-512 */
-#endif
-#ifndef KT_AMX_PFB
-#define KT_AMX_PFB 2    /* packed path: K steps ahead whose B tiles are prefetched into L1 (0: none) */
-#endif
-#ifndef KT_AMX_PFB_MEM
-#define KT_AMX_PFB_MEM 8 /* the same for B tiles read from a prepacked W in memory */
-#endif
-#ifndef KT_AMX_PFA
-#define KT_AMX_PFA 0    /* packed path: K steps ahead whose A rows are prefetched on a block's first pass */
-#endif
-#ifndef KT_AMX_MCT
-#define KT_AMX_MCT 64   /* nt with M up to this: transposed-output path (no W packing) */
-#endif
-enum {
-    KT_KP = KT_AMX_KP,
-    KT_NC = KT_AMX_NC,
-    KT_MCT = KT_AMX_MCT,
-    KT_TILE = 16 * 32,            /* bf16 values in one 16 x 64-byte tile */
-    KT_PAIR = 2 * KT_TILE,        /* one K step of a packed tile pair */
-    KT_AROWS = KT_MCT > 64 ? (KT_MCT + 31) / 32 * 32 : 64, /* rows of the A^T scratch */
-};
-_Static_assert(KT_KP % 32 == 0 && KT_KP > 0 && KT_NC % 32 == 0 && KT_NC > 0, "KT_AMX_KP, KT_AMX_NC: multiples of 32");
-_Static_assert(KT_AMX_MSMALL_NT >= 1 && KT_AMX_MSMALL_NN >= 1 && KT_MCT >= 0, "KT_AMX_MSMALL_*: >= 1");
+KT_AMX_THREAD_SCRATCH(kt_scratch, kt_get_scratch)
 
-#define KT_AI static inline __attribute__((always_inline))
 
-/* Compiler-only barrier: the buffer at p (and all memory) must be up to date here. */
-#define KT_MEM_BARRIER(p) __asm__ __volatile__("" : : "r"(p) : "memory")
-
-/* Per-thread scratch. b: packed W of one (chunk, panel); a: packed A block (packed path) or
- * A^T (transposed path); wst: W edge staging; cst: fp32 C staging / C^T output tiles. */
-typedef struct {
-    _Alignas(64) kt_bf16 b[2][KT_NC * KT_KP];
-    _Alignas(64) kt_bf16 a[KT_AROWS * KT_KP]; /* A^T, up to KT_AMX_MCT rows */
-    _Alignas(64) kt_bf16 wst[2][KT_TILE];
-    _Alignas(64) float cst[4][16 * 16];
-} kt_scratch;
-
-static pthread_key_t kt_scratch_key;
-static pthread_once_t kt_scratch_once = PTHREAD_ONCE_INIT;
-static int kt_scratch_key_ok;
-static __thread kt_scratch *kt_scratch_tls;
-
-static void kt_scratch_free(void *p) { free(p); }
-static void kt_scratch_key_init(void) { kt_scratch_key_ok = pthread_key_create(&kt_scratch_key, kt_scratch_free) == 0; }
-
-static kt_scratch *kt_get_scratch(void) {
-    kt_scratch *s = kt_scratch_tls;
-    if (s) return s;
-    pthread_once(&kt_scratch_once, kt_scratch_key_init);
-    void *p = NULL;
-    if (posix_memalign(&p, 64, sizeof(kt_scratch)) != 0) return NULL;
-    if (kt_scratch_key_ok) pthread_setspecific(kt_scratch_key, p); /* freed at thread exit */
-    kt_scratch_tls = p;
-    return p;
-}
-
-static inline __mmask32 kt_mask32(int n) { return n >= 32 ? 0xffffffffu : n <= 0 ? 0u : ((1u << n) - 1u); }
-static inline __mmask16 kt_mask16(int n) { return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : ((1u << n) - 1u)); }
-static inline int kt_min(int a, int b) { return a < b ? a : b; }
-
-/* In-register transpose of a 16x16 matrix of 32-bit words: r[i] word j -> r[j] word i. */
-KT_AI void kt_transpose16x16_epi32(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    /* u[4q + c], lane l: rows 4q..4q+3 of column 4l + c */
-    for (int q = 0; q < 4; q++) {
-        u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
-        u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
-        u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
-        u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
-    }
-    for (int c = 0; c < 4; c++) {
-        t[c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);      /* cols c, c+8 of rows 0-7 */
-        t[c + 4] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);  /* cols c+4, c+12 */
-        t[c + 8] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-        t[c + 12] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
-    }
-    for (int c = 0; c < 8; c++) {
-        r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
-        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
-    }
-}
 
 /* ---- packing (pair layout: tile t, K step s at dst + (t / 2) * ks * KT_PAIR + s * KT_PAIR +
  * (t % 2) * KT_TILE) ---------------------------------------------------------------------- */
@@ -194,7 +98,7 @@ static void kt_unit_rows_vnni(const kt_bf16 *S, long ld, int rows, int kp, kt_bf
     for (int i = 0; i < 16; i++) _mm512_store_si512((void *)(d + 32 * i), r[i]);
 }
 
-static void kt_pack_rows_vnni(const kt_bf16 *S, long ld, int rows, int kp, kt_bf16 *dst, int ks) {
+void kt_pack_rows_vnni_amx(const kt_bf16 *S, long ld, int rows, int kp, kt_bf16 *dst, int ks) {
     for (int t = 0; t < (rows + 15) / 16; t++)
         for (int s = 0; s < ks; s++) kt_unit_rows_vnni(S, ld, rows, kp, dst, ks, t, s);
 }
@@ -327,49 +231,10 @@ static __attribute__((noinline)) void kt_side_work(kt_side *j, int nb) {
 
 /* ---- C tiles ---------------------------------------------------------------------------- */
 
-/* Partial C tile <-> zero-padded 16x16 fp32 staging tile. */
-KT_AI void kt_stage_c(float *buf, const float *C, long ldc, int rows, int cols) {
-    const __mmask16 m = kt_mask16(cols);
-    for (int r = 0; r < 16; r++)
-        _mm512_store_ps(buf + 16 * r, r < rows ? _mm512_maskz_loadu_ps(m, C + (long)r * ldc) : _mm512_setzero_ps());
-}
-KT_AI void kt_unstage_c(float *C, long ldc, const float *buf, int rows, int cols) {
-    const __mmask16 m = kt_mask16(cols);
-    for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(C + (long)r * ldc, m, _mm512_load_ps(buf + 16 * r));
-}
 
-/* C tile t (rows x cols valid, at c): start from zero or from C; full tiles go straight. */
-#define KT_C_BEGIN(t, c, rows, cols)                                                    \
-    do {                                                                                \
-        if (!acc) {                                                                     \
-            _tile_zero(t);                                                              \
-        } else if ((rows) == 16 && (cols) == 16) {                                      \
-            _tile_loadd(t, (c), sc);                                                    \
-        } else {                                                                        \
-            kt_stage_c(cst[t], (c), ldc, (rows), (cols));                               \
-            KT_MEM_BARRIER(cst[t]);                                                     \
-            _tile_loadd(t, cst[t], 64);                                                 \
-        }                                                                               \
-    } while (0)
-#define KT_C_END(t, c, rows, cols)                                                      \
-    do {                                                                                \
-        if ((rows) == 16 && (cols) == 16) {                                             \
-            _tile_stored(t, (c), sc);                                                   \
-        } else {                                                                        \
-            _tile_stored(t, cst[t], 64);                                                \
-            KT_MEM_BARRIER(cst[t]);                                                     \
-            kt_unstage_c((c), ldc, cst[t], (rows), (cols));                             \
-        }                                                                               \
-    } while (0)
 
 /* ---- packed path kernel ----------------------------------------------------------------- */
 
-/* Copy rows [0, rows) x k [0, kv) of X (stride ld) into staging tile buf (rows >= rows stay zero). */
-KT_AI void kt_stage_rows(kt_bf16 *buf, const kt_bf16 *X, long ld, int rows, int kv) {
-    const __mmask32 km = kt_mask32(kv);
-    for (int r = 0; r < rows; r++)
-        _mm512_store_si512((void *)(buf + 32 * r), _mm512_maskz_loadu_epi16(km, X + (long)r * ld));
-}
 
 /* C[rows x cols] (+)= A[rows x kp] * Bp over ks K steps; rows, cols in 1..32; tm = rows > 16,
  * tn = cols > 16 are compile-time constants in each instance. A tiles are loaded straight from
@@ -395,26 +260,8 @@ KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, l
     /* Each operand tile is reloaded for step s + 1 right after the last TDP that reads it in
      * step s (tiles are not renamed: a load must wait for its tile's readers), so the loads
      * of the next step overlap the remaining multiplies of this one. */
-#define KT_LOAD_A0(st)                                                                  \
-    do {                                                                                \
-        if ((st) < d0) {                                                                \
-            _tile_loadd(4, A + 32 * (st), sa);                                          \
-        } else {                                                                        \
-            kt_stage_rows(S->wst[0], A + 32 * (st), lda, r0, kp - 32 * (st));           \
-            KT_MEM_BARRIER(S->wst[0]);                                                  \
-            _tile_loadd(4, S->wst[0], 64);                                              \
-        }                                                                               \
-    } while (0)
-#define KT_LOAD_A1(st)                                                                  \
-    do {                                                                                \
-        if ((st) < d1) {                                                                \
-            _tile_loadd(5, A1 + 32 * (st), sa);                                         \
-        } else {                                                                        \
-            kt_stage_rows(S->wst[1], A1 + 32 * (st), lda, r1, kp - 32 * (st));          \
-            KT_MEM_BARRIER(S->wst[1]);                                                  \
-            _tile_loadd(5, S->wst[1], 64);                                              \
-        }                                                                               \
-    } while (0)
+#define KT_LOAD_A0(st) KT_LOAD_OPERAND(4, (st) < d0, A + 32 * (st), sa, kt_stage_rows, S->wst[0], lda, r0, kp - 32 * (st))
+#define KT_LOAD_A1(st) KT_LOAD_OPERAND(5, (st) < d1, A1 + 32 * (st), sa, kt_stage_rows, S->wst[1], lda, r1, kp - 32 * (st))
     KT_LOAD_A0(0);
     _tile_loadd(6, bp, 64);
     if (tn) _tile_loadd(7, bp + KT_TILE, 64);
@@ -460,7 +307,6 @@ static void kt_kernel_packed(const kt_bf16 *A, long lda, int kp, const kt_bf16 *
     }
 }
 
-static inline int kt_cdiv(int a, int b) { return (a + b - 1) / b; }
 
 /* Set up the B job for panel k0 of the chunk at n0, packing into dst. */
 static void kt_side_set_b(kt_side *j, const kt_bf16 *W, long ldw, int w_is_kn, int n0, int nc, int k0, int K,
@@ -530,122 +376,10 @@ static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S, const kt_pr
     }
 }
 
-/* ---- transposed-output path (nt, small M) ----------------------------------------------- */
-
-/* Copy rows [0, rows) x k [0, kv) of W into staging tile buf (rows >= rows stay zero). */
-KT_AI void kt_stage_w(kt_bf16 *buf, const kt_bf16 *W, long ldw, int rows, int kv) {
-    const __mmask32 km = kt_mask32(kv);
-    for (int r = 0; r < rows; r++)
-        _mm512_store_si512((void *)(buf + 32 * r), _mm512_maskz_loadu_epi16(km, W + (long)r * ldw));
-}
-
-/* C^T output tile (16 n x 16 m, fp32, in buf) -> C[m, n] for m < mv, n < nv, (+)=. */
-KT_AI void kt_ct_store(float *C, long ldc, float *buf, int mv, int nv, int acc) {
-    __m512i r[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512((const void *)(buf + 16 * i));
-    kt_transpose16x16_epi32(r);
-    const __mmask16 m = kt_mask16(nv);
-    for (int i = 0; i < mv; i++) {
-        __m512 v = _mm512_castsi512_ps(r[i]);
-        if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, C + (long)i * ldc));
-        _mm512_mask_storeu_ps(C + (long)i * ldc, m, v);
-    }
-}
-
-#define KT_CT_OUT(t, cc, mv, nv)                                                        \
-    do {                                                                                \
-        _tile_stored(t, S->cst[t], 64);                                                 \
-        KT_MEM_BARRIER(S->cst[t]);                                                      \
-        kt_ct_store((cc), ldc, S->cst[t], (mv), (nv), acc);                             \
-    } while (0)
-
-/* C[m, n] (+)= sum_k W[n, k] A[m, k] for n < nr (1..32), m < mr (1..32), k < kp, with W at
- * W[n0, k0] and A^T packed (pair layout, ks steps) at atp; tn = nr > 16, tm = mr > 16. */
-enum { KT_PF_STEPS = 6 }; /* ct path: K steps of W prefetched ahead */
-
-KT_AI void kt_kernel_ct_body(const int tn, const int tm, const kt_bf16 *W, long ldw, int nr, int kp, int ks,
-                             const kt_bf16 *atp, int mr, float *C, long ldc, int acc, kt_scratch *S, int pf) {
-    const long sw = ldw * (long)sizeof(kt_bf16);
-    const int r0 = kt_min(nr, 16), r1 = nr - r0, m0v = kt_min(mr, 16), m1v = mr - m0v;
-    const int kfull = kp / 32; /* K steps whose 32 values are all valid */
-    const kt_bf16 *W1 = W + 16 * ldw;
-    _tile_zero(0);
-    if (tm) _tile_zero(1);
-    if (tn) _tile_zero(2);
-    if (tn && tm) _tile_zero(3);
-    /* edge W tiles go through staging: zero their padding rows once */
-    if (r0 < 16 || kfull < ks) memset(S->wst[0] + 32 * r0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r0));
-    if (tn && (r1 < 16 || kfull < ks)) memset(S->wst[1] + 32 * r1, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r1));
-    const int d0 = r0 == 16 ? kfull : 0, d1 = r1 == 16 ? kfull : 0; /* steps loaded straight from W */
-    for (int s = 0; s < ks; s++) {
-        const kt_bf16 *b = atp + (long)s * KT_PAIR;
-        if (pf && s + KT_PF_STEPS < ks) /* the W lines KT_PF_STEPS steps ahead (W streams from memory) */
-            for (int i = 0; i < nr; i++) _mm_prefetch((const char *)(W + (long)i * ldw + 32 * (s + KT_PF_STEPS)), _MM_HINT_T0);
-        if (s < d0) {
-            _tile_loadd(4, W + 32 * s, sw);
-        } else {
-            kt_stage_w(S->wst[0], W + 32 * s, ldw, r0, kp - 32 * s);
-            KT_MEM_BARRIER(S->wst[0]);
-            _tile_loadd(4, S->wst[0], 64);
-        }
-        _tile_loadd(6, b, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (tm) {
-            _tile_loadd(7, b + KT_TILE, 64);
-            _tile_dpbf16ps(1, 4, 7);
-        }
-        if (tn) {
-            if (s < d1) {
-                _tile_loadd(5, W1 + 32 * s, sw);
-            } else {
-                kt_stage_w(S->wst[1], W1 + 32 * s, ldw, r1, kp - 32 * s);
-                KT_MEM_BARRIER(S->wst[1]);
-                _tile_loadd(5, S->wst[1], 64);
-            }
-            _tile_dpbf16ps(2, 5, 6);
-            if (tm) _tile_dpbf16ps(3, 5, 7);
-        }
-    }
-    KT_MEM_BARRIER(C);
-    KT_CT_OUT(0, C, m0v, r0);
-    if (tm) KT_CT_OUT(1, C + 16 * ldc, m1v, r0);
-    if (tn) KT_CT_OUT(2, C + 16, m0v, r1);
-    if (tn && tm) KT_CT_OUT(3, C + 16 * ldc + 16, m1v, r1);
-}
-
-static void kt_kernel_ct(const kt_bf16 *W, long ldw, int nr, int kp, int ks, const kt_bf16 *atp, int mr, float *C,
-                         long ldc, int acc, kt_scratch *S, int pf) {
-    if (nr > 16) {
-        if (mr > 16) kt_kernel_ct_body(1, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
-        else kt_kernel_ct_body(1, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
-    } else {
-        if (mr > 16) kt_kernel_ct_body(0, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
-        else kt_kernel_ct_body(0, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
-    }
-}
-
-static void kt_gemm_nt_ct(KT_GEMM_ARGS, kt_scratch *S) {
-    for (int k0 = 0; k0 < K; k0 += KT_KP) {
-        const int kp = kt_min(KT_KP, K - k0), ks = (kp + 31) / 32;
-        const int acc = accumulate || k0 > 0;
-        kt_pack_rows_vnni(A + k0, lda, M, kp, S->a, ks);
-        KT_MEM_BARRIER(S);
-        for (int n0 = 0; n0 < N; n0 += 32)
-            for (int m0 = 0; m0 < M; m0 += 32)
-                kt_kernel_ct(W + (long)n0 * ldw + k0, ldw, kt_min(32, N - n0), kp, ks, S->a + (long)(m0 / 32) * ks * KT_PAIR,
-                             kt_min(32, M - m0), C + (long)m0 * ldc + n0, ldc, acc, S, m0 == 0);
-    }
-}
-
 /* ---- entry points ----------------------------------------------------------------------- */
 
 static void kt_gemm_amx(KT_GEMM_ARGS, int w_is_kn) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        if (!accumulate)
-            for (int m = 0; m < M; m++) memset(C + (long)m * ldc, 0, sizeof(float) * (size_t)N);
-        return;
-    }
+    if (kt_gemm_degenerate(M, N, K, C, ldc, accumulate)) return;
     kt_scratch *S = M < (w_is_kn ? KT_AMX_MSMALL_NN : KT_AMX_MSMALL_NT) ? NULL : kt_get_scratch();
     if (!S) {
         (w_is_kn ? kt_gemm_nn_avx512 : kt_gemm_nt_avx512)(M, N, K, A, lda, W, ldw, C, ldc, accumulate);
@@ -653,7 +387,7 @@ static void kt_gemm_amx(KT_GEMM_ARGS, int w_is_kn) {
     }
     kt_amx_configure();
     if (!w_is_kn && M <= KT_MCT)
-        kt_gemm_nt_ct(M, N, K, A, lda, W, ldw, C, ldc, accumulate, S);
+        kt_gemm_nt_ct_amx(M, N, K, A, lda, W, ldw, C, ldc, accumulate, S);
     else
         kt_gemm_packed(M, N, K, A, lda, W, ldw, C, ldc, accumulate, w_is_kn, S, NULL);
 }
@@ -670,17 +404,13 @@ size_t kt_prepacked_elems(int rows, int cols) {
 
 void kt_prepack_amx(const kt_bf16 *W, long ldw, int rows, int cols, kt_bf16 *dst) {
     memset(dst, 0, sizeof(kt_bf16) * kt_prepacked_elems(rows, cols)); /* padding rows / columns, odd last tile */
-    if (rows > 0 && cols > 0) kt_pack_rows_vnni(W, ldw, rows, cols, dst, kt_cdiv(cols, 32));
+    if (rows > 0 && cols > 0) kt_pack_rows_vnni_amx(W, ldw, rows, cols, dst, kt_cdiv(cols, 32));
 }
 
 static int kt_gemm_pre(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *Wp, int rows, int cols, int off,
                        float *C, long ldc, int w_is_kn) {
-    if (M <= 0 || N <= 0) return 0;
     const int K = w_is_kn ? rows : cols;
-    if (K <= 0) {
-        for (int m = 0; m < M; m++) memset(C + (long)m * ldc, 0, sizeof(float) * (size_t)N);
-        return 0;
-    }
+    if (kt_gemm_degenerate(M, N, K, C, ldc, 0)) return 0;
     kt_scratch *S = kt_get_scratch();
     if (!S) return -2;
     kt_amx_configure();

@@ -54,27 +54,12 @@
  * kt_igemm_nt_amx and kt_igemm_nn_amx.
  */
 #include "gemm_int8.h"
-#include "amx_tiles.h"
+#include "amx_gemm.h"
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef KT_IAMX_KP
-#define KT_IAMX_KP 1024 /* K panel, a multiple of 64 */
-#endif
-#ifndef KT_IAMX_NC
-#define KT_IAMX_NC 128  /* columns of W packed at once, a multiple of 64 */
-#endif
-#ifndef KT_IAMX_MSMALL_NT
-#define KT_IAMX_MSMALL_NT 4  /* nt with M below this: AVX-512 */
-#endif
-#ifndef KT_IAMX_MSMALL_NN
-#define KT_IAMX_MSMALL_NN 12 /* nn with M below this: AVX-512 */
-#endif
-#ifndef KT_IAMX_MCT
-#define KT_IAMX_MCT 64  /* nt with M up to this: transposed-output path (no W packing) */
-#endif
 enum {
     KT_KP = KT_IAMX_KP,
     KT_NC = KT_IAMX_NC,
@@ -86,11 +71,6 @@ enum {
 _Static_assert(KT_KP % 64 == 0 && KT_KP > 0 && KT_NC % 64 == 0 && KT_NC > 0, "KT_IAMX_KP, KT_IAMX_NC: multiples of 64");
 _Static_assert(KT_IAMX_MSMALL_NT >= 1 && KT_IAMX_MSMALL_NN >= 1 && KT_MCT >= 0, "KT_IAMX_MSMALL_*: >= 1");
 
-#define KT_AI static inline __attribute__((always_inline))
-
-/* Compiler-only barrier: the buffer at p (and all memory) must be up to date here. */
-#define KT_MEM_BARRIER(p) __asm__ __volatile__("" : : "r"(p) : "memory")
-
 /* Per-thread scratch. b: packed W of one (chunk, panel), double-buffered; a: A^T (transposed
  * path); wst: A / W edge staging; cst: int32 C staging / C^T output tiles. */
 typedef struct {
@@ -100,56 +80,12 @@ typedef struct {
     _Alignas(64) int32_t cst[4][16 * 16];
 } kt_iscratch;
 
-static pthread_key_t kt_iscratch_key;
-static pthread_once_t kt_iscratch_once = PTHREAD_ONCE_INIT;
-static int kt_iscratch_key_ok;
-static __thread kt_iscratch *kt_iscratch_tls;
-
-static void kt_iscratch_free(void *p) { free(p); }
-static void kt_iscratch_key_init(void) { kt_iscratch_key_ok = pthread_key_create(&kt_iscratch_key, kt_iscratch_free) == 0; }
-
-static kt_iscratch *kt_get_iscratch(void) {
-    kt_iscratch *s = kt_iscratch_tls;
-    if (s) return s;
-    pthread_once(&kt_iscratch_once, kt_iscratch_key_init);
-    void *p = NULL;
-    if (posix_memalign(&p, 64, sizeof(kt_iscratch)) != 0) return NULL;
-    if (kt_iscratch_key_ok) pthread_setspecific(kt_iscratch_key, p); /* freed at thread exit */
-    kt_iscratch_tls = p;
-    return p;
-}
+KT_AMX_THREAD_SCRATCH(kt_iscratch, kt_get_iscratch)
 
 static inline __mmask64 kt_mask64(int n) {
     return n >= 64 ? ~(__mmask64)0 : n <= 0 ? (__mmask64)0 : (((__mmask64)1 << n) - 1);
 }
-static inline __mmask16 kt_mask16(int n) { return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : ((1u << n) - 1u)); }
-static inline int kt_min(int a, int b) { return a < b ? a : b; }
-static inline int kt_cdiv(int a, int b) { return (a + b - 1) / b; }
 
-/* In-register transpose of a 16x16 matrix of 32-bit words: r[i] word j -> r[j] word i. */
-KT_AI void kt_transpose16x16_epi32(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int q = 0; q < 4; q++) {
-        u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
-        u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
-        u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
-        u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
-    }
-    for (int c = 0; c < 4; c++) {
-        t[c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
-        t[c + 4] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-        t[c + 8] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-        t[c + 12] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
-    }
-    for (int c = 0; c < 8; c++) {
-        r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
-        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
-    }
-}
 
 /* ---- packing (pair layout: tile t, K step s at dst + (t / 2) * ks * KT_PAIR + s * KT_PAIR +
  * (t % 2) * KT_TILE) ---------------------------------------------------------------------- */
@@ -242,42 +178,7 @@ static __attribute__((noinline)) void kt_side_work(kt_side *j, int nb) {
 
 /* ---- C tiles ---------------------------------------------------------------------------- */
 
-/* Partial C tile <-> zero-padded 16x16 int32 staging tile. */
-KT_AI void kt_stage_c(int32_t *buf, const int32_t *C, long ldc, int rows, int cols) {
-    const __mmask16 m = kt_mask16(cols);
-    for (int r = 0; r < 16; r++)
-        _mm512_store_si512((void *)(buf + 16 * r),
-                           r < rows ? _mm512_maskz_loadu_epi32(m, C + (long)r * ldc) : _mm512_setzero_si512());
-}
-KT_AI void kt_unstage_c(int32_t *C, long ldc, const int32_t *buf, int rows, int cols) {
-    const __mmask16 m = kt_mask16(cols);
-    for (int r = 0; r < rows; r++)
-        _mm512_mask_storeu_epi32(C + (long)r * ldc, m, _mm512_load_si512((const void *)(buf + 16 * r)));
-}
 
-/* C tile t (rows x cols valid, at c): start from zero or from C; full tiles go straight. */
-#define KT_C_BEGIN(t, c, rows, cols)                                                    \
-    do {                                                                                \
-        if (!acc) {                                                                     \
-            _tile_zero(t);                                                              \
-        } else if ((rows) == 16 && (cols) == 16) {                                      \
-            _tile_loadd(t, (c), sc);                                                    \
-        } else {                                                                        \
-            kt_stage_c(cst[t], (c), ldc, (rows), (cols));                               \
-            KT_MEM_BARRIER(cst[t]);                                                     \
-            _tile_loadd(t, cst[t], 64);                                                 \
-        }                                                                               \
-    } while (0)
-#define KT_C_END(t, c, rows, cols)                                                      \
-    do {                                                                                \
-        if ((rows) == 16 && (cols) == 16) {                                             \
-            _tile_stored(t, (c), sc);                                                   \
-        } else {                                                                        \
-            _tile_stored(t, cst[t], 64);                                                \
-            KT_MEM_BARRIER(cst[t]);                                                     \
-            kt_unstage_c((c), ldc, cst[t], (rows), (cols));                             \
-        }                                                                               \
-    } while (0)
 
 /* ---- packed path kernel ----------------------------------------------------------------- */
 
@@ -311,30 +212,9 @@ KT_AI void kt_kernel_packed_body(const int tm, const int tn, const int8_t *A, lo
     if (tm && d1 < ks) memset(S->wst[1] + 64 * r1, 0, (size_t)64 * (size_t)(16 - r1));
     for (int s = 0; s < ks; s++) {
         const int8_t *b = bp + (long)s * KT_PAIR;
-        if (s < d0) {
-            _tile_loadd(4, A + 64 * s, sa);
-        } else {
-            kt_stage_rows(S->wst[0], A + 64 * s, lda, r0, kp - 64 * s);
-            KT_MEM_BARRIER(S->wst[0]);
-            _tile_loadd(4, S->wst[0], 64);
-        }
-        _tile_loadd(6, b, 64);
-        _tile_dpbssd(0, 4, 6);
-        if (tn) {
-            _tile_loadd(7, b + KT_TILE, 64);
-            _tile_dpbssd(1, 4, 7);
-        }
-        if (tm) {
-            if (s < d1) {
-                _tile_loadd(5, A1 + 64 * s, sa);
-            } else {
-                kt_stage_rows(S->wst[1], A1 + 64 * s, lda, r1, kp - 64 * s);
-                KT_MEM_BARRIER(S->wst[1]);
-                _tile_loadd(5, S->wst[1], 64);
-            }
-            _tile_dpbssd(2, 5, 6);
-            if (tn) _tile_dpbssd(3, 5, 7);
-        }
+        KT_STEP_2X2(_tile_dpbssd, tm, tn, b,
+                    KT_LOAD_OPERAND(4, s < d0, A + 64 * s, sa, kt_stage_rows, S->wst[0], lda, r0, kp - 64 * s),
+                    KT_LOAD_OPERAND(5, s < d1, A1 + 64 * s, sa, kt_stage_rows, S->wst[1], lda, r1, kp - 64 * s));
         if (nb) kt_side_work(side, nb); /* writes only the other B buffer */
     }
     KT_C_END(0, C, r0, c0);
@@ -440,30 +320,9 @@ KT_AI void kt_kernel_ct_body(const int tn, const int tm, const int8_t *W, long l
     const int d0 = r0 == 16 ? kfull : 0, d1 = r1 == 16 ? kfull : 0; /* steps loaded straight from W */
     for (int s = 0; s < ks; s++) {
         const int8_t *b = atp + (long)s * KT_PAIR;
-        if (s < d0) {
-            _tile_loadd(4, W + 64 * s, sw);
-        } else {
-            kt_stage_rows(S->wst[0], W + 64 * s, ldw, r0, kp - 64 * s);
-            KT_MEM_BARRIER(S->wst[0]);
-            _tile_loadd(4, S->wst[0], 64);
-        }
-        _tile_loadd(6, b, 64);
-        _tile_dpbssd(0, 4, 6);
-        if (tm) {
-            _tile_loadd(7, b + KT_TILE, 64);
-            _tile_dpbssd(1, 4, 7);
-        }
-        if (tn) {
-            if (s < d1) {
-                _tile_loadd(5, W1 + 64 * s, sw);
-            } else {
-                kt_stage_rows(S->wst[1], W1 + 64 * s, ldw, r1, kp - 64 * s);
-                KT_MEM_BARRIER(S->wst[1]);
-                _tile_loadd(5, S->wst[1], 64);
-            }
-            _tile_dpbssd(2, 5, 6);
-            if (tm) _tile_dpbssd(3, 5, 7);
-        }
+        KT_STEP_2X2(_tile_dpbssd, tn, tm, b,
+                    KT_LOAD_OPERAND(4, s < d0, W + 64 * s, sw, kt_stage_rows, S->wst[0], ldw, r0, kp - 64 * s),
+                    KT_LOAD_OPERAND(5, s < d1, W1 + 64 * s, sw, kt_stage_rows, S->wst[1], ldw, r1, kp - 64 * s));
     }
     KT_MEM_BARRIER(C);
     KT_CT_OUT(0, C, m0v, r0);
@@ -500,12 +359,7 @@ static void kt_igemm_nt_ct(KT_IGEMM_ARGS, kt_iscratch *S) {
 /* ---- entry points ----------------------------------------------------------------------- */
 
 static void kt_igemm_amx(KT_IGEMM_ARGS, int w_is_kn) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {
-        if (!accumulate)
-            for (int m = 0; m < M; m++) memset(C + (long)m * ldc, 0, sizeof(int32_t) * (size_t)N);
-        return;
-    }
+    if (kt_gemm_degenerate(M, N, K, C, ldc, accumulate)) return;
     kt_iscratch *S = M < (w_is_kn ? KT_IAMX_MSMALL_NN : KT_IAMX_MSMALL_NT) ? NULL : kt_get_iscratch();
     if (!S) {
         (w_is_kn ? kt_igemm_nn_avx512 : kt_igemm_nt_avx512)(M, N, K, A, lda, W, ldw, C, ldc, accumulate);

@@ -16,6 +16,25 @@ enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX512 = 1, KT_ISA_AMX = 2 };
 enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
 enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_FP8 = 3 };
 
+/* Status codes of the calls below (0 = success). kt_status_message (status.c) is the one table
+ * that turns a non-zero status into its error: the message and the kind of exception the Python
+ * side raises; `at` says whether a layer was being created (or packed) or a call was made. */
+enum kt_status {
+    KT_OK = 0,
+    KT_ERR_BUSY = -1,               /* the layer already has a call in flight */
+    KT_ERR_NOMEM = -2,              /* out of memory (or worker threads could not start) */
+    KT_ERR_NOT_KEPT = -3,           /* backward without a kept forward */
+    KT_ERR_GATE_UP_NONFINITE = -4,  /* gate / up hold NaN or Inf (quantized formats) */
+    KT_ERR_DOWN_NONFINITE = -5,     /* down holds NaN or Inf (quantized formats) */
+    KT_ERR_REGION_SMALL = -6,       /* region smaller than its layout */
+    KT_ERR_REGION_NOT_PACKED = -7,  /* region not packed (yet) */
+    KT_ERR_REGION_MISMATCH = -8,    /* region packed for other shapes / format / ISA */
+    KT_ERR_FORMAT = -9              /* no kernel for this weight format, activation mode and source */
+};
+enum kt_error_kind { KT_ERRK_VALUE = 0, KT_ERRK_MEMORY = 1, KT_ERRK_RUNTIME = 2 };
+enum kt_status_at { KT_AT_CREATE = 0, KT_AT_CALL = 1 };
+const char *kt_status_message(int status, int at, int *kind);
+
 /* A strided 3-d tensor view [E, rows, cols]; strides in elements. */
 typedef struct {
     void *data;
@@ -55,8 +74,10 @@ int kt_amx_request_permission(void);
  * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 quantize them (design.md 5;
  * int4 with one scale per group_size columns, group_size dividing H and I). act_int8 != 0
  * (quantized formats only): W8A8, activations quantized per row for the base products.
- * Returns NULL and *status = -2 on OOM, -4 / -5 if gate-up / down hold NaN or Inf
- * (quantized formats), else the layer and *status = 0. */
+ * The pair (wformat, act_int8) must have a row in the format table (fmt.h, fmt_table.c) that
+ * can be made from float weights (not fp8). Returns NULL and *status = KT_ERR_FORMAT if not,
+ * KT_ERR_NOMEM on OOM, KT_ERR_GATE_UP_NONFINITE / KT_ERR_DOWN_NONFINITE if gate-up / down hold
+ * NaN or Inf (quantized formats), else the layer and *status = KT_OK. */
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                           const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                           const void *down, int down_dtype, int transposed,
@@ -87,7 +108,8 @@ kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, i
  * (row, col) is scales[row / block_rows][col / group]; group = 0 means the whole row (int8).
  * int8 / int4 have block_rows = 1; fp8 keeps a per-row copy of its block scales (group =
  * the block's columns, a multiple of 32 dividing H, I and 512). act_int8: W8A8 (int8 / int4).
- * Returns NULL and *status = -2 on OOM, else the layer and *status = 0. */
+ * Returns NULL and *status = KT_ERR_NOMEM on OOM, KT_ERR_FORMAT if (wformat, act_int8) is no
+ * quantized row of the format table, else the layer and *status = KT_OK. */
 typedef struct {
     const void *codes;
     long codes_stride;  /* bytes from one expert's codes to the next */
@@ -135,7 +157,7 @@ void kt_layer_release_saved(kt_layer *L);
 size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks);
 
 /* Per-phase profile (always on: one clock read per phase and thread, two per GEMM call).
- * A pass is a list of phases (moe_passes.c); each phase is one parallel loop. Per phase:
+ * A pass is a list of phases (pass_forward.c, pass_backward.c); each phase is one parallel loop. Per phase:
  * calls and tasks, wall seconds, thread seconds (threads x wall), busy seconds (threads
  * running tasks; thread - busy = idle at the phase's end barrier), and the thread seconds
  * and FLOPs of the GEMM calls inside its tasks, split into base-weight products and LoRA

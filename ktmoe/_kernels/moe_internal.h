@@ -1,9 +1,11 @@
 /* moe_internal.h: the layer object shared by moe_layer.c (life cycle, routing, buffers,
- * job plumbing) and moe_passes.c (the forward/backward passes, compiled once per ISA). */
+ * job plumbing), the format rows (fmt_*.c, fmt.h) and the passes (pass_*.c, pass.h), which
+ * are compiled once per ISA. */
 #ifndef KTMOE_MOE_INTERNAL_H
 #define KTMOE_MOE_INTERNAL_H
 #include "ktmoe.h"
 #include "gemm.h"
+#include "fmt.h"
 #include <pthread.h>
 #include <stddef.h>
 
@@ -25,7 +27,7 @@ static inline int kt_chunk_n(int chunk, int width, int total) {
 }
 
 /* Split-bf16 copies of one projection's LoRA factors for the experts of a call
- * (moe_passes.c): A[e] is [3r, in] = [hi; hi; lo] of A, BT[e] the same of B^T ([3r, out]). */
+ * (pass_lora.c): A[e] is [3r, in] = [hi; hi; lo] of A, BT[e] the same of B^T ([3r, out]). */
 typedef struct {
     int r, in, out;
     kt_bf16 *A, *BT;
@@ -53,10 +55,12 @@ typedef struct {
  * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row),
  * int4 (one scale per row and group of `group` columns) or fp8 e4m3fn codes (fp8.h; the
  * block scales copied to every row of their block, group = the block's columns). Rows are
- * in the same order as the bf16 copies (gate/up chunk-interleaved). */
+ * in the same order as the bf16 copies (gate/up chunk-interleaved). The format's row
+ * (fmt_*.c) says how the codes are read; the layout itself only depends on `bits`. */
 typedef struct {
-    int fmt;            /* KT_W_INT8, KT_W_INT4 or KT_W_FP8 */
-    int rows, cols, group, ngroups; /* per expert; int8: group = cols, ngroups = 1 */
+    int bits;           /* bits per code: 8 (int8, fp8) or 4 (int4) */
+    float qmax;         /* ktmoe's quantizer: codes in [-qmax, qmax] (0: codes only given) */
+    int rows, cols, group, ngroups; /* per expert; one scale per row: group = cols, ngroups = 1 */
     int8_t *q;          /* int8: [E, rows, cols]; int4: [E, rows, cols / 2] bytes, column 2j in
                            the low nibble and 2j + 1 in the high nibble of byte j; fp8: [E, rows,
                            cols] e4m3fn codes (read as uint8_t) */
@@ -64,13 +68,17 @@ typedef struct {
 } kt_qmat;
 
 /* An empty layer whose quantized weights q_gate_up / q_down (group: int4 group or fp8 column
- * block) the caller fills (moe_layer.c, for kt_layer_create_quantized). NULL on OOM. */
+ * block) the caller fills (moe_layer.c, for kt_layer_create_quantized). NULL and *status on
+ * failure (KT_ERR_NOMEM; KT_ERR_FORMAT: no such pair, or not a quantized format). */
 kt_layer *kt_layer_new_quantized(int E, int H, int I, int isa, int num_threads, int wformat, int group,
-                                 int act_int8);
+                                 int act_int8, int *status);
 
-/* Quantizes n rows of `cols` values (src rows `ld` elements apart, dtype KT_F32/KT_BF16)
- * into rows dst_row0.. of expert e of W. Returns 0, or 1 if a value is NaN or Inf. */
-int kt_quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, long ld, int dtype);
+/* The storage entries every quantized row (fmt_int8.c, fmt_int4.c, fmt_fp8.c, the W8A8 rows)
+ * shares (quantize.c): q_gate_up / q_down as the row's code_bits / per_row_scale say, rows
+ * quantized by ktmoe's quantizer (the row's qmax; 0, 1 on NaN / Inf, KT_ERR_NOMEM), their bytes. */
+int kt_qmat_alloc(kt_layer *L, int transposed, int group_size);
+int kt_qmat_pack_rows(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype);
+size_t kt_qmat_weight_bytes(const kt_layer *L);
 
 /* A buffer that is reused between calls and only grows. */
 typedef struct { void *p; size_t n; } kt_buf;
@@ -103,7 +111,8 @@ struct kt_layer {
     kt_bf16 *stage;     /* during creation only: one expert's plain bf16 gate/up and down */
     int oom;            /* set by a pass's task whose GEMM could not get its scratch: the pass fails with -2 */
     kt_bf16 *wt_gate_up, *wt_down; /* opt-in transposed copies [E, H, 2I], [E, I, H], or NULL */
-    int wformat;        /* KT_W_BF16 (w_gate_up / w_down above), KT_W_INT8 or KT_W_INT4 (q_* below) */
+    const kt_fmt_ops *fmt; /* the row of (wformat, act_int8) for this ISA (fmt.h), set once at creation */
+    int wformat;        /* KT_W_BF16 (w_gate_up / w_down above), KT_W_INT8, KT_W_INT4 or KT_W_FP8 (q_* below) */
     int act_int8;       /* W8A8: products with base weights on int8 activations */
     kt_qmat q_gate_up;  /* [E, 2I, H], chunk-interleaved rows, groups along H */
     kt_qmat q_down;     /* [E, H, I], groups along I */
@@ -112,7 +121,7 @@ struct kt_layer {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int busy, status;
-    int job_kind; /* 0 forward, 1 backward */
+    int job_kind; /* KT_JOB_FORWARD or KT_JOB_BACKWARD */
 
     /* arguments of the submitted call */
     const void *x, *ids, *weights, *dy;
@@ -138,6 +147,9 @@ struct kt_layer {
     kt_prof_thread *prof_thr; /* [KT_MAX_THREADS] */
 };
 
+/* What a submitted job runs (the index of kt_profile.passes too). */
+enum kt_job { KT_JOB_FORWARD = 0, KT_JOB_BACKWARD = 1 };
+
 /* Process-wide scratch for the transient buffers of the running job (jobs run one at a
  * time on the pool's worker 0, so one set serves every layer). */
 enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB, KT_WS_BLOCKS, KT_WS_AQ, KT_WS_SA,
@@ -148,6 +160,9 @@ void *kt_workspace(int slot, size_t bytes);
 void *kt_weight_alloc(kt_layer *L, size_t bytes);
 void kt_weight_free(kt_layer *L, void *p);
 int kt_layer_alloc_weights(kt_layer *L, int transposed, int group_size);
+/* The format row of (wformat, act_int8) on `isa`'s path (fmt_table.c), or NULL: no such pair. */
+const kt_fmt_ops *kt_fmt_of(int isa, int wformat, int act_int8);
+
 /* kt_layer_create with the weight arrays placed as `region` says (NULL: own memory); attach != 0: the
  * region already holds them packed, nothing is read from gate / up / down. */
 kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
@@ -161,10 +176,29 @@ int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int i
                      const void *weights, int w_dtype);
 void kt_routing_free(kt_routing *rt);
 void *kt_alloc(size_t bytes); /* 64-byte aligned, NULL on failure */
-/* Per-thread scratch that grows as needed and lives as long as the thread. */
+/* Per-thread scratch that grows as needed and lives as long as the thread: one slot per role,
+ * so that the buffers one task holds at the same time never share a slot. */
+enum kt_scratch_slot {
+    KT_SCR_OUT,        /* a task's fp32 GEMM result; combine's fp32 row sums */
+    KT_SCR_ROW,        /* combine: one row as fp32 */
+    KT_SCR_IACC,       /* W8A8: the int32 sums of an int8 GEMM */
+    KT_SCR_RWEIGHT,    /* the router weights of an expert's rows */
+    KT_SCR_SPLIT_T,    /* a split-bf16 transpose of LoRA product rows */
+    KT_SCR_LORA_OUT,   /* fp32 LoRA products before they are split */
+    KT_SCR_SILU,       /* dHh: Hh of one chunk as fp32 */
+    KT_SCR_XROWS,      /* LoRA gradients: an expert's x rows */
+    KT_SCR_GRAD_OUT,   /* fp32 result of a LoRA gradient GEMM before it is folded */
+    KT_SCR_FACTOR,     /* LoRA factor or gradient rows on their way in or out */
+    KT_SCR_PANEL,      /* a weight panel expanded from quantized codes (bf16 or int8) */
+    KT_SCR_SMALL,      /* small-M weight-only kernels: A's rows as fp32, or their accumulators */
+    KT_SCR_ACT_Q,      /* W8A8: int8 codes of activation rows */
+    KT_SCR_ACT_SCALE,  /* W8A8: their per-row scales */
+    KT_SCR_ACT_F32,    /* W8A8: one activation row as fp32 while it is quantized */
+    KT_SCR_COUNT
+};
 void *kt_scratch(int slot, size_t bytes);
 
-/* The passes, one set per ISA (moe_passes.c). Return 0 or -2 (OOM). */
+/* The passes, one set per ISA (pass_forward.c, pass_backward.c). Return 0 or KT_ERR_NOMEM. */
 int kt_forward_portable(kt_layer *L);
 int kt_backward_portable(kt_layer *L);
 int kt_forward_avx512(kt_layer *L);

@@ -1,6 +1,7 @@
-/* moe_layer.c: life cycle of a kt_layer (weights packed at creation), routing of a call
- * (slots grouped by expert), and the submit/wait plumbing onto the thread pool. The
- * passes themselves are in moe_passes.c, picked here by the layer's ISA. */
+/* moe_layer.c: life cycle of a kt_layer (its format row looked up once, weights packed at
+ * creation through that row: fmt.h), routing of a call (slots grouped by expert), and the
+ * submit/wait plumbing onto the thread pool. The passes (pass_forward.c, pass_backward.c) and
+ * the format rows are compiled once per ISA and picked here by the layer's ISA. */
 #include "moe_internal.h"
 #include "threadpool.h"
 #include <stdlib.h>
@@ -38,8 +39,7 @@ static kt_buf workspace[KT_WS_COUNT];
 
 void *kt_workspace(int slot, size_t bytes) { return kt_buf_get(&workspace[slot], bytes); }
 
-#define KT_SCRATCH_SLOTS 12
-static __thread struct { void *p; size_t n; } scratch[KT_SCRATCH_SLOTS];
+static __thread struct { void *p; size_t n; } scratch[KT_SCR_COUNT];
 
 void *kt_scratch(int slot, size_t bytes) {
     if (scratch[slot].n < bytes) {
@@ -50,79 +50,19 @@ void *kt_scratch(int slot, size_t bytes) {
     return scratch[slot].p;
 }
 
-static void to_bf16(kt_bf16 *dst, const void *src, int dtype, size_t n) {
-    if (dtype == KT_BF16) { memcpy(dst, src, n * sizeof(kt_bf16)); return; }
-    const float *s = src;
-    for (size_t i = 0; i < n; i++) dst[i] = kt_f32_to_bf16(s[i]);
+/* The row of (wformat, act_int8) on this ISA's path (fmt_table.c), or NULL. */
+typedef const kt_fmt_ops *(*fmt_lookup_fn)(int wformat, int act_int8);
+static const fmt_lookup_fn fmt_lookup[3] = {kt_fmt_lookup_portable, kt_fmt_lookup_avx512, kt_fmt_lookup_amx};
+
+const kt_fmt_ops *kt_fmt_of(int isa, int wformat, int act_int8) {
+    return isa >= 0 && isa < 3 ? fmt_lookup[isa](wformat, act_int8) : NULL;
 }
 
-/* dst [cols, rows] = src [rows, cols] transposed, in cache-sized blocks */
-static void transpose_bf16(kt_bf16 *dst, const kt_bf16 *src, long rows, long cols) {
-    enum { B = 32 };
-    for (long r0 = 0; r0 < rows; r0 += B)
-        for (long c0 = 0; c0 < cols; c0 += B)
-            for (long r = r0; r < r0 + B && r < rows; r++)
-                for (long c = c0; c < c0 + B && c < cols; c++) dst[c * rows + r] = src[r * cols + c];
-}
-
-/* gate/up rows chunk-interleaved (moe_internal.h): chunk c = n gate rows, n up rows */
-typedef int (*pack_rows_fn)(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype);
-
-/* bf16 rows of expert e: into the layer's plain copies, or (prepacked) into the expert's
- * plain staging copy L->stage, made into the tile layout once the expert is complete */
-static int pack_bf16(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
-    (void)ld; /* rows are contiguous: ld == cols */
-    size_t per = (size_t)L->H * L->I;
-    kt_bf16 *gu = L->prepacked ? L->stage : L->w_gate_up + 2 * per * e;
-    kt_bf16 *dn = L->prepacked ? L->stage + 2 * per : L->w_down + per * e;
-    kt_bf16 *dst = dst_row0 < 0 ? dn : gu + (size_t)dst_row0 * L->H;
-    to_bf16(dst, src, dtype, (size_t)n * (dst_row0 < 0 ? L->I : L->H));
-    return 0;
-}
-
-static int pack_quantized(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
-    if (dst_row0 < 0) return kt_quantize_rows(&L->q_down, e, 0, n, src, ld, dtype);
-    return kt_quantize_rows(&L->q_gate_up, e, dst_row0, n, src, ld, dtype);
-}
-
-static int qmat_init(kt_layer *L, kt_qmat *W, int fmt, int E, int rows, int cols, int group) {
-    W->fmt = fmt;
-    W->rows = rows;
-    W->cols = cols;
-    W->group = fmt == KT_W_INT8 ? cols : group; /* int4 groups, fp8 column blocks */
-    W->ngroups = cols / W->group;
-    W->q = kt_weight_alloc(L, (size_t)E * rows * (fmt == KT_W_INT4 ? cols / 2 : cols));
-    W->scale = kt_weight_alloc(L, sizeof(float) * (size_t)E * rows * W->ngroups);
-    return W->q && W->scale ? 0 : -2;
-}
-
-/* The packed weight arrays of L's format (L->E, H, I, isa, wformat set), every one through
+/* The packed weight arrays of L's format (L->E, H, I, isa, fmt set), every one through
  * kt_weight_alloc: the layer's own memory, or pieces of a shared region (moe_region.c).
- * Returns 0, or -2 when an allocation failed. */
+ * Returns 0, or KT_ERR_NOMEM when an allocation failed. */
 int kt_layer_alloc_weights(kt_layer *L, int transposed, int group_size) {
-    int E = L->E, H = L->H, I = L->I, ok;
-    size_t per = (size_t)I * H;
-    if (L->wformat == KT_W_BF16 && L->isa == KT_ISA_AMX) { /* tile layout (gemm.h) */
-        L->prepacked = 1;
-        L->pre_gu = kt_prepacked_elems(2 * I, H);
-        L->pre_dn = kt_prepacked_elems(H, I);
-        L->w_gate_up = kt_weight_alloc(L, sizeof(kt_bf16) * L->pre_gu * E);
-        L->w_down = kt_weight_alloc(L, sizeof(kt_bf16) * L->pre_dn * E);
-        ok = L->w_gate_up && L->w_down;
-    } else if (L->wformat == KT_W_BF16) {
-        L->w_gate_up = kt_weight_alloc(L, sizeof(kt_bf16) * 2 * per * E);
-        L->w_down = kt_weight_alloc(L, sizeof(kt_bf16) * per * E);
-        ok = L->w_gate_up && L->w_down;
-    } else {
-        ok = !qmat_init(L, &L->q_gate_up, L->wformat, E, 2 * I, H, group_size)
-             & !qmat_init(L, &L->q_down, L->wformat, E, H, I, group_size);
-    }
-    if (ok && transposed && L->wformat == KT_W_BF16) {
-        L->wt_gate_up = kt_weight_alloc(L, sizeof(kt_bf16) * 2 * per * E);
-        L->wt_down = kt_weight_alloc(L, sizeof(kt_bf16) * per * E);
-        ok = L->wt_gate_up && L->wt_down;
-    }
-    return ok ? 0 : -2;
+    return L->fmt->alloc(L, transposed, group_size);
 }
 
 kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
@@ -133,23 +73,40 @@ kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                               transposed, wformat, group_size, act_int8, NULL, 0, status);
 }
 
-kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
-                             const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
-                             const void *down, int down_dtype, int transposed,
-                             int wformat, int group_size, int act_int8, const kt_region *region, int attach,
-                             int *status) {
-    *status = -2;
+/* A layer without weights: its format row looked up (the one check of the format: no row,
+ * *status KT_ERR_FORMAT), the profile's per-thread slots; NULL and *status on failure. */
+static kt_layer *layer_new(int E, int H, int I, int isa, int num_threads, int wformat, int act_int8, int *status) {
+    const kt_fmt_ops *fmt = kt_fmt_of(isa, wformat, act_int8);
+    *status = fmt ? KT_ERR_NOMEM : KT_ERR_FORMAT;
+    if (!fmt) return NULL;
     kt_layer *L = calloc(1, sizeof *L);
     if (!L) return NULL;
     L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
+    L->fmt = fmt;
     L->wformat = wformat;
-    L->act_int8 = wformat != KT_W_BF16 && act_int8;
-    if (region) L->region = *region;
+    L->act_int8 = fmt->act_int8;
     pthread_mutex_init(&L->mu, NULL);
     pthread_cond_init(&L->cv, NULL);
     L->prof_thr = kt_alloc(sizeof(kt_prof_thread) * KT_MAX_THREADS);
     if (!L->prof_thr) { kt_layer_destroy(L); return NULL; }
     memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
+    return L;
+}
+
+kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
+                             const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
+                             const void *down, int down_dtype, int transposed,
+                             int wformat, int group_size, int act_int8, const kt_region *region, int attach,
+                             int *status) {
+    kt_layer *L = layer_new(E, H, I, isa, num_threads, wformat, act_int8, status);
+    if (!L) return NULL;
+    kt_pack_fn pack = L->fmt->pack_rows;
+    if (!attach && !pack) { /* a format made from pre-quantized codes only (fp8) */
+        kt_layer_destroy(L);
+        *status = KT_ERR_FORMAT;
+        return NULL;
+    }
+    if (region) L->region = *region;
     size_t per = (size_t)I * H, esz = w_dtype == KT_BF16 ? 2 : 4, desz = down_dtype == KT_BF16 ? 2 : 4;
     int ok = !kt_layer_alloc_weights(L, transposed, group_size);
     if (ok && L->prepacked && !attach) { /* one expert staged plain at a time */
@@ -158,34 +115,22 @@ kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
     }
     if (!ok || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
     if (attach) { /* the region already holds the packed weights */
-        *status = 0;
+        *status = KT_OK;
         return L;
     }
-    pack_rows_fn pack = wformat == KT_W_BF16 ? pack_bf16 : pack_quantized;
-    int rc = 0; /* pack: 0, 1 (NaN / Inf met) or -2 (OOM) */
+    int rc = 0; /* pack: 0, 1 (NaN / Inf met) or KT_ERR_NOMEM */
     for (int e = 0; e < E && !rc; e++) {
         const char *g = (const char *)gate + (size_t)e * gate_up_expert_stride * esz;
         const char *u = (const char *)up + (size_t)e * gate_up_expert_stride * esz;
-        for (int c = 0; c * KT_CHUNK_I < I && !rc; c++) {
+        for (int c = 0; c * KT_CHUNK_I < I && !rc; c++) { /* gate/up rows chunk-interleaved */
             int i0 = c * KT_CHUNK_I, n = kt_chunk_n(c, KT_CHUNK_I, I);
             rc = pack(L, e, 2 * i0, n, g + (size_t)i0 * H * esz, H, w_dtype);
             if (!rc) rc = pack(L, e, 2 * i0 + n, n, u + (size_t)i0 * H * esz, H, w_dtype);
         }
-        if (rc == 1) rc = -4;
+        if (rc == 1) rc = KT_ERR_GATE_UP_NONFINITE;
         if (!rc) rc = pack(L, e, -1, H, (const char *)down + (size_t)e * per * desz, I, down_dtype);
-        if (rc == 1) rc = -5;
-        if (rc || wformat != KT_W_BF16) continue;
-        /* the expert's plain bf16 copy is complete: the transposed copy, the tile layout */
-        const kt_bf16 *gu = L->prepacked ? L->stage : L->w_gate_up + 2 * per * e;
-        const kt_bf16 *dn = L->prepacked ? L->stage + 2 * per : L->w_down + per * e;
-        if (L->wt_gate_up) {
-            transpose_bf16(L->wt_gate_up + 2 * per * e, gu, 2 * (long)I, H);
-            transpose_bf16(L->wt_down + per * e, dn, H, I);
-        }
-        if (L->prepacked) {
-            kt_prepack_amx(gu, H, 2 * I, H, L->w_gate_up + L->pre_gu * e);
-            kt_prepack_amx(dn, I, H, I, L->w_down + L->pre_dn * e);
-        }
+        if (rc == 1) rc = KT_ERR_DOWN_NONFINITE;
+        if (!rc && L->fmt->pack_done) L->fmt->pack_done(L, e);
     }
     free(L->stage);
     L->stage = NULL;
@@ -194,39 +139,24 @@ kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
         kt_layer_destroy(L);
         return NULL;
     }
-    *status = 0;
+    *status = KT_OK;
     return L;
 }
 
-/* An empty layer of quantized weights that the caller fills (kt_layer_create_quantized,
- * quantize.c); group as in qmat_init. NULL on OOM. */
 kt_layer *kt_layer_new_quantized(int E, int H, int I, int isa, int num_threads, int wformat, int group,
-                                 int act_int8) {
-    kt_layer *L = calloc(1, sizeof *L);
+                                 int act_int8, int *status) {
+    kt_layer *L = layer_new(E, H, I, isa, num_threads, wformat, act_int8, status);
     if (!L) return NULL;
-    L->E = E; L->H = H; L->I = I; L->isa = isa; L->num_threads = num_threads;
-    L->wformat = wformat;
-    L->act_int8 = act_int8;
-    pthread_mutex_init(&L->mu, NULL);
-    pthread_cond_init(&L->cv, NULL);
-    L->prof_thr = kt_alloc(sizeof(kt_prof_thread) * KT_MAX_THREADS);
-    int bad = !L->prof_thr || qmat_init(L, &L->q_gate_up, wformat, E, 2 * I, H, group)
-              || qmat_init(L, &L->q_down, wformat, E, H, I, group) || kt_pool_ensure(num_threads);
-    if (bad) { kt_layer_destroy(L); return NULL; }
-    memset(L->prof_thr, 0, sizeof(kt_prof_thread) * KT_MAX_THREADS);
+    if (!L->fmt->code_bits) { /* not a quantized format */
+        kt_layer_destroy(L);
+        *status = KT_ERR_FORMAT;
+        return NULL;
+    }
+    if (L->fmt->alloc(L, 0, group) || kt_pool_ensure(num_threads)) { kt_layer_destroy(L); return NULL; }
     return L;
 }
 
-static size_t qmat_bytes(const kt_qmat *W, int E) {
-    return (size_t)E * W->rows * ((W->fmt == KT_W_INT4 ? W->cols / 2 : W->cols) + sizeof(float) * W->ngroups);
-}
-
-size_t kt_layer_weight_bytes(const kt_layer *L) {
-    if (L->wformat != KT_W_BF16) return qmat_bytes(&L->q_gate_up, L->E) + qmat_bytes(&L->q_down, L->E);
-    size_t plain = sizeof(kt_bf16) * 3 * (size_t)L->E * L->I * L->H;
-    size_t packed = L->prepacked ? sizeof(kt_bf16) * (L->pre_gu + L->pre_dn) * L->E : plain;
-    return packed + (L->wt_down ? plain : 0);
-}
+size_t kt_layer_weight_bytes(const kt_layer *L) { return L->fmt->weight_bytes(L); }
 
 int kt_layer_set_threads(kt_layer *L, int num_threads) {
     if (kt_pool_ensure(num_threads)) return -1;
@@ -292,7 +222,7 @@ int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int i
     rt->w = kt_alloc(sizeof(float) * n);
     if (!rt->offset || !rt->pos_of_slot || !rt->slot_of_pos || !rt->hit || !rt->w) {
         kt_routing_free(rt);
-        return -2;
+        return KT_ERR_NOMEM;
     }
     for (long s = 0; s < n; s++) {
         long e = id_at(ids, ids_dtype, s);
@@ -307,7 +237,7 @@ int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int i
     }
     rt->npos = rt->offset[E];
     long *fill = calloc((size_t)E, sizeof(long));
-    if (!fill) { kt_routing_free(rt); return -2; }
+    if (!fill) { kt_routing_free(rt); return KT_ERR_NOMEM; }
     for (long s = 0; s < n; s++) {
         long e = id_at(ids, ids_dtype, s);
         if (e < 0) { rt->pos_of_slot[s] = -1; continue; }
@@ -343,7 +273,7 @@ static void run_job(void *p) {
     kt_layer *L = p;
     int kind = L->job_kind;
     double t0 = kt_now();
-    int status = kind == 0 ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
+    int status = kind == KT_JOB_FORWARD ? forward_pass[L->isa](L) : backward_pass[L->isa](L);
     L->prof.passes[kind]++;
     L->prof.pass_wall[kind] += kt_now() - t0;
     pthread_mutex_lock(&L->mu);
@@ -355,8 +285,8 @@ static void run_job(void *p) {
 
 static int start(kt_layer *L) {
     L->busy = 1;
-    L->status = 0;
-    if (kt_pool_submit(run_job, L)) { L->busy = 0; return -2; }
+    L->status = KT_OK;
+    if (kt_pool_submit(run_job, L)) { L->busy = 0; return KT_ERR_NOMEM; }
     return 0;
 }
 
@@ -366,9 +296,9 @@ int kt_layer_has_saved(const kt_layer *L) { return L->has_saved; }
 int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
                       const void *ids, int ids_dtype, const void *weights, int w_dtype,
                       const kt_lora *lora, int keep, void *y) {
-    if (L->busy) return -1;
+    if (L->busy) return KT_ERR_BUSY;
     kt_layer_release_saved(L);
-    L->job_kind = 0;
+    L->job_kind = KT_JOB_FORWARD;
     L->x = x; L->x_dtype = x_dtype;
     L->ids = ids; L->ids_dtype = ids_dtype;
     L->weights = weights; L->w_dtype = w_dtype;
@@ -380,9 +310,9 @@ int kt_submit_forward(kt_layer *L, int T, int k, const void *x, int x_dtype,
 }
 
 int kt_submit_backward(kt_layer *L, const void *dy, const kt_lora *grads, void *dx, void *dw) {
-    if (L->busy) return -1;
-    if (!L->has_saved) return -3;
-    L->job_kind = 1;
+    if (L->busy) return KT_ERR_BUSY;
+    if (!L->has_saved) return KT_ERR_NOT_KEPT;
+    L->job_kind = KT_JOB_BACKWARD;
     L->dy = dy; L->dx = dx; L->dw = dw;
     L->has_grads = grads != NULL;
     if (grads) L->grads_in = *grads; else memset(&L->grads_in, 0, sizeof L->grads_in);

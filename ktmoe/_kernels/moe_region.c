@@ -10,6 +10,7 @@
  * layer never writes to it and never frees it. Offsets, not addresses, are stored, so every
  * process may map the region anywhere. */
 #include "moe_internal.h"
+#include <stdlib.h>
 #include <string.h>
 
 #define KT_REGION_ALIGN 4096
@@ -45,6 +46,8 @@ size_t kt_layer_region_bytes(int E, int H, int I, int isa, int transposed, int w
     kt_layer L;
     memset(&L, 0, sizeof L);
     L.E = E; L.H = H; L.I = I; L.isa = isa; L.wformat = wformat;
+    L.fmt = kt_fmt_of(isa, wformat, 0);
+    if (!L.fmt) return 0; /* no such format: creating the layer fails with KT_ERR_FORMAT */
     L.region.mode = KT_REGION_MEASURE;
     L.region.used = KT_REGION_ALIGN; /* the header page */
     kt_layer_alloc_weights(&L, transposed, group_size);
@@ -57,7 +60,8 @@ static void header_fill(kt_region_header *h, int E, int H, int I, int isa, int t
     h->magic = KT_REGION_MAGIC;
     h->version = KT_REGION_VERSION;
     h->E = E; h->H = H; h->I = I; h->isa = isa; h->transposed = transposed; h->wformat = wformat;
-    h->group_size = wformat == KT_W_INT4 ? group_size : 0;
+    const kt_fmt_ops *f = kt_fmt_of(isa, wformat, 0);
+    h->group_size = f && f->code_bits && !f->per_row_scale ? group_size : 0; /* only a grouped layout depends on it */
     h->bytes = bytes;
 }
 
@@ -72,11 +76,11 @@ static kt_layer *create_in(void *base, size_t bytes, int attach, int E, int H, i
                                      transposed, wformat, group_size, act_int8, &r, attach, status);
     if (L && L->region.requested != kt_layer_weight_bytes(L)) { /* a weight array outside kt_weight_alloc */
         kt_layer_destroy(L);
-        *status = -6;
+        *status = KT_ERR_REGION_SMALL;
         return NULL;
     }
-    if (!L && *status == -2 && kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size) > bytes)
-        *status = -6;
+    if (!L && *status == KT_ERR_NOMEM && kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size) > bytes)
+        *status = KT_ERR_REGION_SMALL;
     return L;
 }
 
@@ -84,7 +88,7 @@ int kt_region_pack(void *base, size_t bytes, int E, int H, int I, int isa,
                    const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
                    const void *down, int down_dtype, int transposed, int wformat, int group_size) {
     size_t need = kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size);
-    if (bytes < need) return -6;
+    if (bytes < need) return KT_ERR_REGION_SMALL;
     kt_region_header *h = base;
     header_fill(h, E, H, I, isa, transposed, wformat, group_size, need);
     int status;
@@ -102,10 +106,10 @@ kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, i
     kt_region_header want;
     size_t need = kt_layer_region_bytes(E, H, I, isa, transposed, wformat, group_size);
     header_fill(&want, E, H, I, isa, transposed, wformat, group_size, need);
-    if (bytes < need || bytes < sizeof *h) { *status = -6; return NULL; }
-    if (!__atomic_load_n(&h->ready, __ATOMIC_ACQUIRE)) { *status = -7; return NULL; }
+    if (bytes < need || bytes < sizeof *h) { *status = KT_ERR_REGION_SMALL; return NULL; }
+    if (!__atomic_load_n(&h->ready, __ATOMIC_ACQUIRE)) { *status = KT_ERR_REGION_NOT_PACKED; return NULL; }
     want.ready = 1;
-    if (memcmp(h, &want, sizeof want)) { *status = -8; return NULL; }
+    if (memcmp(h, &want, sizeof want)) { *status = KT_ERR_REGION_MISMATCH; return NULL; }
     /* the layer only reads the region (its pieces are never written or freed in attach mode) */
     return create_in((void *)base, bytes, 1, E, H, I, isa, num_threads, NULL, NULL, 0, KT_BF16, NULL, KT_BF16,
                      transposed, wformat, group_size, act_int8, status);

@@ -1,6 +1,8 @@
-/* quantize.c: INT8 / INT4 expert weights, quantized once when a layer is created
- * (design.md 5); pre-quantized INT8 / INT4 / FP8 codes and scales taken as they are
- * (kt_layer_create_quantized); and the export of the stored values for tests and inspection.
+/* quantize.c: the storage every quantized format row shares (kt_qmat, fmt.h: int8, int4, fp8
+ * and the W8A8 rows): the arrays of codes and scales sized by the row's code_bits and scale
+ * rule, expert weights quantized once when a layer is created (design.md 5; the row's qmax),
+ * pre-quantized INT8 / INT4 / FP8 codes and scales taken as they are
+ * (kt_layer_create_quantized), and the export of the stored values for tests and inspection.
  *
  * The rules match reference/quant.py bit for bit (all arithmetic in fp32):
  *   INT8: per row, scale = amax / 127, q = round-half-even(w / scale) clipped to +-127;
@@ -12,11 +14,42 @@
  * the same operation numpy's float32 divide performs.
  */
 #include "moe_internal.h"
+#include "vec.h"
 #include <stdlib.h>
 
-static inline float round_even(float v) {
-    const float shift = 12582912.f; /* 1.5 * 2^23 */
-    return (v + shift) - shift;
+/* bytes of one stored row of `cols` codes */
+static long row_bytes(const kt_qmat *W) { return (long)W->cols * W->bits / 8; }
+
+static int qmat_init(kt_layer *L, kt_qmat *W, int E, int rows, int cols, int group) {
+    W->bits = L->fmt->code_bits;
+    W->qmax = L->fmt->qmax;
+    W->rows = rows;
+    W->cols = cols;
+    W->group = L->fmt->per_row_scale ? cols : group; /* int4 groups, fp8 column blocks */
+    W->ngroups = cols / W->group;
+    W->q = kt_weight_alloc(L, (size_t)E * rows * row_bytes(W));
+    W->scale = kt_weight_alloc(L, sizeof(float) * (size_t)E * rows * W->ngroups);
+    return W->q && W->scale ? 0 : KT_ERR_NOMEM;
+}
+
+int kt_qmat_alloc(kt_layer *L, int transposed, int group_size) {
+    (void)transposed; /* bf16 only (refused by the caller for quantized formats) */
+    int a = qmat_init(L, &L->q_gate_up, L->E, 2 * L->I, L->H, group_size);
+    int b = qmat_init(L, &L->q_down, L->E, L->H, L->I, group_size);
+    return a || b ? KT_ERR_NOMEM : 0;
+}
+
+static size_t qmat_bytes(const kt_qmat *W, int E) {
+    return (size_t)E * W->rows * (row_bytes(W) + sizeof(float) * W->ngroups);
+}
+
+size_t kt_qmat_weight_bytes(const kt_layer *L) { return qmat_bytes(&L->q_gate_up, L->E) + qmat_bytes(&L->q_down, L->E); }
+
+static int quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, long ld, int dtype);
+
+int kt_qmat_pack_rows(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
+    if (dst_row0 < 0) return quantize_rows(&L->q_down, e, 0, n, src, ld, dtype);
+    return quantize_rows(&L->q_gate_up, e, dst_row0, n, src, ld, dtype);
 }
 
 /* one group: values v[0:n] -> q[0:n] in [-qmax, qmax], returns the scale */
@@ -40,13 +73,15 @@ static float quantize_group(const float *v, int n, float qmax, int8_t *q) {
     return scale;
 }
 
-int kt_quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
-    int cols = W->cols, int4 = W->fmt == KT_W_INT4;
-    float qmax = int4 ? 7.f : 127.f;
+/* Quantizes n rows of `cols` values (src rows `ld` elements apart, dtype KT_F32/KT_BF16)
+ * into rows dst_row0.. of expert e of W. Returns 0, 1 if a value is NaN or Inf, KT_ERR_NOMEM. */
+static int quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, long ld, int dtype) {
+    int cols = W->cols, int4 = W->bits == 4;
+    float qmax = W->qmax;
     float *v = malloc(sizeof(float) * (size_t)cols);
     int8_t *q = malloc((size_t)cols);
     int bad = 0;
-    if (!v || !q) { free(v); free(q); return -2; }
+    if (!v || !q) { free(v); free(q); return KT_ERR_NOMEM; }
     for (int i = 0; i < n; i++) {
         long row = (long)e * W->rows + dst_row0 + i;
         if (dtype == KT_BF16) {
@@ -73,13 +108,13 @@ int kt_quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src, lo
 /* value (e, row, col) of W as an int8 */
 static inline int8_t q_at(const kt_qmat *W, int e, long row, int col) {
     long r = (long)e * W->rows + row;
-    if (W->fmt != KT_W_INT4) return W->q[r * W->cols + col]; /* int8 value or fp8 code */
+    if (W->bits == 8) return W->q[r * W->cols + col]; /* int8 value or fp8 code */
     int8_t b = W->q[r * (W->cols / 2) + col / 2];
     return (int8_t)(col & 1 ? b >> 4 : (int8_t)(b << 4) >> 4);
 }
 
 int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale) {
-    if (L->wformat == KT_W_BF16) return -1;
+    if (!L->fmt->code_bits) return -1; /* bf16 */
     const kt_qmat *W = proj == KT_DOWN ? &L->q_down : &L->q_gate_up;
     int rows = proj == KT_DOWN ? L->H : L->I, cols = W->cols, ng = W->ngroups;
     for (int e = 0; e < L->E; e++)
@@ -106,7 +141,7 @@ static float scale_at(const void *s, int dtype, long i) {
  * as they are (XORed with code_xor), the scale of each row's block. */
 static void copy_rows(kt_qmat *W, int e, int dst0, const kt_qsource *src, int r0, int n, int scale_dtype,
                       int block_rows, int code_xor) {
-    long rb = W->fmt == KT_W_INT4 ? W->cols / 2 : W->cols, ng = W->ngroups;
+    long rb = row_bytes(W), ng = W->ngroups;
     const uint8_t *codes = (const uint8_t *)src->codes + (size_t)e * src->codes_stride;
     long s0 = (long)e * src->scales_stride;
     for (int i = 0; i < n; i++) {
@@ -125,8 +160,7 @@ kt_layer *kt_layer_create_quantized(int E, int H, int I, int isa, int num_thread
                                     const kt_qsource *gate, const kt_qsource *up, const kt_qsource *down,
                                     int scale_dtype, int block_rows, int group, int code_xor, int act_int8,
                                     int *status) {
-    *status = -2;
-    kt_layer *L = kt_layer_new_quantized(E, H, I, isa, num_threads, wformat, group, act_int8);
+    kt_layer *L = kt_layer_new_quantized(E, H, I, isa, num_threads, wformat, group, act_int8, status);
     if (!L) return NULL;
     for (int e = 0; e < E; e++) {
         for (int c = 0; c * KT_CHUNK_I < I; c++) { /* gate/up rows chunk-interleaved (moe_internal.h) */
@@ -136,7 +170,7 @@ kt_layer *kt_layer_create_quantized(int E, int H, int I, int isa, int num_thread
         }
         copy_rows(&L->q_down, e, 0, down, 0, H, scale_dtype, block_rows, code_xor);
     }
-    *status = 0;
+    *status = KT_OK;
     return L;
 }
 
