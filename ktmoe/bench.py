@@ -112,10 +112,10 @@ BF16_PROBES = ("amx", "avx512-bf16", "avx512-fma", "avx2-fma")
 
 
 def bf16_probe_for(isa: str | None = None) -> str | None:
-    """The probe whose peak bounds kernel path `isa` (default: the path in use, ktmoe._cpu.
-    select_isa()): amx -> AMX tiles; avx512 -> VDPBF16PS if the CPU has AVX512_BF16 (the
-    path's inner loop then uses it), else the zmm FMA loop; portable -> the widest FMA loop
-    the CPU has (a ceiling the compiler's vectorisation of the plain C could reach at best).
+    """The probe whose peak bounds kernel target `isa` (default: the one in use, ktmoe._cpu.
+    select_isa()): amx -> AMX tiles; avx512 -> VDPBF16PS (its inner loops use it); avx512f -> the
+    zmm FMA loop (its loops are fp32 FMAs); avx2 -> the ymm FMA loop; portable -> the widest FMA
+    loop the CPU has (a ceiling the compiler's vectorisation of the plain C could reach at best).
     None: no probe can run (no AVX2 + FMA)."""
     from . import _cpu
     from ._kernels import _roofline
@@ -126,7 +126,9 @@ def bf16_probe_for(isa: str | None = None) -> str | None:
         return "amx"
     if isa in ("amx", "avx512") and flags.get("avx512_bf16"):
         return "avx512-bf16"
-    if "avx512" in available:
+    if isa == "avx2":
+        return "avx2-fma" if _roofline.has_avx2_fma() else None
+    if flags.get("avx512"):
         return "avx512-fma"
     return "avx2-fma" if _roofline.has_avx2_fma() else None
 

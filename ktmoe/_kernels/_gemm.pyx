@@ -6,11 +6,11 @@ gemm(kind, isa, A, W, C, accumulate=False)          C [M, N] (+)= A W^T (kind "n
                                                      or A W (kind "nn", W [K, N])
 time_gemm(kind, isa, A, W, C, accumulate, calls)    the same call `calls` times back to back,
                                                      returns the wall seconds of all of them
-avx512_force_nobf16(flag)                           test hook of gemm_avx512.c: nonzero makes the
-                                                     avx512 path use its AVX-512F inner loops even
-                                                     where the CPU has AVX512_BF16; returns the old value
+igemm(kind, isa, A, W, C, accumulate=False)         the int8 GEMMs of gemm_int8.h: A, W int8 in
+                                                     [-127, 127], C int32, K <= 65536
 
-A and W are numpy uint16 arrays holding bf16 bit patterns, C is float32; all three 2-D with
+isa is any kernel target of the build (isa_table.c, one list with meson.build). For gemm, A and W
+are numpy uint16 arrays holding bf16 bit patterns, C is float32; all three 2-D with
 unit-stride rows (row strides >= the row length are passed as lda / ldw / ldc, so row slices
 of bigger arrays work). C must be writeable and must not overlap A or W. Single-threaded on
 the calling thread, GIL released. Every argument is checked first and a bad one raises
@@ -19,42 +19,43 @@ ValueError naming it (TypeError for a non-array); `isa` must be in ktmoe.availab
 """
 from libc.stdint cimport uint16_t
 
-cdef extern from "gemm.h":
+from libc.stdint cimport int8_t, int32_t
+
+cdef extern from "isa_table.h":
     ctypedef uint16_t kt_bf16
     ctypedef void (*kt_gemm_fn)(int M, int N, int K, const kt_bf16 *A, long lda,
                                 const kt_bf16 *W, long ldw, float *C, long ldc, int accumulate) nogil
-    void kt_gemm_nt_portable(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nn_portable(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nt_avx512(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nn_avx512(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nt_amx(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nn_amx(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-
-cdef extern from "ktmoe.h":
+    ctypedef void (*kt_igemm_fn)(int M, int N, int K, const int8_t *A, long lda,
+                                 const int8_t *W, long ldw, int32_t *C, long ldc, int accumulate) nogil
+    ctypedef struct kt_isa_gemms:
+        kt_gemm_fn nt
+        kt_gemm_fn nn
+        kt_igemm_fn int_nt
+        kt_igemm_fn int_nn
+    const kt_isa_gemms *kt_isa_gemm_table(int isa)
     int kt_amx_request_permission()
-
-cdef extern from *:
-    """
-    extern int kt_avx512_force_nobf16;
-    """
-    int kt_avx512_force_nobf16
+    int KT_NISA
+    const char *kt_isa_name(int isa)
 
 import os
 import time
 
 import numpy as np
 
-ISAS = ("amx", "avx512", "portable")
+ISA_CODES = {kt_isa_name(i).decode(): i for i in range(KT_NISA)}
+ISAS = tuple(reversed(ISA_CODES))   # best first, as ktmoe._cpu.ISAS
 KINDS = ("nt", "nn")
 _INT_MAX = 2**31 - 1
 
 
 cdef kt_gemm_fn _pick(str kind, str isa):
-    if isa == "portable":
-        return kt_gemm_nt_portable if kind == "nt" else kt_gemm_nn_portable
-    if isa == "avx512":
-        return kt_gemm_nt_avx512 if kind == "nt" else kt_gemm_nn_avx512
-    return kt_gemm_nt_amx if kind == "nt" else kt_gemm_nn_amx
+    cdef const kt_isa_gemms *g = kt_isa_gemm_table(ISA_CODES[isa])
+    return g.nt if kind == "nt" else g.nn
+
+
+cdef kt_igemm_fn _pick_int8(str kind, str isa):
+    cdef const kt_isa_gemms *g = kt_isa_gemm_table(ISA_CODES[isa])
+    return g.int_nt if kind == "nt" else g.int_nn
 
 
 def _matrix(name, a, dtype, writeable=False):
@@ -88,7 +89,7 @@ def _matrix(name, a, dtype, writeable=False):
     return a.__array_interface__["data"][0], rows, cols, ld
 
 
-def _check(kind, isa, A, W, C):
+def _check(kind, isa, A, W, C, int8=False):
     from .. import _cpu
     if kind not in KINDS:
         raise ValueError(f"kind: must be 'nt' or 'nn', got {kind!r}")
@@ -97,9 +98,12 @@ def _check(kind, isa, A, W, C):
     if isa not in _cpu.available_isas():
         why = _cpu._probe()[1].get(isa, "not available")
         raise ValueError(f"isa: path {isa!r} cannot run here: {why}")
-    a, M, K, lda = _matrix("A", A, np.uint16)
-    w, wr, wc, ldw = _matrix("W", W, np.uint16)
-    c, cm, N, ldc = _matrix("C", C, np.float32, writeable=True)
+    ab, cb = (np.int8, np.int32) if int8 else (np.uint16, np.float32)
+    a, M, K, lda = _matrix("A", A, ab)
+    w, wr, wc, ldw = _matrix("W", W, ab)
+    c, cm, N, ldc = _matrix("C", C, cb, writeable=True)
+    if int8 and K > 65536:
+        raise ValueError(f"A: int8 GEMMs take K <= 65536, got {K}")
     wk, wn = (wc, wr) if kind == "nt" else (wr, wc)
     want = "[N, K]" if kind == "nt" else "[K, N]"
     if wk != K or wn != N:
@@ -148,9 +152,15 @@ def time_gemm(kind, isa, A, W, C, accumulate=False, calls=1):
     return time.perf_counter() - t0
 
 
-def avx512_force_nobf16(flag):
-    """Sets gemm_avx512.c's test hook (nonzero: AVX-512F loops only); returns the previous value."""
-    global kt_avx512_force_nobf16
-    old = kt_avx512_force_nobf16
-    kt_avx512_force_nobf16 = 1 if flag else 0
-    return old
+def igemm(kind, isa, A, W, C, accumulate=False):
+    """C (+)= A W^T (nt) or A W (nn) on int8 A, W (values in [-127, 127]) into int32 C, with `isa`."""
+    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, int8=True)
+    cdef kt_igemm_fn fn = _pick_int8(kind, isa)
+    cdef int m = M, n = N, k = K, acc = bool(accumulate)
+    cdef long la = lda, lw = ldw, lc = ldc
+    cdef const int8_t *pa = <const int8_t *><size_t>a
+    cdef const int8_t *pw = <const int8_t *><size_t>w
+    cdef int32_t *pc = <int32_t *><size_t>c
+    with nogil:
+        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    return C

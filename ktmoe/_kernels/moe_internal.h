@@ -164,11 +164,8 @@ void *kt_alloc(size_t bytes); /* 64-byte aligned, NULL on failure */
 /* Per-thread scratch that grows as needed and lives as long as the thread. */
 void *kt_scratch(int slot, size_t bytes);
 
-/* The passes, one set per ISA (moe_passes.c). Return 0 or -2 (OOM). */
-int kt_forward_portable(kt_layer *L);
-int kt_backward_portable(kt_layer *L);
-int kt_forward_avx512(kt_layer *L);
-int kt_backward_avx512(kt_layer *L);
-int kt_forward_amx(kt_layer *L);
-int kt_backward_amx(kt_layer *L);
+/* The passes, one set per kernel target of kt_isas.h (moe_passes.c). Return 0 or -2 (OOM). */
+#define KT_PASS_PROTO(name, NAME, needs, flags) int kt_forward_##name(kt_layer *L); int kt_backward_##name(kt_layer *L);
+KT_ISA_LIST(KT_PASS_PROTO)
+#undef KT_PASS_PROTO
 #endif

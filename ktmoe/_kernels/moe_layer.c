@@ -336,8 +336,12 @@ void kt_layer_profile_reset(kt_layer *L) { memset(&L->prof, 0, sizeof L->prof); 
 /* ---- jobs ---- */
 
 typedef int (*pass_fn)(kt_layer *);
-static const pass_fn forward_pass[3] = {kt_forward_portable, kt_forward_avx512, kt_forward_amx};
-static const pass_fn backward_pass[3] = {kt_backward_portable, kt_backward_avx512, kt_backward_amx};
+#define KT_FWD_ROW(name, NAME, needs, flags) kt_forward_##name,
+#define KT_BWD_ROW(name, NAME, needs, flags) kt_backward_##name,
+static const pass_fn forward_pass[KT_NISA] = {KT_ISA_LIST(KT_FWD_ROW)};
+static const pass_fn backward_pass[KT_NISA] = {KT_ISA_LIST(KT_BWD_ROW)};
+#undef KT_FWD_ROW
+#undef KT_BWD_ROW
 
 static void run_job(void *p) {
     kt_layer *L = p;

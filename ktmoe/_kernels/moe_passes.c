@@ -1,7 +1,7 @@
 /* moe_passes.c: the forward and backward of one layer's routed experts (design.md 2-4).
  *
- * Compiled once per ISA (meson passes -DKT_ISA=portable|avx512|amx plus that ISA's
- * flags), so the same source drives each path's GEMMs (gemm.h) and the compiler
+ * Compiled once per kernel target (meson.build's list passes -DKT_ISA=<name> plus exactly
+ * that target's flags), so the same source drives each path's GEMMs (gemm.h) and the compiler
  * vectorises the elementwise loops (SiLU, reductions, conversions) for that ISA.
  *
  * A pass is a short sequence of phases; a phase is a parallel loop over tasks, a task
