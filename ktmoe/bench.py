@@ -156,14 +156,15 @@ def _llc_bytes() -> int:
 
 def measure_roofline(threads: int, seconds: float = 0.5, nbytes: int | None = None,
                      isa: str | None = None) -> Roofline:
-    """The bf16 peak bounding kernel path `isa` (default: the path in use; see bf16_probe_for),
+    """The bf16 peak bounding kernel path `isa` (default: the path in use; see bf16_probe_for; best of 3 runs),
     the AMX int8 peak (amx path only) and the read bandwidth, on `threads` threads. The buffer
     is max(1 GiB, 4x the last-level cache), at most 4 GiB, unless `nbytes` is given."""
     from ._kernels import _roofline
     if nbytes is None:
         nbytes = min(max(1 << 30, 4 * _llc_bytes()), 4 << 30)
     probe = bf16_probe_for(isa)
-    bf16 = probe_peak(probe, threads, seconds) if probe else None
+    # a peak is a maximum: the best of 3 runs (one run lands low when something else shares the cores)
+    bf16 = max(probe_peak(probe, threads, seconds) for _ in range(3)) if probe else None
     int8 = _roofline.amx_peak(threads, seconds, "int8") if probe == "amx" else None
     bw = _roofline.read_bandwidth(threads, int(nbytes), 3)
     return Roofline(threads, bf16, int8, bw, int(nbytes), probe)
