@@ -1,10 +1,13 @@
-"""CPU path selection: which kernel paths this CPU and OS can run, and which one to use.
+"""CPU path selection: which kernel targets this CPU and OS can run, and which one to use.
 
-Paths, best first: "amx" (AMX-BF16 tiles; needs the CPU flags, the tile state enabled by
-the OS and Linux's per-process permission), "avx512" (AVX-512 F/BW/VL/DQ, using the BF16
-dot-product instructions where present), "portable" (plain C, any x86-64). The
-environment variable KTMOE_ISA may force a lower path; asking for a path this machine
-cannot run raises rather than falling back.
+The targets are the build's (ktmoe/_kernels/meson.build declares each with its compiler flags and
+the CPU features it needs; the C extension reports that list). Best first: "amx" (AMX-BF16 / INT8
+tiles; needs the CPU flags, the tile state enabled by the OS and Linux's per-process permission),
+"avx512" (AVX-512 F/BW/VL/DQ + BF16 + VNNI), "avx512f" (AVX-512 F/BW/VL/DQ only: built without the
+BF16 / VNNI flags, for Skylake-SP / Cascade Lake / Ice Lake), "avx2" (AVX2 + FMA, ymm only: AMD
+Rome / Milan, Haswell / Broadwell), "portable" (plain C, any x86-64). The CPU features are detected
+once (cpu_features.c). The environment variable KTMOE_ISA (or an `isa=` argument) may force any
+target the CPU can run; asking for one it cannot run raises rather than falling back.
 """
 from __future__ import annotations
 
@@ -13,39 +16,42 @@ import os
 
 from ._kernels import _core
 
-ISAS = ("amx", "avx512", "portable")
 ENV_VAR = "KTMOE_ISA"
+_TARGETS = _core.isa_targets()                     # [(name, flags, needs)], worst first
+ISAS = tuple(name for name, _, _ in reversed(_TARGETS))   # best first
+ISA_FLAGS = {name: flags for name, flags, _ in _TARGETS}
+ISA_NEEDS = {name: tuple(needs) for name, _, needs in _TARGETS}
+
+# what each feature bit means, for the reasons `ktmoe info` gives
+FEATURE_TEXT = {
+    "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx_vnni": "AVX-VNNI", "avx512": "AVX-512 F/BW/VL/DQ",
+    "avx512_bf16": "AVX512_BF16", "avx512_vnni": "AVX512_VNNI", "amx_tile": "AMX-TILE", "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8", "amx_os": "the OS's AMX tile state (XCR0)",
+    "amx_perm": "Linux's grant of the AMX tile state (arch_prctl; kernel >= 5.16)",
+}
+
+
+def _why_not(name: str, flags: dict[str, bool]) -> str:
+    missing = [f for f in ISA_NEEDS[name] if not flags.get(f)]
+    text = ", ".join(FEATURE_TEXT.get(f, f) for f in missing)
+    if missing == ["amx_perm"]:
+        err = _core.amx_request_permission()
+        text += f" (errno {err}: {os.strerror(err)})" if err else ""
+    return f"this CPU or OS lacks {text}"
 
 
 @functools.lru_cache(maxsize=None)
 def _probe() -> tuple[tuple[str, ...], dict[str, str], dict[str, bool]]:
-    """(available paths, why each missing one is missing, raw feature flags)."""
+    """(available targets best first, why each missing one is missing, raw feature flags)."""
     f = _core.cpu_features()
-    missing: dict[str, str] = {}
-    available = []
-    if not (f["amx_tile"] and f["amx_bf16"]):
-        missing["amx"] = "the CPU has no AMX-BF16 tiles"
-    elif not f["avx512"]:
-        missing["amx"] = "the AMX path also needs AVX-512, which is absent or disabled by the OS"
-    elif not f["amx_os"]:
-        missing["amx"] = "the OS has not enabled the AMX tile state (XCR0)"
-    else:
-        err = _core.amx_request_permission()
-        if err:
-            missing["amx"] = (f"Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, "
-                              f"errno {err}: {os.strerror(err)}); a kernel >= 5.16 is needed")
-        else:
-            available.append("amx")
-    if f["avx512"]:
-        available.append("avx512")
-    else:
-        missing["avx512"] = "the CPU or OS lacks AVX-512 F/BW/VL/DQ"
-    available.append("portable")
-    return tuple(available), missing, f
+    available = tuple(name for name in ISAS if all(f.get(x) for x in ISA_NEEDS[name]))
+    missing = {name: _why_not(name, f) for name in ISAS if name not in available}
+    return available, missing, f
 
 
 def available_isas() -> list[str]:
-    """Kernel paths this CPU can run, best first ("portable" is always there)."""
+    """Kernel targets this CPU can run, best first ("portable" is always there); every one of them
+    can be forced with isa= / $KTMOE_ISA, and the tests run each."""
     return list(_probe()[0])
 
 
@@ -62,12 +68,12 @@ def select_isa(requested: str | None = None) -> tuple[str, str]:
         requested, source = os.environ[ENV_VAR].strip().lower(), f"${ENV_VAR}"
     if requested is None:
         best = available[0]
-        skipped = [f"{isa}: {missing[isa]}" for isa in ISAS[: ISAS.index(best)]]
+        skipped = [f"{isa}: {missing.get(isa, 'not available')}" for isa in ISAS[: ISAS.index(best)]]
         return best, "best path this CPU supports" + (f" ({'; '.join(skipped)})" if skipped else "")
     if requested not in ISAS:
         raise ValueError(f"isa: unknown kernel path {requested!r} (from {source}); choose one of {list(ISAS)}")
     if requested not in available:
-        raise ValueError(f"isa: path {requested!r} (from {source}) cannot run here: {missing[requested]}")
+        raise ValueError(f"isa: path {requested!r} (from {source}) cannot run here: {missing.get(requested, 'not available')}")
     return requested, f"forced by {source}"
 
 
@@ -118,13 +124,16 @@ def default_num_threads(reserve: int = 0) -> int:
 
 
 def cpu_info() -> dict:
-    """What `ktmoe info` prints: CPU features, the path chosen and why, thread count."""
+    """What `ktmoe info` prints: CPU features, every target (flags, usable or why not), the path
+    chosen and why, thread count."""
     available, missing, flags = _probe()
     isa, reason = select_isa()
     return {
         "features": [name for name, on in flags.items() if on],
         "available_isas": list(available),
         "unavailable": dict(missing),
+        "targets": [{"name": name, "flags": ISA_FLAGS[name], "needs": list(ISA_NEEDS[name]),
+                     "usable": name in available, "why": missing.get(name, "")} for name in ISAS],
         "isa": isa,
         "reason": reason,
         "num_threads": default_num_threads(),

@@ -102,8 +102,10 @@ def cmd_info(args) -> int:
     print(f"ktmoe {__import__('ktmoe').__version__}")
     print(f"CPU features : {', '.join(info['features']) or 'none of interest'}")
     print(f"paths here   : {', '.join(info['available_isas'])}")
-    for isa, why in info["unavailable"].items():
-        print(f"  no {isa:<9}: {why}")
+    print("targets      : (best first; KTMOE_ISA / --isa / isa= force any usable one)")
+    for t in info["targets"]:
+        state = "usable" if t["usable"] else f"not usable: {t['why']}"
+        print(f"  {t['name']:<9} {state}  [{t['flags'] or 'no extra flags'}]")
     print(f"path in use  : {info['isa']} ({info['reason']})")
     print(f"threads      : {info['num_threads']} (cores this process may use)")
     return 0

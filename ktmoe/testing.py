@@ -400,41 +400,26 @@ def guarded_matrix(rows, cols, ld, dtype, side, fill):
 @dataclasses.dataclass(frozen=True)
 class GemmTarget:
     """One GEMM this CPU runs: bf16 (gemm.h, fp32 out) or int8 (gemm_int8.h, int32 out), nt or
-    nn, one kernel path, and a sub-variant of the avx512 path forced through _gemm's hooks
-    ("nobf16": AVX-512F loops where the CPU has AVX512_BF16; "novnni": AVX-512BW loops where it
-    has AVX512_VNNI; "" = what the path picks by itself)."""
+    nn, on one kernel target of the build (the avx512 sub-variants without BF16 / VNNI are their
+    own target, avx512f, compiled without those instructions)."""
     dtype: str      # "bf16" or "int8"
     kind: str       # "nt" (W [N, K]) or "nn" (W [K, N])
     isa: str
-    variant: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.dtype}-{self.kind}-{self.isa}" + (f"-{self.variant}" if self.variant else "")
+        return f"{self.dtype}-{self.kind}-{self.isa}"
 
     def __call__(self, A, W, C, accumulate):
         from ._kernels import _gemm
-        hook = {"nobf16": _gemm.avx512_force_nobf16, "novnni": _gemm.avx512_force_novnni}.get(self.variant)
-        old = hook(1) if hook else None
-        try:
-            fn = _gemm.gemm if self.dtype == "bf16" else _gemm.igemm
-            return fn(self.kind, self.isa, A, W, C, accumulate)
-        finally:
-            if hook:
-                hook(old)
+        fn = _gemm.gemm if self.dtype == "bf16" else _gemm.igemm
+        return fn(self.kind, self.isa, A, W, C, accumulate)
 
 
 def gemm_targets() -> list:
-    """Every GemmTarget this CPU can run: each GEMM x each kernel path of ktmoe.available_isas() x
-    the avx512 path's sub-variants (with and without BF16 / VNNI where the CPU has them)."""
-    from . import _cpu
-    flags = _cpu._probe()[2]
-    out = []
-    for isa in ktmoe.available_isas():
-        for dtype, feature, off in (("bf16", "avx512_bf16", "nobf16"), ("int8", "avx512_vnni", "novnni")):
-            variants = ["", off] if isa == "avx512" and flags.get(feature) else [""]
-            out += [GemmTarget(dtype, kind, isa, v) for kind in ("nt", "nn") for v in variants]
-    return out
+    """Every GemmTarget this CPU can run: each GEMM x each kernel target of ktmoe.available_isas()."""
+    return [GemmTarget(dtype, kind, isa) for isa in ktmoe.available_isas()
+            for dtype in ("bf16", "int8") for kind in ("nt", "nn")]
 
 
 GEMM_SENTINEL = {"bf16": np.float32(-7.25e19), "int8": np.int32(0x5A5A1234)}

@@ -31,9 +31,13 @@ cdef extern from "ktmoe.h":
         kt_lora_proj proj[3]
     ctypedef struct kt_layer:
         pass
-    ctypedef struct kt_cpu_features:
-        int avx512, avx512_bf16, avx512_vnni, amx_tile, amx_bf16, amx_int8, amx_os
-    void kt_cpu_detect(kt_cpu_features *f)
+    unsigned kt_cpu_features()
+    const char *kt_feature_name(int i)
+    int KT_NFEATURE
+    int KT_NISA
+    const char *kt_isa_name(int isa)
+    const char *kt_isa_flags(int isa)
+    unsigned kt_isa_needs(int isa)
     int kt_amx_request_permission()
     kt_layer *kt_layer_create(int E, int H, int I, int isa, int num_threads,
                               const void *gate, const void *up, long gate_up_expert_stride, int w_dtype,
@@ -116,7 +120,9 @@ cdef extern from *:
         kt_DLTensor dl_tensor
 
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "int32": 2, "int64": 3}
-ISA_CODES = {"portable": 0, "avx512": 1, "amx": 2}
+FEATURES = tuple(kt_feature_name(i).decode() for i in range(KT_NFEATURE))   # bit i of kt_cpu_features()
+# The kernel targets of kt_isas.h (meson.build's list), worst first: name -> code (enum kt_isa)
+ISA_CODES = {kt_isa_name(i).decode(): i for i in range(KT_NISA)}
 from ktmoe.formats import C_CODES as WEIGHT_FORMATS   # weight format name -> kt_wformat (ktmoe/formats.py)
 PROJ_CODES = {"gate": 0, "up": 1, "down": 2}
 
@@ -139,11 +145,19 @@ def dlpack_view(capsule):
 
 
 def cpu_features():
-    cdef kt_cpu_features f
-    kt_cpu_detect(&f)
-    return dict(avx512=bool(f.avx512), avx512_bf16=bool(f.avx512_bf16), avx512_vnni=bool(f.avx512_vnni),
-                amx_tile=bool(f.amx_tile), amx_bf16=bool(f.amx_bf16), amx_int8=bool(f.amx_int8),
-                amx_os=bool(f.amx_os))
+    """{feature: present} for every feature of FEATURES (detected once per process, cpu_features.c)."""
+    cdef unsigned bits = kt_cpu_features()
+    return {name: bool(bits >> i & 1) for i, name in enumerate(FEATURES)}
+
+
+def isa_targets():
+    """The kernel targets, worst first: [(name, compiler flags, [features it needs])]."""
+    out = []
+    for i in range(KT_NISA):
+        needs = kt_isa_needs(i)
+        out.append((kt_isa_name(i).decode(), kt_isa_flags(i).decode(),
+                    [name for b, name in enumerate(FEATURES) if needs >> b & 1]))
+    return out
 
 
 def amx_request_permission():

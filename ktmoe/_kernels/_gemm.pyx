@@ -1,75 +1,61 @@
 # cython: language_level=3
-"""_gemm: the expert GEMMs of gemm.h (bf16: kt_gemm_nt_<isa>, kt_gemm_nn_<isa>) and gemm_int8.h
-(int8, W8A8: kt_igemm_nt_<isa>, kt_igemm_nn_<isa>) on numpy arrays, for the GEMM micro-benchmark
-(bench/gemm_micro.py) and the GEMM harness (ktmoe/testing.py, tests/test_gemm.py).
+"""_gemm: the expert bf16 GEMMs of gemm.h (kt_gemm_nt_<isa>, kt_gemm_nn_<isa>) on numpy arrays,
+for the GEMM micro-benchmark (bench/gemm_micro.py) and its correctness test (tests/test_gemm.py).
 
 gemm(kind, isa, A, W, C, accumulate=False)          C [M, N] (+)= A W^T (kind "nt", W [N, K])
                                                      or A W (kind "nn", W [K, N])
 time_gemm(kind, isa, A, W, C, accumulate, calls)    the same call `calls` times back to back,
                                                      returns the wall seconds of all of them
-igemm(kind, isa, A, W, C, accumulate=False)         the same on int8 A, W and int32 C (exact sums)
-avx512_force_nobf16(flag)                           test hook of gemm_avx512.c: nonzero makes the
-                                                     avx512 path use its AVX-512F inner loops even
-                                                     where the CPU has AVX512_BF16; returns the old value
-avx512_force_novnni(flag)                           the same for gemm_int8_avx512.c's AVX512_VNNI loops
+igemm(kind, isa, A, W, C, accumulate=False)         the int8 GEMMs of gemm_int8.h: A, W int8 in
+                                                     [-127, 127], C int32, K <= 65536
 
-A and W are numpy uint16 arrays holding bf16 bit patterns, C is float32 (igemm: int8 and int32); all three 2-D with
+isa is any kernel target of the build (isa_table.c, one list with meson.build). For gemm, A and W
+are numpy uint16 arrays holding bf16 bit patterns, C is float32; all three 2-D with
 unit-stride rows (row strides >= the row length are passed as lda / ldw / ldc, so row slices
 of bigger arrays work). C must be writeable and must not overlap A or W. Single-threaded on
 the calling thread, GIL released. Every argument is checked first and a bad one raises
 ValueError naming it (TypeError for a non-array); `isa` must be in ktmoe.available_isas()
 (amx: this extension also asks Linux for the tile state, kt_amx_request_permission()).
 """
-from libc.stdint cimport int8_t, int32_t, uint16_t
+from libc.stdint cimport uint16_t
 
-cdef extern from "gemm.h":
+from libc.stdint cimport int8_t, int32_t
+
+cdef extern from "isa_table.h":
     ctypedef uint16_t kt_bf16
     ctypedef void (*kt_gemm_fn)(int M, int N, int K, const kt_bf16 *A, long lda,
                                 const kt_bf16 *W, long ldw, float *C, long ldc, int accumulate) nogil
-    void kt_gemm_nt_portable(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nn_portable(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nt_avx512(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nn_avx512(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nt_amx(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-    void kt_gemm_nn_amx(int, int, int, const kt_bf16 *, long, const kt_bf16 *, long, float *, long, int) nogil
-
-cdef extern from "gemm_int8.h":
     ctypedef void (*kt_igemm_fn)(int M, int N, int K, const int8_t *A, long lda,
                                  const int8_t *W, long ldw, int32_t *C, long ldc, int accumulate) nogil
-    void kt_igemm_nt_portable(int, int, int, const int8_t *, long, const int8_t *, long, int32_t *, long, int) nogil
-    void kt_igemm_nn_portable(int, int, int, const int8_t *, long, const int8_t *, long, int32_t *, long, int) nogil
-    void kt_igemm_nt_avx512(int, int, int, const int8_t *, long, const int8_t *, long, int32_t *, long, int) nogil
-    void kt_igemm_nn_avx512(int, int, int, const int8_t *, long, const int8_t *, long, int32_t *, long, int) nogil
-    void kt_igemm_nt_amx(int, int, int, const int8_t *, long, const int8_t *, long, int32_t *, long, int) nogil
-    void kt_igemm_nn_amx(int, int, int, const int8_t *, long, const int8_t *, long, int32_t *, long, int) nogil
-
-cdef extern from "ktmoe.h":
+    ctypedef struct kt_isa_gemms:
+        kt_gemm_fn nt
+        kt_gemm_fn nn
+        kt_igemm_fn int_nt
+        kt_igemm_fn int_nn
+    const kt_isa_gemms *kt_isa_gemm_table(int isa)
     int kt_amx_request_permission()
-
-cdef extern from *:
-    """
-    extern int kt_avx512_force_nobf16;
-    extern int kt_igemm_avx512_force_novnni;
-    """
-    int kt_avx512_force_nobf16
-    int kt_igemm_avx512_force_novnni
+    int KT_NISA
+    const char *kt_isa_name(int isa)
 
 import os
 import time
 
 import numpy as np
 
-ISAS = ("amx", "avx512", "portable")
+ISA_CODES = {kt_isa_name(i).decode(): i for i in range(KT_NISA)}
+ISAS = tuple(reversed(ISA_CODES))   # best first, as ktmoe._cpu.ISAS
 KINDS = ("nt", "nn")
 _INT_MAX = 2**31 - 1
 
 
 cdef kt_gemm_fn _pick(str kind, str isa):
-    if isa == "portable":
-        return kt_gemm_nt_portable if kind == "nt" else kt_gemm_nn_portable
-    if isa == "avx512":
-        return kt_gemm_nt_avx512 if kind == "nt" else kt_gemm_nn_avx512
-    return kt_gemm_nt_amx if kind == "nt" else kt_gemm_nn_amx
+    cdef const kt_isa_gemms *g = kt_isa_gemm_table(ISA_CODES[isa])
+    return g.nt if kind == "nt" else g.nn
+
+
+cdef kt_igemm_fn _pick_int8(str kind, str isa):
+    cdef const kt_isa_gemms *g = kt_isa_gemm_table(ISA_CODES[isa])
+    return g.int_nt if kind == "nt" else g.int_nn
 
 
 def _matrix(name, a, dtype, writeable=False):
@@ -103,15 +89,7 @@ def _matrix(name, a, dtype, writeable=False):
     return a.__array_interface__["data"][0], rows, cols, ld
 
 
-cdef kt_igemm_fn _ipick(str kind, str isa):
-    if isa == "portable":
-        return kt_igemm_nt_portable if kind == "nt" else kt_igemm_nn_portable
-    if isa == "avx512":
-        return kt_igemm_nt_avx512 if kind == "nt" else kt_igemm_nn_avx512
-    return kt_igemm_nt_amx if kind == "nt" else kt_igemm_nn_amx
-
-
-def _check(kind, isa, A, W, C, in_dtype=np.uint16, out_dtype=np.float32):
+def _check(kind, isa, A, W, C, int8=False):
     from .. import _cpu
     if kind not in KINDS:
         raise ValueError(f"kind: must be 'nt' or 'nn', got {kind!r}")
@@ -120,9 +98,12 @@ def _check(kind, isa, A, W, C, in_dtype=np.uint16, out_dtype=np.float32):
     if isa not in _cpu.available_isas():
         why = _cpu._probe()[1].get(isa, "not available")
         raise ValueError(f"isa: path {isa!r} cannot run here: {why}")
-    a, M, K, lda = _matrix("A", A, in_dtype)
-    w, wr, wc, ldw = _matrix("W", W, in_dtype)
-    c, cm, N, ldc = _matrix("C", C, out_dtype, writeable=True)
+    ab, cb = (np.int8, np.int32) if int8 else (np.uint16, np.float32)
+    a, M, K, lda = _matrix("A", A, ab)
+    w, wr, wc, ldw = _matrix("W", W, ab)
+    c, cm, N, ldc = _matrix("C", C, cb, writeable=True)
+    if int8 and K > 65536:
+        raise ValueError(f"A: int8 GEMMs take K <= 65536, got {K}")
     wk, wn = (wc, wr) if kind == "nt" else (wr, wc)
     want = "[N, K]" if kind == "nt" else "[K, N]"
     if wk != K or wn != N:
@@ -139,42 +120,17 @@ def _check(kind, isa, A, W, C, in_dtype=np.uint16, out_dtype=np.float32):
     return a, w, c, M, N, K, lda, ldw, ldc
 
 
-def _run(kind, isa, A, W, C, accumulate, calls, bint int8):
-    """`calls` back-to-back calls of one GEMM (arguments checked once); returns their wall seconds."""
-    if int8:
-        a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, np.int8, np.int32)
-    else:
-        a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
-    cdef kt_gemm_fn f16 = NULL
-    cdef kt_igemm_fn f8 = NULL
-    if int8:
-        f8 = _ipick(kind, isa)
-    else:
-        f16 = _pick(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate), i, reps = calls
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const void *pa = <const void *><size_t>a
-    cdef const void *pw = <const void *><size_t>w
-    cdef void *pc = <void *><size_t>c
-    t0 = time.perf_counter()
-    with nogil:
-        for i in range(reps):
-            if f8 != NULL:
-                f8(m, n, k, <const int8_t *>pa, la, <const int8_t *>pw, lw, <int32_t *>pc, lc, acc)
-            else:
-                f16(m, n, k, <const kt_bf16 *>pa, la, <const kt_bf16 *>pw, lw, <float *>pc, lc, acc)
-    return time.perf_counter() - t0
-
-
 def gemm(kind, isa, A, W, C, accumulate=False):
     """C (+)= A W^T (nt) or A W (nn) with path `isa`; returns C."""
-    _run(kind, isa, A, W, C, accumulate, 1, False)
-    return C
-
-
-def igemm(kind, isa, A, W, C, accumulate=False):
-    """C (+)= A W^T (nt) or A W (nn) on int8 A, W (in [-127, 127]) and int32 C with path `isa`; returns C."""
-    _run(kind, isa, A, W, C, accumulate, 1, True)
+    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
+    cdef kt_gemm_fn fn = _pick(kind, isa)
+    cdef int m = M, n = N, k = K, acc = bool(accumulate)
+    cdef long la = lda, lw = ldw, lc = ldc
+    cdef const kt_bf16 *pa = <const kt_bf16 *><size_t>a
+    cdef const kt_bf16 *pw = <const kt_bf16 *><size_t>w
+    cdef float *pc = <float *><size_t>c
+    with nogil:
+        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
     return C
 
 
@@ -182,20 +138,29 @@ def time_gemm(kind, isa, A, W, C, accumulate=False, calls=1):
     """Wall seconds of `calls` back-to-back gemm() calls (arguments checked once)."""
     if not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls: must be a positive integer, got {calls!r}")
-    return _run(kind, isa, A, W, C, accumulate, calls, False)
+    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
+    cdef kt_gemm_fn fn = _pick(kind, isa)
+    cdef int m = M, n = N, k = K, acc = bool(accumulate), i, reps = calls
+    cdef long la = lda, lw = ldw, lc = ldc
+    cdef const kt_bf16 *pa = <const kt_bf16 *><size_t>a
+    cdef const kt_bf16 *pw = <const kt_bf16 *><size_t>w
+    cdef float *pc = <float *><size_t>c
+    t0 = time.perf_counter()
+    with nogil:
+        for i in range(reps):
+            fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    return time.perf_counter() - t0
 
 
-def avx512_force_nobf16(flag):
-    """Sets gemm_avx512.c's test hook (nonzero: AVX-512F loops only); returns the previous value."""
-    global kt_avx512_force_nobf16
-    old = kt_avx512_force_nobf16
-    kt_avx512_force_nobf16 = 1 if flag else 0
-    return old
-
-
-def avx512_force_novnni(flag):
-    """Sets gemm_int8_avx512.c's test hook (nonzero: AVX-512BW loops, no VNNI); returns the previous value."""
-    global kt_igemm_avx512_force_novnni
-    old = kt_igemm_avx512_force_novnni
-    kt_igemm_avx512_force_novnni = 1 if flag else 0
-    return old
+def igemm(kind, isa, A, W, C, accumulate=False):
+    """C (+)= A W^T (nt) or A W (nn) on int8 A, W (values in [-127, 127]) into int32 C, with `isa`."""
+    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, int8=True)
+    cdef kt_igemm_fn fn = _pick_int8(kind, isa)
+    cdef int m = M, n = N, k = K, acc = bool(accumulate)
+    cdef long la = lda, lw = ldw, lc = ldc
+    cdef const int8_t *pa = <const int8_t *><size_t>a
+    cdef const int8_t *pw = <const int8_t *><size_t>w
+    cdef int32_t *pc = <int32_t *><size_t>c
+    with nogil:
+        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    return C

@@ -9,14 +9,15 @@ fma_peak(threads, seconds, width=None)   -> FLOP/s of a register-only fp32 FMA l
                                            (AVX-512F zmm) or 256 (AVX2 ymm); None: the widest
                                            this CPU has. 2 FLOP per lane.
 has_avx2_fma()                           -> whether the CPU and OS can run AVX2 + FMA.
-read_bandwidth(threads, nbytes, passes)  -> bytes/s: best of `passes` streaming reads of one
-                                           nbytes buffer split across `threads` threads.
+read_bandwidth(threads, nbytes, passes, simd=None) -> bytes/s: best of `passes` streaming reads
+                                           of one nbytes buffer split across `threads` threads.
 
-The C side is roofline.c. The AMX loop only runs when ktmoe.available_isas() has "amx"
-(which also means Linux granted this process the tile state), the VDPBF16PS loop when the
-CPU features have avx512_bf16, the zmm FMA loop when "avx512" is available and the ymm one
-when has_avx2_fma(); otherwise these raise RuntimeError. The read loop uses AVX-512 loads
-when "avx512" is available, plain 64-bit loads otherwise. The GIL is released while the
+The C side is roofline.c; what the CPU has comes from ktmoe._cpu (cpu_features.c, detected
+once). The AMX loop only runs when ktmoe.available_isas() has "amx" (which also means Linux
+granted this process the tile state), the VDPBF16PS loop when the CPU features have
+avx512_bf16, the zmm FMA loop when they have avx512 (F/BW/VL/DQ) and the ymm one when they
+have avx2 and fma; otherwise these raise RuntimeError. The read loop uses AVX-512 loads
+where the CPU has AVX-512 (simd=None) or when simd is true, plain 64-bit loads otherwise. The GIL is released while the
 threads run.
 """
 from libc.stdint cimport uint64_t
@@ -27,13 +28,11 @@ cdef extern from *:
     double kt_rf_read_bandwidth(int threads, size_t nbytes, int passes, int simd, uint64_t *checksum);
     double kt_rf_avx512_bf16_peak(int threads, double seconds);
     double kt_rf_fma_peak(int threads, double seconds, int width);
-    int kt_rf_cpu_has_avx2_fma(void);
     """
     double kt_rf_amx_peak(int threads, double seconds, int int8) nogil
     double kt_rf_read_bandwidth(int threads, size_t nbytes, int passes, int simd, uint64_t *checksum) nogil
     double kt_rf_avx512_bf16_peak(int threads, double seconds) nogil
     double kt_rf_fma_peak(int threads, double seconds, int width) nogil
-    int kt_rf_cpu_has_avx2_fma()
 
 import os
 
@@ -69,7 +68,9 @@ def amx_peak(threads, seconds=0.5, kind="bf16"):
 
 def has_avx2_fma():
     """True if this CPU and OS can run AVX2 + FMA (CPUID and XCR0)."""
-    return bool(kt_rf_cpu_has_avx2_fma())
+    from .. import _cpu
+    f = _cpu._probe()[2]
+    return bool(f.get("avx2") and f.get("fma"))
 
 
 def _check_seconds(seconds):
@@ -99,7 +100,7 @@ def fma_peak(threads, seconds=0.5, width=None):
     from .. import _cpu
     _check_threads(threads)
     _check_seconds(seconds)
-    zmm = "avx512" in _cpu.available_isas()
+    zmm = bool(_cpu._probe()[2].get("avx512"))
     if width is None:
         width = 512 if zmm else 256
     if width not in (256, 512):
@@ -117,7 +118,7 @@ def fma_peak(threads, seconds=0.5, width=None):
     return rate
 
 
-def read_bandwidth(threads, nbytes=1 << 30, passes=3):
+def read_bandwidth(threads, nbytes=1 << 30, passes=3, simd=None):
     """Best bytes/s over `passes` streaming reads of an `nbytes` buffer (allocated, touched by
     its reader threads, and freed here) split evenly across `threads` threads."""
     from .. import _cpu
@@ -126,12 +127,15 @@ def read_bandwidth(threads, nbytes=1 << 30, passes=3):
         raise ValueError(f"nbytes: must be an integer >= 256 * threads, got {nbytes!r}")
     if not isinstance(passes, int) or passes < 1:
         raise ValueError(f"passes: must be a positive integer, got {passes!r}")
-    cdef int n = threads, p = passes, simd = "avx512" in _cpu.available_isas()
+    has512 = bool(_cpu._probe()[2].get("avx512"))
+    if simd and not has512:
+        raise RuntimeError("read_bandwidth: simd=True needs AVX-512, which this CPU (or OS) lacks")
+    cdef int n = threads, p = passes, use_simd = has512 if simd is None else bool(simd)
     cdef size_t size = nbytes
     cdef uint64_t checksum = 0
     cdef double rate
     with nogil:
-        rate = kt_rf_read_bandwidth(n, size, p, simd, &checksum)
+        rate = kt_rf_read_bandwidth(n, size, p, use_simd, &checksum)
     if rate < 0:
         _raise_errno("read_bandwidth", rate)
     return rate

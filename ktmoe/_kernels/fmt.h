@@ -54,8 +54,9 @@ typedef struct kt_fmt_ops {
     int cache_fwd, cache_bwd;
 } kt_fmt_ops;
 
-/* The row of (wformat, act_int8) for each ISA (fmt_table.c), or NULL: no such pair. */
-const kt_fmt_ops *kt_fmt_lookup_portable(int wformat, int act_int8);
-const kt_fmt_ops *kt_fmt_lookup_avx512(int wformat, int act_int8);
-const kt_fmt_ops *kt_fmt_lookup_amx(int wformat, int act_int8);
+/* The row of (wformat, act_int8) for each kernel target of kt_isas.h (fmt_table.c), or NULL:
+ * no such pair. */
+#define KT_FMT_LOOKUP_PROTO(name, NAME, needs, flags) const kt_fmt_ops *kt_fmt_lookup_##name(int wformat, int act_int8);
+KT_ISA_LIST(KT_FMT_LOOKUP_PROTO)
+#undef KT_FMT_LOOKUP_PROTO
 #endif

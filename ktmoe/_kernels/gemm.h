@@ -9,13 +9,14 @@
  *
  * accumulate = 0 overwrites C, 1 adds to it. Any M, N, K >= 0 (tails included); M, N or K
  * equal to 0 is allowed (K = 0 with accumulate = 0 writes zeros). Strides are in elements.
- * A, W and C never alias. Single-threaded: callers split the work. Each ISA file defines
- * kt_gemm_nt_<isa> and kt_gemm_nn_<isa>, <isa> in {portable, avx512, amx}.
+ * A, W and C never alias. Single-threaded: callers split the work. Every kernel target <isa> of
+ * kt_isas.h (meson.build's list) defines kt_gemm_nt_<isa> and kt_gemm_nn_<isa>.
  */
 #ifndef KTMOE_GEMM_H
 #define KTMOE_GEMM_H
 #include <stdint.h>
 #include <string.h>
+#include "kt_isas.h"
 
 typedef uint16_t kt_bf16;
 
@@ -24,12 +25,9 @@ typedef uint16_t kt_bf16;
 
 typedef void (*kt_gemm_fn)(KT_GEMM_ARGS);
 
-void kt_gemm_nt_portable(KT_GEMM_ARGS);
-void kt_gemm_nn_portable(KT_GEMM_ARGS);
-void kt_gemm_nt_avx512(KT_GEMM_ARGS);
-void kt_gemm_nn_avx512(KT_GEMM_ARGS);
-void kt_gemm_nt_amx(KT_GEMM_ARGS);
-void kt_gemm_nn_amx(KT_GEMM_ARGS);
+#define KT_GEMM_PROTO(name, NAME, needs, flags) void kt_gemm_nt_##name(KT_GEMM_ARGS); void kt_gemm_nn_##name(KT_GEMM_ARGS);
+KT_ISA_LIST(KT_GEMM_PROTO)
+#undef KT_GEMM_PROTO
 
 /* AMX only: weights prepacked once, at load, into the tile layout the forward's multiplies
  * read, so that no call repacks them (the layer does this for bf16 weights on the amx path).

@@ -1,13 +1,13 @@
-/* gemm_avx512.c: the bf16 GEMMs of gemm.h with AVX-512 (F/BW/VL/DQ, optionally BF16).
- *
- * This path serves small M (a few tokens per expert, decode-like) on every AVX-512 CPU and
- * is the whole kernel on CPUs without AMX, so it is built for both memory-bound M = 1..4
- * and compute-bound M = 64. Each public function checks once (cached) whether the CPU has
- * AVX512_BF16 and picks one of two inner loops:
- *   - bf16:  _mm512_dpbf16_ps, two bf16 products per fp32 lane per instruction;
- *   - F:     plain AVX-512F. A 512-bit load of 32 bf16 is split into its even elements
- *            (shift left 16) and odd elements (mask the high half): both are exact fp32
- *            values, so a load costs two ALU ops instead of two zero-extends plus shifts.
+/* gemm_avx512.c: the bf16 GEMMs of gemm.h with AVX-512, built for two kernel targets (meson.build):
+ *   - avx512f (F/BW/VL/DQ, no BF16 flag): the F inner loops below, plain AVX-512F. A 512-bit load of
+ *     32 bf16 is split into its even elements (shift left 16) and odd elements (mask the high half):
+ *     both are exact fp32 values, so a load costs two ALU ops instead of two zero-extends plus shifts.
+ *   - avx512 (+ BF16 + VNNI flags): the bf16 inner loops, _mm512_dpbf16_ps, two bf16 products per
+ *     fp32 lane per instruction.
+ * The loop is picked at compile time (__AVX512BF16__), so the avx512f objects cannot contain a BF16
+ * instruction; the functions are named after the target (kt_gemm_nt_<KT_ISA>). This path serves
+ * small M (a few tokens per expert, decode-like) on every AVX-512 CPU and is the whole kernel on
+ * CPUs without AMX, so it is built for both memory-bound M = 1..4 and compute-bound M = 64.
  *
  * nt (C = A W^T, W [N, K]): dot products along K. A tile is 4 rows of A x 4 rows of W with
  *   16 zmm accumulators, 32 k per step; each loaded vector is used 4 times and W rows are
@@ -32,26 +32,11 @@
 #include <string.h>
 
 #define KT_INLINE static inline __attribute__((always_inline))
-#define KT_BF16_TARGET __attribute__((target("avx512bf16")))
+#define CAT2(a, b) a##b
+#define CAT(a, b) CAT2(a, b)
 /* Fully unroll the short register-block loops early: without it gcc 12 keeps the
  * accumulator arrays in memory and stores them on every iteration. */
 #define KT_UNROLL _Pragma("GCC unroll 16")
-
-/* Test hook: nonzero forces the AVX-512F inner loops even on CPUs with AVX512_BF16. */
-int kt_avx512_force_nobf16 = 0;
-
-static int kt_cpu_has_avx512bf16(void) {
-    static int cached = -1;
-    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
-        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-
-static int kt_use_bf16(void) { return !kt_avx512_force_nobf16 && kt_cpu_has_avx512bf16(); }
 
 /* ---- shared helpers ------------------------------------------------------------------ */
 
@@ -143,7 +128,8 @@ KT_INLINE void kt_nt_step_f(const int mr, __m512 acc[NT_MR][NT_NR], const kt_bf1
     }
 }
 
-KT_INLINE KT_BF16_TARGET void kt_nt_step_bf16(const int mr, __m512 acc[NT_MR][NT_NR], const kt_bf16 *a,
+#if defined(__AVX512BF16__)
+KT_INLINE void kt_nt_step_bf16(const int mr, __m512 acc[NT_MR][NT_NR], const kt_bf16 *a,
                                               long lda, const kt_bf16 *const *w, int k, const int full,
                                               __mmask32 m) {
     __m512i av[NT_MR];
@@ -154,6 +140,7 @@ KT_INLINE KT_BF16_TARGET void kt_nt_step_bf16(const int mr, __m512 acc[NT_MR][NT
             acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)av[r], (__m512bh)v);
     }
 }
+#endif
 
 /* The two tile bodies differ only in the step; a macro keeps them from drifting apart. */
 #define KT_NT_TILE_BODY(step)                                                     \
@@ -165,30 +152,23 @@ KT_INLINE KT_BF16_TARGET void kt_nt_step_bf16(const int mr, __m512 acc[NT_MR][NT
     if (k < K) step(mr, acc, a, lda, w, k, 0, kt_mask32(K - k)); /* K tail */     \
     return kt_reduce16(acc);
 
-KT_INLINE __m512 kt_nt_tile_f_mr(const int mr, int K, const kt_bf16 *a, long lda, const kt_bf16 *const *w) {
-    KT_NT_TILE_BODY(kt_nt_step_f)
-}
-KT_INLINE KT_BF16_TARGET __m512 kt_nt_tile_bf16_mr(const int mr, int K, const kt_bf16 *a, long lda,
-                                                   const kt_bf16 *const *w) {
+#if defined(__AVX512BF16__)
+KT_INLINE __m512 kt_nt_tile_mr(const int mr, int K, const kt_bf16 *a, long lda, const kt_bf16 *const *w) {
     KT_NT_TILE_BODY(kt_nt_step_bf16)
 }
+#else
+KT_INLINE __m512 kt_nt_tile_mr(const int mr, int K, const kt_bf16 *a, long lda, const kt_bf16 *const *w) {
+    KT_NT_TILE_BODY(kt_nt_step_f)
+}
+#endif
 #undef KT_NT_TILE_BODY
 
-static __m512 kt_nt_tile_f(int mr, int K, const kt_bf16 *a, long lda, const kt_bf16 *const *w) {
+static __m512 kt_nt_tile(int mr, int K, const kt_bf16 *a, long lda, const kt_bf16 *const *w) {
     switch (mr) {
-    case 1: return kt_nt_tile_f_mr(1, K, a, lda, w);
-    case 2: return kt_nt_tile_f_mr(2, K, a, lda, w);
-    case 3: return kt_nt_tile_f_mr(3, K, a, lda, w);
-    default: return kt_nt_tile_f_mr(4, K, a, lda, w);
-    }
-}
-static KT_BF16_TARGET __m512 kt_nt_tile_bf16(int mr, int K, const kt_bf16 *a, long lda,
-                                              const kt_bf16 *const *w) {
-    switch (mr) {
-    case 1: return kt_nt_tile_bf16_mr(1, K, a, lda, w);
-    case 2: return kt_nt_tile_bf16_mr(2, K, a, lda, w);
-    case 3: return kt_nt_tile_bf16_mr(3, K, a, lda, w);
-    default: return kt_nt_tile_bf16_mr(4, K, a, lda, w);
+    case 1: return kt_nt_tile_mr(1, K, a, lda, w);
+    case 2: return kt_nt_tile_mr(2, K, a, lda, w);
+    case 3: return kt_nt_tile_mr(3, K, a, lda, w);
+    default: return kt_nt_tile_mr(4, K, a, lda, w);
     }
 }
 
@@ -206,14 +186,13 @@ static void kt_nt_drive(KT_GEMM_ARGS, kt_nt_tile_fn tile) {
     }
 }
 
-void kt_gemm_nt_avx512(KT_GEMM_ARGS) {
+void CAT(kt_gemm_nt_, KT_ISA)(KT_GEMM_ARGS) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         if (!accumulate) kt_zero_c(M, N, C, ldc);
         return;
     }
-    kt_nt_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate,
-                kt_use_bf16() ? kt_nt_tile_bf16 : kt_nt_tile_f);
+    kt_nt_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_nt_tile);
 }
 
 /* ---- nn ------------------------------------------------------------------------------ */
@@ -240,6 +219,7 @@ KT_INLINE void kt_nn_store32(float *c, __m512 x, __m512 y, __m512i idx0, __m512i
     _mm512_mask_storeu_ps(c + 16, m1, o1);
 }
 
+#if !defined(__AVX512BF16__)
 /* F: x = even columns, y = odd columns */
 KT_INLINE __m512i kt_nn_idx0_f(void) {
     return _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -247,6 +227,7 @@ KT_INLINE __m512i kt_nn_idx0_f(void) {
 KT_INLINE __m512i kt_nn_idx1_f(void) {
     return _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
 }
+#else
 /* bf16: x = unpacklo (columns 0-3, 8-11, 16-19, 24-27), y = unpackhi (the others) */
 KT_INLINE __m512i kt_nn_idx0_bf16(void) {
     return _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
@@ -254,7 +235,9 @@ KT_INLINE __m512i kt_nn_idx0_bf16(void) {
 KT_INLINE __m512i kt_nn_idx1_bf16(void) {
     return _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
 }
+#endif
 
+#if !defined(__AVX512BF16__)
 KT_INLINE void kt_nn_tile_f_mr(const int mr, const int full, int nb, int kc, const float *apk,
                                const kt_bf16 *w, long ldw, const kt_bf16 *pf, float *c, long ldc, int load_c) {
     __m512 acc[NN_MR][2][2];
@@ -286,8 +269,9 @@ KT_INLINE void kt_nn_tile_f_mr(const int mr, const int full, int nb, int kc, con
             kt_nn_store32(c + (long)r * ldc + 32 * v, acc[r][v][0], acc[r][v][1], i0, i1, mv[v], load_c);
 }
 
+#else
 /* rows k (and k + 1 when pair) of W against A[r, k..k+1]; pair is a compile-time constant */
-KT_INLINE KT_BF16_TARGET void kt_nn_step_bf16(const int mr, const int full, const int pair,
+KT_INLINE void kt_nn_step_bf16(const int mr, const int full, const int pair,
                                               __m512 acc[NN_MR][2][2], const __mmask32 *mv, const kt_bf16 *a,
                                               long lda, const kt_bf16 *w, long ldw, int k, const kt_bf16 *pf) {
     if (pf) {
@@ -313,7 +297,7 @@ KT_INLINE KT_BF16_TARGET void kt_nn_step_bf16(const int mr, const int full, cons
     }
 }
 
-KT_INLINE KT_BF16_TARGET void kt_nn_tile_bf16_mr(const int mr, const int full, int nb, int kc,
+KT_INLINE void kt_nn_tile_bf16_mr(const int mr, const int full, int nb, int kc,
                                                  const kt_bf16 *a, long lda, const kt_bf16 *w, long ldw,
                                                  const kt_bf16 *pf, float *c, long ldc, int load_c) {
     __m512 acc[NN_MR][2][2];
@@ -329,6 +313,9 @@ KT_INLINE KT_BF16_TARGET void kt_nn_tile_bf16_mr(const int mr, const int full, i
             kt_nn_store32(c + (long)r * ldc + 32 * v, acc[r][v][0], acc[r][v][1], i0, i1, mv[v], load_c);
 }
 
+#endif
+
+#if !defined(__AVX512BF16__)
 static void kt_nn_tile_f(int mr, int nb, int kc, const kt_bf16 *a, long lda, const float *apk,
                          const kt_bf16 *w, long ldw, const kt_bf16 *pf, float *c, long ldc, int load_c) {
     (void)a, (void)lda;
@@ -345,7 +332,8 @@ static void kt_nn_tile_f(int mr, int nb, int kc, const kt_bf16 *a, long lda, con
     }
 }
 
-static KT_BF16_TARGET void kt_nn_tile_bf16(int mr, int nb, int kc, const kt_bf16 *a, long lda,
+#else
+static void kt_nn_tile_bf16(int mr, int nb, int kc, const kt_bf16 *a, long lda,
                                            const float *apk, const kt_bf16 *w, long ldw, const kt_bf16 *pf,
                                            float *c, long ldc, int load_c) {
     (void)apk;
@@ -361,6 +349,8 @@ static KT_BF16_TARGET void kt_nn_tile_bf16(int mr, int nb, int kc, const kt_bf16
                   : kt_nn_tile_bf16_mr(4, 0, nb, kc, a, lda, w, ldw, pf, c, ldc, load_c); break;
     }
 }
+
+#endif
 
 /* apk[r * NN_KC + k] = fp32(a[r * lda + k]) for r < mr, k < kc */
 static void kt_pack_a_f32(float *apk, const kt_bf16 *a, long lda, int mr, int kc) {
@@ -394,14 +384,15 @@ static void kt_nn_drive(KT_GEMM_ARGS, kt_nn_tile_fn tile, int pack_a) {
     }
 }
 
-void kt_gemm_nn_avx512(KT_GEMM_ARGS) {
+void CAT(kt_gemm_nn_, KT_ISA)(KT_GEMM_ARGS) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         if (!accumulate) kt_zero_c(M, N, C, ldc);
         return;
     }
-    if (kt_use_bf16())
-        kt_nn_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_nn_tile_bf16, 0);
-    else
-        kt_nn_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_nn_tile_f, 1);
+#if defined(__AVX512BF16__)
+    kt_nn_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_nn_tile_bf16, 0);
+#else
+    kt_nn_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_nn_tile_f, 1);
+#endif
 }

@@ -1,14 +1,15 @@
-/* gemm_int8_avx512.c: the int8 GEMMs of gemm_int8.h with AVX-512 (F/BW/VL/DQ, optionally VNNI).
- *
- * Serves small M (decode-like, memory bound: W is streamed once) on every AVX-512 CPU, and is
- * the whole int8 kernel on CPUs without AMX. Each public function checks once (cached) whether
- * the CPU has AVX512_VNNI and picks one of two inner loops:
- *   - VNNI: _mm512_dpbusd_epi32, four u8 x s8 products per int32 lane per instruction. The
- *           unsigned operand is W + 128 (W xor 0x80, exact as u8 since W >= -127); A stays
+/* gemm_int8_avx512.c: the int8 GEMMs of gemm_int8.h with AVX-512, built for two kernel targets
+ * (meson.build), the inner loop picked at compile time (__AVX512VNNI__), the functions named after
+ * the target (kt_igemm_nt_<KT_ISA>):
+ *   - avx512 (VNNI flag): _mm512_dpbusd_epi32, four u8 x s8 products per int32 lane per instruction.
+ *           The unsigned operand is W + 128 (W xor 0x80, exact as u8 since W >= -127); A stays
  *           signed, so each result is off by 128 * sum_k A[m, k], a per-row constant that is
  *           subtracted when C is written (row sums of A are computed once per block).
- *   - BW:   int8 sign-extended to int16 (vpmovsxbw) and _mm512_madd_epi16 (two s16 x s16
- *           products per int32 lane), exact, on any AVX-512BW CPU.
+ *   - avx512f (no VNNI flag, so its objects cannot contain a VNNI instruction): int8 sign-extended
+ *           to int16 (vpmovsxbw) and _mm512_madd_epi16 (two s16 x s16 products per int32 lane),
+ *           exact, on any AVX-512BW CPU.
+ * Serves small M (decode-like, memory bound: W is streamed once) on every AVX-512 CPU, and is the
+ * whole int8 kernel on CPUs without AMX.
  * Products and sums are exact in int32 (|A|, |W| <= 127, K <= 65536).
  *
  * nt (C = A W^T, W [N, K]): dot products along K. A tile is up to 4 rows of A x 4 rows of W
@@ -30,25 +31,15 @@
 #include <string.h>
 
 #define KT_INLINE static inline __attribute__((always_inline))
-#define KT_VNNI_TARGET __attribute__((target("avx512vnni")))
+#define CAT2(a, b) a##b
+#define CAT(a, b) CAT2(a, b)
+#if defined(__AVX512VNNI__)
+#define KT_USE_VNNI 1
+#else
+#define KT_USE_VNNI 0
+#endif
 /* Fully unroll the short register-block loops early (else gcc keeps accumulators in memory). */
 #define KT_UNROLL _Pragma("GCC unroll 16")
-
-/* Test hook: nonzero forces the AVX-512BW inner loops even on CPUs with AVX512_VNNI. */
-int kt_igemm_avx512_force_novnni = 0;
-
-static int kt_cpu_has_avx512vnni(void) {
-    static int cached = -1;
-    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
-        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-
-static int kt_use_vnni(void) { return !kt_igemm_avx512_force_novnni && kt_cpu_has_avx512vnni(); }
 
 /* ---- shared helpers ------------------------------------------------------------------ */
 
@@ -140,8 +131,9 @@ KT_INLINE void kt_nt_step_bw(const int mr, __m512i acc[NT_MR][NT_NR], const int8
     }
 }
 
+#if KT_USE_VNNI
 /* VNNI: (W + 128) as u8 against signed A; the caller subtracts 128 * rowsum(A) */
-KT_INLINE KT_VNNI_TARGET void kt_nt_step_vnni(const int mr, __m512i acc[NT_MR][NT_NR], const int8_t *a, long lda,
+KT_INLINE void kt_nt_step_vnni(const int mr, __m512i acc[NT_MR][NT_NR], const int8_t *a, long lda,
                                               const int8_t *const *w, int k, const int full, __mmask64 m) {
     const __m512i x80 = _mm512_set1_epi8((char)0x80);
     __m512i av[NT_MR];
@@ -151,6 +143,7 @@ KT_INLINE KT_VNNI_TARGET void kt_nt_step_vnni(const int mr, __m512i acc[NT_MR][N
         KT_UNROLL for (int r = 0; r < mr; r++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], v, av[r]);
     }
 }
+#endif
 
 #define KT_NT_TILE_BODY(step)                                                        \
     __m512i acc[NT_MR][NT_NR];                                                       \
@@ -164,10 +157,11 @@ KT_INLINE KT_VNNI_TARGET void kt_nt_step_vnni(const int mr, __m512i acc[NT_MR][N
 KT_INLINE __m512i kt_nt_tile_bw_mr(const int mr, int K, const int8_t *a, long lda, const int8_t *const *w) {
     KT_NT_TILE_BODY(kt_nt_step_bw)
 }
-KT_INLINE KT_VNNI_TARGET __m512i kt_nt_tile_vnni_mr(const int mr, int K, const int8_t *a, long lda,
-                                                    const int8_t *const *w) {
+#if KT_USE_VNNI
+KT_INLINE __m512i kt_nt_tile_vnni_mr(const int mr, int K, const int8_t *a, long lda, const int8_t *const *w) {
     KT_NT_TILE_BODY(kt_nt_step_vnni)
 }
+#endif
 #undef KT_NT_TILE_BODY
 
 static __m512i kt_nt_tile_bw(int mr, int K, const int8_t *a, long lda, const int8_t *const *w) {
@@ -178,7 +172,8 @@ static __m512i kt_nt_tile_bw(int mr, int K, const int8_t *a, long lda, const int
     default: return kt_nt_tile_bw_mr(4, K, a, lda, w);
     }
 }
-static KT_VNNI_TARGET __m512i kt_nt_tile_vnni(int mr, int K, const int8_t *a, long lda, const int8_t *const *w) {
+#if KT_USE_VNNI
+static __m512i kt_nt_tile_vnni(int mr, int K, const int8_t *a, long lda, const int8_t *const *w) {
     switch (mr) {
     case 1: return kt_nt_tile_vnni_mr(1, K, a, lda, w);
     case 2: return kt_nt_tile_vnni_mr(2, K, a, lda, w);
@@ -186,6 +181,9 @@ static KT_VNNI_TARGET __m512i kt_nt_tile_vnni(int mr, int K, const int8_t *a, lo
     default: return kt_nt_tile_vnni_mr(4, K, a, lda, w);
     }
 }
+#else
+#define kt_nt_tile_vnni kt_nt_tile_bw /* never called: vnni is 0 */
+#endif
 
 static void kt_nt_drive(KT_IGEMM_ARGS, int vnni) {
     kt_nt_tile_fn tile = vnni ? kt_nt_tile_vnni : kt_nt_tile_bw;
@@ -213,13 +211,13 @@ static void kt_nt_drive(KT_IGEMM_ARGS, int vnni) {
     }
 }
 
-void kt_igemm_nt_avx512(KT_IGEMM_ARGS) {
+void CAT(kt_igemm_nt_, KT_ISA)(KT_IGEMM_ARGS) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         if (!accumulate) kt_zero_c(M, N, C, ldc);
         return;
     }
-    kt_nt_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_use_vnni());
+    kt_nt_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, KT_USE_VNNI);
 }
 
 /* ---- nn ------------------------------------------------------------------------------ */
@@ -252,9 +250,10 @@ KT_INLINE int kt_quad(const int8_t *p, const int nq) {
     return (int)v;
 }
 
+#if KT_USE_VNNI
 /* VNNI step: rows k..k+nq-1 of W (nq in 1..4, compile-time). acc[r][j], lane L, element e:
  * column 16 L + 4 j + e. */
-KT_INLINE KT_VNNI_TARGET void kt_nn_step_vnni(const int mr, const int full, const int nq, __m512i acc[NN_MR][4],
+KT_INLINE void kt_nn_step_vnni(const int mr, const int full, const int nq, __m512i acc[NN_MR][4],
                                               __mmask64 nm, const int8_t *a, long lda, const int8_t *w, long ldw,
                                               int k, const int8_t *pf) {
     const __m512i x80 = _mm512_set1_epi8((char)0x80);
@@ -275,7 +274,7 @@ KT_INLINE KT_VNNI_TARGET void kt_nn_step_vnni(const int mr, const int full, cons
     }
 }
 
-KT_INLINE KT_VNNI_TARGET void kt_nn_tile_vnni_mr(const int mr, const int full, int nb, int kc, const int8_t *a,
+KT_INLINE void kt_nn_tile_vnni_mr(const int mr, const int full, int nb, int kc, const int8_t *a,
                                                  long lda, const int8_t *w, long ldw, const int8_t *pf, int32_t *c,
                                                  long ldc, int load_c, const int32_t *corr) {
     __m512i acc[NN_MR][4];
@@ -304,6 +303,7 @@ KT_INLINE KT_VNNI_TARGET void kt_nn_tile_vnni_mr(const int mr, const int full, i
             kt_nn_out16(cr_ + 16 * j, _mm512_sub_epi32(o[j], cr), (__mmask16)(nm >> (16 * j)), load_c);
     }
 }
+#endif
 
 /* BW step: rows k (and k + 1 when pair) of W sign-extended to int16 and interleaved with
  * unpacklo/hi_epi16: acc[r][2h + p], lane L: columns 32 h + 8 L + 4 p + 0..3. */
@@ -363,12 +363,15 @@ static void kt_nn_tile_bw(int mr, int nb, int kc, const int8_t *a, long lda, con
     const int full = nb == NN_NB;
     KT_NN_SWITCH(kt_nn_tile_bw_mr, nb, kc, a, lda, w, ldw, pf, c, ldc, load_c)
 }
-static KT_VNNI_TARGET void kt_nn_tile_vnni(int mr, int nb, int kc, const int8_t *a, long lda, const int8_t *w,
-                                           long ldw, const int8_t *pf, int32_t *c, long ldc, int load_c,
-                                           const int32_t *corr) {
+#if KT_USE_VNNI
+static void kt_nn_tile_vnni(int mr, int nb, int kc, const int8_t *a, long lda, const int8_t *w, long ldw,
+                            const int8_t *pf, int32_t *c, long ldc, int load_c, const int32_t *corr) {
     const int full = nb == NN_NB;
     KT_NN_SWITCH(kt_nn_tile_vnni_mr, nb, kc, a, lda, w, ldw, pf, c, ldc, load_c, corr)
 }
+#else
+#define kt_nn_tile_vnni kt_nn_tile_bw /* never called: vnni is 0 */
+#endif
 #undef KT_NN_SWITCH
 
 static void kt_nn_drive(KT_IGEMM_ARGS, int vnni) {
@@ -395,11 +398,11 @@ static void kt_nn_drive(KT_IGEMM_ARGS, int vnni) {
     }
 }
 
-void kt_igemm_nn_avx512(KT_IGEMM_ARGS) {
+void CAT(kt_igemm_nn_, KT_ISA)(KT_IGEMM_ARGS) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         if (!accumulate) kt_zero_c(M, N, C, ldc);
         return;
     }
-    kt_nn_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, kt_use_vnni());
+    kt_nn_drive(M, N, K, A, lda, W, ldw, C, ldc, accumulate, KT_USE_VNNI);
 }

@@ -10,9 +10,13 @@
 #define KTMOE_H
 #include <stddef.h>
 #include <stdint.h>
+#include "kt_isas.h"
 
 enum kt_dtype { KT_F32 = 0, KT_BF16 = 1, KT_I32 = 2, KT_I64 = 3 };
-enum kt_isa { KT_ISA_PORTABLE = 0, KT_ISA_AVX512 = 1, KT_ISA_AMX = 2 };
+/* The kernel targets, worst first (kt_isas.h, from meson.build's list): KT_ISA_PORTABLE = 0, ... */
+#define KT_ISA_ENUM(name, NAME, needs, flags) KT_ISA_##NAME,
+enum kt_isa { KT_ISA_LIST(KT_ISA_ENUM) };
+#undef KT_ISA_ENUM
 enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
 enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_FP8 = 3 };
 
@@ -55,15 +59,25 @@ typedef struct {
 
 typedef struct kt_layer kt_layer;
 
-/* CPU features (cpu_features.c). */
-typedef struct {
-    int avx512;      /* F + BW + VL + DQ, with OS support for ZMM state */
-    int avx512_bf16;
-    int avx512_vnni;
-    int amx_tile, amx_bf16, amx_int8; /* CPU flags */
-    int amx_os;      /* XCR0 has the tile state enabled */
-} kt_cpu_features;
-void kt_cpu_detect(kt_cpu_features *f);
+/* CPU features (cpu_features.c): what this CPU and OS allow, one bit each (the targets' needs in
+ * kt_isas.h are ORs of these). KT_F_AVX2 / KT_F_AVX512 include the OS saving the ymm / zmm and
+ * opmask state (XCR0); KT_F_AVX512 is F + BW + VL + DQ; KT_F_AMX_OS: XCR0 has the tile state;
+ * KT_F_AMX_PERM: Linux granted this process the tile state (asked only where the CPU has AMX). */
+enum kt_feature {
+    KT_F_AVX2 = 1 << 0, KT_F_FMA = 1 << 1, KT_F_F16C = 1 << 2, KT_F_AVX_VNNI = 1 << 3,
+    KT_F_AVX512 = 1 << 4, KT_F_AVX512_BF16 = 1 << 5, KT_F_AVX512_VNNI = 1 << 6,
+    KT_F_AMX_TILE = 1 << 7, KT_F_AMX_BF16 = 1 << 8, KT_F_AMX_INT8 = 1 << 9, KT_F_AMX_OS = 1 << 10,
+    KT_F_AMX_PERM = 1 << 11
+};
+enum { KT_NFEATURE = 12 };
+/* The features, detected on the first call (CPUID, XGETBV, the AMX request) and cached. */
+unsigned kt_cpu_features(void);
+/* Name of feature bit i (i < KT_NFEATURE): "avx2", "fma", ..., "amx_perm". */
+const char *kt_feature_name(int i);
+/* The targets (isa_table.c): name, compiler flags and needed features of target i < KT_NISA. */
+const char *kt_isa_name(int isa);
+const char *kt_isa_flags(int isa);
+unsigned kt_isa_needs(int isa);
 /* Asks Linux for the AMX tile state (once per process). 0 on success, else errno. */
 int kt_amx_request_permission(void);
 

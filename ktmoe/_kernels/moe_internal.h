@@ -198,11 +198,9 @@ enum kt_scratch_slot {
 };
 void *kt_scratch(int slot, size_t bytes);
 
-/* The passes, one set per ISA (pass_forward.c, pass_backward.c). Return 0 or KT_ERR_NOMEM. */
-int kt_forward_portable(kt_layer *L);
-int kt_backward_portable(kt_layer *L);
-int kt_forward_avx512(kt_layer *L);
-int kt_backward_avx512(kt_layer *L);
-int kt_forward_amx(kt_layer *L);
-int kt_backward_amx(kt_layer *L);
+/* The passes, one set per kernel target of kt_isas.h (pass_forward.c, pass_backward.c).
+ * Return 0 or KT_ERR_NOMEM. */
+#define KT_PASS_PROTO(name, NAME, needs, flags) int kt_forward_##name(kt_layer *L); int kt_backward_##name(kt_layer *L);
+KT_ISA_LIST(KT_PASS_PROTO)
+#undef KT_PASS_PROTO
 #endif

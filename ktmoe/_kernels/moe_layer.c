@@ -52,10 +52,12 @@ void *kt_scratch(int slot, size_t bytes) {
 
 /* The row of (wformat, act_int8) on this ISA's path (fmt_table.c), or NULL. */
 typedef const kt_fmt_ops *(*fmt_lookup_fn)(int wformat, int act_int8);
-static const fmt_lookup_fn fmt_lookup[3] = {kt_fmt_lookup_portable, kt_fmt_lookup_avx512, kt_fmt_lookup_amx};
+#define KT_FMT_ROW(name, NAME, needs, flags) kt_fmt_lookup_##name,
+static const fmt_lookup_fn fmt_lookup[KT_NISA] = {KT_ISA_LIST(KT_FMT_ROW)};
+#undef KT_FMT_ROW
 
 const kt_fmt_ops *kt_fmt_of(int isa, int wformat, int act_int8) {
-    return isa >= 0 && isa < 3 ? fmt_lookup[isa](wformat, act_int8) : NULL;
+    return isa >= 0 && isa < KT_NISA ? fmt_lookup[isa](wformat, act_int8) : NULL;
 }
 
 /* The packed weight arrays of L's format (L->E, H, I, isa, fmt set), every one through
@@ -266,8 +268,12 @@ void kt_layer_profile_reset(kt_layer *L) { memset(&L->prof, 0, sizeof L->prof); 
 /* ---- jobs ---- */
 
 typedef int (*pass_fn)(kt_layer *);
-static const pass_fn forward_pass[3] = {kt_forward_portable, kt_forward_avx512, kt_forward_amx};
-static const pass_fn backward_pass[3] = {kt_backward_portable, kt_backward_avx512, kt_backward_amx};
+#define KT_FWD_ROW(name, NAME, needs, flags) kt_forward_##name,
+#define KT_BWD_ROW(name, NAME, needs, flags) kt_backward_##name,
+static const pass_fn forward_pass[KT_NISA] = {KT_ISA_LIST(KT_FWD_ROW)};
+static const pass_fn backward_pass[KT_NISA] = {KT_ISA_LIST(KT_BWD_ROW)};
+#undef KT_FWD_ROW
+#undef KT_BWD_ROW
 
 static void run_job(void *p) {
     kt_layer *L = p;

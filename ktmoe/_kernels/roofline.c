@@ -21,8 +21,8 @@
  * with VEX encodings only: an AVX2-only CPU never meets an EVEX instruction) and the public
  * functions. So nothing outside the SIMD loops can pick up AVX-512 instructions, and the
  * caller (_roofline.pyx) decides from ktmoe's CPU features whether a SIMD loop may run:
- * "amx" available for the tile loop, avx512_bf16 for VDPBF16PS, "avx512" for the zmm FMA
- * loop, kt_rf_cpu_has_avx2_fma() for the ymm one. AMX needs the per-process tile
+ * "amx" available for the tile loop, avx512_bf16 for VDPBF16PS, the avx512 feature for the zmm
+ * FMA loop, avx2 + fma for the ymm one (cpu_features.c's bits, through ktmoe._cpu). AMX needs the per-process tile
  * permission (arch_prctl), which ktmoe._cpu requests before "amx" is reported available.
  *
  * The tile configuration (and the gcc 12 _tile_loadconfig trap it avoids) is amx_tiles.h's,
@@ -51,8 +51,6 @@ uint64_t kt_rf_simd_fma512_loop(double seconds); /* VFMADD zmm (needs AVX-512F) 
 double kt_rf_avx512_bf16_peak(int threads, double seconds);
 /* FLOP/s of the fp32 FMA loop, width 512 (zmm) or 256 (ymm, AVX2+FMA). */
 double kt_rf_fma_peak(int threads, double seconds, int width);
-/* 1 if the CPU and OS can run AVX2 + FMA (CPUID and XCR0, through libgcc). */
-int kt_rf_cpu_has_avx2_fma(void);
 
 #ifdef KT_ROOFLINE_SIMD
 /* ------------------------------------------------------------------ SIMD build */
@@ -297,11 +295,6 @@ __attribute__((target("avx2,fma"))) static uint64_t kt_rf_fma256_loop(double sec
     _mm256_store_ps(sink, s);
     __asm__ __volatile__("" : : "r"(sink) : "memory");
     return issued;
-}
-
-int kt_rf_cpu_has_avx2_fma(void) {
-    __builtin_cpu_init();  /* libgcc also checks that the OS saves the ymm state (XCR0) */
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 static void kt_rf_loop_job(void *p) {

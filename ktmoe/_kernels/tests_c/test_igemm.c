@@ -1,11 +1,15 @@
 /* test_igemm.c: standalone check and timing of the int8 GEMMs of gemm_int8.h (dev tooling).
  *
- * Build (each .c with its own flags, as meson does), from ktmoe/_kernels:
- *   AVX="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mavx512bf16"
- *   gcc -O2 -Wall -Wextra -c gemm_int8_portable.c -o /tmp/p.o
- *   gcc -O2 -Wall -Wextra $AVX -c gemm_int8_avx512.c -o /tmp/v.o
- *   gcc -O2 -Wall -Wextra $AVX -mamx-tile -mamx-bf16 -mamx-int8 -c gemm_int8_amx.c -o /tmp/x.o
- *   gcc -O2 -Wall -Wextra -I. tests_c/test_igemm.c /tmp/p.o /tmp/v.o /tmp/x.o -o /tmp/test_igemm
+ * (pytest runs the same checks through ktmoe._kernels._gemm.igemm on every target: tests/test_isa.py.)
+ * Build (each .c with its target's flags and -DKT_ISA, as meson.build does), from ktmoe/_kernels,
+ * with kt_isas.h from a meson build directory (B=../../build/cp311/ktmoe/_kernels):
+ *   F="-mavx2 -mfma -mavx512f -mavx512bw -mavx512vl -mavx512dq"; V="$F -mavx512bf16 -mavx512vnni"
+ *   gcc -O2 -I$B -DKT_ISA=portable -c gemm_int8_portable.c -o /tmp/p.o
+ *   gcc -O2 -I$B -DKT_ISA=avx2 -mavx2 -mfma -c gemm_int8_avx2.c -o /tmp/a.o
+ *   gcc -O2 -I$B -DKT_ISA=avx512f $F -c gemm_int8_avx512.c -o /tmp/f.o
+ *   gcc -O2 -I$B -DKT_ISA=avx512 $V -c gemm_int8_avx512.c -o /tmp/v.o
+ *   gcc -O2 -I$B -DKT_ISA=amx $V -mamx-tile -mamx-bf16 -mamx-int8 -c gemm_int8_amx.c -o /tmp/x.o
+ *   gcc -O2 -I$B -I. tests_c/test_igemm.c /tmp/[pafvx].o -o /tmp/test_igemm
  * Run:
  *   /tmp/test_igemm            correctness of every function against a naive loop
  *   /tmp/test_igemm bench [name]   single-thread GOP/s (2 M N K / time), to choose crossovers
@@ -32,20 +36,10 @@
 #include <time.h>
 #include <unistd.h>
 
-extern int kt_igemm_avx512_force_novnni;
+typedef struct { const char *name; kt_igemm_fn fn; int nn; } fn_case;
 
-typedef struct { const char *name; kt_igemm_fn fn; int nn; int novnni; } fn_case;
-
-static const fn_case FNS[] = {
-    {"portable_nt", kt_igemm_nt_portable, 0, 0},
-    {"portable_nn", kt_igemm_nn_portable, 1, 0},
-    {"avx512_nt", kt_igemm_nt_avx512, 0, 0},
-    {"avx512_nn", kt_igemm_nn_avx512, 1, 0},
-    {"avx512bw_nt", kt_igemm_nt_avx512, 0, 1},
-    {"avx512bw_nn", kt_igemm_nn_avx512, 1, 1},
-    {"amx_nt", kt_igemm_nt_amx, 0, 0},
-    {"amx_nn", kt_igemm_nn_amx, 1, 0},
-};
+#define KT_FN_ROWS(name, NAME, needs, flags) {#name "_nt", kt_igemm_nt_##name, 0}, {#name "_nn", kt_igemm_nn_##name, 1},
+static const fn_case FNS[] = {KT_ISA_LIST(KT_FN_ROWS)};
 enum { NFN = sizeof FNS / sizeof FNS[0] };
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
@@ -118,9 +112,7 @@ static int check_one(const fn_case *f, int M, int N, int K, int acc, int at_end,
             }
         }
     }
-    kt_igemm_avx512_force_novnni = f->novnni;
     f->fn(M, N, K, A, lda, W, ldw, C, ldc, acc);
-    kt_igemm_avx512_force_novnni = 0;
     int bad = 0;
     for (size_t i = 0; i < cpad && bad < 5; i++)
         if (Cb[i] != SENT) bad++, printf("  pad before C touched at %zu\n", i);
@@ -153,7 +145,6 @@ static double bench_one(const fn_case *f, int M, int N, int K) {
     for (size_t i = 0; i < an; i++) A[i] = rnd_i8(0);
     for (size_t i = 0; i < wn; i++) W[i] = rnd_i8(0);
     memset(C, 0, sizeof(int32_t) * cn);
-    kt_igemm_avx512_force_novnni = f->novnni;
     f->fn(M, N, K, A, lda, W, ldw, C, ldc, 0); /* warm-up */
     double best = 1e30;
     for (int rep = 0; rep < 25; rep++) { /* best of 25 short runs: robust to a busy machine */
@@ -165,17 +156,15 @@ static double bench_one(const fn_case *f, int M, int N, int K) {
         } while ((t = now() - t0) < 0.01);
         if (t / iters < best) best = t / iters;
     }
-    kt_igemm_avx512_force_novnni = 0;
     free(A), free(W), free(C);
     return 2.0 * M * N * K / best * 1e-9;
 }
 
 int main(int argc, char **argv) {
     page = sysconf(_SC_PAGESIZE);
-    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) {
-        perror("arch_prctl(ARCH_REQ_XCOMP_PERM)");
-        return 2;
-    }
+    int amx_ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    if (!amx_ok) perror("arch_prctl(ARCH_REQ_XCOMP_PERM): the amx functions are skipped");
+    /* the caller picks only functions this CPU can run (name filter) */
     if (argc > 1 && !strcmp(argv[1], "bench")) {
         static int Ms[16] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
         unsigned nms = 10;
@@ -193,6 +182,7 @@ int main(int argc, char **argv) {
             printf("\n");
             for (int j = 0; j < NFN; j++) {
                 if (FNS[j].nn != nn || (argc > 2 && !strstr(FNS[j].name, argv[2]))) continue;
+                if (!amx_ok && !strncmp(FNS[j].name, "amx", 3)) continue;
                 printf("%-12s", FNS[j].name);
                 for (unsigned i = 0; i < nms; i++) {
                     printf("%8.1f", bench_one(&FNS[j], Ms[i], N, K));
@@ -210,6 +200,7 @@ int main(int argc, char **argv) {
     int fails = 0, runs = 0;
     for (int j = 0; j < NFN; j++) {
         if (only && !strstr(FNS[j].name, only)) continue;
+        if (!amx_ok && !strncmp(FNS[j].name, "amx", 3)) continue;
         int f0 = fails;
         double t0 = now();
         for (unsigned im = 0; im < sizeof Ms / sizeof Ms[0]; im++)
