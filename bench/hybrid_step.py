@@ -243,53 +243,8 @@ def pss_bytes() -> int | None:
     return None
 
 
-class Ranks:
-    """One process, or rank `rank` of `world` under torchrun (default process group: nccl for
-    the GPU tensors, gloo for CPU ones)."""
-
-    def __init__(self, args=None):
-        import os
-        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1) if args is not None else 1
-        self.rank, self.local, self.dist = 0, 0, None
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-        self.dist, self.local = dist, int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = args.device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(self.local)
-            args.device = f"cuda:{self.local}"
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        self.rank = dist.get_rank()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def mean(self, value: float, device) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        self.dist.all_reduce(t)
-        return float(t[0]) / self.world
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1:
-            self.dist.destroy_process_group()
-
-
-def run_mode(mode: str, args, ranks: Ranks | None = None) -> dict:
+def run_mode(mode: str, args, ranks=None) -> dict:
+    from ktmoe.finetune.ranks import Ranks
     ranks = ranks or Ranks()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -358,7 +313,7 @@ def run_mode(mode: str, args, ranks: Ranks | None = None) -> dict:
             t3 = time.perf_counter()
             # equal sequences per rank: the mean of the ranks' mean losses is the global batch's
             rec = {"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2,
-                   "loss": ranks.mean(float(loss.detach()), device)}
+                   "loss": ranks.sum(float(loss.detach()), device) / ranks.world}
             losses.append(rec["loss"])
             del out, loss
             if timers:
@@ -467,7 +422,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    ranks = Ranks(args)
+    from ktmoe.finetune.ranks import Ranks   # one process, or torchrun's rank (default process group)
+    ranks = Ranks.from_env(torch, use_cuda=args.device.startswith("cuda"))
+    if ranks.world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{ranks.local_rank}"
     if ranks.world > 1 and args.gpu_only:
         raise SystemExit("hybrid_step: under torchrun only the hybrid mode runs (drop --gpu-only)")
     modes = ([] if args.no_hybrid else ["hybrid"]) + (["gpu-only"] if args.gpu_only else [])
