@@ -40,7 +40,9 @@ Data parallel (torchrun): under `python -m torch.distributed.run --standalone --
 bench/hybrid_step.py ...` each of the G ranks takes one GPU (LOCAL_RANK), the hybrid model's
 non-expert part is wrapped in DistributedDataParallel (LoRA gradients averaged over the ranks),
 the experts' packed weights are shared by the host's ranks (one copy, ktmoe.torch.distributed)
-and each rank's kernel gets its share of the cores. The global batch stays --batch sequences of
+and each rank's kernel gets its share of the cores. DDP takes parameters of one device type,
+so there the expert LoRA factors move to the rank's GPU too (the kernel copies them to the
+host on every call, as with `ktmoe finetune --nproc`). The global batch stays --batch sequences of
 --tokens / --batch tokens (the same token ids for every G), rank r taking sequences r, r + G, ...
 (--batch a multiple of G), so the losses of G ranks should match one process's; rank 0 prints
 the losses of every step (warm-up included), the slowest rank's step time, each rank's peak GPU
@@ -272,7 +274,11 @@ def run_mode(mode: str, args, ranks=None) -> dict:
     model = add_lora(model, args)
     model.train()
     engine = model
-    if ranks.world > 1:   # the ranks' LoRA gradients averaged (the experts' on the CPU through gloo)
+    if ranks.world > 1:   # the ranks' LoRA gradients averaged
+        # DDP refuses parameters on two device types: the expert LoRA factors, created by PEFT
+        # beside the experts' CPU placeholders, move to the rank's device like every other
+        # parameter (the kernel copies them to the host per call), as `ktmoe finetune` does
+        model.to(device)
         from torch.nn.parallel import DistributedDataParallel
         engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
