@@ -120,17 +120,32 @@ def _check(kind, isa, A, W, C, int8=False):
     return a, w, c, M, N, K, lda, ldw, ldc
 
 
+def _run(kind, isa, A, W, C, accumulate, int reps, bint int8):
+    """Checks the arguments once, then runs the bf16 (or int8) GEMM `reps` times back to back;
+    returns the wall seconds of the calls."""
+    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, int8=int8)
+    cdef kt_gemm_fn fn
+    cdef kt_igemm_fn ifn
+    cdef int m = M, n = N, k = K, acc = bool(accumulate), i
+    cdef long la = lda, lw = ldw, lc = ldc
+    cdef size_t pa = a, pw = w, pc = c
+    if int8:
+        ifn = _pick_int8(kind, isa)
+    else:
+        fn = _pick(kind, isa)
+    t0 = time.perf_counter()
+    with nogil:
+        for i in range(reps):
+            if int8:
+                ifn(m, n, k, <const int8_t *>pa, la, <const int8_t *>pw, lw, <int32_t *>pc, lc, acc)
+            else:
+                fn(m, n, k, <const kt_bf16 *>pa, la, <const kt_bf16 *>pw, lw, <float *>pc, lc, acc)
+    return time.perf_counter() - t0
+
+
 def gemm(kind, isa, A, W, C, accumulate=False):
     """C (+)= A W^T (nt) or A W (nn) with path `isa`; returns C."""
-    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
-    cdef kt_gemm_fn fn = _pick(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate)
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const kt_bf16 *pa = <const kt_bf16 *><size_t>a
-    cdef const kt_bf16 *pw = <const kt_bf16 *><size_t>w
-    cdef float *pc = <float *><size_t>c
-    with nogil:
-        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    _run(kind, isa, A, W, C, accumulate, 1, False)
     return C
 
 
@@ -138,29 +153,10 @@ def time_gemm(kind, isa, A, W, C, accumulate=False, calls=1):
     """Wall seconds of `calls` back-to-back gemm() calls (arguments checked once)."""
     if not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls: must be a positive integer, got {calls!r}")
-    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C)
-    cdef kt_gemm_fn fn = _pick(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate), i, reps = calls
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const kt_bf16 *pa = <const kt_bf16 *><size_t>a
-    cdef const kt_bf16 *pw = <const kt_bf16 *><size_t>w
-    cdef float *pc = <float *><size_t>c
-    t0 = time.perf_counter()
-    with nogil:
-        for i in range(reps):
-            fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
-    return time.perf_counter() - t0
+    return _run(kind, isa, A, W, C, accumulate, calls, False)
 
 
 def igemm(kind, isa, A, W, C, accumulate=False):
     """C (+)= A W^T (nt) or A W (nn) on int8 A, W (values in [-127, 127]) into int32 C, with `isa`."""
-    a, w, c, M, N, K, lda, ldw, ldc = _check(kind, isa, A, W, C, int8=True)
-    cdef kt_igemm_fn fn = _pick_int8(kind, isa)
-    cdef int m = M, n = N, k = K, acc = bool(accumulate)
-    cdef long la = lda, lw = ldw, lc = ldc
-    cdef const int8_t *pa = <const int8_t *><size_t>a
-    cdef const int8_t *pw = <const int8_t *><size_t>w
-    cdef int32_t *pc = <int32_t *><size_t>c
-    with nogil:
-        fn(m, n, k, pa, la, pw, lw, pc, lc, acc)
+    _run(kind, isa, A, W, C, accumulate, 1, True)
     return C
