@@ -336,7 +336,7 @@ class MoEExperts:
                             "lora": res.signature() if res else None, "empty": True})
             return
         self._layer.submit_forward(T, k, xb.addr, xb.dtype, ids.addr, ids.dtype, w.addr, w.dtype,
-                                   res.kernel_spec() if res else None, bool(keep_for_backward), ob.addr)
+                                   res, bool(keep_for_backward), ob.addr)
         self._pending = ("forward", out, (xb, ids, w, res, ob))
         if keep_for_backward:
             self._keep({"T": T, "k": k, "x_dtype": xb.dtype, "w_dtype": w.dtype,
@@ -393,7 +393,7 @@ class MoEExperts:
         if s["empty"]:
             self._pending = ("backward", (dx_out, dw_out), None)
             return
-        self._layer.submit_backward(dyb.addr, res.kernel_spec() if res else None, dxb.addr, dwb.addr)
+        self._layer.submit_backward(dyb.addr, res, dxb.addr, dwb.addr)
         self._pending = ("backward", (dx_out, dw_out), (dyb, res, dxb, dwb))
 
     def wait(self):

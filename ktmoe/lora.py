@@ -12,8 +12,9 @@
 
 Any projection may be left out. resolve() checks a LoRA or LoRAGrads against a layer once and
 gives the kernel's views (ResolvedLoRA: each projection as A [E, r, in], B [E, out, r]
-strides); the kernel reads both layouts in place through those strides: nothing is reshaped
-or copied here, and no delta weight W + BA is ever formed.
+strides), which _core.fill_lora copies field by field into the C struct kt_lora (the one
+form between the caller's factors and C); the kernel reads both layouts in place through
+those strides: nothing is reshaped or copied here, and no delta weight W + BA is ever formed.
 """
 from __future__ import annotations
 
@@ -99,16 +100,6 @@ class ResolvedLoRA:
     def signature(self) -> tuple:
         """What a gradient container must match: layout, and shape/dtype of each factor."""
         return (self.layout, tuple(sorted((k, v.signature) for k, v in self.proj.items())))
-
-    def kernel_spec(self) -> tuple:
-        """The form _core.fill_lora copies into the C struct kt_lora (scale 0 for gradients:
-        the kernel reads the forward's)."""
-        out = []
-        for p in PROJECTIONS:
-            v = self.proj.get(p)
-            out.append(None if v is None else
-                       (v.r, v.a_addr, v.a_dtype, v.a_strides, v.b_addr, v.b_dtype, v.b_strides))
-        return (self.scale, out)
 
 
 def _pair(value, name: str):

@@ -216,23 +216,28 @@ def _create_status(int status):
     _raise_status(status, KT_AT_CREATE)
 
 
-cdef void fill_lora(kt_lora *out, tuple spec):
-    """spec = (scale, [None | (r, A_addr, A_dtype, A_strides, B_addr, B_dtype, B_strides)] * 3)"""
-    out.scale = spec[0]
+# the C struct's projection order (enum kt_proj: KT_GATE, KT_UP, KT_DOWN)
+_KT_PROJECTIONS = ("gate", "up", "down")
+
+
+cdef void fill_lora(kt_lora *out, res):
+    """Copies a ktmoe.lora.ResolvedLoRA (its scale, and per projection name a ProjView or
+    nothing) into the C struct kt_lora: the one LoRA form between Python and C (a gradient
+    container's scale is 0: the kernel reads the forward's)."""
+    out.scale = res.scale
     for p in range(3):
-        proj = spec[1][p]
-        if proj is None:
+        v = res.proj.get(_KT_PROJECTIONS[p])
+        if v is None:
             out.proj[p].r = 0
             continue
-        r, a, adt, ast, b, bdt, bst = proj
-        out.proj[p].r = r
-        out.proj[p].A.data = <void *><size_t>a
-        out.proj[p].A.dtype = DTYPE_CODES[adt]
-        out.proj[p].B.data = <void *><size_t>b
-        out.proj[p].B.dtype = DTYPE_CODES[bdt]
+        out.proj[p].r = v.r
+        out.proj[p].A.data = <void *><size_t>v.a_addr
+        out.proj[p].A.dtype = DTYPE_CODES[v.a_dtype]
+        out.proj[p].B.data = <void *><size_t>v.b_addr
+        out.proj[p].B.dtype = DTYPE_CODES[v.b_dtype]
         for i in range(3):
-            out.proj[p].A.stride[i] = ast[i]
-            out.proj[p].B.stride[i] = bst[i]
+            out.proj[p].A.stride[i] = v.a_strides[i]
+            out.proj[p].B.stride[i] = v.b_strides[i]
 
 
 cdef class Layer:
