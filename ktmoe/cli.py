@@ -1,8 +1,9 @@
 """The `ktmoe` command: `finetune` (the main job: LoRA SFT of a MoE model), `bench`
-(layer benchmarks against the roofline and torch), `info` (CPU features and the kernel
+(layer benchmarks against the roofline and torch), `merge` (an adapter merged into its
+checkpoint: ktmoe/finetune/merge.py), `info` (CPU features and the kernel
 path chosen) and `verify` (each kernel path on this CPU against the numpy reference).
 
-`finetune` and `bench` live in their own modules, each exposing add_arguments(parser)
+`finetune`, `bench` and `merge` live in their own modules, each exposing add_arguments(parser)
 and run(args) -> exit code; they import torch only inside run(). Bad input of any
 subcommand ends with one "ktmoe CMD: error: ..." line and exit status 2: flag values are
 checked by the argparse types below (argparse's usage errors exit 2 too), what can only be
@@ -184,6 +185,8 @@ def cmd_verify(args) -> int:
 EXTERNAL_COMMANDS = {
     "finetune": ("ktmoe.finetune.cli", "LoRA fine-tune a MoE model (no flags: a built-in tiny model)"),
     "bench": ("ktmoe.bench", "time the expert layer against the roofline and torch baselines"),
+    "merge": ("ktmoe.finetune.merge", "merge a LoRA adapter into its checkpoint (quantized ones dequantized): "
+              "a plain bf16 checkpoint"),
 }
 
 

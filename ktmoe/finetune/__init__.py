@@ -12,6 +12,7 @@ Modules (torch and transformers are imported only when a job runs):
 - tiny.py: the built-in tiny model and tokenizer (fixed seed, built locally, no download).
 - train.py: the training loop, checkpoints / --resume, logs, loss plot and summary.
 - output.py: atomic writes into --out.
+- merge.py: `ktmoe merge`: an adapter merged into its checkpoint (dequantized), a plain bf16 one.
 - ranks.py: data-parallel ranks (torchrun or --nproc): who reads, writes and computes what.
 - launch.py: `--nproc N` starts N local ranks (torch.distributed's elastic launcher);
   __main__.py: `python -m ktmoe.finetune ARGS`, what each rank (or torchrun) runs.
