@@ -189,7 +189,7 @@ def merge(model: Path, adapter: Path, out: Path, log=print) -> dict:
     plan = _plan(ckpt, scheme, canonical)
 
     # which output weight each adapted module changes
-    targets: dict = {}          # output name -> [(A, B, s, rows)] with rows a slice of the weight's rows, or None
+    targets: dict = {}          # output name -> [(A, B, s, expert)]: expert, the index into fused experts, or None
     by_canonical = {canonical(n): n for n in plan}
     experts_of: dict = {}       # experts module path -> {role: {e: output name}} or {"fused": {proj: name}}
     for n in plan:
@@ -222,8 +222,8 @@ def merge(model: Path, adapter: Path, out: Path, log=print) -> dict:
                 adapted = n in targets
                 if adapted:
                     t = t.to(torch.float32)
-                    for A, B, sc, rows in targets.pop(n):
-                        _add_delta(t, A, B, sc, rows, n)
+                    for A, B, sc, expert in targets.pop(n):
+                        _add_delta(t, A, B, sc, expert, n)
                         deltas += 1
                 if kind != "copy" or adapted:   # dequantized or merged: bf16; the rest as stored
                     t = t.to(torch.bfloat16)
