@@ -37,8 +37,9 @@ LORA_ALPHA = 32          # scale s = alpha / r = 2
 SEED = 0
 PASSES = ("fwd", "fwdbwd")
 # ktmoe-wT: the opt-in transposed weight copy (2x weight memory). The quantized rows
-# (design.md 5) are ktmoe/formats.py's MODES: (weights, activations); int4 with its default group
-# size (128); fp8: e4m3 codes with 128 x 128 block scales made from the bf16 weights by
+# (design.md 5) are ktmoe/formats.py's MODES: (weights, activations); int4 / int4bs with their
+# default group size (128; int4bs: bf16 scales, made by ktmoe's quantizer as int4's); fp8: e4m3 codes
+# with 128 x 128 block scales made from the bf16 weights by
 # reference.quantize_fp8 (as the FP8 releases are made) and taken by MoEExperts.from_quantized,
 # weight-only.
 QUANTIZED = {m.bench_row: (m.weights, m.activations) for m in formats.MODES if m.weights != "bf16"}
@@ -309,7 +310,8 @@ class KtmoeRunner:
             self.layer = ktmoe.MoEExperts(gate_up=p.gate_up, down=p.down, num_threads=threads,
                                           max_tokens=max(p.shape.T, 1), transposed_weights=transposed,
                                           weights=weights, activations=activations,
-                                          group_size=INT4_GROUP if weights == "int4" else None)
+                                          group_size=formats.WEIGHT_FORMATS[weights].default_group
+                                          if formats.grouped(weights) else None)
         self.lora = ktmoe.LoRA.peft(gate_up=p.lora["gate_up"], down=p.lora["down"], scale=p.scale)
         self.grads = {n: tuple(torch.zeros_like(t) for t in ab) for n, ab in p.lora.items()}
         self.lora_grads = ktmoe.LoRAGrads.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
@@ -579,7 +581,7 @@ def roofline_line(roof: Roofline) -> str:
 
 
 def format_bytes_ratio(shape: Shape, weights: str) -> float:
-    """Raw bytes of a quantized format (codes + one fp32 scale per row, per group of INT4_GROUP
+    """Raw bytes of a quantized format (codes + one scale per row, per group of INT4_GROUP
     columns, or per FP8_BLOCK block) over raw bf16 bytes, for one expert's gate, up and down."""
     return formats.bytes_ratio(shape.H, shape.I, weights, INT4_GROUP, FP8_BLOCK)
 
@@ -630,7 +632,8 @@ def add_arguments(parser) -> None:
                              "one of them, or 'none'")
     parser.add_argument("--weights", type=comma_list(tuple(WEIGHT_ROWS), alone=("all",)), default=None,
                         help="comma-separated weight formats whose ktmoe rows run: bf16 (ktmoe, ktmoe-wT), int8 "
-                             "(ktmoe-int8, ktmoe-w8a8), int4 (ktmoe-int4, ktmoe-w4a8), fp8 (ktmoe-fp8), or 'all' "
+                             "(ktmoe-int8, ktmoe-w8a8), int4 (ktmoe-int4, ktmoe-w4a8), fp8 (ktmoe-fp8), int4bs "
+                             "(ktmoe-int4bs: int4 with bf16 scales), or 'all' "
                              "(default); the bf16 ktmoe row always runs (the speed-ups are against it)")
     parser.add_argument("--threads", type=thread_count, default=None,
                         help="threads for ktmoe, torch and the roofline (default: $KTMOE_NUM_THREADS, else all "

@@ -78,8 +78,8 @@ def _base_weights(w_gate, w_up, w_down, activations):
     if activations == "int8":
         if not all(quantized):
             raise ValueError("activations='int8' (W8A8) needs QuantizedWeights for w_gate, w_up, w_down")
-        if any(W.format == "fp8" for W in weights.values()):
-            raise ValueError("activations='int8' (W8A8) is not defined for FP8 weights (weight-only)")
+        if any(W.format in ("fp8", "int4bs") for W in weights.values()):
+            raise ValueError("activations='int8' (W8A8) is not defined for FP8 or INT4BS weights (weight-only)")
         return tuple(weights.values())
     if all(quantized):
         return tuple(_f64(W.dequantize()) for W in weights.values())   # weight-only mode
