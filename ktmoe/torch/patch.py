@@ -176,7 +176,7 @@ def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_to
             from None
     try:
         ckpt = Checkpoint(path, what="from_pretrained", require_tokenizer=False)
-        scheme = quantized.scheme_of(ckpt.config, ckpt.label)
+        scheme = quantized.checkpoint_scheme(ckpt)
         try:
             fmt, conversion = quantized.target_format(scheme, weights, group_size, activations)
         except ValueError as e:
