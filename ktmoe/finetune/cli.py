@@ -11,6 +11,7 @@ import argparse
 import errno
 import sys
 
+from .. import formats
 from . import FinetuneError
 
 TARGETS = ("attention", "experts", "router")
@@ -85,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(the schedule still spans every step); continue later with --resume")
     t.add_argument("--keep-checkpoints", type=_positive(int), default=2, help="how many checkpoints to keep")
     h = p.add_argument_group("hardware")
-    h.add_argument("--weights", choices=("bf16", "int8", "int4", "int4bs", "fp8"), default=None,
+    h.add_argument("--weights", choices=tuple(formats.WEIGHT_FORMATS), default=None,
                    help="expert weight format in the kernel. Default: the checkpoint's own: bf16 for unquantized "
                    "checkpoints, fp8 / int4 codes as published for FP8 block-scaled and INT4 pack-quantized ones "
                    "(int4bs: INT4 with bf16 scales, kept as bf16; int4 for those with --activations int8). "
