@@ -108,6 +108,29 @@ def test_packed_bytes():
         assert layer.weight_bytes == sum(q.nbytes_packed() for q in kw["reference"])
 
 
+@pytest.mark.parametrize("T", [3, 40])
+def test_int4bs_equals_int4_on_the_same_codes_and_scales(T, isa):
+    """int4bs runs int4's kernels on scales widened exactly: on the same codes and bf16 scales both
+    give the same y, dx, dw and LoRA gradients bit for bit (T = 3: the small-M loops; T = 40:
+    the bf16 panels), so only the stored bytes differ."""
+    rng = np.random.default_rng(T)
+    E, H, I = 3, 128, 64
+    kw = make_prequantized(rng, "int4bs", E, H, I, group_size=32, packing="pack-quantized")["from_quantized"]
+    ids, w = make_routing(rng, T, 2, E)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    dy = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, "peft", E, H, I, {"gate_up": 4, "down": 4})
+    out = []
+    for fmt in ("int4bs", "int4"):
+        layer = ktmoe.MoEExperts.from_quantized(**dict(kw, weights=fmt), isa=isa)
+        grads = {n: (np.zeros_like(A), np.zeros_like(B)) for n, (A, B) in lora.params.items()}
+        y = layer.forward(x, ids, w, lora=ktmoe.LoRA.peft(**lora.params, scale=lora.scale), keep_for_backward=True)
+        dx, dw = layer.backward(dy, lora_grads=ktmoe.LoRAGrads.peft(**grads))
+        out.append([y, dx, dw] + [g for pair in grads.values() for g in pair])
+    for a, b in zip(*out):
+        assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
 def test_int4bs_packed_bytes_are_the_checkpoints():
     """A compressed-tensors pack-quantized checkpoint with bf16 scales at group 32: int4bs holds
     exactly its bytes (int32 words + bf16 scales: 1.0x), int4 (fp32 scales) 1.11x of them."""
