@@ -74,8 +74,8 @@ def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
 
 
 def format_targets(results: list) -> list[str]:
-    lines = [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
+    lines = [f"  {status:<5} {impl:<{bench.IMPL_WIDTH}} {what:<50} measured {got}"
              for impl in ("ktmoe", "ktmoe-wT") for what, got, status in check_targets(results, impl)
              if got != "not run" or impl == "ktmoe"]
-    return lines + [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
+    return lines + [f"  {status:<5} {impl:<{bench.IMPL_WIDTH}} {what:<50} measured {got}"
                     for impl, what, got, status in check_quant_targets(results) if got != "not run"]

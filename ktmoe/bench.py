@@ -45,6 +45,7 @@ PASSES = ("fwd", "fwdbwd")
 QUANTIZED = {m.bench_row: (m.weights, m.activations) for m in formats.MODES if m.weights != "bf16"}
 OURS = ("ktmoe", "ktmoe-wT", *QUANTIZED)
 IMPLS = (*OURS, "grouped", "eager")
+IMPL_WIDTH = max(map(len, IMPLS))   # the impl column of the printed tables
 INT4_GROUP = formats.WEIGHT_FORMATS["int4"].default_group
 FP8_BLOCK = formats.FP8_BLOCK
 # `--weights`: the weight formats whose ktmoe rows run (the bf16 "ktmoe" row always runs: the
@@ -550,13 +551,13 @@ def add_speedups(results: list) -> None:
 def format_table(roof: Roofline, results: list) -> list[str]:
     """The result table as lines of aligned plain text."""
     lines = [roofline_line(roof)]
-    head = (f"{'shape':<11} {'pass':<6} {'impl':<10} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+    head = (f"{'shape':<11} {'pass':<6} {'impl':<{IMPL_WIDTH}} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
             f"{'bound ms':>9} {'by':>3} {'%roof':>6} {'x eager':>8} {'x grouped':>9}")
     lines += [head, "-" * len(head)]
     for r in results:
         by = "mem" if r.t_memory >= r.t_compute else "cmp"
         sp = [f"{r.speedup[b]:.2f}" if b in r.speedup else "" for b in BASELINES]
-        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<10} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
+        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<{IMPL_WIDTH}} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
                      f"{r.tflops:8.3f} {r.gbs:7.1f} {1e3 * r.bound:9.1f} {by:>3} "
                      f"{100 * r.roofline_fraction:5.1f}% {sp[0]:>8} {sp[1]:>9}")
     for impl in OURS:
@@ -707,7 +708,7 @@ def run(args) -> int:
                 elif ps == passes[0]:
                     notes.append(f"{name} {impl}: y differs from ktmoe's by {rel_error(y.float(), ktmoe_y):.1e} "
                                  f"(relative Frobenius)")
-                print(f"  {impl:<8} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
+                print(f"  {impl:<{IMPL_WIDTH}} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
                 if args.profile and impl in OURS:
                     profiles.append(profile_case(runner, ps, args.repeat, roof, f"{name} {ps} {impl}"))
             runner.close()
