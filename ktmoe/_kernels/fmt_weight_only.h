@@ -1,6 +1,7 @@
-/* fmt_weight_only.h: the weight-only products with quantized weights (int8, int4, fp8: the
- * rows of fmt_int8.c, fmt_int4.c, fmt_fp8.c), as loops a format fills in with its own code
- * decoding (design.md 5). A format gives three kernels (kt_wo_kernels); fmt_weight_only.c
+/* fmt_weight_only.h: the weight-only products with quantized weights (int8, int4, fp8, int4bs:
+ * the rows of fmt_int8.c, fmt_int4.c, fmt_fp8.c, fmt_int4bs.c), as loops a format fills in with
+ * its own code decoding (design.md 5). The loops read every scale through kt_qscale (fp32 or
+ * bf16 storage) and hand the decoders fp32 scales. A format gives three kernels (kt_wo_kernels); fmt_weight_only.c
  * turns them into the row's base_nt / base_nn:
  *  - more than QSMALL rows: the block of W is expanded, one K panel at a time, into bf16
  *    values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it (fp8: q is
