@@ -62,8 +62,8 @@ def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
         what = f">= {want:g}x ktmoe bf16" if want >= 1 else f"within {1 / want:.2f}x of ktmoe bf16"
         out.append((impl, f"{shape} fwdbwd {what}", f"{sp:.2f}x" if sp else "not run",
                     "n.a." if sp is None else "PASS" if sp >= want else "FAIL"))
-    for impl in ("ktmoe-int8", "ktmoe-int4", "ktmoe-fp8"):
-        # packed bytes against the format's own raw bytes (codes + fp32 scales) and against bf16
+    for impl in ("ktmoe-int8", "ktmoe-int4", "ktmoe-fp8", "ktmoe-int4bs"):
+        # packed bytes against the format's own raw bytes (codes + scales) and against bf16
         rows = [(r.weight_ratio, bench.format_bytes_ratio(bench.SHAPES[r.shape], bench.QUANTIZED[impl][0]))
                 for r in results if r.impl == impl and r.weight_ratio is not None]
         worst = max(rows, key=lambda t: t[0] / t[1]) if rows else None
@@ -74,8 +74,8 @@ def check_quant_targets(results: list) -> list[tuple[str, str, str, str]]:
 
 
 def format_targets(results: list) -> list[str]:
-    lines = [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
+    lines = [f"  {status:<5} {impl:<{bench.IMPL_WIDTH}} {what:<50} measured {got}"
              for impl in ("ktmoe", "ktmoe-wT") for what, got, status in check_targets(results, impl)
              if got != "not run" or impl == "ktmoe"]
-    return lines + [f"  {status:<5} {impl:<10} {what:<50} measured {got}"
+    return lines + [f"  {status:<5} {impl:<{bench.IMPL_WIDTH}} {what:<50} measured {got}"
                     for impl, what, got, status in check_quant_targets(results) if got != "not run"]

@@ -55,9 +55,11 @@ def test_formulas_count_by_hand():
     # weights: each hit expert's gate_up + down in bf16, once per pass
     one = bench.layer_bytes(s, 1, "fwd") - bench.layer_bytes(s, 0, "fwd")
     assert one == 3 * H * I * 2 + r * (3 * H + 3 * I) * 4
-    # quantized formats: codes + one fp32 scale per row (int8) or per 128-column group (int4)
+    # quantized formats: codes + one fp32 scale per row (int8) or per 128-column group (int4);
+    # int4bs: one bf16 scale per 128-column group
     assert bench.format_bytes_ratio(s, "int8") * 6 * H * I == 3 * H * I + 4 * (2 * I + H)
     assert bench.format_bytes_ratio(s, "int4") * 6 * H * I == 3 * H * I / 2 + 4 * 3 * H * I / 128
+    assert bench.format_bytes_ratio(s, "int4bs") * 6 * H * I == 3 * H * I / 2 + 2 * 3 * H * I / 128
 
 
 def test_problem_routing():
@@ -107,6 +109,7 @@ def test_weight_rows():
     assert bench.selected_rows(None) == bench.OURS and bench.selected_rows([]) == bench.OURS
     assert bench.selected_rows(["fp8"]) == ("ktmoe", "ktmoe-fp8")
     assert bench.selected_rows(["int4", "bf16"]) == ("ktmoe", "ktmoe-int4", "ktmoe-w4a8", "ktmoe-wT")
+    assert bench.selected_rows(["int4bs"]) == ("ktmoe", "ktmoe-int4bs")
 
 
 def test_fp8_runner_matches_ktmoe(threads):

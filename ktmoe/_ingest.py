@@ -13,6 +13,8 @@ Formats (design.md 5; reference/quant.py implements each exactly):
   its little-endian int32 word. Those words viewed as bytes and XORed with 0x88 are exactly the
   "nibbles" layout; the kernel does that XOR while copying. Scales [E, rows, cols / group_size],
   group_size in {32, 64, 128} (derived from the scales' shape when None).
+- "int4bs": int4's codes (both packings) with bfloat16 scales, which the kernel keeps as
+  bf16 (bit-equal to the checkpoint's; fp32 scales are refused: take "int4" for those).
 - "fp8": e4m3fn codes uint8 (or float8_e4m3fn: numpy ml_dtypes or torch) [E, rows, cols];
   block scales [E, ceil(rows / br), cols / bc] for block = (br, bc) (default (128, 128):
   DeepSeek-V3 / Qwen3-FP8's `weight_block_size`; `weight_scale_inv` is such a scale: the weight
@@ -43,6 +45,7 @@ SCALE_DTYPES = ("float32", "bfloat16")
 CODE_BYTES = {"int8": 1, "uint8": 1, "float8_e4m3fn": 1, "int32": 4}
 CODE_DTYPES = {"int8": ("int8",), "fp8": ("uint8", "float8_e4m3fn"),
                "int4": {"nibbles": ("uint8", "int8"), "pack-quantized": ("int32", "uint8")}}
+CODE_DTYPES["int4bs"] = CODE_DTYPES["int4"]
 
 
 def _codes_buffer(obj, name: str) -> Buffer:
@@ -116,16 +119,16 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         raise ValueError(f"weights: must be one of {list(INGEST_FORMATS)}, got {weights!r}")
     if not isinstance(int4_packing, str) or int4_packing not in INT4_PACKINGS:
         raise ValueError(f"int4_packing: must be one of {list(INT4_PACKINGS)}, got {int4_packing!r}")
-    if int4_packing != "nibbles" and weights != "int4":
-        raise ValueError(f"int4_packing: applies to weights='int4' only (weights={weights!r})")
+    if int4_packing != "nibbles" and not formats.grouped(weights):
+        raise ValueError(f"int4_packing: applies to weights={formats.GROUPED_NAMES} only (weights={weights!r})")
     if not isinstance(activations, str) or activations not in formats.ACTIVATIONS:
         raise ValueError(f"activations: must be one of {list(formats.ACTIVATIONS)}, got {activations!r}")
     fmt = formats.WEIGHT_FORMATS[weights]
     if activations not in fmt.activations:
         raise ValueError(f"activations: '{activations}' (W8A8) is not available for weights='{weights}', which is "
-                         "weight-only (activations='bf16')")
+                         "weight-only (activations='bf16')" + formats._w8a8_hint(weights))
     if not fmt.group_sizes and group_size is not None:
-        raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
+        raise ValueError(f"group_size: applies to weights={formats.GROUPED_NAMES} only (weights={weights!r})")
     if fmt.default_block is None and block is not None:
         raise ValueError(f"block: applies to weights='fp8' only (weights={weights!r})")
     if down is None:
@@ -135,7 +138,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
     if gate_up is None and (gate is None or up is None):
         raise ValueError("gate_up: give gate_up, or both gate and up")
     code_dtypes = CODE_DTYPES[weights]
-    if weights == "int4":
+    if formats.grouped(weights):
         code_dtypes = code_dtypes[int4_packing]
 
     # codes: shapes give E, H, I
@@ -176,6 +179,9 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         if b.dtype != sdt:
             raise TypeError(f"{name} scales: dtype {b.dtype} differs from down scales' {sdt} (one scale dtype "
                             f"for all projections)")
+    if fmt.scale_dtype == "bfloat16" and sdt != "bfloat16":
+        raise TypeError(f"down scales: weights={weights!r} keeps the checkpoint's bf16 scales as they are, got "
+                        f"{sdt} scales (use weights='int4' for fp32 scales)")
     cols_of = {"gate_up": H, "gate": H, "up": H, "down": I}
     rows_of["down"] = H
     if weights == "fp8":
@@ -215,6 +221,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         if b.shape != want:
             what = {"int8": "[E, rows, 1]: one scale per row",
                     "int4": f"[E, rows, cols / {group}]: one scale per row and group of {group} columns",
+                    "int4bs": f"[E, rows, cols / {group}]: one scale per row and group of {group} columns",
                     "fp8": f"[E, ceil(rows / {br}), cols / {group}]: one scale per {br}x{group} block"
                            + ("; gate's blocks, then up's" if name == "gate_up" else "")}[weights]
             hint = " (pass block=(rows, cols) if the checkpoint's weight_block_size is not 128x128)" \
@@ -228,7 +235,7 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         _find_bad_scales(b, f"{name} scales")
 
     # the kernel's sources: (codes address, codes expert stride in bytes, scales address, scales stride)
-    row_bytes = (H if weights != "int4" else H // 2)
+    row_bytes = H * fmt.bits // 8
     if gate_up is not None:
         c, s = code_bufs["gate_up"], scale_bufs["gate_up"]
         cs, ss = 2 * I * row_bytes, s.shape[1] * s.shape[2]
@@ -238,8 +245,8 @@ def prepare(weights, gate_up, down, gate, up, group_size, block, int4_packing, a
         gate_src, up_src = ((code_bufs[n].addr, I * row_bytes, scale_bufs[n].addr,
                              scale_bufs[n].shape[1] * scale_bufs[n].shape[2]) for n in ("gate", "up"))
     d, s = code_bufs["down"], scale_bufs["down"]
-    down_src = (d.addr, H * (I if weights != "int4" else I // 2), s.addr, s.shape[1] * s.shape[2])
-    code_xor = 0x88 if weights == "int4" and int4_packing == "pack-quantized" else 0
+    down_src = (d.addr, H * (I * fmt.bits // 8), s.addr, s.shape[1] * s.shape[2])
+    code_xor = 0x88 if formats.grouped(weights) and int4_packing == "pack-quantized" else 0
     return {"E": E, "H": H, "I": I, "group": group, "block": (br, group) if weights == "fp8" else None,
             "sources": (gate_src, up_src, down_src, sdt, br, code_xor),
             "keep": (code_bufs, scale_bufs)}

@@ -37,13 +37,15 @@ LORA_ALPHA = 32          # scale s = alpha / r = 2
 SEED = 0
 PASSES = ("fwd", "fwdbwd")
 # ktmoe-wT: the opt-in transposed weight copy (2x weight memory). The quantized rows
-# (design.md 5) are ktmoe/formats.py's MODES: (weights, activations); int4 with its default group
-# size (128); fp8: e4m3 codes with 128 x 128 block scales made from the bf16 weights by
+# (design.md 5) are ktmoe/formats.py's MODES: (weights, activations); int4 / int4bs with their
+# default group size (128; int4bs: bf16 scales, made by ktmoe's quantizer as int4's); fp8: e4m3 codes
+# with 128 x 128 block scales made from the bf16 weights by
 # reference.quantize_fp8 (as the FP8 releases are made) and taken by MoEExperts.from_quantized,
 # weight-only.
 QUANTIZED = {m.bench_row: (m.weights, m.activations) for m in formats.MODES if m.weights != "bf16"}
 OURS = ("ktmoe", "ktmoe-wT", *QUANTIZED)
 IMPLS = (*OURS, "grouped", "eager")
+IMPL_WIDTH = max(map(len, IMPLS))   # the impl column of the printed tables
 INT4_GROUP = formats.WEIGHT_FORMATS["int4"].default_group
 FP8_BLOCK = formats.FP8_BLOCK
 # `--weights`: the weight formats whose ktmoe rows run (the bf16 "ktmoe" row always runs: the
@@ -309,7 +311,8 @@ class KtmoeRunner:
             self.layer = ktmoe.MoEExperts(gate_up=p.gate_up, down=p.down, num_threads=threads,
                                           max_tokens=max(p.shape.T, 1), transposed_weights=transposed,
                                           weights=weights, activations=activations,
-                                          group_size=INT4_GROUP if weights == "int4" else None)
+                                          group_size=formats.WEIGHT_FORMATS[weights].default_group
+                                          if formats.grouped(weights) else None)
         self.lora = ktmoe.LoRA.peft(gate_up=p.lora["gate_up"], down=p.lora["down"], scale=p.scale)
         self.grads = {n: tuple(torch.zeros_like(t) for t in ab) for n, ab in p.lora.items()}
         self.lora_grads = ktmoe.LoRAGrads.peft(gate_up=self.grads["gate_up"], down=self.grads["down"])
@@ -548,13 +551,13 @@ def add_speedups(results: list) -> None:
 def format_table(roof: Roofline, results: list) -> list[str]:
     """The result table as lines of aligned plain text."""
     lines = [roofline_line(roof)]
-    head = (f"{'shape':<11} {'pass':<6} {'impl':<10} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+    head = (f"{'shape':<11} {'pass':<6} {'impl':<{IMPL_WIDTH}} {'ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'GB/s':>7} "
             f"{'bound ms':>9} {'by':>3} {'%roof':>6} {'x eager':>8} {'x grouped':>9}")
     lines += [head, "-" * len(head)]
     for r in results:
         by = "mem" if r.t_memory >= r.t_compute else "cmp"
         sp = [f"{r.speedup[b]:.2f}" if b in r.speedup else "" for b in BASELINES]
-        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<10} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
+        lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<{IMPL_WIDTH}} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
                      f"{r.tflops:8.3f} {r.gbs:7.1f} {1e3 * r.bound:9.1f} {by:>3} "
                      f"{100 * r.roofline_fraction:5.1f}% {sp[0]:>8} {sp[1]:>9}")
     for impl in OURS:
@@ -579,7 +582,7 @@ def roofline_line(roof: Roofline) -> str:
 
 
 def format_bytes_ratio(shape: Shape, weights: str) -> float:
-    """Raw bytes of a quantized format (codes + one fp32 scale per row, per group of INT4_GROUP
+    """Raw bytes of a quantized format (codes + one scale per row, per group of INT4_GROUP
     columns, or per FP8_BLOCK block) over raw bf16 bytes, for one expert's gate, up and down."""
     return formats.bytes_ratio(shape.H, shape.I, weights, INT4_GROUP, FP8_BLOCK)
 
@@ -630,7 +633,8 @@ def add_arguments(parser) -> None:
                              "one of them, or 'none'")
     parser.add_argument("--weights", type=comma_list(tuple(WEIGHT_ROWS), alone=("all",)), default=None,
                         help="comma-separated weight formats whose ktmoe rows run: bf16 (ktmoe, ktmoe-wT), int8 "
-                             "(ktmoe-int8, ktmoe-w8a8), int4 (ktmoe-int4, ktmoe-w4a8), fp8 (ktmoe-fp8), or 'all' "
+                             "(ktmoe-int8, ktmoe-w8a8), int4 (ktmoe-int4, ktmoe-w4a8), fp8 (ktmoe-fp8), int4bs "
+                             "(ktmoe-int4bs: int4 with bf16 scales), or 'all' "
                              "(default); the bf16 ktmoe row always runs (the speed-ups are against it)")
     parser.add_argument("--threads", type=thread_count, default=None,
                         help="threads for ktmoe, torch and the roofline (default: $KTMOE_NUM_THREADS, else all "
@@ -704,7 +708,7 @@ def run(args) -> int:
                 elif ps == passes[0]:
                     notes.append(f"{name} {impl}: y differs from ktmoe's by {rel_error(y.float(), ktmoe_y):.1e} "
                                  f"(relative Frobenius)")
-                print(f"  {impl:<8} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
+                print(f"  {impl:<{IMPL_WIDTH}} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
                 if args.profile and impl in OURS:
                     profiles.append(profile_case(runner, ps, args.repeat, roof, f"{name} {ps} {impl}"))
             runner.close()

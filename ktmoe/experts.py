@@ -19,6 +19,7 @@ import ctypes
 import itertools
 import threading
 
+import ml_dtypes
 import numpy as np
 
 from . import _cpu, _ingest, formats
@@ -60,10 +61,12 @@ class MoEExperts:
     `region_bytes` / `pack_region` / `attach`: the packed weights in caller memory (one copy
     that several processes map; see each).
 
-    `weights="int8"` / `"int4"` quantize the expert weights once, here (design.md 5): int8
-    with one fp32 scale per output row, int4 with one per output row and `group_size`
-    (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]. Packed memory:
-    int8 rows*cols + 4*rows bytes per matrix, int4 rows*cols/2 + 4*rows*cols/group_size.
+    `weights="int8"` / `"int4"` / `"int4bs"` quantize the expert weights once, here (design.md
+    5): int8 with one fp32 scale per output row, int4 with one per output row and `group_size`
+    (32, 64 or 128, default 128) input columns, symmetric values in [-7, 7]; int4bs as int4
+    with bf16 scales (the scale rounded to bf16 before the codes are made; weight-only).
+    Packed memory: int8 rows*cols + 4*rows bytes per matrix, int4 rows*cols/2 +
+    4*rows*cols/group_size, int4bs rows*cols/2 + 2*rows*cols/group_size.
     `activations` picks how they are multiplied: "bf16" (weight-only, the default: the
     values bf16(q * scale) in bf16 GEMMs) or "int8" (W8A8: activations quantized per row to
     int8 on the fly, int8 GEMMs with exact int32 sums). Forward and backward use the same
@@ -105,6 +108,10 @@ class MoEExperts:
           instead: int32 [E, rows, cols / 8] (or those bytes as uint8 [E, rows, cols / 2]), code
           + 8 as unsigned nibbles, element i of a row at bits 4i of its int32 word; its bytes
           XORed with 0x88 are the default layout (the kernel applies the XOR while copying).
+        - weights="int4bs": int4's codes (either packing) with bfloat16 scales, kept as bf16
+          (bit-equal to the checkpoint's; packed bytes = codes + bf16 scales, the checkpoint's
+          own bytes); fp32 scales raise (take "int4"). Weight-only: activations="int8" raises
+          (int4 takes the same codes and scales, widened exactly, for W8A8).
         - weights="fp8": e4m3fn codes uint8 or float8_e4m3fn [E, rows, cols] (NaN codes 0x7f /
           0xff raise, naming the position); block scales [E, ceil(rows / br), cols / bc] with
           block=(br, bc), default (128, 128) (`quantization_config.weight_block_size`); bc a
@@ -126,7 +133,7 @@ class MoEExperts:
         del spec["keep"]
         self = cls.__new__(cls)
         self._init(layer, isa_choice, E, H, I, max_tokens, False, weights,
-                   spec["group"] if weights == "int4" else 0, activations, block=spec["block"])
+                   spec["group"] if formats.grouped(weights) else 0, activations, block=spec["block"])
         self.prequantized = True
         return self
 
@@ -236,7 +243,7 @@ class MoEExperts:
     def quantized_weights(self, proj: str):
         """(q, scale) of projection proj ("gate", "up" or "down") as numpy arrays: the stored
         values one per element, q [E, rows, cols] int8, and scale [E, rows, groups] float32
-        (groups = 1 for int8). fp8: q is the uint8 e4m3fn codes [E, rows, cols] and scale the
+        (groups = 1 for int8; int4bs: bfloat16, its stored scales). fp8: q is the uint8 e4m3fn codes [E, rows, cols] and scale the
         block scales [E, ceil(rows / br), cols / bc] float32 (the first row's copy of each
         block's; every row of a block holds the same). Raises for bf16 weights."""
         if proj not in ("gate", "up", "down"):
@@ -251,6 +258,8 @@ class MoEExperts:
         self._layer.export_quantized(proj, q.ctypes.data, scale.ctypes.data)
         if self.weights == "fp8":
             scale = np.ascontiguousarray(scale[:, ::self.block[0]])
+        if formats.WEIGHT_FORMATS[self.weights].scale_dtype == "bfloat16":
+            scale = scale.astype(ml_dtypes.bfloat16)   # exported widened to fp32: back to the stored bf16, exactly
         return q, scale
 
     def saved_bytes_per_token(self, k: int, lora_rank: int = 0) -> int:
@@ -260,7 +269,7 @@ class MoEExperts:
 
     def __repr__(self) -> str:
         fmt = "" if self.weights == "bf16" else (
-            f", weights={self.weights!r}" + (f", group_size={self.group_size}" if self.weights == "int4" else "")
+            f", weights={self.weights!r}" + (f", group_size={self.group_size}" if formats.grouped(self.weights) else "")
             + (f", block={self.block}" if self.weights == "fp8" else "") + f", activations={self.activations!r}")
         return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}{fmt}, "
                 f"isa={self.isa!r}, num_threads={self.num_threads})")

@@ -36,17 +36,22 @@ class WeightFormat:
     default_group: int | None = None
     default_block: tuple | None = None   # fp8: (rows, cols) of one scale block
     transposed_copy: bool = False        # transposed_weights=True exists for it
+    scale_dtype: str = "float32"         # how the kernel stores the scales ("float32" or "bfloat16")
+
+    @property
+    def scale_bytes(self) -> int:
+        return 2 if self.scale_dtype == "bfloat16" else 4
 
     def raw_bytes(self, rows: int, cols: int, group: int | None = None, block: tuple | None = None) -> float:
-        """Bytes of one [rows, cols] matrix in this format: codes plus fp32 scales."""
-        codes = rows * cols * self.bits / 8
+        """Bytes of one [rows, cols] matrix in this format: codes plus scales (scale_dtype)."""
+        codes, sb = rows * cols * self.bits / 8, self.scale_bytes
         if self.scaling == "row":
-            return codes + 4 * rows
+            return codes + sb * rows
         if self.scaling == "group":
-            return codes + 4 * rows * cols / (group or self.default_group)
+            return codes + sb * rows * cols / (group or self.default_group)
         if self.scaling == "block":
             br, bc = block or self.default_block
-            return codes + 4 * -(-rows // br) * (cols // bc)
+            return codes + sb * -(-rows // br) * (cols // bc)
         return codes
 
 
@@ -56,6 +61,9 @@ WEIGHT_FORMATS = {f.name: f for f in (
     WeightFormat("int4", 2, 4, "group", True, True, ("bf16", "int8"), qmax=7, group_sizes=(32, 64, 128),
                  default_group=128),
     WeightFormat("fp8", 3, 8, "block", False, True, ("bf16",), default_block=(128, 128)),
+    # int4 with bf16 scales kept as bf16: a published INT4 checkpoint with bf16 scales in its own bytes
+    WeightFormat("int4bs", 4, 4, "group", True, True, ("bf16",), qmax=7, group_sizes=(32, 64, 128),
+                 default_group=128, scale_dtype="bfloat16"),
 )}
 ACTIVATIONS = ("bf16", "int8")   # "bf16": weight-only; "int8": W8A8, activations quantized per row
 
@@ -85,6 +93,7 @@ MODES = (
     Mode("w8a8", "int8", "int8", "ktmoe-w8a8", "quantized"),
     Mode("w4a8", "int4", "int8", "ktmoe-w4a8", "quantized"),
     Mode("fp8", "fp8", "bf16", "ktmoe-fp8", "quantized"),
+    Mode("int4bs", "int4bs", "bf16", "ktmoe-int4bs", "quantized"),
 )
 # design.md 6: relative Frobenius error limit and smallest cosine, per tolerance class. A
 # quantized kernel is held to the quantized reference (same codes, same rounding), so both
@@ -92,6 +101,7 @@ MODES = (
 TOLERANCES = {"bf16": {"rel": 1e-2, "cos": 0.9999}, "quantized": {"rel": 1e-2, "cos": 0.9999}}
 
 # compatibility names read by the rest of the package
+GROUPED_NAMES = " or ".join(repr(n) for n, f in WEIGHT_FORMATS.items() if f.scaling == "group")   # 'int4' or 'int4bs'
 WEIGHT_FORMAT_NAMES = tuple(WEIGHT_FORMATS)
 GROUP_SIZES = WEIGHT_FORMATS["int4"].group_sizes
 FP8_BLOCK = WEIGHT_FORMATS["fp8"].default_block
@@ -115,22 +125,35 @@ def path_label(weights: str, activations: str, group_size: int | None = None, bl
     """A format's name in reports: "int4/g32 w8a8", "fp8/b128x128", "int8 ckpt" ("" for bf16)."""
     if weights == "bf16":
         return ""
-    fmt = weights + (f"/g{group_size}" if weights == "int4" else "")
+    fmt = weights + (f"/g{group_size}" if WEIGHT_FORMATS[weights].scaling == "group" else "")
     fmt += f"/b{block[0]}x{block[1]}" if weights == "fp8" else ""
     fmt += " ckpt" if checkpoint and weights != "fp8" else ""
     return fmt + (" w8a8" if activations == "int8" else "")
 
 
 def bytes_ratio(H: int, I: int, weights: str, group: int | None = None, block: tuple | None = None) -> float:
-    """Raw bytes of one expert's gate, up and down in `weights` (codes + fp32 scales) over bf16's."""
+    """Raw bytes of one expert's gate, up and down in `weights` (codes + scales) over bf16's."""
     f = WEIGHT_FORMATS[weights]
     raw = 2 * f.raw_bytes(I, H, group, block) + f.raw_bytes(H, I, group, block)
     return raw / (6 * H * I)
 
 
+def grouped(weights: str) -> bool:
+    """True for the formats with one scale per row and group of columns (int4, int4bs)."""
+    return WEIGHT_FORMATS[weights].scaling == "group"
+
+
+def _w8a8_hint(weights: str) -> str:
+    f = WEIGHT_FORMATS[weights]
+    if f.scale_dtype == "bfloat16":
+        return (f"; for W8A8 use weights='int4' (the same codes with fp32 scales; from a checkpoint its bf16 "
+                f"scales are widened exactly)")
+    return ""
+
+
 def check_layer_format(weights, group_size, activations, transposed_weights: bool, H: int, I: int) -> int:
     """Validates a constructor's format options (MoEExperts(...), region_bytes, pack_region,
-    attach); returns the kernel's group size (0 unless int4). Errors name the argument."""
+    attach); returns the kernel's group size (0 unless int4 / int4bs). Errors name the argument."""
     if not isinstance(weights, str) or weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights: must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
     if not isinstance(activations, str) or activations not in ACTIVATIONS:
@@ -141,6 +164,9 @@ def check_layer_format(weights, group_size, activations, transposed_weights: boo
                          f"MoEExperts.from_quantized({weights!r}, (codes, scales), (codes, scales)); this constructor "
                          "quantizes bf16 / fp32 weights to "
                          + " or ".join(repr(n) for n, g in WEIGHT_FORMATS.items() if g.quantized_here and g.bits < 16))
+    if activations not in f.activations and f.bits < 16:
+        raise ValueError(f"activations: '{activations}' (W8A8) is not available for weights={weights!r}, which is "
+                         f"weight-only (activations='bf16')" + _w8a8_hint(weights))
     if activations not in f.activations:
         quantized = " or ".join(f"'{n}'" for n, g in WEIGHT_FORMATS.items() if g.quantized_here and activations in g.activations
                                 and n != "bf16")
@@ -149,7 +175,7 @@ def check_layer_format(weights, group_size, activations, transposed_weights: boo
         raise ValueError(f"transposed_weights: the transposed copy exists for bf16 weights only, not {weights!r}")
     if not f.group_sizes:
         if group_size is not None:
-            raise ValueError(f"group_size: applies to weights='int4' only (weights={weights!r})")
+            raise ValueError(f"group_size: applies to weights={GROUPED_NAMES} only (weights={weights!r})")
         return 0
     if group_size is None:
         group_size = f.default_group

@@ -134,6 +134,7 @@ def make_prequantized(rng, fmt, E, H, I, *, group_size=32, block=(128, 128), fus
 
     fmt "int4": random codes over all of [-8, 7] (-8 included) and random scales (bf16 or fp32
     as scale_dtype), packed as ktmoe's nibbles or compressed-tensors' int32 words (packing);
+    "int4bs": the same with bf16 scales (its format's scale dtype; scale_dtype is ignored);
     "fp8": make_weights quantized by reference.quantize_fp8 with `block` (codes over the whole
     e4m3 range, subnormals included); "int8": reference.quantize's codes given as they are.
     Weights are O(1 / sqrt(fan_in)) like make_weights'."""
@@ -153,11 +154,14 @@ def make_prequantized(rng, fmt, E, H, I, *, group_size=32, block=(128, 128), fus
                   for q, s in zip(Q, scales))
         opts = {}
     else:
+        if formats.WEIGHT_FORMATS[fmt].scale_dtype == "bfloat16":
+            scale_dtype = BF16
+
         def one(rows, cols):
             q = rng.integers(-8, 8, (E, rows, cols)).astype(np.int8)
             q[:, 0, :2] = (-8, 7)
             s = rng.uniform(0.5, 1.5, (E, rows, cols // group_size)) / (4.6 * np.sqrt(cols))
-            return reference.int4_weight(q, s.astype(scale_dtype), group_size)
+            return reference.int4_weight(q, s.astype(scale_dtype), group_size, format=fmt)
         Q = (one(I, H), one(I, H), one(H, I))
         if packing == "pack-quantized":
             pack = lambda q: reference.pack_quantized(q.q)        # noqa: E731
@@ -187,7 +191,7 @@ def quantized_reference(layer_kwargs, layer):
     weights = reference_weights(layer_kwargs)
     if layer.weights == "bf16":
         return weights
-    group = layer.group_size if layer.weights == "int4" else None
+    group = layer.group_size if formats.grouped(layer.weights) else None
     out = []
     for proj, w in zip(("gate", "up", "down"), weights):
         qw = reference.quantize(w, layer.weights, **({"group_size": group} if group else {}))

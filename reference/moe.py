@@ -31,6 +31,7 @@ FP8 weights, FP8 weight-only) run in one of two modes, chosen by `activations`:
 """
 import numpy as np
 
+from ..formats import WEIGHT_FORMATS   # which formats have a W8A8 mode (ktmoe/formats.py)
 from .quant import QuantizedWeight, qlinear, qlinear_t, round_bf16, stack_rows
 
 ACTIVATIONS = ("bf16", "int8")
@@ -78,8 +79,10 @@ def _base_weights(w_gate, w_up, w_down, activations):
     if activations == "int8":
         if not all(quantized):
             raise ValueError("activations='int8' (W8A8) needs QuantizedWeights for w_gate, w_up, w_down")
-        if any(W.format == "fp8" for W in weights.values()):
-            raise ValueError("activations='int8' (W8A8) is not defined for FP8 weights (weight-only)")
+        weight_only = sorted({W.format for W in weights.values() if "int8" not in WEIGHT_FORMATS[W.format].activations})
+        if weight_only:
+            raise ValueError(f"activations='int8' (W8A8) is not defined for {' / '.join(weight_only).upper()} weights "
+                             f"(weight-only)")
         return tuple(weights.values())
     if all(quantized):
         return tuple(_f64(W.dequantize()) for W in weights.values())   # weight-only mode

@@ -16,11 +16,15 @@ round-to-nearest-even), not float64:
         q     = clip(rint(w32 / scale), -7, 7)
         Symmetric: the code -8 is never produced (q is in [-7, 7]), so negating a weight
         negates its code and zero is exactly representable.
+    INT4BS (int4 with bf16 scales), as INT4 with the scale rounded to bf16 first:
+        scale = bf16(amax / float32(7))                     round to nearest even
+        q     = clip(rint(w32 / float32(scale)), -7, 7)
+        scale is stored as bf16 (QuantizedWeight.scale has dtype bfloat16).
     A row (group) whose scale is 0 (all zeros, or so tiny that amax / qmax underflows to 0)
     gets scale 0 and q 0; there is no division by zero.
 
 q is stored unpacked, one int8 per weight (INT4 codes too); scale is float32
-[..., rows, ngroups] (ngroups = 1 for INT8).
+[..., rows, ngroups] (ngroups = 1 for INT8; bfloat16 for INT4BS).
 
 Weight-only mode uses the weights the kernel expands into bf16 tiles:
     W_eff = bf16(float32(q) * scale)          float32 multiply, then round-to-nearest-even
@@ -36,6 +40,8 @@ Pre-quantized weights (published checkpoints, taken as they are, never re-quanti
     ktmoe's own packing (pack_int4) is two 4-bit two's-complement codes per byte, column 2j in the
     low nibble: the int32 words viewed as little-endian bytes, XORed with 0x88. int4_weight()
     makes the QuantizedWeight of such codes and scales; W_eff is the same bf16(float32(q) * scale).
+    With bf16 scales kept as bf16 (format "int4bs", int4_weight(..., format="int4bs")) the
+    values are the same: float32(scale) widens a bf16 scale exactly.
     FP8 (DeepSeek-V3 / R1, Qwen3-FP8): e4m3fn codes, one byte each, s.eeee.mmm:
         value = (-1)^s * (e ? 8 + m : m) * 2^(max(e, 1) - 10)       (decode_fp8; exact in float32)
     no infinities; s.1111.111 (0x7f, 0xff) is NaN and rejected. One float32 scale per block of
@@ -58,12 +64,15 @@ QMAX = {name: f.qmax for name, f in WEIGHT_FORMATS.items() if f.qmax}    # int8:
 INT4_GROUP_SIZES = WEIGHT_FORMATS["int4"].group_sizes                    # (32, 64, 128)
 
 
-def _symmetric_codes(v32, amax, qmax):
+def _symmetric_codes(v32, amax, qmax, bf16_scale=False):
     """scale = amax / qmax and q = clip(rint(v32 / scale), -qmax, qmax), all in float32.
 
     v32 [..., n]; amax [..., 1] float32. Where scale == 0 the codes are 0 (no division).
+    bf16_scale: the scale is rounded to bf16 (nearest even) before the codes are made.
     """
     scale = amax / np.float32(qmax)
+    if bf16_scale:
+        scale = scale.astype(BF16).astype(np.float32)
     nonzero = scale > 0
     divisor = np.where(nonzero, scale, np.float32(1))          # only to avoid 0 / 0 below
     q = np.where(nonzero, np.rint(v32 / divisor), np.float32(0))
@@ -86,8 +95,9 @@ class QuantizedWeight:
         return self.shape[-1] // self.group_size
 
     def scale_per_column(self):
-        """scale broadcast to q's shape: column c of a row uses scale[..., row, c // group_size]."""
-        return np.repeat(self.scale, self.group_size, axis=-1)
+        """scale (as float32: exact for bf16 scales) broadcast to q's shape: column c of a row uses
+        scale[..., row, c // group_size]."""
+        return np.repeat(self.scale.astype(np.float32), self.group_size, axis=-1)
 
     def dequantize(self):
         """Weight-only mode's effective weights: bf16(float32(q) * scale), float32 multiply."""
@@ -95,10 +105,12 @@ class QuantizedWeight:
         return w32.astype(BF16)
 
     def nbytes_packed(self):
-        """Bytes a packed kernel holds: codes (1 byte INT8, half a byte INT4) + 4 per scale."""
+        """Bytes a packed kernel holds: codes (1 byte INT8, half a byte INT4) + 4 per scale (2 for
+        INT4BS's bf16 scales)."""
         *lead, rows, cols = self.shape
         per_matrix = {"int8": rows * cols + 4 * rows,
-                      "int4": rows * cols // 2 + 4 * rows * self.ngroups}[self.format]
+                      "int4": rows * cols // 2 + 4 * rows * self.ngroups,
+                      "int4bs": rows * cols // 2 + 2 * rows * self.ngroups}[self.format]
         return int(np.prod(lead, dtype=np.int64)) * per_matrix
 
     def __getitem__(self, e):
@@ -118,11 +130,12 @@ def stack_rows(a, b):
 def quantize(w, format, group_size=128):
     """Quantize w [..., rows, cols] (float32 or bf16) per output row; returns a QuantizedWeight.
 
-    format "int8" (one scale per row; group_size is ignored and recorded as cols) or "int4"
-    (one scale per row and group of group_size columns, group_size in {32, 64, 128}).
+    format "int8" (one scale per row; group_size is ignored and recorded as cols), "int4"
+    (one scale per row and group of group_size columns, group_size in {32, 64, 128}) or
+    "int4bs" (int4 with the scales rounded to bf16 before the codes are made, kept as bf16).
     """
     if format not in QMAX:
-        raise ValueError(f"format must be 'int8' or 'int4', got {format!r}")
+        raise ValueError(f"format must be one of {list(QMAX)}, got {format!r}")
     w32 = np.asarray(w).astype(np.float32)
     if w32.ndim < 2:
         raise ValueError(f"w must have shape [..., rows, cols], got {w32.shape}")
@@ -137,7 +150,9 @@ def quantize(w, format, group_size=128):
 
     groups = w32.reshape(*w32.shape[:-1], cols // group_size, group_size)
     amax = np.max(np.abs(groups), axis=-1, keepdims=True)       # float32 [..., rows, ngroups, 1]
-    q, scale = _symmetric_codes(groups, amax, QMAX[format])
+    bf16 = WEIGHT_FORMATS[format].scale_dtype == "bfloat16"
+    q, scale = _symmetric_codes(groups, amax, QMAX[format], bf16_scale=bf16)
+    scale = scale.astype(BF16) if bf16 else scale                # exact: the values are bf16's
     return QuantizedWeight(q=q.reshape(w32.shape), scale=scale[..., 0], format=format,
                            group_size=group_size, shape=tuple(w32.shape))
 
@@ -251,11 +266,19 @@ def unpack_pack_quantized(words):
     return np.stack(nib, axis=-1).reshape(*w.shape[:-1], 8 * w.shape[-1]).astype(np.int8)
 
 
-def int4_weight(q, scale, group_size=None):
-    """QuantizedWeight ("int4") of given codes q [..., rows, cols] in [-8, 7] and scales
-    [..., rows, cols / group_size] (any float dtype; used as float32, exactly for bf16)."""
+def int4_weight(q, scale, group_size=None, format="int4"):
+    """QuantizedWeight of given codes q [..., rows, cols] in [-8, 7] and scales
+    [..., rows, cols / group_size]: format "int4" (any float scale dtype; used as float32,
+    exactly for bf16) or "int4bs" (bfloat16 scales, kept as they are)."""
     q = np.asarray(q, dtype=np.int8)
-    scale = np.asarray(scale).astype(np.float32)
+    if format == "int4bs":
+        if np.asarray(scale).dtype != BF16:
+            raise ValueError("int4_weight: format 'int4bs' takes bfloat16 scales")
+        scale = np.asarray(scale)
+    elif format == "int4":
+        scale = np.asarray(scale).astype(np.float32)
+    else:
+        raise ValueError(f"int4_weight: format must be 'int4' or 'int4bs', got {format!r}")
     if group_size is None:
         group_size = q.shape[-1] // scale.shape[-1]
     if q.min(initial=0) < -8 or q.max(initial=0) > 7:
@@ -263,7 +286,7 @@ def int4_weight(q, scale, group_size=None):
     if group_size not in INT4_GROUP_SIZES or scale.shape != q.shape[:-1] + (q.shape[-1] // group_size,):
         raise ValueError(f"int4_weight: scale shape {scale.shape} does not fit codes {q.shape} in groups of "
                          f"{group_size} ({INT4_GROUP_SIZES})")
-    return QuantizedWeight(q, scale, "int4", group_size, tuple(q.shape))
+    return QuantizedWeight(q, scale, format, group_size, tuple(q.shape))
 
 
 def quantize_int4_full_range(w, group_size=32):

@@ -397,7 +397,7 @@ BAD = {
                                       "longer than the model's maximum of 512"),
     "unwritable out": (lambda b, t: ["--out", _write(t / "file", "x") / "sub"], "cannot write there"),
     "group size without int4": (lambda b, t: ["--weights", "int8", "--group-size", "64"],
-                                "--group-size: applies to --weights int4 only"),
+                                "--group-size: applies to --weights int4 / int4bs only"),
     "W8A8 with bf16 weights": (lambda b, t: ["--activations", "int8"], "needs quantized expert weights"),
     "resume without checkpoint": (lambda b, t: ["--model", b, "--data", DATA, "--resume"], "--resume: no checkpoint"),
 }

@@ -7,7 +7,7 @@ an inaccessible page: `after` puts the array's last byte right before a PROT_NON
 faults (SIGSEGV kills the test run, faulthandler names the test). Each call runs
 ktmoe.MoEExperts forward (keep_for_backward, LoRA) and backward on every ISA path this CPU
 has, for every weight format and activation mode, over edge shapes (odd H, I, r; T = 1;
-k = 1; -1 slots), pre-quantized fp8 / int4 codes and scales included. The guarded call's results must also equal, bit for bit, the same call
+k = 1; -1 slots), pre-quantized fp8 / int4 / int4bs codes and scales included. The guarded call's results must also equal, bit for bit, the same call
 on ordinary numpy arrays (a kernel that read bytes outside the array would differ).
 test_guard_page_faults checks that the guard itself works (touching it kills a forked child).
 """
@@ -40,7 +40,7 @@ def test_guard_page_faults():
 
 
 # (name, E, H, I, r, T, k, minus_one, weight format, group size); int4 groups must divide H and I;
-# fp8 / int4-ckpt: MoEExperts.from_quantized codes and scales (fp8: group size = the column block,
+# fp8 / int4-ckpt / int4bs-ckpt: MoEExperts.from_quantized codes and scales (fp8: group size = the column block,
 # row block 5), guarded too
 CASES = [
     ("odd_17_9_r1_T1_k1", 3, 17, 9, 1, 1, 1, 0.0, "bf16", None),
@@ -54,8 +54,13 @@ CASES = [
     ("fp8b32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "fp8", 32),
     ("fp8b64_128_64_r1_T1_k1", 2, 128, 64, 1, 1, 1, 0.0, "fp8", 64),
     ("int4ckpt_g32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "int4-ckpt", 32),
+    ("int4bsg32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "int4bs", 32),
+    ("int4bsg64_128_64_r1_T1_k1", 2, 128, 64, 1, 1, 1, 0.0, "int4bs", 64),
+    ("int4bsckpt_g32_96_32_r3_minus1", 4, 96, 32, 3, 7, 2, 0.3, "int4bs-ckpt", 32),
+    ("int4bsckpt_g64_128_64_r1_T1_k1", 2, 128, 64, 1, 1, 1, 0.0, "int4bs-ckpt", 64),
 ]
-PARAMS = [(c, a) for c in CASES for a in (("bf16",) if c[8] in ("bf16", "fp8") else ("bf16", "int8"))]
+WEIGHT_ONLY = ("bf16", "fp8", "int4bs", "int4bs-ckpt")   # no W8A8 mode (formats.py)
+PARAMS = [(c, a) for c in CASES for a in (("bf16",) if c[8] in WEIGHT_ONLY else ("bf16", "int8"))]
 
 
 def _problem(case, seed):
@@ -76,8 +81,8 @@ def _problem(case, seed):
     grads = {n: (np.full(A.shape, 0.25, A.dtype), np.full(B.shape, -0.5, B.dtype))
              for n, (A, B) in lora.params.items()}
     pre = None
-    if fmt in ("fp8", "int4-ckpt"):
-        pre = make_prequantized(rng, fmt[:4] if fmt == "int4-ckpt" else fmt, E, H, I, group_size=group,
+    if fmt in ("fp8", "int4-ckpt", "int4bs-ckpt"):
+        pre = make_prequantized(rng, fmt.removesuffix("-ckpt"), E, H, I, group_size=group,
                                 block=(5, group), fused=bool(odd), scale_dtype=BF16 if odd else np.float32,
                                 packing="pack-quantized" if odd else "nibbles")["from_quantized"]
     return dict(weights=weights, ids=ids, w=w, x=x, dy=dy, lora=lora, grads=grads, fmt=fmt, group=group, pre=pre)

@@ -5,7 +5,8 @@ The layer's stored codes and scales must equal the given ones bit for bit (check
 ktmoe.testing.assert_matches_reference through ktmoe.testing.quantized_reference), and y, dx, dw and every
 LoRA gradient must match the reference at the design.md 6 limits (relative error <= 1e-2, cosine
 >= 0.9999). INT4 codes cover all of [-8, 7] (the published format uses -8), in weight-only and
-W8A8 mode, in ktmoe's nibble packing and compressed-tensors' int32 words. Plus the packed bytes,
+W8A8 mode, in ktmoe's nibble packing and compressed-tensors' int32 words; INT4BS (the same codes
+with bf16 scales kept as bf16) weight-only, in both packings. Plus the packed bytes,
 round trips of every accepted input type, and bad input (clear errors, nothing modified).
 """
 import numpy as np
@@ -46,6 +47,13 @@ def test_int4_checkpoint_matches_reference(case, activations, isa):
     i = INT4_CASES.index(case)
     _run("int4", case, isa, activations, packing=("nibbles", "pack-quantized")[i % 2],
          scale_dtype=(np.float32, BF16)[(i // 2) % 2])
+
+
+@pytest.mark.parametrize("case", INT4_CASES)
+def test_int4bs_checkpoint_matches_reference(case, isa):
+    """INT4BS: INT4 codes in [-8, 7] with bf16 scales stored as bf16 (bit-equal, checked in the
+    harness), weight-only; the packing alternates over the cases."""
+    _run("int4bs", case, isa, packing=("pack-quantized", "nibbles")[INT4_CASES.index(case) % 2])
 
 
 @pytest.mark.parametrize("activations", ["bf16", "int8"])
@@ -94,10 +102,52 @@ def test_packed_bytes():
     raw = sum(q.nbytes_raw() for q in kw["reference"])
     assert layer.weight_bytes == packed == 3 * E * H * I * (1 + 4 / 128)
     assert layer.weight_bytes <= 1.05 * raw, (layer.weight_bytes, raw)           # design.md 5 memory goal
-    for fmt in ("int4", "int8"):
+    for fmt in ("int4", "int8", "int4bs"):
         kw = make_prequantized(rng, fmt, E, H, I, group_size=64)
         layer = ktmoe.MoEExperts.from_quantized(**kw["from_quantized"])
         assert layer.weight_bytes == sum(q.nbytes_packed() for q in kw["reference"])
+
+
+@pytest.mark.parametrize("T", [3, 40])
+def test_int4bs_equals_int4_on_the_same_codes_and_scales(T, isa):
+    """int4bs runs int4's kernels on scales widened exactly: on the same codes and bf16 scales both
+    give the same y, dx, dw and LoRA gradients bit for bit (T = 3: the small-M loops; T = 40:
+    the bf16 panels), so only the stored bytes differ."""
+    rng = np.random.default_rng(T)
+    E, H, I = 3, 128, 64
+    kw = make_prequantized(rng, "int4bs", E, H, I, group_size=32, packing="pack-quantized")["from_quantized"]
+    ids, w = make_routing(rng, T, 2, E)
+    x = rng.standard_normal((T, H)).astype(BF16)
+    dy = rng.standard_normal((T, H)).astype(BF16)
+    lora = make_lora(rng, "peft", E, H, I, {"gate_up": 4, "down": 4})
+    out = []
+    for fmt in ("int4bs", "int4"):
+        layer = ktmoe.MoEExperts.from_quantized(**dict(kw, weights=fmt), isa=isa)
+        grads = {n: (np.zeros_like(A), np.zeros_like(B)) for n, (A, B) in lora.params.items()}
+        y = layer.forward(x, ids, w, lora=ktmoe.LoRA.peft(**lora.params, scale=lora.scale), keep_for_backward=True)
+        dx, dw = layer.backward(dy, lora_grads=ktmoe.LoRAGrads.peft(**grads))
+        out.append([y, dx, dw] + [g for pair in grads.values() for g in pair])
+    for a, b in zip(*out):
+        assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def test_int4bs_packed_bytes_are_the_checkpoints():
+    """A compressed-tensors pack-quantized checkpoint with bf16 scales at group 32: int4bs holds
+    exactly its bytes (int32 words + bf16 scales: 1.0x), int4 (fp32 scales) 1.11x of them."""
+    rng = np.random.default_rng(5)
+    E, H, I = 2, 256, 128
+    kw = make_prequantized(rng, "int4bs", E, H, I, group_size=32, packing="pack-quantized")
+    fq = kw["from_quantized"]
+    ckpt = sum(a.nbytes for pair in (fq["gate_up"], fq["down"]) for a in pair)
+    assert fq["down"][1].dtype == BF16 and fq["down"][0].dtype == np.int32
+    bs = ktmoe.MoEExperts.from_quantized(**fq)
+    i4 = ktmoe.MoEExperts.from_quantized(**dict(fq, weights="int4"))
+    assert bs.weight_bytes == ckpt
+    assert i4.weight_bytes == ckpt + 2 * sum(pair[1].size for pair in (fq["gate_up"], fq["down"]))
+    assert round(i4.weight_bytes / ckpt, 2) == 1.11
+    for proj, qw in zip(("gate", "up", "down"), kw["reference"]):   # int4 of the same: exactly widened
+        q, s = i4.quantized_weights(proj)
+        assert np.array_equal(q, qw.q) and s.dtype == np.float32 and np.array_equal(s, qw.scale.astype(np.float32))
 
 
 def test_round_trip_of_every_input_type():
@@ -134,6 +184,16 @@ def test_round_trip_of_every_input_type():
         assert np.array_equal(q, q8[:, I:]) and np.array_equal(s, s8[:, I:])
         q, s = layer.quantized_weights("down")
         assert np.array_equal(q, qd) and np.array_equal(s, sd)
+        # int4bs: bf16 scales (numpy and torch) stored bit for bit
+        s8b, sdb = s8.astype(BF16), sd.astype(BF16)
+        for scales in ((s8b, sdb), (torch.from_numpy(s8).to(torch.bfloat16), torch.from_numpy(sd).to(torch.bfloat16))):
+            layer = ktmoe.MoEExperts.from_quantized("int4bs", (pack(q8), scales[0]), (pack(qd), scales[1]),
+                                                    int4_packing=packing)
+            q, s = layer.quantized_weights("gate")
+            assert np.array_equal(q, q8[:, :I]) and s.dtype == BF16
+            assert np.array_equal(s.view(np.uint16), s8b[:, :I].view(np.uint16))
+            q, s = layer.quantized_weights("down")
+            assert np.array_equal(q, qd) and np.array_equal(s.view(np.uint16), sdb.view(np.uint16))
 
 
 def test_pack_quantized_is_nibbles_xor_0x88():
@@ -155,8 +215,8 @@ def _fp8_args(rng=None):
                 down=tuple(a.view(np.uint8) if a.dtype.itemsize == 1 else a for a in fq["down"]), block=(32, 64))
 
 
-def _int4_args():
-    kw = make_prequantized(np.random.default_rng(0), "int4", 2, 128, 64, group_size=32)
+def _int4_args(fmt="int4"):
+    kw = make_prequantized(np.random.default_rng(0), fmt, 2, 128, 64, group_size=32)
     return dict(kw["from_quantized"])
 
 
@@ -202,7 +262,7 @@ BAD = {
     "W8A8 with fp8": (lambda a: dict(a, activations="int8"), ValueError,
                       "activations: 'int8' .* not available for weights='fp8'"),
     "unknown format": (lambda a: dict(a, weights="fp4"), ValueError, "weights: must be one of"),
-    "group_size with fp8": (lambda a: dict(a, group_size=32), ValueError, "group_size: applies to weights='int4' only"),
+    "group_size with fp8": (lambda a: dict(a, group_size=32), ValueError, "group_size: applies to weights='int4' or 'int4bs' only"),
     "not a pair": (lambda a: dict(a, down=a["down"][0]), TypeError, r"down: expected a \(codes, scales\) pair"),
     "gate_up and gate": (lambda a: dict(a, gate=a["gate_up"]), ValueError, "gate_up: give either gate_up or gate"),
     "no down": (lambda a: dict(a, down=None), ValueError, "down: the down projection"),
@@ -221,10 +281,28 @@ BAD_INT4 = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD) + list(BAD_INT4))
+BAD_INT4BS = {
+    "int4bs fp32 scales": (lambda a: {**a, "gate_up": (a["gate_up"][0], a["gate_up"][1].astype(np.float32)),
+                                      "down": (a["down"][0], a["down"][1].astype(np.float32))}, TypeError,
+                           r"down scales: weights='int4bs' keeps the checkpoint's bf16 scales .* got float32 .*"
+                           r"use weights='int4'"),
+    "W8A8 with int4bs": (lambda a: dict(a, activations="int8"), ValueError,
+                         "activations: 'int8' .* not available for weights='int4bs'.*use weights='int4'"),
+    "int4bs negative scale": (lambda a: (a["down"][1].__setitem__((1, 3, 0), -1.0), a)[1], ValueError,
+                              r"down scales: scale at position \[1, 3, 0\] is NaN, Inf or negative"),
+    "int4bs NaN scale": (lambda a: (a["gate_up"][1].__setitem__((0, 2, 1), np.nan), a)[1], ValueError,
+                         r"gate_up scales: scale at position \[0, 2, 1\] is NaN, Inf or negative"),
+    "int4bs scales wrong shape": (lambda a: _set(a, "down", 1, a["down"][1][:, :, :1].copy()), ValueError,
+                                  r"down scales: expected shape \[2, 128, 2\] .*got \[2, 128, 1\]"),
+    "int4bs codes wrong shape": (lambda a: _set(a, "gate_up", 0, a["gate_up"][0][:, :100].copy()), ValueError,
+                                 r"gate_up codes: expected shape \[2, 128, 64\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD) + list(BAD_INT4) + list(BAD_INT4BS))
 def test_bad_input(case):
-    make, exc, msg = {**BAD, **BAD_INT4}[case]
-    args = _int4_args() if case in BAD_INT4 else _fp8_args()
+    make, exc, msg = {**BAD, **BAD_INT4, **BAD_INT4BS}[case]
+    args = _int4_args() if case in BAD_INT4 else _int4_args("int4bs") if case in BAD_INT4BS else _fp8_args()
     bad = make(args)
     snap = {n: tuple(np.array(a, copy=True) for a in v) for n, v in bad.items()
             if isinstance(v, tuple) and all(isinstance(a, np.ndarray) for a in v)}
@@ -232,7 +310,8 @@ def test_bad_input(case):
         ktmoe.MoEExperts.from_quantized(**bad)
     for n, v in snap.items():   # nothing the caller owns is modified
         assert all(np.array_equal(x.view(np.uint8), y.view(np.uint8)) for x, y in zip(bad[n], v)), n
-    ktmoe.MoEExperts.from_quantized(**(_int4_args() if case in BAD_INT4 else _fp8_args()))
+    ktmoe.MoEExperts.from_quantized(**(_int4_args() if case in BAD_INT4 else _int4_args("int4bs") if case in BAD_INT4BS
+                                      else _fp8_args()))
 
 
 def test_int8_code_minus_128_rejected():
@@ -250,9 +329,9 @@ def test_constructor_refers_fp8_to_from_quantized():
 
 
 def test_cli_verify_prequantized(capsys):
-    """`ktmoe verify --weights fp8` and `int4-ckpt/g32` check every path against the reference."""
+    """`ktmoe verify --weights fp8`, `int4-ckpt/g32` and `int4bs-ckpt/g32` check every path against the reference."""
     from ktmoe import cli
-    for weights in ("fp8", "int4-ckpt/g32"):
+    for weights in ("fp8", "int4-ckpt/g32", "int4bs-ckpt/g32"):
         assert cli.main(["verify", "--weights", weights]) == 0
         out = capsys.readouterr().out
         assert out.count(f" {weights} ") >= len(ktmoe.available_isas()) and "PASS" in out, out

@@ -58,14 +58,14 @@ def sizes(draw, group):
 def problems(draw, quantized):
     block = None
     if quantized == "prequantized":   # MoEExperts.from_quantized: fp8 blocks, or int4 codes over [-8, 7]
-        fmt = draw(st.sampled_from(["fp8", "int4"]))
+        fmt = draw(st.sampled_from(["fp8", "int4", "int4bs"]))
         group = draw(st.sampled_from([32, 64, 128]))
         activations = draw(st.sampled_from(["bf16", "int8"])) if fmt == "int4" else "bf16"
         block = (draw(st.sampled_from([1, 7, 32, 128])), group) if fmt == "fp8" else None
     elif quantized:
-        fmt = draw(st.sampled_from(["int8", "int4"]))
-        group = draw(st.sampled_from([32, 64, 128])) if fmt == "int4" else None
-        activations = draw(st.sampled_from(["bf16", "int8"]))
+        fmt = draw(st.sampled_from(["int8", "int4", "int4bs"]))
+        group = draw(st.sampled_from([32, 64, 128])) if fmt in ("int4", "int4bs") else None
+        activations = draw(st.sampled_from(["bf16", "int8"])) if fmt != "int4bs" else "bf16"
     else:
         fmt, group, activations = "bf16", None, "bf16"
     H, I = sizes(draw, group)

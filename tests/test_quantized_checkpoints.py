@@ -20,6 +20,7 @@ group 32, bf16 scales). Checks:
 import json
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -39,6 +40,11 @@ CASES = {   # name: (arch, scheme, config overrides, make() options)
     "deepseek_v3-fp8-fused": ("deepseek_v3", "fp8", qc.DSV3_FP8, {"fused_fp8": True}),
     "kimi_k2-int4": ("deepseek_v3", "int4", qc.KIMI_INT4, {"quantize_dense": True}),
 }
+
+
+# the kernel format each case's checkpoint loads into as published: the tests' INT4 checkpoints
+# have bf16 scales, as Kimi K2's, so int4bs (the scales kept as bf16)
+OWN_FORMAT = {"fp8": "fp8", "int4": "int4bs"}
 
 
 def write(case, d, **more):
@@ -346,13 +352,16 @@ def stacked(state, name, proj, role, E):
     return torch.stack([state[f"{name}.{e}.{proj}.{role}"] for e in range(E)])
 
 
-def assert_codes_as_published(case, loaded, state):
-    """Every layer's stored codes and scales equal the checkpoint's, bit for bit."""
+def assert_codes_as_published(case, loaded, state, weights=None):
+    """Every layer's stored codes and scales equal the checkpoint's, bit for bit (int4bs: the
+    bf16 scales' bits; int4: their fp32 widening). weights: the kernel format (default the
+    checkpoint's own, OWN_FORMAT)."""
     _, scheme, _, opts = CASES[case]
+    weights = weights or OWN_FORMAT[scheme]
     for name, m in loading.experts_modules(loaded):
         layer = m._ktmoe.layer
         E, I = layer.num_experts, layer.intermediate_size
-        assert layer.weights == scheme
+        assert layer.weights == weights
         for proj, src in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
             got_q, got_s = layer.quantized_weights(proj)
             if scheme == "fp8":
@@ -369,17 +378,25 @@ def assert_codes_as_published(case, loaded, state):
             else:
                 words = stacked(state, name, src, "weight_packed", E)
                 want_q = torch.stack([quantized.unpack_int4(w, w.shape[1] * 8) for w in words])
-                want_s = stacked(state, name, src, "weight_scale", E).float()
+                want_s = stacked(state, name, src, "weight_scale", E)
+                if weights == "int4bs":   # the stored bf16 bits
+                    assert want_s.dtype == torch.bfloat16 and got_s.dtype == ml_dtypes.bfloat16
+                    got_s, want_s = got_s.view(np.int16), want_s.view(torch.int16)
+                else:
+                    want_s = want_s.float()
             assert np.array_equal(got_q, want_q.numpy()), f"{name} {proj}: codes differ from the checkpoint's"
             assert np.array_equal(got_s, want_s.numpy()), f"{name} {proj}: scales differ from the checkpoint's"
 
 
-def packed_bytes(case, E, H, I, layers):
+def packed_bytes(case, E, H, I, layers, weights=None):
     """What the kernel holds for the published format (ktmoe.MoEExperts.from_quantized's docstring)."""
     _, scheme, _, _ = CASES[case]
+    weights = weights or OWN_FORMAT[scheme]
     per = 3 * E * H * I
     if scheme == "fp8":
         return layers * (per + 4 * per // 128)          # codes + a copy of each block's scales per row
+    if weights == "int4bs":
+        return layers * (per // 2 + 2 * per // 32)      # nibbles + bf16 scales per group of 32: the checkpoint's bytes
     return layers * (per // 2 + 4 * per // 32)          # nibbles + fp32 scales per group of 32
 
 
@@ -394,6 +411,49 @@ def test_loaded_as_published(case, tmp_path):
     k = experts[0][1]._ktmoe.layer
     assert stats.packed_bytes == packed_bytes(case, k.num_experts, k.hidden_size, k.intermediate_size, len(experts))
     assert_same_logits(loaded, model)
+
+
+def _expert_checkpoint_bytes(state):
+    return sum(t.numel() * t.element_size() for k, t in state.items()
+               if ".experts." in k and k.endswith((".weight_packed", ".weight_scale")))
+
+
+def test_int4_bf16_scales_formats(tmp_path):
+    """An INT4 checkpoint with bf16 scales (Kimi K2's layout): by default int4bs, whose packed
+    bytes are exactly the checkpoint's expert codes + scales (1.0x); --weights int4 takes the same
+    codes as published with the scales widened exactly (1.11x at group 32); W8A8 by default takes
+    int4 (int4bs is weight-only) and says nothing about converting; --weights int4bs W8A8 is refused;
+    fp32 scales load as int4 by default, and --weights int4bs on them converts (and says so)."""
+    model, state = write("kimi_k2-int4", tmp_path / "c", num_hidden_layers=2)
+    ckpt_bytes = _expert_checkpoint_bytes(state)
+    loaded, stats = load(tmp_path / "c")
+    assert stats.as_published and stats.scheme.scale_dtype == "bfloat16" and "bf16 scales" in stats.scheme.describe()
+    assert stats.packed_bytes == ckpt_bytes                       # 1.0x the checkpoint's bytes
+    four, st4 = load(tmp_path / "c", weights="int4")
+    assert st4.as_published
+    assert_codes_as_published("kimi_k2-int4", four, state, weights="int4")
+    assert st4.packed_bytes * 100 // ckpt_bytes == 111            # fp32 scales: 1.11x at group 32
+    assert_same_logits(four, model)
+    a8, st8 = load(tmp_path / "c", activations="int8")
+    assert st8.as_published and all(m._ktmoe.layer.weights == "int4" and m._ktmoe.layer.activations == "int8"
+                                     for _, m in loading.experts_modules(a8))
+    scheme = stats.scheme
+    assert quantized.target_format(scheme, None, None, "int8") == (
+        {"weights": "int4", "group_size": 32, "activations": "int8"}, None)
+    with pytest.raises(ValueError, match=r"activations: 'int8' \(W8A8\) is not available for int4bs weights"):
+        quantized.target_format(scheme, "int4bs", None, "int8")
+    # the same checkpoint with fp32 scales
+    for f in (tmp_path / "c").glob("*.safetensors"):
+        f.unlink()
+    state32 = {k: (t.float() if k.endswith(".weight_scale") else t) for k, t in state.items()}
+    qc.write_shards(state32, tmp_path / "c", 2)
+    loaded32, s32 = load(tmp_path / "c")
+    assert s32.as_published and s32.scheme.scale_dtype == "float32"
+    assert all(m._ktmoe.layer.weights == "int4" for _, m in loading.experts_modules(loaded32))
+    fmt, say = quantized.target_format(s32.scheme, "int4bs", None, "bf16")
+    assert fmt["group_size"] == 32 and "to int4bs group 32" in say and "not the checkpoint's codes" in say
+    conv, sc = load(tmp_path / "c", weights="int4bs")
+    assert not sc.as_published and all(m._ktmoe.layer.weights == "int4bs" for _, m in loading.experts_modules(conv))
 
 
 def test_from_pretrained_on_quantized_checkpoints(tmp_path):
@@ -450,7 +510,7 @@ def test_finetune_as_published(tokenizer_dir, tmp_path, capsys):
         assert "converting" not in cap.err, cap.err
         assert "the checkpoint's codes" in cap.out, cap.out
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["experts_as_published"] and summary["settings"]["weights"] == CASES[case][1]
+        assert summary["experts_as_published"] and summary["settings"]["weights"] == OWN_FORMAT[CASES[case][1]]
         losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
         assert len(losses) == 2 and all(np.isfinite(losses)), losses
         card = (out / "adapter" / "README.md").read_text()
@@ -559,7 +619,7 @@ def test_kimi_k2_model_type_loads_as_deepseek_v3(tmp_path):
                          "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
     cfg_path.write_text(json.dumps(cfg))
     loaded, stats = load(tmp_path / "c")
-    assert stats.as_published and stats.scheme.method == "int4"
+    assert stats.as_published and stats.scheme.method == "int4" and stats.scheme.own_format == "int4bs"
     assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
     assert_codes_as_published("kimi_k2-int4", loaded, state)
     assert_same_logits(loaded, model)

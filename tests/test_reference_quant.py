@@ -141,6 +141,32 @@ def test_quantize_bad_input():
     assert reference.quantize(np.ones((4, 96), np.float32), "int4", 32).scale.shape == (4, 3)
 
 
+@pytest.mark.parametrize("gs", [32, 128])
+def test_int4bs_scale_rounded_to_bf16_first(gs):
+    """int4bs: scale = bf16(amax / 7) (nearest even), kept as bf16; codes = rint(w / scale)
+    clipped to [-7, 7] (written here without the reference's helper); -8 never used. Where the
+    bf16 rounding went down, a group's largest weight is clipped to 7."""
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((3, 6, 256)) * 0.02).astype(np.float32)
+    Q = reference.quantize(w, "int4bs", gs)
+    assert Q.format == "int4bs" and Q.scale.dtype == BF16 and Q.scale.shape == (3, 6, 256 // gs)
+    amax = np.abs(groups_of(w, gs)).max(axis=-1)
+    scale32 = (amax / np.float32(7)).astype(BF16).astype(np.float32)
+    assert np.array_equal(Q.scale.astype(np.float32), scale32)
+    q = np.clip(np.rint(groups_of(w, gs) / scale32[..., None]), -7, 7).reshape(w.shape)
+    assert np.array_equal(Q.q, q.astype(np.int8)) and not np.any(Q.q == -8)
+    assert np.array_equal(Q.dequantize(), (Q.q.astype(np.float32) * np.repeat(scale32, gs, axis=-1)).astype(BF16))
+    down = scale32 < amax / np.float32(7)
+    assert down.any() and np.all(np.abs(groups_of(Q.q, gs)).max(axis=-1)[down] == 7)
+    assert Q.nbytes_packed() == 3 * (6 * 256 // 2 + 2 * 6 * 256 // gs)
+    with pytest.raises(ValueError, match="int4bs.*bfloat16"):
+        reference.int4_weight(Q.q, Q.scale.astype(np.float32), gs, format="int4bs")
+    with pytest.raises(ValueError, match="W8A8.*INT4BS"):
+        x, ids, wt, dy, base, lora = random_layer(1)
+        reference.moe_forward(x, ids, wt, *(reference.quantize(W, "int4bs", 32) for W in base), lora,
+                              activations="int8")
+
+
 def test_nbytes_packed():
     w = np.ones((3, 8, 256), np.float32)
     assert reference.quantize(w, "int8").nbytes_packed() == 3 * (8 * 256 + 4 * 8)
@@ -232,7 +258,7 @@ def forward_backward(x, ids, w, dy, base, lora, activations="bf16"):
     return out
 
 
-@pytest.mark.parametrize("fmt,gs", [("int8", 128), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("fmt,gs", [("int8", 128), ("int4", 32), ("int4", 128), ("int4bs", 32)])
 def test_weight_only_is_reference_on_dequantized_weights(fmt, gs):
     """activations="bf16" with QuantizedWeights == the plain reference on dequantize(): bit-exact."""
     x, ids, w, dy, base, lora = random_layer(10)

@@ -16,7 +16,8 @@ import ktmoe
 
 E, H, I, T, K = 4, 64, 96, 9, 2
 PAGE = 4096
-FORMATS = [("bf16", None, False), ("bf16", None, True), ("int8", None, False), ("int4", 32, False)]
+FORMATS = [("bf16", None, False), ("bf16", None, True), ("int8", None, False), ("int4", 32, False),
+           ("int4bs", 32, False)]
 
 
 def weights(seed=0):
@@ -59,6 +60,28 @@ def test_attached_layer_equals_own_copy(isa, fmt, group, transposed):
     for a, b in zip(*out):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), "bit for bit"   # exact: same packed weights
     assert bytes(ro) == before, "the attached layer never writes its region"
+
+
+def test_int4bs_region_holds_bf16_scales(isa):
+    """The int4bs region holds the scales as bf16, bit-equal to the reference quantizer's (the
+    scale rounded to bf16 first): the down projection's [E, H, I / 32] bf16 scales appear in the
+    region as one array, and the region is 2 bytes per scale smaller than int4's."""
+    from ktmoe import reference
+    mm, n, kw = packed(isa, "int4bs", 32, False)
+    _, dn = weights()
+    want = reference.quantize(dn, "int4bs", 32)
+    assert want.scale.dtype == ml_dtypes.bfloat16
+    assert bytes(mm).find(want.scale.tobytes()) >= 0, "the bf16 scales as they are"
+    att = ktmoe.MoEExperts.attach(mm, E, H, I, **kw)
+    q, s = att.quantized_weights("down")
+    assert np.array_equal(q, want.q) and np.array_equal(s.view(np.uint16), want.scale.view(np.uint16))
+    own4 = ktmoe.MoEExperts(*weights(), isa=isa, weights="int4", group_size=32)
+    assert own4.weight_bytes - att.weight_bytes == 2 * E * (2 * I * H + H * I) // 32
+    with pytest.raises(ValueError, match="region: smaller than"):   # int4's layout: fp32 scales, more bytes
+        ktmoe.MoEExperts.attach(mm, E, H, I, **dict(kw, weights="int4"))
+    mm4, _, kw4 = packed(isa, "int4", 32, False)
+    with pytest.raises(ValueError, match="region: was packed for other"):
+        ktmoe.MoEExperts.attach(mm4, E, H, I, **dict(kw4, weights="int4bs"))
 
 
 def test_bad_regions_raise(isa):

@@ -30,7 +30,7 @@ def _dequantize_experts(model, fmt, group):
                 p.copy_(torch.from_numpy(qw.dequantize().astype(np.float32)))
 
 
-@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32), ("int4bs", 32)])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_weight_only_matches_eager_on_dequantized_weights(arch, fmt, group):
     ref = tm.make_model(arch, moe_intermediate_size=32)    # groups of 32 divide H = I = 32

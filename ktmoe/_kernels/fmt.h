@@ -39,6 +39,8 @@ typedef struct kt_fmt_ops {
     int code_bits;             /* quantized (kt_qmat): bits per stored code (8 or 4); 0: bf16 */
     float qmax;                /* largest code ktmoe's own quantizer makes (quantize.c); 0: none */
     int per_row_scale;         /* one scale per row (group = the row), else per `group` columns */
+    int scale_bf16;            /* scales stored as bf16 (kt_qmat.scale_bf16), else fp32 (kt_qmat.scale);
+                                  the weight-only loops read either through kt_qscale */
     /* the packed weight arrays (every one through kt_weight_alloc); 0 or KT_ERR_NOMEM */
     int (*alloc)(kt_layer *L, int transposed, int group_size);
     kt_pack_fn pack_rows;      /* NULL: made only from pre-quantized codes (kt_layer_create_quantized) */

@@ -1,7 +1,7 @@
 /* fmt_int4.c: the int4 row with bf16 activations (weight-only; design.md 5): signed 4-bit
  * codes, two per byte (column 2j in the low nibble, 2j + 1 in the high one), one fp32 scale
  * per row and group of `group` columns (a multiple of 32), stored by quantize.c (kt_qmat,
- * 4-bit codes). Its products are the weight-only ones (fmt_weight_only.h) with nibble
+ * 4-bit codes). fmt_int4bs.c's row (bf16 scales) shares these kernels (kt_wo_int4). Its products are the weight-only ones (fmt_weight_only.h) with nibble
  * decoding; the small-M loops read a byte's two codes into an even and an odd vector. */
 #include "fmt_weight_only.h"
 
@@ -104,6 +104,8 @@ KT_AI void nn_row(const kt_qmat *W, long row, const float *sc, float ak, int col
 #endif
 
 KT_WO_KERNELS(kernels, 4, 1) /* from expand_seg, qdot and nn_row above */
+/* the same kernels for int4bs (fmt_int4bs.c): the codes decode alike, the loops read either scale dtype */
+const kt_wo_kernels KT_FN(kt_wo_int4) = {kernels_expand, kernels_nt, kernels_nn};
 
 const kt_fmt_ops KT_FN(kt_fmt_int4) = {
     .name = "int4", .wformat = KT_W_INT4, .act_int8 = 0,

@@ -4,7 +4,7 @@
 #include "pass.h"
 #include <stddef.h>
 
-#define KT_FORMATS(X) X(bf16) X(int8) X(int4) X(fp8) X(w8a8) X(w4a8)
+#define KT_FORMATS(X) X(bf16) X(int8) X(int4) X(fp8) X(w8a8) X(w4a8) X(int4bs)
 
 #define KT_DECLARE(name) extern const kt_fmt_ops KT_FN(kt_fmt_##name);
 #define KT_ROW(name) &KT_FN(kt_fmt_##name),

@@ -1,6 +1,7 @@
-/* fmt_weight_only.h: the weight-only products with quantized weights (int8, int4, fp8: the
- * rows of fmt_int8.c, fmt_int4.c, fmt_fp8.c), as loops a format fills in with its own code
- * decoding (design.md 5). A format gives three kernels (kt_wo_kernels); fmt_weight_only.c
+/* fmt_weight_only.h: the weight-only products with quantized weights (int8, int4, fp8, int4bs:
+ * the rows of fmt_int8.c, fmt_int4.c, fmt_fp8.c, fmt_int4bs.c), as loops a format fills in with
+ * its own code decoding (design.md 5). The loops read every scale through kt_qscale (fp32 or
+ * bf16 storage) and hand the decoders fp32 scales. A format gives three kernels (kt_wo_kernels); fmt_weight_only.c
  * turns them into the row's base_nt / base_nn:
  *  - more than QSMALL rows: the block of W is expanded, one K panel at a time, into bf16
  *    values bf16(q * scale) in per-thread scratch, then the bf16 GEMMs run on it (fp8: q is
@@ -50,11 +51,10 @@ KT_AI void wo_expand(const kt_qmat *W, int e, int r0, int nr, int c0, int nc, kt
                      kt_expand_seg_fn seg) {
     for (int i = 0; i < nr; i++) {
         long row = (long)e * W->rows + r0 + i;
-        const float *sc = W->scale + row * W->ngroups;
         kt_bf16 *d = dst + i * ldd - c0;
         for (int j0 = c0; j0 < c0 + nc;) {
             int g = j0 / W->group, j1 = (g + 1) * W->group < c0 + nc ? (g + 1) * W->group : c0 + nc;
-            seg(W, row, sc[g], j0, j1, d);
+            seg(W, row, kt_qscale(W, row * W->ngroups + g), j0, j1, d);
             j0 = j1;
         }
     }
@@ -68,7 +68,6 @@ KT_AI void wo_small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const 
     int cols = W->cols;
     for (int j = 0; j < n; j++) {
         long row = (long)e * W->rows + row0 + j;
-        const float *sc = W->scale + row * W->ngroups;
         const int8_t *q = W->q + row * (cols * bits / 8);
 #if defined(__AVX512F__)
         if (j + QPREFETCH_NT < n) { /* a row a few rows ahead: keeps more misses in flight */
@@ -80,7 +79,8 @@ KT_AI void wo_small_nt_m(int M, const kt_qmat *W, int e, int row0, int n, const 
         for (int g = 0; g < W->ngroups; g++) {
             int k0 = g * W->group;
             qdot(M, a + k0, lda, q + k0 * bits / 8, W->group, part);
-            for (int i = 0; i < M; i++) acc[i] += sc[g] * part[i];
+            float s = kt_qscale(W, row * W->ngroups + g);
+            for (int i = 0; i < M; i++) acc[i] += s * part[i];
         }
         for (int i = 0; i < M; i++) C[i * ldc + j] = acc[i];
     }
@@ -110,6 +110,14 @@ KT_AI void wo_small_nt(const kt_qmat *W, int e, int m, int row0, int n, const kt
     }
 }
 
+/* The fp32 scales of stored row `row` for columns col0 .. col0 + n, indexed by group (sc[g]): the
+ * stored ones (fp32), or those groups widened into buf [ngroups] (bf16 scales, kt_qscale). */
+KT_AI const float *wo_row_scales(const kt_qmat *W, long row, int col0, int n, float *buf) {
+    if (!W->scale_bf16) return W->scale + row * W->ngroups;
+    for (int g = col0 / W->group; g <= (col0 + n - 1) / W->group; g++) buf[g] = kt_qscale(W, row * W->ngroups + g);
+    return buf;
+}
+
 /* C [M, n] of nn = sum over the K stored rows k of (A[i, k] * scale[k, g(j)]) * code[k, col0 + j]:
  * the format's nn_row adds stored row `row` (scales sc) into the accumulators acc.
  *  AVX-512: ak[i] = A[i, k] for all M rows; acc is [M][16 nv] (even_odd: per 32 columns, the 16
@@ -125,12 +133,13 @@ KT_AI void wo_small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const 
                          long ldc, int bits, int even_odd, kt_nn_row_fn nn_row) {
     int cols = W->cols, K = W->rows;
     float *acc = kt_scratch(KT_SCR_SMALL, sizeof(float) * (size_t)QSMALL * (n + 32));
+    float scw[W->ngroups]; /* bf16 scales of one row, widened (wo_row_scales) */
 #if defined(__AVX512F__)
     int nv = (n + 15) / 16;
     for (int i = 0; i < M * nv * 16; i++) acc[i] = 0.f;
     for (int k = 0; k < K; k++) {
         long row = (long)e * K + k;
-        const float *sc = W->scale + row * W->ngroups;
+        const float *sc = wo_row_scales(W, row, col0, n, scw);
         float ak[QSMALL];
         for (int i = 0; i < M; i++) ak[i] = kt_bf16_to_f32(A[i * lda + k]);
         if (k + QPREFETCH < K) { /* the same columns QPREFETCH rows ahead: keeps more misses in flight */
@@ -149,7 +158,7 @@ KT_AI void wo_small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const 
     for (int i = 0; i < M * n; i++) acc[i] = 0.f;
     for (int k = 0; k < K; k++) {
         long row = (long)e * K + k;
-        const float *sc = W->scale + row * W->ngroups;
+        const float *sc = wo_row_scales(W, row, col0, n, scw);
         for (int i = 0; i < M; i++) nn_row(W, row, sc, kt_bf16_to_f32(A[i * lda + k]), col0, n, acc + (long)i * n);
     }
     for (int i = 0; i < M; i++)

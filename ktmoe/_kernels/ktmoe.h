@@ -18,7 +18,7 @@ enum kt_dtype { KT_F32 = 0, KT_BF16 = 1, KT_I32 = 2, KT_I64 = 3 };
 enum kt_isa { KT_ISA_LIST(KT_ISA_ENUM) };
 #undef KT_ISA_ENUM
 enum kt_proj { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
-enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_FP8 = 3 };
+enum kt_wformat { KT_W_BF16 = 0, KT_W_INT8 = 1, KT_W_INT4 = 2, KT_W_FP8 = 3, KT_W_INT4BS = 4 };
 
 /* Status codes of the calls below (0 = success). kt_status_message (status.c) is the one table
  * that turns a non-zero status into its error: the message and the kind of exception the Python
@@ -85,8 +85,9 @@ int kt_amx_request_permission(void);
  * up = gate + I*H and gate_up_stride = 2*I*H) and down [E, H, I]. transposed != 0 also
  * keeps a transposed copy (twice the weight memory) that the backward streams like the
  * forward streams the weights (bf16 only).
- * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 quantize them (design.md 5;
- * int4 with one scale per group_size columns, group_size dividing H and I). act_int8 != 0
+ * wformat: KT_W_BF16 keeps bf16 copies; KT_W_INT8 / KT_W_INT4 / KT_W_INT4BS quantize them
+ * (design.md 5; int4 with one fp32 scale per group_size columns, group_size dividing H and I;
+ * int4bs the same with bf16 scales, rounded to bf16 before the codes are made). act_int8 != 0
  * (quantized formats only): W8A8, activations quantized per row for the base products.
  * The pair (wformat, act_int8) must have a row in the format table (fmt.h, fmt_table.c) that
  * can be made from float weights (not fp8). Returns NULL and *status = KT_ERR_FORMAT if not,
@@ -116,7 +117,8 @@ kt_layer *kt_layer_attach(const void *base, size_t bytes, int E, int H, int I, i
  * wformat KT_W_INT8: int8 codes in [-127, 127], one byte per value; KT_W_INT4: two codes per
  * byte, column 2j in the low nibble and 2j + 1 in the high one, 4-bit two's complement (-8
  * allowed), each byte XORed with code_xor first (0x88 turns compressed-tensors' unsigned
- * code + 8 nibbles into these); KT_W_FP8: e4m3fn codes, one byte per value (NaN codes must
+ * code + 8 nibbles into these); KT_W_INT4BS: the same codes with bf16 scales, kept as bf16
+ * (scale_dtype must be KT_BF16); KT_W_FP8: e4m3fn codes, one byte per value (NaN codes must
  * have been rejected by the caller). Scales (scale_dtype KT_F32 or KT_BF16, finite, checked
  * by the caller) per expert [ceil(rows / block_rows), cols / group], row-major: the scale of
  * (row, col) is scales[row / block_rows][col / group]; group = 0 means the whole row (int8).
@@ -142,7 +144,7 @@ long kt_find_bad_scale(const void *p, int dtype, long n);
 /* Copies the stored codes and scales of projection `proj` (KT_GATE, KT_UP, KT_DOWN) in the
  * caller's order: q [E, rows, cols] one byte per value (int8 / int4: the int8 value, int4
  * in [-8, 7]; fp8: the e4m3 code), scale [E, rows, ngroups] fp32 (fp8: the per-row copies of
- * the block scales). Returns 0, or -1 if the layer is not quantized. */
+ * the block scales; int4bs: its bf16 scales widened, exactly). Returns 0, or -1 if the layer is not quantized. */
 int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *scale);
 void kt_layer_destroy(kt_layer *L);
 size_t kt_layer_weight_bytes(const kt_layer *L);

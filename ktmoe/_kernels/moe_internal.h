@@ -53,7 +53,7 @@ typedef struct {
 
 /* Quantized base weights of one kind (gate/up or down) for all experts (design.md 5,
  * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row),
- * int4 (one scale per row and group of `group` columns) or fp8 e4m3fn codes (fp8.h; the
+ * int4 (one scale per row and group of `group` columns; fp32, or bf16 for int4bs) or fp8 e4m3fn codes (fp8.h; the
  * block scales copied to every row of their block, group = the block's columns). Rows are
  * in the same order as the bf16 copies (gate/up chunk-interleaved). The format's row
  * (fmt_*.c) says how the codes are read; the layout itself only depends on `bits`. */
@@ -64,8 +64,15 @@ typedef struct {
     int8_t *q;          /* int8: [E, rows, cols]; int4: [E, rows, cols / 2] bytes, column 2j in
                            the low nibble and 2j + 1 in the high nibble of byte j; fp8: [E, rows,
                            cols] e4m3fn codes (read as uint8_t) */
-    float *scale;       /* [E, rows, ngroups] */
+    float *scale;       /* [E, rows, ngroups] fp32 scales, or NULL when they are bf16: */
+    kt_bf16 *scale_bf16; /* [E, rows, ngroups] bf16 scales (the row's scale_bf16: int4bs), else NULL */
 } kt_qmat;
+
+/* Scale i (= stored row * ngroups + group) of W as fp32, from either storage (bf16 widens
+ * exactly). The one place the weight-only loops (fmt_weight_only.h) read a scale. */
+static inline float kt_qscale(const kt_qmat *W, long i) {
+    return W->scale_bf16 ? kt_bf16_to_f32(W->scale_bf16[i]) : W->scale[i];
+}
 
 /* An empty layer whose quantized weights q_gate_up / q_down (group: int4 group or fp8 column
  * block) the caller fills (moe_layer.c, for kt_layer_create_quantized). NULL and *status on

@@ -1,13 +1,15 @@
 /* quantize.c: the storage every quantized format row shares (kt_qmat, fmt.h: int8, int4, fp8
  * and the W8A8 rows): the arrays of codes and scales sized by the row's code_bits and scale
  * rule, expert weights quantized once when a layer is created (design.md 5; the row's qmax),
- * pre-quantized INT8 / INT4 / FP8 codes and scales taken as they are
+ * pre-quantized INT8 / INT4 / INT4BS / FP8 codes and scales taken as they are
  * (kt_layer_create_quantized), and the export of the stored values for tests and inspection.
  *
  * The rules match reference/quant.py bit for bit (all arithmetic in fp32):
  *   INT8: per row, scale = amax / 127, q = round-half-even(w / scale) clipped to +-127;
  *   INT4: per row and group of `group` columns, scale = amax / 7, q clipped to +-7
  *         (symmetric: -8 is never used);
+ *   INT4BS (bf16 scales): as INT4 with the scale rounded to bf16 (nearest even) first, and
+ *         q = round-half-even(w / that scale) clipped to +-7;
  *   an all-zero row / group gets scale 0 and q 0.
  * Rounding uses the 1.5 * 2^23 trick (exact round-half-even for |v| < 2^22; here |v| <= 127
  * plus one rounding), so it needs no libm and vectorises. Division is a true fp32 division,
@@ -28,8 +30,14 @@ static int qmat_init(kt_layer *L, kt_qmat *W, int E, int rows, int cols, int gro
     W->group = L->fmt->per_row_scale ? cols : group; /* int4 groups, fp8 column blocks */
     W->ngroups = cols / W->group;
     W->q = kt_weight_alloc(L, (size_t)E * rows * row_bytes(W));
-    W->scale = kt_weight_alloc(L, sizeof(float) * (size_t)E * rows * W->ngroups);
-    return W->q && W->scale ? 0 : KT_ERR_NOMEM;
+    size_t nscales = (size_t)E * rows * W->ngroups;
+    W->scale = NULL;
+    W->scale_bf16 = NULL;
+    if (L->fmt->scale_bf16)
+        W->scale_bf16 = kt_weight_alloc(L, sizeof(kt_bf16) * nscales);
+    else
+        W->scale = kt_weight_alloc(L, sizeof(float) * nscales);
+    return W->q && (W->scale || W->scale_bf16) ? 0 : KT_ERR_NOMEM;
 }
 
 int kt_qmat_alloc(kt_layer *L, int transposed, int group_size) {
@@ -40,7 +48,8 @@ int kt_qmat_alloc(kt_layer *L, int transposed, int group_size) {
 }
 
 static size_t qmat_bytes(const kt_qmat *W, int E) {
-    return (size_t)E * W->rows * (row_bytes(W) + sizeof(float) * W->ngroups);
+    size_t scale_bytes = W->scale_bf16 ? sizeof(kt_bf16) : sizeof(float);
+    return (size_t)E * W->rows * (row_bytes(W) + scale_bytes * W->ngroups);
 }
 
 size_t kt_qmat_weight_bytes(const kt_layer *L) { return qmat_bytes(&L->q_gate_up, L->E) + qmat_bytes(&L->q_down, L->E); }
@@ -52,14 +61,16 @@ int kt_qmat_pack_rows(kt_layer *L, int e, int dst_row0, int n, const void *src, 
     return quantize_rows(&L->q_gate_up, e, dst_row0, n, src, ld, dtype);
 }
 
-/* one group: values v[0:n] -> q[0:n] in [-qmax, qmax], returns the scale */
-static float quantize_group(const float *v, int n, float qmax, int8_t *q) {
+/* one group: values v[0:n] -> q[0:n] in [-qmax, qmax], returns the scale (bf16: rounded to
+ * bf16 before the codes are made, so that it is exactly representable) */
+static float quantize_group(const float *v, int n, float qmax, int bf16, int8_t *q) {
     float amax = 0.f;
     for (int j = 0; j < n; j++) {
         float a = v[j] < 0 ? -v[j] : v[j];
         amax = a > amax ? a : amax;
     }
     float scale = amax / qmax;
+    if (bf16) scale = kt_bf16_to_f32(kt_f32_to_bf16(scale));
     if (scale == 0.f) {
         memset(q, 0, (size_t)n);
         return 0.f;
@@ -91,8 +102,14 @@ static int quantize_rows(kt_qmat *W, int e, int dst_row0, int n, const void *src
             memcpy(v, (const float *)src + i * ld, sizeof(float) * (size_t)cols);
         }
         for (int j = 0; j < cols; j++) bad |= !(v[j] - v[j] == 0.f); /* NaN or Inf */
-        for (int g = 0; g < W->ngroups; g++)
-            W->scale[row * W->ngroups + g] = quantize_group(v + (long)g * W->group, W->group, qmax, q + (long)g * W->group);
+        for (int g = 0; g < W->ngroups; g++) {
+            long at = row * W->ngroups + g;
+            float s = quantize_group(v + (long)g * W->group, W->group, qmax, W->scale_bf16 != NULL, q + (long)g * W->group);
+            if (W->scale_bf16)
+                W->scale_bf16[at] = kt_f32_to_bf16(s); /* exact: s is a bf16 value */
+            else
+                W->scale[at] = s;
+        }
         if (int4) {
             uint8_t *dst = (uint8_t *)W->q + row * (cols / 2);
             for (int j = 0; j < cols / 2; j++) dst[j] = (uint8_t)((q[2 * j] & 0xf) | ((unsigned)q[2 * j + 1] << 4));
@@ -126,7 +143,7 @@ int kt_layer_export_quantized(const kt_layer *L, int proj, int8_t *q, float *sca
             }
             long dst = (long)e * rows + i;
             for (int j = 0; j < cols; j++) q[dst * cols + j] = q_at(W, e, src, j);
-            memcpy(scale + dst * ng, W->scale + ((long)e * W->rows + src) * ng, sizeof(float) * (size_t)ng);
+            for (int g = 0; g < ng; g++) scale[dst * ng + g] = kt_qscale(W, ((long)e * W->rows + src) * ng + g);
         }
     return 0;
 }
@@ -138,7 +155,8 @@ static float scale_at(const void *s, int dtype, long i) {
 }
 
 /* Rows r0 .. r0 + n of expert e of one source matrix into rows dst0 .. of W: the code bytes
- * as they are (XORed with code_xor), the scale of each row's block. */
+ * as they are (XORed with code_xor), the scale of each row's block (bf16 storage: the bf16
+ * scales' bits as they are; the caller gives bf16 scales for it, an fp32 one would be rounded). */
 static void copy_rows(kt_qmat *W, int e, int dst0, const kt_qsource *src, int r0, int n, int scale_dtype,
                       int block_rows, int code_xor) {
     long rb = row_bytes(W), ng = W->ngroups;
@@ -152,7 +170,13 @@ static void copy_rows(kt_qmat *W, int e, int dst0, const kt_qsource *src, int r0
             for (long j = 0; j < rb; j++) d[j] = (uint8_t)(c[j] ^ code_xor);
         else
             memcpy(d, c, (size_t)rb);
-        for (long g = 0; g < ng; g++) W->scale[drow * ng + g] = scale_at(src->scales, scale_dtype, s0 + (r / block_rows) * ng + g);
+        long s = s0 + (r / block_rows) * ng;
+        if (W->scale_bf16 && scale_dtype == KT_BF16)
+            memcpy(W->scale_bf16 + drow * ng, (const kt_bf16 *)src->scales + s, sizeof(kt_bf16) * (size_t)ng);
+        else if (W->scale_bf16)
+            for (long g = 0; g < ng; g++) W->scale_bf16[drow * ng + g] = kt_f32_to_bf16(scale_at(src->scales, scale_dtype, s + g));
+        else
+            for (long g = 0; g < ng; g++) W->scale[drow * ng + g] = scale_at(src->scales, scale_dtype, s + g);
     }
 }
 

@@ -11,6 +11,7 @@ import argparse
 import errno
 import sys
 
+from .. import formats
 from . import FinetuneError
 
 TARGETS = ("attention", "experts", "router")
@@ -85,13 +86,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(the schedule still spans every step); continue later with --resume")
     t.add_argument("--keep-checkpoints", type=_positive(int), default=2, help="how many checkpoints to keep")
     h = p.add_argument_group("hardware")
-    h.add_argument("--weights", choices=("bf16", "int8", "int4", "fp8"), default=None,
+    h.add_argument("--weights", choices=tuple(formats.WEIGHT_FORMATS), default=None,
                    help="expert weight format in the kernel. Default: the checkpoint's own: bf16 for unquantized "
-                   "checkpoints, fp8 / int4 codes as published for FP8 block-scaled and INT4 pack-quantized ones. "
+                   "checkpoints, fp8 / int4 codes as published for FP8 block-scaled and INT4 pack-quantized ones "
+                   "(int4bs: INT4 with bf16 scales, kept as bf16; int4 for those with --activations int8). "
                    "Another format converts layer by layer at load: bf16, or quantized to int8 (one scale per row) "
-                   "or int4 (one scale per row and group of --group-size columns); fp8 only for FP8 checkpoints")
+                   "or int4 / int4bs (one fp32 / bf16 scale per row and group of --group-size columns); fp8 only "
+                   "for FP8 checkpoints; int4 on an INT4 checkpoint with bf16 scales takes its codes as they are")
     h.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
-                   help="int4 columns per scale (default 128, or an INT4 checkpoint's own)")
+                   help="int4 / int4bs columns per scale (default 128, or an INT4 checkpoint's own)")
     h.add_argument("--activations", choices=("bf16", "int8"), default="bf16",
                    help="with int8/int4 weights: bf16 = weight-only (default), int8 = W8A8 (activations quantized "
                    "per row on the fly; faster when compute-bound, less accurate)")

@@ -9,7 +9,8 @@ linear layer stored as the checkpoint's Scheme says: `.weight`, or fp8 `.weight`
 
 `load(...)` reads one layer into one anonymous mapping (returned to the OS as soon as the
 layer is packed) and packs it:
-- as published (the kernel format is the checkpoint's own): the codes and scales go to
+- as published (the kernel format is the checkpoint's own, quantized.as_published: fp8, int4bs for
+  bf16 scales, int4): the codes and scales go to
   `ktmoe.MoEExperts.from_quantized` as they are (int4: the int32 words' bytes XOR 0x88 in
   place, which is exactly the kernel's signed-nibble layout); the buffer holds one layer's
   codes + scales;
@@ -208,7 +209,8 @@ def _load_as_published(ckpt, name, module, p, *, max_tokens, num_threads, kernel
         return (math.ceil(rows / scheme.block[0]), math.ceil(cols / scheme.block[1]))
 
     def scale_dtype(key):
-        # the kernel takes fp32 scales, or bf16 ones for int4; fp16 ones are widened to fp32 (exactly)
+        # the kernel takes fp32 scales, or bf16 ones for int4 / int4bs (int4bs: all of them are bf16,
+        # Scheme.own_format); fp16 ones are widened to fp32 (exactly)
         ok = scheme.method == "int4" and ckpt.tensors[key].dtype == "BF16"
         return torch.bfloat16 if ok else torch.float32
 
@@ -242,7 +244,8 @@ def _load_as_published(ckpt, name, module, p, *, max_tokens, num_threads, kernel
     extra = {"group_size": scheme.group_size} if scheme.method == "int4" else {"block": scheme.block}
     opts = {k: v for k, v in kernel_format.items() if k in ("isa", "activations")}
     try:
-        layer = ktmoe.MoEExperts.from_quantized(scheme.method, **bufs, **extra, max_tokens=max_tokens, **opts)
+        layer = ktmoe.MoEExperts.from_quantized(kernel_format["weights"], **bufs, **extra, max_tokens=max_tokens,
+                                                **opts)
     except ValueError as e:
         raise FinetuneError(f"{ckpt.label}: {name}: {_culprit(p, bufs, e)}") from None
     convert(module, name, layer=layer, num_threads=num_threads, dtype=torch.bfloat16)

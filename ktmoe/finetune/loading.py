@@ -165,7 +165,8 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
          progress=None, kernel_format: dict | None = None, shared: bool = False):
     """(model, LoadStats): the model of `ckpt` with experts packed in ktmoe, the rest on `device`.
     kernel_format: the experts' weights / group_size / activations / isa (ktmoe.MoEExperts);
-    default (None, or weights None): the checkpoint's own format (bf16, or fp8 / int4 as published).
+    default (None, or weights None): the checkpoint's own format (bf16, or fp8 / int4 / int4bs as
+    published: quantized.Scheme.own_format).
     shared: one of several torch.distributed ranks (collective): the first rank of each host reads
     and packs the experts into memory the host's ranks share; the others read no expert tensor.
     Codes kept as published (fp8 / int4 checkpoints in their own format) cannot be shared yet:
@@ -174,7 +175,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
 
     t0 = time.perf_counter()
     where = ckpt.label
-    scheme = quant.scheme_of(ckpt.config, where)
+    scheme = quant.checkpoint_scheme(ckpt)
     kernel_format = dict(kernel_format or {})
     try:
         fmt, _ = quant.target_format(scheme, kernel_format.get("weights"), kernel_format.get("group_size"),

@@ -17,7 +17,10 @@ Supported schemes (`quantization_config` in config.json):
   column j of a row is the nibble at bits 4 * (j % 8) of word j // 8 and holds q + 8, q in
   [-8, 7]; `<m>.weight_scale` [out, in / group] (bf16, fp16 or fp32); `<m>.weight_shape`
   int [2] = [out, in]; w[i, j] = q[i, j] * weight_scale[i, j // group]. Modules in `ignore`
-  are stored unquantized as `<m>.weight`.
+  are stored unquantized as `<m>.weight`. The kernel format of such a checkpoint as published
+  (Scheme.own_format): "int4bs" when every `weight_scale` is bf16 (Kimi K2: the scales kept as
+  bf16, the checkpoint's bytes), else "int4" (fp32 scales; fp16 ones widened exactly); W8A8
+  (activations int8) takes "int4" either way (bf16 scales widened exactly).
 - No `quantization_config`: plain bf16 / fp16 / fp32 weights.
 Everything else (GPTQ / AWQ with zero points, bitsandbytes, mxfp4, compressed-tensors
 float- or int-quantized, other bit widths, asymmetric, ...) raises, naming the method and
@@ -26,6 +29,7 @@ tensor names and dtypes above), not from the `ignore` / `modules_to_not_convert`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -47,16 +51,23 @@ class Scheme:
     method: str = "bf16"
     block: tuple | None = None        # fp8: (rows, cols) per scale
     group_size: int | None = None     # int4: columns per scale
+    scale_dtype: str | None = None    # int4: "bfloat16" when every weight_scale is bf16 (with_scale_dtype)
 
     @property
     def quantized(self) -> bool:
         return self.method != "bf16"
 
+    @property
+    def own_format(self) -> str:
+        """The kernel format that holds this checkpoint's codes and scales as they are (weight-only)."""
+        return "int4bs" if self.method == "int4" and self.scale_dtype == "bfloat16" else self.method
+
     def describe(self) -> str:
         if self.method == "fp8":
             return f"FP8 e4m3, one fp32 scale per {self.block[0]}x{self.block[1]} block"
         if self.method == "int4":
-            return f"INT4 compressed-tensors pack-quantized, symmetric, group {self.group_size}"
+            bf16 = ", bf16 scales" if self.scale_dtype == "bfloat16" else ""
+            return f"INT4 compressed-tensors pack-quantized, symmetric, group {self.group_size}{bf16}"
         return "not quantized"
 
     def suffixes(self) -> dict:
@@ -149,35 +160,62 @@ def _compressed_tensors(q: dict, where: str) -> Scheme:
     return Scheme("int4", group_size=sizes.pop())
 
 
+def with_scale_dtype(scheme: Scheme, tensors: dict) -> Scheme:
+    """An INT4 scheme with the dtype of its scales: "bfloat16" when every `<m>.weight_scale` of the
+    checkpoint (tensors: {key: info with .dtype}) is BF16, else "float32" (fp32, fp16 or mixed:
+    the kernel's int4 holds them exactly as fp32). Other schemes unchanged."""
+    if scheme.method != "int4":
+        return scheme
+    dtypes = {t.dtype for k, t in tensors.items() if k.endswith(".weight_scale")}
+    return dataclasses.replace(scheme, scale_dtype="bfloat16" if dtypes == {"BF16"} else "float32")
+
+
+def checkpoint_scheme(ckpt) -> Scheme:
+    """The Scheme of a Checkpoint: its config.json's (scheme_of), with the INT4 scale dtype of its tensors."""
+    return with_scale_dtype(scheme_of(ckpt.config, ckpt.label), ckpt.tensors)
+
+
 def target_format(scheme: Scheme, weights: str | None, group_size: int | None, activations: str) -> tuple:
     """(kernel format dict, conversion sentence or None) for the requested `weights` (None: the
-    checkpoint's own format) and `group_size`; ValueError if the request cannot be met."""
+    checkpoint's own format, Scheme.own_format; int4 for W8A8 on bf16 scales) and `group_size`;
+    ValueError if the request cannot be met."""
     if weights is None:
-        weights = scheme.method
+        weights = scheme.own_format
+        if activations != "bf16" and "int8" not in formats.WEIGHT_FORMATS[weights].activations \
+                and scheme.method == "int4":
+            weights = "int4"   # W8A8 takes the same codes with the bf16 scales widened exactly
+    if weights in formats.WEIGHT_FORMATS and activations not in formats.WEIGHT_FORMATS[weights].activations \
+            and weights not in ("bf16", "fp8"):
+        raise ValueError(f"activations: {activations!r} (W8A8) is not available for {weights} weights (weight-only); "
+                         f"use weights 'int4' (the same codes, the bf16 scales widened exactly) or activations 'bf16'")
     if weights == "fp8" and scheme.method != "fp8":
         raise ValueError(f"weights: 'fp8' is the format of FP8 checkpoints as published; this checkpoint is "
                          f"{scheme.describe()} and ktmoe does not quantize to fp8 (use 'int8' or 'int4')")
     if weights == "fp8" and activations != "bf16":
         raise ValueError(f"activations: {activations!r} (W8A8) is not available for fp8 weights (weight-only); "
                          f"use activations 'bf16', or convert the experts to int8 / int4")
-    if weights == "int4" and group_size is None:
-        group_size = scheme.group_size if scheme.method == "int4" else 128
+    grouped = weights in formats.WEIGHT_FORMATS and formats.grouped(weights)
+    if grouped and group_size is None:
+        group_size = scheme.group_size if scheme.method == "int4" else formats.WEIGHT_FORMATS[weights].default_group
     fmt = {"weights": weights, "group_size": group_size, "activations": activations}
     if weights == "fp8":
         fmt["block"] = scheme.block
-    same = weights == scheme.method and (weights != "int4" or group_size == scheme.group_size)
-    if same or not scheme.quantized:
+    if as_published(scheme, fmt) or not scheme.quantized:
         return fmt, None
-    to = "bf16" if weights == "bf16" else f"{weights}" + (f" group {group_size}" if weights == "int4" else "")
+    to = "bf16" if weights == "bf16" else f"{weights}" + (f" group {group_size}" if grouped else "")
     then = "" if weights == "bf16" else ", then quantized"
     return fmt, (f"converting the checkpoint's experts ({scheme.describe()}) to {to} layer by layer as they are "
                  f"loaded: dequantized to bf16{then} (not the checkpoint's codes)")
 
 
 def as_published(scheme: Scheme, kernel_format: dict) -> bool:
-    """True when the kernel format is the quantized checkpoint's own (codes taken as they are)."""
-    return scheme.quantized and kernel_format.get("weights") == scheme.method and (
-        scheme.method != "int4" or kernel_format.get("group_size") == scheme.group_size)
+    """True when the kernel format holds the quantized checkpoint's codes and scales as they are:
+    its own format (Scheme.own_format), or int4 for an INT4 checkpoint with bf16 scales (widened
+    exactly), at the checkpoint's group size."""
+    weights = kernel_format.get("weights")
+    if not scheme.quantized or weights not in (scheme.method, scheme.own_format):
+        return False
+    return scheme.method != "int4" or kernel_format.get("group_size") == scheme.group_size
 
 
 # ---- one tensor (non-expert weights: dequantized for torch) ----

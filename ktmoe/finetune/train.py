@@ -47,6 +47,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .. import formats
 from . import FinetuneError, data, loading, output, quantized, tiny
 from .checkpoint import Checkpoint
 from .ranks import Ranks
@@ -100,8 +101,8 @@ def relayed_warnings():
 
 def _check_format_flags(weights: str, args) -> None:
     """--group-size / --activations against the expert format in effect (given, or the checkpoint's)."""
-    if weights != "int4" and args.group_size is not None:
-        raise FinetuneError(f"--group-size: applies to --weights int4 only (got --weights {weights}"
+    if not formats.grouped(weights) and args.group_size is not None:
+        raise FinetuneError(f"--group-size: applies to --weights int4 / int4bs only (got --weights {weights}"
                             f"{'' if args.weights else ', the checkpoint' + chr(39) + 's format'})")
     if weights == "bf16" and args.activations != "bf16":
         raise FinetuneError("--activations int8 (W8A8): needs quantized expert weights, --weights int8 or int4")
@@ -136,8 +137,8 @@ def _main(args, t_start) -> int:
         ranks.on_main(tiny.ensure, out / "base-model")
     model_dir = out / "base-model" if builtin else Path(args.model).expanduser()
     ckpt = Checkpoint(model_dir)
-    scheme = quantized.scheme_of(ckpt.config, ckpt.label)
-    _check_format_flags(args.weights or scheme.method, args)
+    scheme = quantized.checkpoint_scheme(ckpt)
+    _check_format_flags(args.weights or scheme.own_format, args)
     try:
         kernel_format, conversion = quantized.target_format(scheme, args.weights, args.group_size, args.activations)
     except ValueError as e:
@@ -172,7 +173,7 @@ def _main(args, t_start) -> int:
                 "batch_tokens": opt["batch_tokens"], "lora_r": opt["lora_r"], "lora_alpha": opt["lora_alpha"],
                 "targets": args.targets, "seed": args.seed, "max_seq_len": max_len,
                 "max_grad_norm": args.max_grad_norm, "weights": kernel_format["weights"],
-                "group_size": kernel_format["group_size"] if kernel_format["weights"] == "int4" else None,
+                "group_size": kernel_format["group_size"] if formats.grouped(kernel_format["weights"]) else None,
                 "activations": args.activations, "dtype": str(dtype).split(".")[-1],
                 "grad_checkpointing": args.grad_checkpointing,
                 "quantization": scheme.describe() if scheme.quantized else None}
@@ -478,7 +479,7 @@ def _format(kernel, ls) -> str:
     """The kernel's weight format as the command line spells it."""
     if kernel.weights == "bf16":
         return "bf16 weights"
-    group = f" group {kernel.group_size}" if kernel.weights == "int4" else ""
+    group = f" group {kernel.group_size}" if formats.grouped(kernel.weights) else ""
     if kernel.weights == "fp8":
         group = f" {ls.scheme.block[0]}x{ls.scheme.block[1]} blocks"
     mode = "W8A8" if kernel.activations == "int8" else "weight-only"

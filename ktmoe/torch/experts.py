@@ -39,6 +39,7 @@ import pickle
 import torch
 from torch import nn
 
+from .. import formats
 from .function import PICKLE_MESSAGE, KernelExperts, experts_apply
 from .lora import combine
 
@@ -236,7 +237,7 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
 def _extra_repr(self) -> str:
     k = self._ktmoe.layer
     block = getattr(k, "block", None)
-    fmt = k.weights + (f"/g{k.group_size}" if k.weights == "int4" else "") + \
+    fmt = k.weights + (f"/g{k.group_size}" if formats.grouped(k.weights) else "") + \
         (f"/{block[0]}x{block[1]}" if k.weights == "fp8" and block else "") + \
         (f", activations={k.activations}" if k.weights != "bf16" else "")
     return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \

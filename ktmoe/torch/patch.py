@@ -19,8 +19,9 @@ packs a private copy per rank. Call `torch.distributed.init_process_group()` bef
 (a process launched with WORLD_SIZE > 1 that has not raises, naming both choices). Every rank
 must patch the same model.
 
-Kernel options (both): `weights` "bf16" | "int8" | "int4", `group_size` (int4: 32, 64 or 128,
-default 128), `activations` "bf16" (weight-only, default) | "int8" (W8A8), `max_tokens`,
+Kernel options (both): `weights` "bf16" | "int8" | "int4" | "int4bs" (int4 with bf16 scales;
+a quantized checkpoint's own format by default, ktmoe.finetune.quantized), `group_size` (int4 /
+int4bs: 32, 64 or 128, default 128), `activations` "bf16" (weight-only, default) | "int8" (W8A8), `max_tokens`,
 `num_threads`, `isa`; see ktmoe.MoEExperts. They are checked before any module is converted.
 """
 from __future__ import annotations
@@ -176,7 +177,7 @@ def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_to
             from None
     try:
         ckpt = Checkpoint(path, what="from_pretrained", require_tokenizer=False)
-        scheme = quantized.scheme_of(ckpt.config, ckpt.label)
+        scheme = quantized.checkpoint_scheme(ckpt)
         try:
             fmt, conversion = quantized.target_format(scheme, weights, group_size, activations)
         except ValueError as e:
