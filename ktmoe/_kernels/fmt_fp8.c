@@ -7,14 +7,14 @@
 #include "fp8.h"
 
 /* blocks are multiples of 32 columns */
-#if defined(__AMX_BF16__)
-/* AMX build (its CPUs all have AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
+#if defined(__AVX512BF16__)
+/* avx512 and amx builds (AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
  * kt_f32_to_bf16 for the finite values met here, one instruction per 16 values */
 KT_AI void expand_seg(const kt_qmat *W, long row, float sc, int j0, int j1, kt_bf16 *d) {
-    __m512 s = _mm512_set1_ps(sc);
+    __m512 s = _mm512_set1_ps(sc * 256.f); /* times code / 256: the same product, one multiply */
     const uint8_t *q = (const uint8_t *)W->q + row * W->cols;
     for (int j = j0; j < j1; j += 16) {
-        __m512 w = _mm512_mul_ps(kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + j))), s);
+        __m512 w = _mm512_mul_ps(kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + j))), s);
         _mm256_storeu_si256((__m256i *)(d + j), (__m256i)_mm512_cvtneps_pbh(w));
     }
 }
@@ -22,10 +22,10 @@ KT_AI void expand_seg(const kt_qmat *W, long row, float sc, int j0, int j1, kt_b
 KT_AI void expand_seg(const kt_qmat *W, long row, float s, int j0, int j1, kt_bf16 *d) {
     const uint8_t *q = (const uint8_t *)W->q + row * W->cols;
 #if defined(__AVX512F__)
-    __m512 sv = _mm512_set1_ps(s);
+    __m512 sv = _mm512_set1_ps(s * 256.f); /* times code / 256: the same product, one multiply */
     for (int j = j0; j < j1; j += 16)
         _mm256_storeu_si256((__m256i *)(d + j),
-                            kt_ps_to_bf16x16(_mm512_mul_ps(kt_fp8x16_to_ps(_mm_loadu_si128((const __m128i *)(q + j))), sv)));
+                            kt_ps_to_bf16x16(_mm512_mul_ps(kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + j))), sv)));
 #else
     for (int j = j0; j < j1; j++) d[j] = kt_f32_to_bf16(kt_fp8_to_f32(q[j]) * s);
 #endif

@@ -5,8 +5,8 @@
  * decoding; the small-M loops read a byte's two codes into an even and an odd vector. */
 #include "fmt_weight_only.h"
 
-#if defined(__AMX_BF16__)
-/* AMX build (its CPUs all have AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
+#if defined(__AVX512BF16__)
+/* avx512 and amx builds (AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
  * kt_f32_to_bf16 for the finite values met here; groups and chunk edges are multiples of 32 columns */
 KT_AI void expand_seg(const kt_qmat *W, long row, float sc, int j0, int j1, kt_bf16 *d) {
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,

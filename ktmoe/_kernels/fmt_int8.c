@@ -3,8 +3,8 @@
  * the weight-only ones (fmt_weight_only.h) with int8 decoding: the code's value as fp32. */
 #include "fmt_weight_only.h"
 
-#if defined(__AMX_BF16__)
-/* AMX build (its CPUs all have AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
+#if defined(__AVX512BF16__)
+/* avx512 and amx builds (AVX512-BF16): VCVTNEPS2BF16 rounds to nearest even like
  * kt_f32_to_bf16 for the finite values met here, one instruction per 16 values */
 KT_AI void expand_seg(const kt_qmat *W, long row, float sc, int j0, int j1, kt_bf16 *d) {
     __m512 s = _mm512_set1_ps(sc);

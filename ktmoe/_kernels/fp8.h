@@ -34,18 +34,13 @@ static inline float kt_fp8_to_f32(uint8_t c) {
  * left by 7 are the fp16 number code / 256 (fp16: bias 15, 5 exponent bits, so e4m3's
  * exponent field carries over and its subnormals are fp16 subnormals); the sign goes to bit
  * 15. VCVTPH2PS converts every fp16 value, subnormals included, exactly (it ignores
- * MXCSR.DAZ); times 256 (exact) this is kt_fp8_to_f32. The small-M kernels fold the 256
+ * MXCSR.DAZ); times 256 (exact) this is kt_fp8_to_f32. The kernels fold the 256
  * into the scale they apply afterwards. The code sign-extended to 16 bits and shifted left
  * by 7 has the sign in bits 15 and 14; clearing bit 14 (fp16's top exponent bit, 0 for every
  * e4m3 exponent) leaves the fp16 number: three integer operations per 16 codes. */
 static inline __attribute__((always_inline)) __m512 kt_fp8x16_to_ps_div256(__m128i b) {
     __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16((short)0xbfff));
     return _mm512_cvtph_ps(h);
-}
-
-/* the same values times 256 (exact): the codes' values themselves */
-static inline __attribute__((always_inline)) __m512 kt_fp8x16_to_ps(__m128i b) {
-    return _mm512_mul_ps(kt_fp8x16_to_ps_div256(b), _mm512_set1_ps(256.f));
 }
 
 /* 16 fp32 values -> bf16, round to nearest even (kt_f32_to_bf16 for non-NaN values), with
