@@ -49,25 +49,18 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int n, float *
     for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1])) * unit;
 }
 
-/* one scale per block of `group` columns, a multiple of 32: the columns go group by group, so
- * the scale (and its products with A's values) is looked up once per group, not per vector */
-KT_AI void nn_row(int M, const kt_qmat *W, long row, const float *sc, const float *ak, int col0, int n, int nv,
+/* columns j0 .. j1 of one block (scale s; blocks are multiples of 32 columns) */
+KT_AI void nn_row(int M, const kt_qmat *W, long row, float s, const float *ak, int col0, int j0, int j1, int nv,
                   float *acc) {
     const uint8_t *q = (const uint8_t *)W->q + row * W->cols + col0;
-    int group = W->group, g = col0 / group;
-    for (int j0 = 0; j0 < n; g++) {
-        int j1 = (g + 1) * group - col0 < n ? (g + 1) * group - col0 : n;
-        float s = sc[g] * 256.f; /* the decoded w is code / 256: exact powers of two */
-        __m512 as[QSMALL];
-        for (int i = 0; i < M; i++) as[i] = _mm512_set1_ps(ak[i] * s);
-        for (int j = j0; j < j1; j += 16) {
-            __m512 w = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + j)));
-            for (int i = 0; i < M; i++) {
-                float *c = acc + (long)i * nv * 16 + j;
-                _mm512_storeu_ps(c, _mm512_fmadd_ps(as[i], w, _mm512_loadu_ps(c)));
-            }
+    __m512 as[QSMALL];
+    for (int i = 0; i < M; i++) as[i] = _mm512_set1_ps(ak[i] * (s * 256.f)); /* w is code / 256: exact */
+    for (int j = j0; j < j1; j += 16) {
+        __m512 w = kt_fp8x16_to_ps_div256(_mm_loadu_si128((const __m128i *)(q + j)));
+        for (int i = 0; i < M; i++) {
+            float *c = acc + (long)i * nv * 16 + j;
+            _mm512_storeu_ps(c, _mm512_fmadd_ps(as[i], w, _mm512_loadu_ps(c)));
         }
-        j0 = j1;
     }
 }
 #else
@@ -82,15 +75,10 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int n, float *
     }
 }
 
-KT_AI void nn_row(const kt_qmat *W, long row, const float *sc, float ak, int col0, int n, float *c) {
+KT_AI void nn_row(const kt_qmat *W, long row, float s, float ak, int col0, int j0, int j1, float *c) {
     const uint8_t *q = (const uint8_t *)W->q + row * W->cols + col0;
-    int group = W->group, g = col0 / group;
-    for (int j0 = 0; j0 < n; g++) { /* group by group: one scale lookup per group */
-        int j1 = (g + 1) * group - col0 < n ? (g + 1) * group - col0 : n;
-        float as = ak * sc[g];
-        for (int j = j0; j < j1; j++) c[j] += as * kt_fp8_to_f32(q[j]);
-        j0 = j1;
-    }
+    float as = ak * s;
+    for (int j = j0; j < j1; j++) c[j] += as * kt_fp8_to_f32(q[j]);
 }
 #endif
 

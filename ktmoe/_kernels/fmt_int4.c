@@ -50,27 +50,22 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int n, float *
     for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1]));
 }
 
-/* acc per 32 columns: 16 even then 16 odd ones; groups are multiples of 32 columns, gone through
- * group by group (one scale lookup per group, not per vector) */
-KT_AI void nn_row(int M, const kt_qmat *W, long row, const float *sc, const float *ak, int col0, int n, int nv,
+/* columns j0 .. j1 of one group (scale s); acc per 32 columns: 16 even then 16 odd ones; groups
+ * are multiples of 32 columns */
+KT_AI void nn_row(int M, const kt_qmat *W, long row, float s, const float *ak, int col0, int j0, int j1, int nv,
                   float *acc) {
     const int8_t *q = W->q + row * (W->cols / 2) + col0 / 2;
-    int group = W->group, g = col0 / group;
-    for (int j0 = 0; j0 < n; g++) {
-        int j1 = (g + 1) * group - col0 < n ? (g + 1) * group - col0 : n;
-        __m512 as[QSMALL];
-        for (int i = 0; i < M; i++) as[i] = _mm512_set1_ps(ak[i] * sc[g]);
-        for (int j = j0; j < j1; j += 32) {
-            __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j / 2)));
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
-            for (int i = 0; i < M; i++) {
-                float *c = acc + (long)i * nv * 16 + j;
-                _mm512_storeu_ps(c, _mm512_fmadd_ps(as[i], w0, _mm512_loadu_ps(c)));
-                _mm512_storeu_ps(c + 16, _mm512_fmadd_ps(as[i], w1, _mm512_loadu_ps(c + 16)));
-            }
+    __m512 as[QSMALL];
+    for (int i = 0; i < M; i++) as[i] = _mm512_set1_ps(ak[i] * s);
+    for (int j = j0; j < j1; j += 32) {
+        __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j / 2)));
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28));
+        for (int i = 0; i < M; i++) {
+            float *c = acc + (long)i * nv * 16 + j;
+            _mm512_storeu_ps(c, _mm512_fmadd_ps(as[i], w0, _mm512_loadu_ps(c)));
+            _mm512_storeu_ps(c + 16, _mm512_fmadd_ps(as[i], w1, _mm512_loadu_ps(c + 16)));
         }
-        j0 = j1;
     }
 }
 #else
@@ -88,17 +83,12 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int n, float *
     }
 }
 
-KT_AI void nn_row(const kt_qmat *W, long row, const float *sc, float ak, int col0, int n, float *c) {
+KT_AI void nn_row(const kt_qmat *W, long row, float s, float ak, int col0, int j0, int j1, float *c) {
     const int8_t *q = W->q + row * (W->cols / 2) + col0 / 2;
-    int group = W->group, g = col0 / group;
-    for (int j0 = 0; j0 < n; g++) { /* group by group: one scale lookup per group */
-        int j1 = (g + 1) * group - col0 < n ? (g + 1) * group - col0 : n;
-        float as = ak * sc[g];
-        for (int j = j0; j < j1; j += 2) {
-            c[j] += as * (float)(int8_t)((int8_t)(q[j / 2] << 4) >> 4);
-            c[j + 1] += as * (float)(int8_t)(q[j / 2] >> 4);
-        }
-        j0 = j1;
+    float as = ak * s;
+    for (int j = j0; j < j1; j += 2) {
+        c[j] += as * (float)(int8_t)((int8_t)(q[j / 2] << 4) >> 4);
+        c[j + 1] += as * (float)(int8_t)(q[j / 2] >> 4);
     }
 }
 #endif

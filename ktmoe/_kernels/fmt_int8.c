@@ -44,14 +44,14 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int n, float *
     for (int i = 0; i < M; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(p[i][0], p[i][1]));
 }
 
-KT_AI void nn_row(int M, const kt_qmat *W, long row, const float *sc, const float *ak, int col0, int n, int nv,
+/* one scale per row: the segment is all of the block's columns, j0 = 0 .. j1 = n */
+KT_AI void nn_row(int M, const kt_qmat *W, long row, float s, const float *ak, int col0, int j0, int j1, int nv,
                   float *acc) {
     const int8_t *q = W->q + row * W->cols + col0;
     __m512 av[QSMALL];
-    for (int i = 0; i < M; i++) av[i] = _mm512_set1_ps(ak[i] * sc[0]);
-    for (int v = 0; v < nv; v++) {
-        int j = 16 * v;
-        __mmask16 mk = (__mmask16)(n - j >= 16 ? 0xffff : (1u << (n - j)) - 1);
+    for (int i = 0; i < M; i++) av[i] = _mm512_set1_ps(ak[i] * s);
+    for (int j = j0; j < j1; j += 16) {
+        __mmask16 mk = (__mmask16)(j1 - j >= 16 ? 0xffff : (1u << (j1 - j)) - 1);
         __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + j)));
         for (int i = 0; i < M; i++) {
             float *c = acc + (long)i * nv * 16 + j;
@@ -73,10 +73,10 @@ KT_AI void qdot(int M, const float *a, long lda, const int8_t *q, int n, float *
     }
 }
 
-KT_AI void nn_row(const kt_qmat *W, long row, const float *sc, float ak, int col0, int n, float *c) {
+KT_AI void nn_row(const kt_qmat *W, long row, float s, float ak, int col0, int j0, int j1, float *c) {
     const int8_t *q = W->q + row * W->cols + col0;
-    float as = ak * sc[0];
-    for (int j = 0; j < n; j++) c[j] += as * (float)q[j];
+    float as = ak * s;
+    for (int j = j0; j < j1; j++) c[j] += as * (float)q[j];
 }
 #endif
 

@@ -110,43 +110,45 @@ KT_AI void wo_small_nt(const kt_qmat *W, int e, int m, int row0, int n, const kt
     }
 }
 
-/* The fp32 scales of stored row `row` for columns col0 .. col0 + n, indexed by group (sc[g]): the
- * stored ones (fp32), or those groups widened into buf [ngroups] (bf16 scales, kt_qscale). */
-KT_AI const float *wo_row_scales(const kt_qmat *W, long row, int col0, int n, float *buf) {
-    if (!W->scale_bf16) return W->scale + row * W->ngroups;
-    for (int g = col0 / W->group; g <= (col0 + n - 1) / W->group; g++) buf[g] = kt_qscale(W, row * W->ngroups + g);
-    return buf;
-}
-
 /* C [M, n] of nn = sum over the K stored rows k of (A[i, k] * scale[k, g(j)]) * code[k, col0 + j]:
- * the format's nn_row adds stored row `row` (scales sc) into the accumulators acc.
+ * for each stored row, the loop below walks the groups of columns col0 .. col0 + n and the
+ * format's nn_row adds the columns j0 .. j1 (relative to col0; one group, scale s, read once
+ * through kt_qscale) of stored row `row` into the accumulators acc.
  *  AVX-512: ak[i] = A[i, k] for all M rows; acc is [M][16 nv] (even_odd: per 32 columns, the 16
  *           even ones then the 16 odd ones);
  *  portable: called per row i of A with ak = A[i, k], acc = that row's [n] accumulators. */
 #if defined(__AVX512F__)
-typedef void (*kt_nn_row_fn)(int M, const kt_qmat *W, long row, const float *sc, const float *ak, int col0, int n,
+typedef void (*kt_nn_row_fn)(int M, const kt_qmat *W, long row, float s, const float *ak, int col0, int j0, int j1,
                              int nv, float *acc);
 #else
-typedef void (*kt_nn_row_fn)(const kt_qmat *W, long row, const float *sc, float ak, int col0, int n, float *acc);
+typedef void (*kt_nn_row_fn)(const kt_qmat *W, long row, float s, float ak, int col0, int j0, int j1, float *acc);
 #endif
+/* where group g of the columns ends, relative to col0, at most n */
+KT_AI int wo_group_end(const kt_qmat *W, int g, int col0, int n) {
+    int end = (g + 1) * W->group - col0;
+    return end < n ? end : n;
+}
+
 KT_AI void wo_small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const kt_bf16 *A, long lda, float *C,
                          long ldc, int bits, int even_odd, kt_nn_row_fn nn_row) {
-    int cols = W->cols, K = W->rows;
+    int cols = W->cols, K = W->rows, g0 = col0 / W->group;
     float *acc = kt_scratch(KT_SCR_SMALL, sizeof(float) * (size_t)QSMALL * (n + 32));
-    float scw[W->ngroups]; /* bf16 scales of one row, widened (wo_row_scales) */
 #if defined(__AVX512F__)
     int nv = (n + 15) / 16;
     for (int i = 0; i < M * nv * 16; i++) acc[i] = 0.f;
     for (int k = 0; k < K; k++) {
         long row = (long)e * K + k;
-        const float *sc = wo_row_scales(W, row, col0, n, scw);
         float ak[QSMALL];
         for (int i = 0; i < M; i++) ak[i] = kt_bf16_to_f32(A[i * lda + k]);
         if (k + QPREFETCH < K) { /* the same columns QPREFETCH rows ahead: keeps more misses in flight */
             const char *ahead = (const char *)W->q + (row + QPREFETCH) * (cols * bits / 8) + col0 * bits / 8;
             for (int b = 0; b < n * bits / 8; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
         }
-        nn_row(M, W, row, sc, ak, col0, n, nv, acc);
+        for (int g = g0, j0 = 0; j0 < n; g++) {
+            int j1 = wo_group_end(W, g, col0, n);
+            nn_row(M, W, row, kt_qscale(W, row * W->ngroups + g), ak, col0, j0, j1, nv, acc);
+            j0 = j1;
+        }
     }
     for (int i = 0; i < M; i++) {
         const float *a = acc + (long)i * nv * 16;
@@ -158,8 +160,13 @@ KT_AI void wo_small_nn_m(int M, const kt_qmat *W, int e, int col0, int n, const 
     for (int i = 0; i < M * n; i++) acc[i] = 0.f;
     for (int k = 0; k < K; k++) {
         long row = (long)e * K + k;
-        const float *sc = wo_row_scales(W, row, col0, n, scw);
-        for (int i = 0; i < M; i++) nn_row(W, row, sc, kt_bf16_to_f32(A[i * lda + k]), col0, n, acc + (long)i * n);
+        for (int g = g0, j0 = 0; j0 < n; g++) {
+            int j1 = wo_group_end(W, g, col0, n);
+            float s = kt_qscale(W, row * W->ngroups + g);
+            for (int i = 0; i < M; i++)
+                nn_row(W, row, s, kt_bf16_to_f32(A[i * lda + k]), col0, j0, j1, acc + (long)i * n);
+            j0 = j1;
+        }
     }
     for (int i = 0; i < M; i++)
         for (int j = 0; j < n; j++) C[i * ldc + j] = acc[(long)i * n + j];
