@@ -4,6 +4,16 @@
 the expert weights are rounded through bf16 first (ktmoe packs them as bf16), so both models
 hold identical weights. `peft_pair(...)` wraps both with the same LoRA (same initial values,
 B non-zero so every LoRA gradient is non-trivial) and makes the routers trainable.
+
+Like with like (design.md 6: the kernel is held to fp32 math on the same bf16 inputs): the
+reference's experts see the inputs the kernel works on, the hidden states rounded to bf16 on
+the way in and the incoming gradient rounded to bf16 on the way back (`bf16_expert_inputs`);
+everything else in the reference stays fp32. Without this, the reference's own fp32 inputs
+differ from the kernel's by a bf16 rounding, and the router gradient (a difference of two
+experts' dw through the top-k normalisation) magnified that to 1.03e-2 on DeepSeek-V3's
+first step at 16 tokens. `batch()` has 64 tokens by default, so that a gradient's relative
+error is an average over many tokens' rounding, not one token's. `routing(model)` records
+the experts each layer chose, so the comparisons can check both models routed alike.
 """
 import copy
 
@@ -57,10 +67,41 @@ def make_model(arch, seed=0, **overrides):
     return model.eval()
 
 
+class _RoundBF16(torch.autograd.Function):
+    """bf16-rounds the values going forward (forward=True) or the gradient coming back."""
+
+    @staticmethod
+    def forward(ctx, t, forward):
+        ctx.forward = forward
+        return t.to(torch.bfloat16).to(t.dtype) if forward else t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.forward else grad.to(torch.bfloat16).to(grad.dtype)), None
+
+
+def _round_input(module, args, kwargs):
+    return (_RoundBF16.apply(args[0], True),) + tuple(args[1:]), kwargs
+
+
+def _round_output_grad(module, args, output):
+    return _RoundBF16.apply(output, False)
+
+
+def bf16_expert_inputs(model):
+    """The eager experts of `model` get bf16-rounded hidden states and output gradients (the
+    kernel's inputs; their math stays fp32). Returns the model."""
+    for name, m in model.named_modules():
+        if name.endswith("mlp.experts"):
+            m.register_forward_pre_hook(_round_input, with_kwargs=True)
+            m.register_forward_hook(_round_output_grad)
+    return model
+
+
 def make_pair(arch, seed=0):
     ref = make_model(arch, seed)
     kt = ktmoe.torch.patch(copy.deepcopy(ref))
-    return ref, kt
+    return bf16_expert_inputs(ref), kt
 
 
 def lora_config(arch, **kw):
@@ -98,7 +139,27 @@ def wrap_pair(ref, kt, arch, seed=0, **lora_kw):
     return ref, kt
 
 
-def batch(seed=0, batch_size=2, seq=8):
+def routing(model):
+    """A list that each forward of `model` extends with one (layer name, topk ids) per experts
+    layer, in call order."""
+    seen = []
+    for name, m in model.named_modules():
+        if name.endswith("mlp.experts"):
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, args[1].clone())))
+    return seen
+
+
+def same_routing(a, b):
+    """Asserts two routing() records chose the same experts; returns the number of layers."""
+    assert len(a) == len(b), f"{len(a)} experts calls against {len(b)}"
+    for (na, ia), (nb, ib) in zip(a, b):
+        flips = int((ia != ib).any(dim=-1).sum())
+        assert flips == 0, (f"{na}: {flips} of {ia.shape[0]} tokens routed differently (a near-tie in "
+                            "the router scores: the gradients would not be comparable)")
+    return len(a)
+
+
+def batch(seed=0, batch_size=4, seq=16):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, COMMON["vocab_size"], (batch_size, seq), generator=g)
     return dict(input_ids=ids, labels=ids.clone())
