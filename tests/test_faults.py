@@ -33,7 +33,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from safetensors.torch import load_file, save_file
 
 import ktmoe.cli
-from ktmoe.finetune import checkpoint, tiny
+from ktmoe.finetune import tiny
+from ktmoe.torch.checkpoint import reader as checkpoint
 
 DATA = tiny.dataset_path()
 FAST = ["--quiet", "--lr", "3e-3", "--batch-tokens", "1024", "--torch-threads", "1"]

@@ -83,7 +83,7 @@ def test_adapter_loads_in_plain_peft(default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ktmoe.finetune import checkpoint, loading
+    from ktmoe.torch.checkpoint import loading, reader as checkpoint
     out = default_run
     tok = AutoTokenizer.from_pretrained(out / "adapter")
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Italy?"},

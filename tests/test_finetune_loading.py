@@ -1,4 +1,4 @@
-"""The streaming loader of `ktmoe finetune` (ktmoe/finetune/loading.py) on tiny checkpoints.
+"""The streaming loader of `ktmoe finetune` (ktmoe/torch/checkpoint/loading.py) on tiny checkpoints.
 
 Each checkpoint is written to a tmp dir from a tiny random model (tests/torch_models.py) in
 one of the layouts found in the field, loaded with `loading.load`, and must give the same
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import ktmoe.torch
 import torch_models as tm
-from ktmoe.finetune import FinetuneError, checkpoint, loading
+from ktmoe.torch.checkpoint import CheckpointError, loading, reader as checkpoint
 
 RTOL, MIN_COS = 1e-2, 0.9999   # design.md 6
 
@@ -145,7 +145,7 @@ def test_missing_and_misshaped_expert_tensors(tmp_path):
     model.config.save_pretrained(d)
     save_file({k: v for k, v in state.items() if k != "model.layers.1.mlp.experts.5.up_proj.weight"},
               d / "model.safetensors")
-    with pytest.raises(FinetuneError, match=r"no expert weights for model.layers.1.mlp.experts .*expert 5 is missing"):
+    with pytest.raises(CheckpointError, match=r"no expert weights for model.layers.1.mlp.experts .*expert 5 is missing"):
         loading.load(checkpoint.Checkpoint(d, require_tokenizer=False), device=torch.device("cpu"),
                      dtype=torch.float32, max_tokens=64)
     d = tmp_path / "shape"
@@ -153,14 +153,14 @@ def test_missing_and_misshaped_expert_tensors(tmp_path):
     model.config.save_pretrained(d)
     state["model.layers.0.mlp.experts.0.down_proj.weight"] = torch.zeros(32, 8, dtype=torch.bfloat16)
     save_file(state, d / "model.safetensors")
-    with pytest.raises(FinetuneError, match=r"experts.0.down_proj.weight' has shape \[32, 8\], expected \[32, 16\]"):
+    with pytest.raises(CheckpointError, match=r"experts.0.down_proj.weight' has shape \[32, 8\], expected \[32, 16\]"):
         loading.load(checkpoint.Checkpoint(d, require_tokenizer=False), device=torch.device("cpu"),
                      dtype=torch.float32, max_tokens=64)
 
 
 MEASURE = """
 import resource, sys, torch
-from ktmoe.finetune import checkpoint, loading
+from ktmoe.torch.checkpoint import loading, reader as checkpoint
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 ckpt = checkpoint.Checkpoint(sys.argv[1], require_tokenizer=False)

@@ -1,4 +1,4 @@
-"""Quantized checkpoints as published (ktmoe/finetune/quantized.py, expert_layers.py, loading.py).
+"""Quantized checkpoints as published (ktmoe/torch/checkpoint/quantized.py, expert_layers.py, loading.py).
 
 Tiny checkpoints in the published layouts (tests/quantized_checkpoints.py: real tensor names,
 dtypes and `quantization_config`, sharded, partial 128 x 128 blocks in the non-expert linears):
@@ -29,7 +29,8 @@ import ktmoe.cli
 import ktmoe.torch
 import quantized_checkpoints as qc
 import torch_models as tm
-from ktmoe.finetune import FinetuneError, checkpoint, loading, quantized, tiny
+from ktmoe.finetune import tiny
+from ktmoe.torch.checkpoint import CheckpointError, loading, quantized, reader as checkpoint
 
 RTOL, MIN_COS = 1e-2, 0.9999   # design.md 6
 CPU = torch.device("cpu")
@@ -111,7 +112,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_scheme_of_refuses(case):
     cfg, match = REFUSED[case]
-    with pytest.raises(FinetuneError, match=match) as e:
+    with pytest.raises(CheckpointError, match=match) as e:
         quantized.scheme_of({"quantization_config": cfg}, "--model M")
     assert str(e.value).startswith("--model M: quantization method ") and "supported: FP8 block-scaled" in str(e.value)
 
@@ -234,7 +235,7 @@ def test_bad_quantized_tensors(tmp_path):
     ]
     for tag, case, edit, match in cases:
         d = variant(tag, case, edit)
-        with pytest.raises(FinetuneError, match=match):
+        with pytest.raises(CheckpointError, match=match):
             load(d, weights="bf16")
 
 
@@ -244,7 +245,7 @@ def test_expert_nan_code_named_when_converting(tmp_path):
     for f in (tmp_path / "c").glob("*.safetensors"):
         f.unlink()
     qc.write_shards(state, tmp_path / "c", 2)
-    with pytest.raises(FinetuneError, match=r"--model .*: model.layers.1.mlp.experts.6.gate_proj.weight: NaN "
+    with pytest.raises(CheckpointError, match=r"--model .*: model.layers.1.mlp.experts.6.gate_proj.weight: NaN "
                                             r"e4m3 code\(s\) \(0x7F / 0xFF\), 1 of them, first at \[0, 7\]"):
         load(tmp_path / "c", weights="int8")
 
@@ -254,7 +255,7 @@ def test_fp8_tensor_without_fp8_config_is_refused(tmp_path):
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     del cfg["quantization_config"]
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FinetuneError, match=r"experts.0.gate_proj.weight' has dtype F8_E4M3, but config.json declares "
+    with pytest.raises(CheckpointError, match=r"experts.0.gate_proj.weight' has dtype F8_E4M3, but config.json declares "
                                             r"no quantization"):
         load(tmp_path / "c")
 
@@ -533,13 +534,13 @@ def test_finetune_nan_code_in_experts_is_one_error_line(tokenizer_dir, tmp_path,
 
 MEASURE = """
 import sys, torch
-from ktmoe.finetune import checkpoint, loading
+from ktmoe.torch.checkpoint import loading, reader as checkpoint
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 ckpt = checkpoint.Checkpoint(sys.argv[1], require_tokenizer=False)
 loading.skeleton(loading.load_config(ckpt))   # imports (transformers, the model's module) are not the load's
 import ktmoe.torch
-from ktmoe.finetune import quantized
+from ktmoe.torch.checkpoint import quantized
 # torch's first float ops start its intra-op thread pool (stacks, per-thread heaps): not the load's
 quantized.dequantize(quantized.Scheme("fp8", block=(128, 128)), {"codes": torch.zeros(256, 256, dtype=torch.uint8),
                      "scale": torch.ones(2, 2)}, torch.empty(256, 256, dtype=torch.bfloat16), "warm-up")
@@ -585,7 +586,7 @@ def test_shared_between_ranks_converted_or_refused(tmp_path):
     import torch.distributed as dist
     write("qwen3_moe-fp8", tmp_path / "c")
     ckpt = checkpoint.Checkpoint(tmp_path / "c", require_tokenizer=False)
-    with pytest.raises(FinetuneError, match="cannot be shared yet: pass --weights int4"):
+    with pytest.raises(CheckpointError, match="cannot be shared yet: pass --weights int4"):
         loading.load(ckpt, device=CPU, dtype=torch.float32, max_tokens=256, shared=True)
     alone, _ = load(tmp_path / "c", weights="int4", group_size=64)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -625,5 +626,5 @@ def test_kimi_k2_model_type_loads_as_deepseek_v3(tmp_path):
     assert_same_logits(loaded, model)
     cfg["architectures"] = ["KimiK25ForConditionalGeneration"]
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(FinetuneError, match="needs architectures"):
+    with pytest.raises(CheckpointError, match="needs architectures"):
         load(tmp_path / "c")

@@ -5,9 +5,8 @@
 
 Modules (torch and transformers are imported only when a job runs):
 - cli.py: the command line (flags, defaults, error reporting).
-- checkpoint.py: a local Hugging Face checkpoint directory and its safetensors headers.
-- loading.py: builds the model without weights and streams them in, experts layer by layer
-  straight into the kernel's packed memory.
+- (reading the checkpoint is the library's: ktmoe.torch.checkpoint, whose CheckpointError
+  train.py and merge.py report as this command's input errors)
 - data.py: JSON-lines chat / prompt-response data -> token ids, labels, token-budget batches.
 - tiny.py: the built-in tiny model and tokenizer (fixed seed, built locally, no download).
 - train.py: the training loop, checkpoints / --resume, logs, loss plot and summary.

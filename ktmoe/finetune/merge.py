@@ -53,9 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..torch.checkpoint import CheckpointError
     try:
         merge(args.model, args.adapter, args.out, log=None if args.quiet else print)
-    except FinetuneError as e:
+    except (FinetuneError, CheckpointError) as e:
         print(f"ktmoe merge: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -153,7 +154,7 @@ def _plan(ckpt, scheme, canonical) -> dict:
 def _materialise(ckpt, scheme, kind, src, name):
     import torch
 
-    from . import quantized
+    from ..torch.checkpoint import quantized
     if kind == "copy":
         return ckpt.read(src[0])
     tensors = dict(zip(("codes", "scale", "shape"), (ckpt.read(k) for k in src)))
@@ -175,7 +176,8 @@ def merge(model: Path, adapter: Path, out: Path, log=print) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from . import checkpoint, loading, output, quantized
+    from ..torch.checkpoint import loading, quantized, reader as checkpoint
+    from . import output
     ckpt = checkpoint.Checkpoint(model, require_tokenizer=False)
     config = json.loads((Path(model) / "config.json").read_text())
     scheme = quantized.scheme_of(config, f"--model {model}")

@@ -48,8 +48,9 @@ import warnings
 from pathlib import Path
 
 from .. import formats
-from . import FinetuneError, data, loading, output, quantized, tiny
-from .checkpoint import Checkpoint
+from ..torch.checkpoint import CheckpointError, loading, quantized
+from ..torch.checkpoint.reader import Checkpoint
+from . import FinetuneError, data, output, tiny
 from .ranks import Ranks
 
 RUN_FILES = ("adapter", "checkpoints", "log.jsonl", "loss.png", "summary.json")
@@ -65,6 +66,8 @@ def main(args) -> int:
     try:
         with relayed_warnings():
             return _main(args, t_start)
+    except CheckpointError as e:   # the checkpoint reader's input errors are this command's input errors
+        raise FinetuneError(str(e)) from None
     finally:   # whatever ended the job: a rank that exits with gloo's threads still running aborts
         _close_process_group()
 

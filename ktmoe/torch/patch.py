@@ -20,7 +20,7 @@ packs a private copy per rank. Call `torch.distributed.init_process_group()` bef
 must patch the same model.
 
 Kernel options (both): `weights` "bf16" | "int8" | "int4" | "int4bs" (int4 with bf16 scales;
-a quantized checkpoint's own format by default, ktmoe.finetune.quantized), `group_size` (int4 /
+a quantized checkpoint's own format by default, ktmoe.torch.checkpoint.quantized), `group_size` (int4 /
 int4bs: 32, 64 or 128, default 128), `activations` "bf16" (weight-only, default) | "int8" (W8A8), `max_tokens`,
 `num_threads`, `isa`; see ktmoe.MoEExperts. They are checked before any module is converted.
 """
@@ -157,8 +157,8 @@ def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_to
 
     import torch
 
-    from ..finetune import FinetuneError, loading, quantized
-    from ..finetune.checkpoint import Checkpoint
+    from .checkpoint import CheckpointError, loading, quantized
+    from .checkpoint.reader import Checkpoint
     from transformers import AutoModelForCausalLM
     if auto_class not in (None, AutoModelForCausalLM):
         raise ValueError(f"auto_class: a quantized checkpoint is built as AutoModelForCausalLM by ktmoe's loader, "
@@ -181,19 +181,19 @@ def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_to
         try:
             fmt, conversion = quantized.target_format(scheme, weights, group_size, activations)
         except ValueError as e:
-            raise FinetuneError(str(e)) from None
+            raise CheckpointError(str(e)) from None
         if not quantized.as_published(scheme, fmt):
             from ..formats import check_layer_format
             try:
                 check_layer_format(fmt["weights"], fmt["group_size"], activations, False, 0, 0)
             except ValueError as e:
-                raise FinetuneError(str(e)) from None
+                raise CheckpointError(str(e)) from None
         if conversion:
             logging.getLogger("ktmoe").warning("ktmoe.torch.from_pretrained: %s", conversion)
         register()
         host = host_sharing(share, "from_pretrained")
         model, _ = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=num_threads,
                                 kernel_format={**fmt, "isa": isa}, shared=host is not None)
-    except FinetuneError as e:
-        raise ValueError(str(e)) from None
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None   # the message alone, without the loader's frames
     return model

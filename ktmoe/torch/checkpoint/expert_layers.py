@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import mmap
 
-from . import FinetuneError
+from . import CheckpointError
 from . import quantized as q
 
 GATE, UP, DOWN = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
@@ -39,14 +39,14 @@ def plan(name: str, module, keys: dict, ckpt, scheme: q.Scheme) -> dict:
     gu, dn = keys.get(f"{name}.gate_up_proj"), keys.get(f"{name}.down_proj")
     if gu is not None and dn is not None:
         if scheme.method == "int4":
-            raise FinetuneError(f"{where}: {gu!r}: fused experts in an INT4 pack-quantized checkpoint are not "
+            raise CheckpointError(f"{where}: {gu!r}: fused experts in an INT4 pack-quantized checkpoint are not "
                                 f"supported (compressed-tensors stores one weight_packed per expert linear)")
         slots = {"gate_up": {"codes": gu}, "down": {"codes": dn}}
         if scheme.method == "fp8":
             for s in slots.values():
                 s["scale"] = keys.get(s["codes"] + "_scale_inv")
                 if s["scale"] is None:
-                    raise FinetuneError(f"{where}: {s['codes']!r} has no {s['codes'] + '_scale_inv'!r} (FP8 "
+                    raise CheckpointError(f"{where}: {s['codes']!r} has no {s['codes'] + '_scale_inv'!r} (FP8 "
                                         f"block scales) next to it")
         _check_slot(ckpt, scheme, slots["gate_up"], (E, 2 * I, H), name)
         _check_slot(ckpt, scheme, slots["down"], (E, H, I), name)
@@ -65,18 +65,18 @@ def plan(name: str, module, keys: dict, ckpt, scheme: q.Scheme) -> dict:
     for e in range(E):
         found = [find(e, names) for names in (GATE, UP, DOWN)]
         if any(s is None for s, _ in found):
-            raise FinetuneError(
+            raise CheckpointError(
                 f"{where}: no expert weights for {name} (looked for fused {name}.gate_up_proj + "
                 f"{name}.down_proj, or per expert {name}.{e}.gate_proj/up_proj/down_proj.weight "
                 f"(or w1/w3/w2){_quantized_names(scheme)}; expert {e} is missing)")
         for (slot, base), shape in zip(found, ((I, H), (I, H), (H, I))):
             if slot["codes"] is None:   # a plain .weight where the scheme wants codes
-                raise FinetuneError(f"{where}: {base}.weight is not quantized, but config.json declares "
+                raise CheckpointError(f"{where}: {base}.weight is not quantized, but config.json declares "
                                     f"{scheme.describe()} (expected {base}.{roles['codes']}); checkpoints mixing "
                                     f"quantized and plain experts are not supported")
             missing = [r for r, k in slot.items() if k is None]
             if missing:
-                raise FinetuneError(f"{where}: {base}.{roles[missing[0]]} is missing (the {missing[0]} of "
+                raise CheckpointError(f"{where}: {base}.{roles[missing[0]]} is missing (the {missing[0]} of "
                                     f"{base}.{roles['codes']}, {scheme.describe()})")
             _check_slot(ckpt, scheme, slot, shape, name)
         per.append(tuple(s for s, _ in found))
@@ -104,25 +104,25 @@ def _check_slot(ckpt, scheme, slot: dict, shape: tuple, name: str) -> None:
     def expect(role, want, what):
         got = tuple(info[role].shape)
         if got != tuple(want):
-            raise FinetuneError(f"{where}: {slot[role]!r} has shape {list(got)}, expected {list(want)} for "
+            raise CheckpointError(f"{where}: {slot[role]!r} has shape {list(got)}, expected {list(want)} for "
                                 f"{name} ({what}, from config.json)")
 
     def dtype(role, allowed):
         if info[role].dtype not in allowed:
-            raise FinetuneError(f"{where}: {slot[role]!r} has dtype {info[role].dtype}, expected "
+            raise CheckpointError(f"{where}: {slot[role]!r} has dtype {info[role].dtype}, expected "
                                 f"{' or '.join(allowed)} ({scheme.describe()})")
 
     if scheme.method == "bf16" or (scheme.method == "fp8" and codes.dtype != "F8_E4M3"):
         if scheme.method == "fp8":
-            raise FinetuneError(f"{where}: {slot['codes']!r} has dtype {codes.dtype}, but config.json declares "
+            raise CheckpointError(f"{where}: {slot['codes']!r} has dtype {codes.dtype}, but config.json declares "
                                 f"{scheme.describe()}; checkpoints mixing quantized and plain experts are not "
                                 f"supported")
         expect("codes", shape, "weights")
         if codes.dtype == "F8_E4M3":
-            raise FinetuneError(f"{where}: {slot['codes']!r} has dtype F8_E4M3, but config.json declares no "
+            raise CheckpointError(f"{where}: {slot['codes']!r} has dtype F8_E4M3, but config.json declares no "
                                 f"quantization (FP8 codes are read with quant_method 'fp8' and their scales)")
         if codes.dtype not in ("BF16", "F32", "F16"):
-            raise FinetuneError(f"{where}: {slot['codes']!r} has dtype {codes.dtype}, expected BF16, F32 or F16 "
+            raise CheckpointError(f"{where}: {slot['codes']!r} has dtype {codes.dtype}, expected BF16, F32 or F16 "
                                 f"for expert weights")
         return
     if scheme.method == "fp8":
@@ -135,7 +135,7 @@ def _check_slot(ckpt, scheme, slot: dict, shape: tuple, name: str) -> None:
     dtype("codes", ("I32",))
     expect("codes", (*lead, rows, math.ceil(cols / 8)), "int32 words of 8 codes")
     if cols % g:
-        raise FinetuneError(f"{where}: {slot['codes']!r}: group size {g} (config.json) does not divide its "
+        raise CheckpointError(f"{where}: {slot['codes']!r}: group size {g} (config.json) does not divide its "
                             f"{cols} columns")
     expect("scale", (*lead, rows, cols // g), f"one scale per {g} columns")
     dtype("scale", SCALE_DTYPES["int4"])
@@ -236,7 +236,7 @@ def _load_as_published(ckpt, name, module, p, *, max_tokens, num_threads, kernel
                 if scheme.method == "int4":
                     got = [int(v) for v in ckpt.read(slot["shape"])]
                     if got != [rows, cols]:
-                        raise FinetuneError(f"{ckpt.label}: {slot['shape']!r} is {got}, expected {[rows, cols]} "
+                        raise CheckpointError(f"{ckpt.label}: {slot['shape']!r} is {got}, expected {[rows, cols]} "
                                             f"for {name} (from config.json)")
     if scheme.method == "int4":
         for pr, _ in projs:
@@ -247,7 +247,7 @@ def _load_as_published(ckpt, name, module, p, *, max_tokens, num_threads, kernel
         layer = ktmoe.MoEExperts.from_quantized(kernel_format["weights"], **bufs, **extra, max_tokens=max_tokens,
                                                 **opts)
     except ValueError as e:
-        raise FinetuneError(f"{ckpt.label}: {name}: {_culprit(p, bufs, e)}") from None
+        raise CheckpointError(f"{ckpt.label}: {name}: {_culprit(p, bufs, e)}") from None
     convert(module, name, layer=layer, num_threads=num_threads, dtype=torch.bfloat16)
     nbytes = arena.nbytes
     del bufs
@@ -306,8 +306,8 @@ def read_weights(ckpt, p) -> tuple:
             for e, (g, u, d) in enumerate(p["per"]):
                 for slot, dst in ((g, gate_up[e, :I]), (u, gate_up[e, I:]), (d, down[e])):
                     put(slot, dst, q.weight_name(slot["codes"]))
-    except FinetuneError as e:
-        raise FinetuneError(f"{ckpt.label}: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt.label}: {e}") from None
     return gate_up, down, arena
 
 

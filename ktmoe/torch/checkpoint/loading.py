@@ -31,9 +31,9 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from . import FinetuneError, expert_layers
+from . import CheckpointError, expert_layers
 from . import quantized as quant
-from .checkpoint import Checkpoint
+from .reader import Checkpoint
 
 # checkpoint-name spellings of the same module (Mixtral's original layout)
 RENAMES = [(".block_sparse_moe.", ".mlp.")]
@@ -92,7 +92,7 @@ def load_config(ckpt: Checkpoint):
     if mt in ALIASES:
         cls_name, arch = ALIASES[mt]
         if arch not in (ckpt.config.get("architectures") or []):
-            raise FinetuneError(f"{ckpt.label}: model_type {mt!r} is read as transformers' {cls_name}, which needs "
+            raise CheckpointError(f"{ckpt.label}: model_type {mt!r} is read as transformers' {cls_name}, which needs "
                                 f"architectures [{arch!r}], got {ckpt.config.get('architectures')!r}")
         fields = {k: v for k, v in ckpt.config.items() if k not in ("model_type", "auto_map")}
         return getattr(transformers, cls_name)(**fields)
@@ -100,7 +100,7 @@ def load_config(ckpt: Checkpoint):
         return AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
     except (ValueError, KeyError, OSError, TypeError) as e:
         mt = ckpt.config.get("model_type")
-        raise FinetuneError(f"{ckpt.label}: unsupported architecture (model_type {mt!r}: "
+        raise CheckpointError(f"{ckpt.label}: unsupported architecture (model_type {mt!r}: "
                             f"transformers {_tf_version()} cannot build its config: {str(e).splitlines()[0]})") from None
 
 
@@ -111,7 +111,7 @@ def skeleton(config):
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError) as e:
-        raise FinetuneError(f"unsupported architecture {config.model_type!r}: transformers {_tf_version()} has no "
+        raise CheckpointError(f"unsupported architecture {config.model_type!r}: transformers {_tf_version()} has no "
                             f"causal-LM model for it ({str(e).splitlines()[0]})") from None
     return model
 
@@ -122,12 +122,12 @@ def experts_modules(model) -> list:
 
 
 def check_supported(model, where: str) -> list:
-    """The (name, module) experts list; FinetuneError if there is none or any is unsupported."""
+    """The (name, module) experts list; CheckpointError if there is none or any is unsupported."""
     from ktmoe.torch.experts import unsupported_reason
     found = experts_modules(model)
     arch = f"{type(model).__name__} (model_type {model.config.model_type!r})"
     if not found:
-        raise FinetuneError(f"{where}: unsupported architecture {arch}: it has no routed-experts module "
+        raise CheckpointError(f"{where}: unsupported architecture {arch}: it has no routed-experts module "
                             f"(transformers @use_experts_implementation) for ktmoe to run")
     bad = []
     for name, m in found:
@@ -135,7 +135,7 @@ def check_supported(model, where: str) -> list:
         if why is not None and not why.startswith(META_REASON):
             bad.append(f"{name}: {why}")
     if bad:
-        raise FinetuneError(f"{where}: unsupported architecture {arch}: ktmoe cannot run its experts: "
+        raise CheckpointError(f"{where}: unsupported architecture {arch}: ktmoe cannot run its experts: "
                             + "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))
     return found
 
@@ -170,7 +170,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     shared: one of several torch.distributed ranks (collective): the first rank of each host reads
     and packs the experts into memory the host's ranks share; the others read no expert tensor.
     Codes kept as published (fp8 / int4 checkpoints in their own format) cannot be shared yet:
-    that raises FinetuneError, naming the --weights that can."""
+    that raises CheckpointError, naming the --weights that can."""
     from torch import nn
 
     t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
         fmt, _ = quant.target_format(scheme, kernel_format.get("weights"), kernel_format.get("group_size"),
                                      kernel_format.get("activations", "bf16"))
     except ValueError as e:
-        raise FinetuneError(f"{where}: {e}") from None
+        raise CheckpointError(f"{where}: {e}") from None
     kernel_format.update(fmt)
     config = load_config(ckpt)
     config.use_cache = False
@@ -206,9 +206,9 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
                 check_layer_format(kernel_format["weights"], kernel_format.get("group_size"),
                                    kernel_format.get("activations", "bf16"), False, plan["H"], plan["I"])
             except ValueError as e:
-                raise FinetuneError(f"{where}: {name}: {e} (--weights / --group-size / --activations)") from None
+                raise CheckpointError(f"{where}: {name}: {e} (--weights / --group-size / --activations)") from None
     if shared and stats.as_published:
-        raise FinetuneError(f"{where}: several ranks share one packed copy of the experts per host, which ktmoe "
+        raise CheckpointError(f"{where}: several ranks share one packed copy of the experts per host, which ktmoe "
                             f"builds only from weights; the {scheme.describe()} codes kept as published cannot be "
                             f"shared yet: pass --weights int4 / int8 / bf16 to convert them at load, or run one "
                             f"process")
@@ -238,7 +238,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
         model.tie_weights()
     missing = [n for n in missing if _lookup(model, n).device.type == "meta"]   # tied ones are filled now
     if missing:
-        raise FinetuneError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
+        raise CheckpointError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
                             f"e.g. {', '.join(missing[:4])}")
     unused = sorted(k for k in ckpt.tensors if k not in used)
     stats.skipped = [k for k in unused if _expected_unused(model, k) or _expected_unused(model, _canonical(k, state))]
@@ -293,21 +293,21 @@ def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, s
         if info is None:
             return None
         if info.dtype == "F8_E4M3":
-            raise FinetuneError(f"{where}: tensor {ckey!r} is float8_e4m3fn, which ktmoe reads only as the codes of an "
+            raise CheckpointError(f"{where}: tensor {ckey!r} is float8_e4m3fn, which ktmoe reads only as the codes of an "
                                 f"FP8 linear weight (quant_method 'fp8' with its weight_scale_inv)"
                                 f"{'' if scheme.method == 'fp8' else '; config.json declares ' + _declared(scheme)}")
         if tuple(info.shape) != shape:
-            raise FinetuneError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
+            raise CheckpointError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
                                 f"the model built from config.json expects {list(shape)}")
         used.add(ckey)
         return ckpt.read(ckey)
     lacking = [r for r, k in stored.items() if k is None]
     if lacking:
         codes = stored["codes"]
-        raise FinetuneError(f"{where}: {codes!r} has no {scheme.suffixes()[lacking[0]]!r} next to it (its "
+        raise CheckpointError(f"{where}: {codes!r} has no {scheme.suffixes()[lacking[0]]!r} next to it (its "
                             f"{lacking[0]}; {scheme.describe()})")
     if scheme.method == "fp8" and tuple(info.shape) != shape:
-        raise FinetuneError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
+        raise CheckpointError(f"{where}: tensor {ckey!r} has shape {list(info.shape)}, "
                             f"the model built from config.json expects {list(shape)}")
     used.update(stored.values())
     stats.dequantized += 1
@@ -316,8 +316,8 @@ def _read_tensor(ckpt, scheme, name: str, shape: tuple, keys: dict, used: set, s
     try:
         return quant.dequantize(scheme, {r: ckpt.read(k) for r, k in stored.items()}, out,
                                 quant.weight_name(stored["codes"]))
-    except FinetuneError as e:
-        raise FinetuneError(f"{where}: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _declared(scheme) -> str:

@@ -34,8 +34,8 @@ import math
 import sys
 from dataclasses import dataclass
 
-from .. import formats
-from . import FinetuneError
+from ... import formats
+from . import CheckpointError
 
 GROUP_SIZES = formats.WEIGHT_FORMATS["int4"].group_sizes
 E4M3_NAN_MASK = 0x7F   # (code & 0x7F) == 0x7F is NaN in float8_e4m3fn (there is no Inf)
@@ -78,15 +78,15 @@ class Scheme:
 
 
 def scheme_of(config: dict, where: str) -> Scheme:
-    """The checkpoint's Scheme from its config.json dict; FinetuneError for anything unsupported."""
+    """The checkpoint's Scheme from its config.json dict; CheckpointError for anything unsupported."""
     q = config.get("quantization_config")
     if q is None:
         if "compression_config" in config:
-            raise FinetuneError(f"{where}: config.json has a 'compression_config' (an older compressed-tensors "
+            raise CheckpointError(f"{where}: config.json has a 'compression_config' (an older compressed-tensors "
                                 f"layout), which ktmoe does not read; supported: {SUPPORTED}")
         return Scheme()
     if not isinstance(q, dict):
-        raise FinetuneError(f"{where}: config.json 'quantization_config' is not an object")
+        raise CheckpointError(f"{where}: config.json 'quantization_config' is not an object")
     method = q.get("quant_method")
     if method == "fp8":
         return _fp8(q, where)
@@ -96,12 +96,12 @@ def scheme_of(config: dict, where: str) -> Scheme:
            "awq": "AWQ layout (qweight / qzeros, zero points)",
            "bitsandbytes": "bitsandbytes 4/8-bit", "mxfp4": "MXFP4 (gpt-oss)"}.get(str(method).lower())
     what = f" ({why})" if why else ""
-    raise FinetuneError(f"{where}: quantization method {method!r}{what} is not supported; supported: {SUPPORTED}")
+    raise CheckpointError(f"{where}: quantization method {method!r}{what} is not supported; supported: {SUPPORTED}")
 
 
 def _fp8(q: dict, where: str) -> Scheme:
     def bad(what):
-        return FinetuneError(f"{where}: quantization method 'fp8' with {what} is not supported; supported: {SUPPORTED}")
+        return CheckpointError(f"{where}: quantization method 'fp8' with {what} is not supported; supported: {SUPPORTED}")
     if q.get("fmt", "e4m3") != "e4m3":
         raise bad(f"fmt {q.get('fmt')!r} (only e4m3)")
     if str(q.get("activation_scheme", "dynamic")).lower() != "dynamic":
@@ -121,7 +121,7 @@ def _fp8(q: dict, where: str) -> Scheme:
 
 def _compressed_tensors(q: dict, where: str) -> Scheme:
     def bad(what):
-        return FinetuneError(f"{where}: quantization method 'compressed-tensors' with {what} is not supported; "
+        return CheckpointError(f"{where}: quantization method 'compressed-tensors' with {what} is not supported; "
                              f"supported: {SUPPORTED}")
     top = q.get("format")
     groups = q.get("config_groups")
@@ -225,7 +225,7 @@ ROWS_PER_STEP = 128   # dequantized a band of rows at a time: transient memory ~
 def dequantize(scheme: Scheme, tensors: dict, out, name: str):
     """Fills `out` [out, in] (a float tensor of any float dtype) with the weight of linear `name`
     (its `.weight`) from its checkpoint tensors {role: torch tensor} (Scheme.suffixes), computed
-    in fp32 one band of rows at a time, and returns it; FinetuneError naming the tensor if
+    in fp32 one band of rows at a time, and returns it; CheckpointError naming the tensor if
     malformed."""
     if scheme.method == "fp8":
         return dequantize_fp8(tensors["codes"], tensors["scale"], scheme.block, out, name)
@@ -253,12 +253,12 @@ def check_fp8(codes, scale_inv, block: tuple, name: str) -> None:
     br, bc = block
     want = (*codes.shape[:-2], math.ceil(rows / br), math.ceil(cols / bc))
     if tuple(scale_inv.shape) != want:
-        raise FinetuneError(f"{name}_scale_inv has shape {list(scale_inv.shape)}, expected {list(want)} for "
+        raise CheckpointError(f"{name}_scale_inv has shape {list(scale_inv.shape)}, expected {list(want)} for "
                             f"{name} {list(codes.shape)} in {br}x{bc} blocks (weight_block_size)")
     nan = (codes.view(torch.uint8) & E4M3_NAN_MASK) == E4M3_NAN_MASK
     if nan.any():
         at = [int(i) for i in nan.nonzero()[0]]
-        raise FinetuneError(f"{name}: NaN e4m3 code(s) (0x7F / 0xFF), {int(nan.sum())} of them, first at {at}")
+        raise CheckpointError(f"{name}: NaN e4m3 code(s) (0x7F / 0xFF), {int(nan.sum())} of them, first at {at}")
     _check_scales(scale_inv, f"{name}_scale_inv")
 
 
@@ -268,7 +268,7 @@ def dequantize_int4(packed, scale, shape_t, out, name: str):
     rows, cols = out.shape
     got = [int(v) for v in shape_t.reshape(-1)]
     if got != [rows, cols]:
-        raise FinetuneError(f"{base}.weight_shape is {got}, the model built from config.json expects "
+        raise CheckpointError(f"{base}.weight_shape is {got}, the model built from config.json expects "
                             f"{[rows, cols]}")
     check_int4(packed, scale, rows, cols, base)
     group = cols // scale.shape[-1]
@@ -284,11 +284,11 @@ def check_int4(packed, scale, rows: int, cols: int, base: str) -> None:
     lead = tuple(packed.shape[:-2])
     want = (*lead, rows, math.ceil(cols / 8))
     if tuple(packed.shape) != want:
-        raise FinetuneError(f"{base}.weight_packed has shape {list(packed.shape)}, expected {list(want)} "
+        raise CheckpointError(f"{base}.weight_packed has shape {list(packed.shape)}, expected {list(want)} "
                             f"(8 codes per int32 word) for [{rows}, {cols}]")
     groups = [g for g in GROUP_SIZES if cols % g == 0 and tuple(scale.shape) == (*lead, rows, cols // g)]
     if not groups:
-        raise FinetuneError(f"{base}.weight_scale has shape {list(scale.shape)}, expected "
+        raise CheckpointError(f"{base}.weight_scale has shape {list(scale.shape)}, expected "
                             f"[{', '.join(map(str, lead + (rows,)))}, {cols} / group] with a group of "
                             f"{'/'.join(map(str, GROUP_SIZES))} dividing {cols}")
     _check_scales(scale, f"{base}.weight_scale")
@@ -313,10 +313,10 @@ def _check_scales(scale, name: str) -> None:
     bad = ~torch.isfinite(s) | (s < 0)
     if bad.any():
         at = [int(i) for i in bad.nonzero()[0]]
-        raise FinetuneError(f"{name}: scale {s[tuple(at)].item()} at {at} (scales must be finite and >= 0)")
+        raise CheckpointError(f"{name}: scale {s[tuple(at)].item()} at {at} (scales must be finite and >= 0)")
 
 
 def check_byte_order() -> None:
     """The int32 words of pack-quantized checkpoints are handed to the kernel as their bytes."""
     if sys.byteorder != "little":
-        raise FinetuneError("INT4 pack-quantized checkpoints are read on little-endian CPUs only")
+        raise CheckpointError("INT4 pack-quantized checkpoints are read on little-endian CPUs only")

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import FinetuneError
+from . import CheckpointError
 
 # safetensors dtype -> (torch dtype name, bytes per element)
 DTYPES = {"BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
@@ -45,9 +45,9 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict:
-    """{name: TensorInfo} of one safetensors file; FinetuneError naming the file if malformed."""
+    """{name: TensorInfo} of one safetensors file; CheckpointError naming the file if malformed."""
     def bad(why):
-        return FinetuneError(f"{path}: not a valid safetensors file ({why})")
+        return CheckpointError(f"{path}: not a valid safetensors file ({why})")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -59,7 +59,7 @@ def read_header(path: Path) -> dict:
                 raise bad(f"header length {n} does not fit the file of {size} bytes")
             header = json.loads(f.read(n))
     except OSError as e:
-        raise FinetuneError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
@@ -74,7 +74,7 @@ def read_header(path: Path) -> dict:
         except (KeyError, TypeError, ValueError):
             raise bad(f"entry {name!r} lacks dtype / shape / data_offsets") from None
         if dtype not in DTYPES:
-            raise FinetuneError(f"{path}: tensor {name!r} has dtype {dtype}, which ktmoe finetune does not read "
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which ktmoe finetune does not read "
                                 f"(supported: {', '.join(DTYPES)})")
         nbytes = math.prod(shape) * DTYPES[dtype][1]
         if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
@@ -92,29 +92,29 @@ class Checkpoint:
         self.label = f"{what} {self.path}"   # how error messages name this checkpoint
         p = self.path
         if not p.exists():
-            raise FinetuneError(f"{what} {p}: no such directory")
+            raise CheckpointError(f"{what} {p}: no such directory")
         if not p.is_dir():
-            raise FinetuneError(f"{what} {p}: not a directory (expected a Hugging Face checkpoint directory)")
+            raise CheckpointError(f"{what} {p}: not a directory (expected a Hugging Face checkpoint directory)")
         cfg = p / "config.json"
         if not cfg.is_file():
-            raise FinetuneError(f"{what} {p}: no config.json (not a Hugging Face checkpoint directory)")
+            raise CheckpointError(f"{what} {p}: no config.json (not a Hugging Face checkpoint directory)")
         try:
             self.config = json.loads(cfg.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FinetuneError(f"{cfg}: malformed JSON ({e})") from None
+            raise CheckpointError(f"{cfg}: malformed JSON ({e})") from None
         if not isinstance(self.config, dict) or "model_type" not in self.config:
-            raise FinetuneError(f"{cfg}: no \"model_type\" (not a transformers model config)")
+            raise CheckpointError(f"{cfg}: no \"model_type\" (not a transformers model config)")
         if require_tokenizer and not self.has_tokenizer():
-            raise FinetuneError(f"{what} {p}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+            raise CheckpointError(f"{what} {p}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
         self.tensors: dict[str, TensorInfo] = {}
         for f in self._weight_files():
             for name, info in read_header(f).items():
                 if name in self.tensors:
-                    raise FinetuneError(f"{what} {p}: tensor {name!r} is stored twice "
+                    raise CheckpointError(f"{what} {p}: tensor {name!r} is stored twice "
                                         f"({self.tensors[name].file.name} and {f.name})")
                 self.tensors[name] = info
         if not self.tensors:
-            raise FinetuneError(f"{what} {p}: the safetensors files hold no tensors")
+            raise CheckpointError(f"{what} {p}: the safetensors files hold no tensors")
         self._files: dict = {}
 
     def _weight_files(self) -> list:
@@ -125,19 +125,19 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 files = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise FinetuneError(f"{index}: malformed index (expected {{\"weight_map\": {{name: file}}}}: "
+                raise CheckpointError(f"{index}: malformed index (expected {{\"weight_map\": {{name: file}}}}: "
                                     f"{type(e).__name__} {e})") from None
             missing = [f for f in files if not (p / f).is_file()]
             if missing:
-                raise FinetuneError(f"{index}: lists shard(s) that are missing: {', '.join(missing[:5])}")
+                raise CheckpointError(f"{index}: lists shard(s) that are missing: {', '.join(missing[:5])}")
             return [p / f for f in files]
         files = sorted(p.glob("*.safetensors"))
         if files:
             return files
         if any(p.glob("*.bin")) or any(p.glob("*.pt")):
-            raise FinetuneError(f"{self.label}: only safetensors weights are read; this directory has "
+            raise CheckpointError(f"{self.label}: only safetensors weights are read; this directory has "
                                 f"PyTorch .bin/.pt files (convert them with save_pretrained(safe_serialization=True))")
-        raise FinetuneError(f"{self.label}: no *.safetensors weight files")
+        raise CheckpointError(f"{self.label}: no *.safetensors weight files")
 
     def has_tokenizer(self) -> bool:
         return any((self.path / f).is_file() for f in TOKENIZER_FILES)
@@ -160,7 +160,7 @@ class Checkpoint:
         while done < info.nbytes:
             n = os.preadv(f, [view[done:]], info.start + done)
             if n <= 0:
-                raise FinetuneError(f"{info.file}: unexpected end of file reading {key!r}")
+                raise CheckpointError(f"{info.file}: unexpected end of file reading {key!r}")
             done += n
 
     def read(self, key: str):
