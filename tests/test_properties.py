@@ -35,7 +35,7 @@ SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, database=None, dead
 DT = {"bf16": BF16, "fp32": np.float32}
 # H, I below this give tensors with a handful of independent terms, where the kernel's bf16
 # intermediates (kept G / U, bf16 GEMM inputs) are not averaged out and the per-tensor 1e-2 of
-# design.md 6 does not hold (e.g. I = 2 or 3: y, dB errors of 1.8-2.5 %; see the README)
+# design.md 6 does not hold (e.g. I = 2 or 3: y, dB errors of 1.8-2.5 %; see docs/testing.md)
 MIN_HI = 16
 # Likewise at least this many live (token, slot) pairs: dw of T = 1 is one dot product
 # <dy, D> whose cancellation can blow its relative error up (8.9 % measured at T = 1,
