@@ -91,3 +91,5 @@ def test_sft_trainer_trains_expert_lora_in_ktmoe(tmp_path):
     for m in layers:                   # the experts ran in the kernel, forward and backward
         passes = m._ktmoe.layer.profile()["passes"]
         assert passes["forward"]["calls"] > 0 and passes["backward"]["calls"] > 0, passes
+    trainer.save_model(str(tmp_path / "adapter"))   # TRL saves the PEFT adapter (not the kernel's weights)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -19,6 +19,8 @@ CPU memory, releases the torch storage and turns the module into a `KtMoE<Class>
   `.cpu()`, `.numpy()`) fails loudly instead of writing placeholders. LoRA adapters save
   normally. `load_state_dict` with real tensors for both entries repacks the kernel.
 - `.to()`, `.cuda()`, `.half()` ... leave the module as it is: experts stay on the CPU.
+- Under `experts_implementation="ktmoe"` without `patch`, a module converts on its first call,
+  or earlier when PEFT wraps it (convert_selected, called by peft.py before injecting).
 - forward runs the kernel, with LoRA factors when PEFT wraps the module (see peft.py) and
   with factors merged by PEFT's `merge` (kept as frozen factors, never as W + BA).
 - `copy.deepcopy` (reference or EMA models) gives a module that SHARES the read-only packed

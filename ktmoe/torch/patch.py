@@ -4,13 +4,16 @@
   `from_pretrained(path, experts_implementation="ktmoe")` (or `config._experts_implementation
   = "ktmoe"`) routes every experts module's forward to ktmoe; each module moves its weights
   into the kernel on its first call. Call `patch(model)` right after loading to move them all
-  at once (and to learn about unsupported layers before the first batch).
+  at once (and to learn about unsupported layers before the first batch). PEFT wrapping an
+  unconverted module converts it first (peft.py); a model class without experts modules is
+  refused when built (guards.py).
 - `patch(model)` converts every experts module of an already built model (PEFT-wrapped or
   not) in place, whatever its config says. It checks every module first and raises, naming
   the model, the module and the reason, if any cannot be run, or if there is none: never a
   partial patch.
 - `from_pretrained(path, weights=..., ...)`: transformers' `AutoModelForCausalLM.from_pretrained`
-  with `experts_implementation="ktmoe"`, then `patch` with the kernel options.
+  with `experts_implementation="ktmoe"`, then `patch` with the kernel options (an int4 / int4bs
+  group size is checked first against the layers of the config's model built on the meta device).
 
 Several ranks (torch.distributed, e.g. torchrun + DDP / FSDP2 / HF Trainer): with
 `share=None` (the default) and torch.distributed initialized, the ranks of each host pack the
