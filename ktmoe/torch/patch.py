@@ -167,6 +167,8 @@ def _check_sizes_before_loading(path, auto_class, weights, group_size, activatio
         skeleton = build(config, experts_implementation=NAME, **extra)
     found = [(name, m) for name, m in skeleton.named_modules() if _experts.is_experts_module(m)]
     for name, m in found:
+        if _experts.unsupported_reason(m, weights_needed=False) is not None:
+            continue   # not the kernel's form (its shapes mean something else): patch() refuses it, naming why
         E, H, I = m.down_proj.shape
         try:
             check_layer_format(weights, group_size, activations, False, H, I)
