@@ -19,6 +19,8 @@ CPU memory, releases the torch storage and turns the module into a `KtMoE<Class>
   `.cpu()`, `.numpy()`) fails loudly instead of writing placeholders. LoRA adapters save
   normally. `load_state_dict` with real tensors for both entries repacks the kernel.
 - `.to()`, `.cuda()`, `.half()` ... leave the module as it is: experts stay on the CPU.
+- Under `experts_implementation="ktmoe"` without `patch`, a module converts on its first call,
+  or earlier when PEFT wraps it (convert_selected, called by peft.py before injecting).
 - forward runs the kernel, with LoRA factors when PEFT wraps the module (see peft.py) and
   with factors merged by PEFT's `merge` (kept as frozen factors, never as W + BA).
 - `copy.deepcopy` (reference or EMA models) gives a module that SHARES the read-only packed
@@ -44,6 +46,7 @@ from .function import PICKLE_MESSAGE, KernelExperts, experts_apply
 from .lora import combine
 
 PARAMS = ("gate_up_proj", "down_proj")
+IMPLEMENTATION = "ktmoe"   # the name registered in transformers' ExpertsInterface (patch.py)
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -53,6 +56,29 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def is_converted(module: nn.Module) -> bool:
     return isinstance(getattr(module, "_ktmoe", None), KernelExperts)
+
+
+def selects_ktmoe(module: nn.Module) -> bool:
+    """True for an experts module not converted yet whose config routes its forward to ktmoe
+    (`from_pretrained(..., experts_implementation="ktmoe")`): it converts on its first call."""
+    config = getattr(module, "config", None)
+    return (not is_converted(module) and is_experts_module(module)
+            and getattr(config, "_experts_implementation", None) == IMPLEMENTATION)
+
+
+def convert_selected(model: nn.Module) -> None:
+    """Converts now every experts module of `model` that selects ktmoe (selects_ktmoe) but has
+    not run yet, e.g. before PEFT wraps them (peft.py). All are checked first: raises ValueError
+    naming each module that cannot run, and then converts none."""
+    todo = [(name, m) for name, m in model.named_modules() if selects_ktmoe(m)]
+    bad = [(name, type(m).__name__, unsupported_reason(m)) for name, m in todo]
+    bad = [b for b in bad if b[2] is not None]
+    if bad:
+        lines = "; ".join(f"{name} ({cls}): {why}" for name, cls, why in bad)
+        raise ValueError(f'experts_implementation="{IMPLEMENTATION}": ktmoe cannot run the experts of '
+                         f"{type(model).__name__}: {lines}")
+    for name, m in todo:
+        convert(m, name)
 
 
 def unsupported_reason(module: nn.Module, weights_needed: bool = True) -> str | None:

@@ -4,13 +4,16 @@
   `from_pretrained(path, experts_implementation="ktmoe")` (or `config._experts_implementation
   = "ktmoe"`) routes every experts module's forward to ktmoe; each module moves its weights
   into the kernel on its first call. Call `patch(model)` right after loading to move them all
-  at once (and to learn about unsupported layers before the first batch).
+  at once (and to learn about unsupported layers before the first batch). PEFT wrapping an
+  unconverted module converts it first (peft.py); a model class without experts modules is
+  refused when built (guards.py).
 - `patch(model)` converts every experts module of an already built model (PEFT-wrapped or
   not) in place, whatever its config says. It checks every module first and raises, naming
   the model, the module and the reason, if any cannot be run, or if there is none: never a
   partial patch.
 - `from_pretrained(path, weights=..., ...)`: transformers' `AutoModelForCausalLM.from_pretrained`
-  with `experts_implementation="ktmoe"`, then `patch` with the kernel options.
+  with `experts_implementation="ktmoe"`, then `patch` with the kernel options (an int4 / int4bs
+  group size is checked first against the layers of the config's model built on the meta device).
 
 Several ranks (torch.distributed, e.g. torchrun + DDP / FSDP2 / HF Trainer): with
 `share=None` (the default) and torch.distributed initialized, the ranks of each host pack the
@@ -32,13 +35,16 @@ from torch import nn
 
 from . import experts as _experts
 
-NAME = "ktmoe"
+NAME = _experts.IMPLEMENTATION
 
 
 def register() -> None:
-    """Registers ktmoe in transformers' experts registry and PEFT's ParamWrapper (idempotent)."""
+    """Registers ktmoe in transformers' experts registry and PEFT's ParamWrapper, and installs
+    the refusals of guards.py (idempotent)."""
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(NAME, _experts.experts_forward)
+    from .guards import install as install_guards
+    install_guards()
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -132,9 +138,42 @@ def from_pretrained(path, *, weights: str | None = None, group_size: int | None 
     check_layer_format(weights, group_size, activations, False, 0, 0)   # names and values; sizes in patch()
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
+    from ..formats import grouped
+    if grouped(weights):   # the group size must divide every layer's H and I: checked before a weight is read
+        _check_sizes_before_loading(path, auto_class, weights, group_size, activations, kwargs)
     model = auto_class.from_pretrained(path, experts_implementation=NAME, **kwargs)
     return patch(model, max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
                  group_size=group_size, activations=activations, share=share)
+
+
+def _check_sizes_before_loading(path, auto_class, weights, group_size, activations, kwargs) -> None:
+    """The kernel format against every experts module's H and I, on the model of `path`'s config
+    built on the meta device (no weight read or allocated); ValueError naming the module."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, PretrainedConfig
+
+    from ..formats import check_layer_format
+    config = kwargs.get("config")
+    if not isinstance(config, PretrainedConfig):
+        keep = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+        config = AutoConfig.from_pretrained(path, **{k: kwargs[k] for k in keep if k in kwargs})
+    config = copy.deepcopy(config)
+    build = getattr(auto_class, "from_config", None) or auto_class._from_config
+    extra = {"trust_remote_code": kwargs["trust_remote_code"]} if "trust_remote_code" in kwargs and \
+        hasattr(auto_class, "from_config") else {}
+    with torch.device("meta"):
+        skeleton = build(config, experts_implementation=NAME, **extra)
+    found = [(name, m) for name, m in skeleton.named_modules() if _experts.is_experts_module(m)]
+    for name, m in found:
+        if _experts.unsupported_reason(m, weights_needed=False) is not None:
+            continue   # not the kernel's form (its shapes mean something else): patch() refuses it, naming why
+        E, H, I = m.down_proj.shape
+        try:
+            check_layer_format(weights, group_size, activations, False, H, I)
+        except ValueError as e:
+            raise ValueError(f"{e} (experts {name} of {os.fspath(path)}; nothing was loaded)") from None
 
 
 def _local_config(path) -> dict | None:

@@ -13,6 +13,12 @@ call; for a ktmoe experts module that must never run. `install()` therefore over
 - merge / unmerge: instead of `W += B A`, the factors are cloned (frozen) into the experts
   module, which applies them as part of its base computation; `merge_and_unload()` keeps
   them there. The merged model computes the same function; no delta weight is formed.
+- BaseTuner.inject_adapter (get_peft_model, add_adapter, PeftModel.from_pretrained): before
+  PEFT wraps anything, experts modules that `experts_implementation="ktmoe"` selected but that
+  have not run yet are converted (else PEFT's parametrization would take the torch module,
+  and the conversion at the first forward would fail under it), and a trainable adapter whose
+  rank_pattern / alpha_pattern gives gate_up_proj and down_proj of one ktmoe experts module
+  different scales is refused (check_scales).
 - BaseTuner._inject_parameters (the target_parameters search): runs with the ktmoe
   experts' placeholder weights registered as parameters (experts.py keeps them out of
   `_parameters` otherwise, so DDP / FSDP2 / optimizers never see them).
@@ -34,7 +40,8 @@ import torch
 
 import ktmoe
 
-from .experts import PARAMS, experts_forward, is_converted, placeholders_registered
+from .experts import (PARAMS, convert, convert_selected, experts_forward, is_converted, placeholders_registered,
+                      selects_ktmoe)
 from .lora import combine
 
 _ORIGINAL: dict = {}
@@ -51,7 +58,10 @@ def _chain(wrapper):
 
 
 def _is_ktmoe(wrapper) -> bool:
-    return is_converted(wrapper.get_base_layer())
+    base = wrapper.get_base_layer()
+    if selects_ktmoe(base):   # wrapped before its first call, outside inject_adapter (e.g. a later "ktmoe" switch)
+        convert(base, type(base).__name__)
+    return is_converted(base)
 
 
 def _check_options(w, adapter: str) -> None:
@@ -133,6 +143,44 @@ def _unmerge(self):
                 break
 
 
+def _inject_adapter(self, model, adapter_name, *args, **kwargs):
+    """PEFT's adapter injection, after what must come before anything is wrapped: the experts
+    modules that select ktmoe are converted (convert_selected) and the adapter's scales checked."""
+    convert_selected(model)
+    check_scales(self.peft_config[adapter_name], model)
+    return _ORIGINAL["inject_adapter"](self, model, adapter_name, *args, **kwargs)
+
+
+def check_scales(config, model) -> None:
+    """Raises ValueError when the trainable LoRA `config` would give gate_up_proj and down_proj
+    of one ktmoe experts module different scales (rank_pattern / alpha_pattern): the kernel
+    trains one LoRA per module with one scale. r and lora_alpha are matched as PEFT matches them
+    (get_pattern_key on the parameter's name); frozen adapters (inference_mode) may differ."""
+    if getattr(config, "inference_mode", False) or not getattr(config, "target_parameters", None) \
+            or getattr(config, "rank_pattern", None) is None:
+        return
+    import math
+
+    from peft.utils.other import get_pattern_key
+    targets = set(config.target_parameters)
+    for name, m in model.named_modules():
+        if not is_converted(m):
+            continue
+        path = name.replace(".base_layer", "")   # wrapped by an earlier adapter: PEFT matches the unwrapped name
+        got = {}
+        for p in PARAMS:
+            key = f"{path}.{p}"
+            if key in targets or any(key.endswith(f".{t}") for t in targets):
+                r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+                alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
+                got[p] = (alpha / (math.sqrt(r) if config.use_rslora else r), r, alpha)
+        if len({s for s, _, _ in got.values()}) > 1:
+            what = " and ".join(f"{p} r={r}, lora_alpha={a} (scale {s:g})" for p, (s, r, a) in got.items())
+            raise ValueError(f"rank_pattern / alpha_pattern: ktmoe experts {path} would train LoRA with {what}; the "
+                             f"kernel trains one LoRA scale per experts module: give both the same lora_alpha / r "
+                             f"(e.g. an alpha_pattern entry), or target one of them")
+
+
 def _inject_parameters(self, peft_config, model, *args, **kwargs):
     """PEFT's target_parameters injection, with the ktmoe placeholders registered meanwhile."""
     with placeholders_registered(model):
@@ -162,6 +210,8 @@ def install() -> None:
         setattr(ParamWrapper, name, fn)
     _ORIGINAL["_inject_parameters"] = BaseTuner._inject_parameters
     BaseTuner._inject_parameters = _inject_parameters
+    _ORIGINAL["inject_adapter"] = BaseTuner.inject_adapter
+    BaseTuner.inject_adapter = _inject_adapter
     from peft import PeftModel
     _ORIGINAL["get_nb_trainable_parameters"] = PeftModel.get_nb_trainable_parameters
     PeftModel.get_nb_trainable_parameters = _nb_trainable_parameters
