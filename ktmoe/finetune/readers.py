@@ -173,9 +173,12 @@ def _binary(path: Path, kind: str) -> list:
     datasets = _datasets(path, kind)
     try:
         with _Quiet(datasets), tempfile.TemporaryDirectory(prefix="ktmoe-data-") as cache:
-            ds = datasets.load_dataset(kind.lower(), data_files=glob.escape(str(path.resolve())), split="train",
-                                       cache_dir=cache, keep_in_memory=True)
-            rows = _rows_of(ds)
+            builder = datasets.load_dataset_builder(kind.lower(), data_files=glob.escape(str(path.resolve())),
+                                                    cache_dir=cache)
+            builder.download_and_prepare()
+            split = builder.info.splits.get("train")
+            # load_dataset itself fails on a file of 0 rows ("corresponds to no data")
+            rows = _rows_of(builder.as_dataset(split="train", in_memory=True)) if split and split.num_examples else []
     except FinetuneError:
         raise
     except Exception as e:   # pyarrow's and datasets' errors have no common base below Exception
