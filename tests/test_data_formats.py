@@ -97,6 +97,13 @@ def test_conversational_prompt_completion_trains_the_completion_only(tok, tmp_pa
     assert ids == ids_m and labels != labels_m   # "messages" trains both assistant turns
 
 
+def test_layouts_trained_on_answers_mix(tok, tmp_path):
+    rows = [r for layout in ("Alpaca", "messages", "prompt-completion") for r in LAYOUTS[layout][0]]
+    p = _jsonl(tmp_path / "d.jsonl", rows)
+    examples, kind = data.load(p, tok, 512)
+    assert kind == "Alpaca + messages + prompt-completion, JSON lines" and len(examples) == len(rows)
+
+
 def _write_all_formats(rows, d):
     """The same rows as every accepted file format: {name: path}. A key missing from a row is a
     null in the columnar formats (from_list alone would keep only the first row's keys)."""
@@ -175,7 +182,11 @@ def test_unknown_layout_names_the_accepted_ones(tok, tmp_path):
      "the last message must be the assistant's (the text to learn)"),
     ([{"text": ""}], '"text" is empty'),
     ([{"text": "a"}, {"prompt": "q", "completion": "a"}],
-     "a prompt-completion example in a data set of text examples (the first at line 1); one layout per data set"),
+     'a prompt-completion example in a data set of text examples (the first at line 1); "text" (every token '
+     'trained) does not mix with the layouts trained on answers'),
+    ([{"prompt": "q", "completion": "a"}, {"instruction": "q", "output": "a"}, {"text": "a"}],
+     'a text example in a data set of prompt-completion examples (the first at line 1); "text" (every token '
+     'trained) does not mix with the layouts trained on answers'),
 ])
 def test_bad_examples_are_named(rows, message, tok, tmp_path):
     p = _jsonl(tmp_path / "d.jsonl", rows)

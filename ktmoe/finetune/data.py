@@ -1,7 +1,7 @@
 """Training data: examples (readers.py: JSON lines, JSON array, Parquet, Arrow, save_to_disk) -> token batches.
 
 Layouts of an example (TRL's names; the first that matches its keys is used, other keys are
-ignored; one layout per data set):
+ignored; "text" does not mix with the others in one data set):
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}    # ShareGPT
@@ -60,7 +60,7 @@ class Example:
 @dataclass
 class Source:
     rows: readers.Rows
-    layout: str
+    layout: str         # the layouts found, in order: "messages", "messages + prompt-completion", ...
     records: list       # [(number, {"messages": [...], "train_from": i} | {"text": str})]
 
     def describe(self) -> str:
@@ -70,17 +70,18 @@ class Source:
 def read(path: Path) -> Source:
     """The examples of --data in any accepted file format and layout; FinetuneError naming FILE:LINE."""
     rows = readers.read(path)
-    records, layout = [], None
+    records, layouts = [], {}    # layout: the first example in it
     for n, obj in rows.rows:
         where = rows.where(n)
         name, record = _record(obj, where)
-        if layout is None:
-            layout, first = name, n
-        elif name != layout:
-            raise FinetuneError(f"{where}: a {name} example in a data set of {layout} examples (the first at "
-                                f"{rows.unit} {first}); one layout per data set")
+        layouts.setdefault(name, n)
+        if len(layouts) > 1 and "text" in layouts:
+            other, first = next((k, m) for k, m in layouts.items() if k != name)
+            raise FinetuneError(f"{where}: a {name} example in a data set of {other} examples (the first at "
+                                f"{rows.unit} {first}); \"text\" (every token trained) does not mix with the "
+                                f"layouts trained on answers")
         records.append((n, record))
-    return Source(rows, layout, records)
+    return Source(rows, " + ".join(layouts), records)
 
 
 LAYOUTS = ('"messages" (chat: role / content turns), "conversations" (ShareGPT: from / value turns), '
