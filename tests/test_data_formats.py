@@ -222,6 +222,15 @@ def test_datasets_is_needed_only_for_binary_formats(tok, tmp_path, monkeypatch):
     assert len(_examples(_jsonl(tmp_path / "d.jsonl", [{"text": "a"}]), tok)) == 1
 
 
+def test_text_formats_do_not_import_datasets(tmp_path):
+    p = _jsonl(tmp_path / "d.jsonl", LAYOUTS["Alpaca"][0])
+    code = ("import sys; from pathlib import Path; from ktmoe.finetune import data; "
+            f"assert len(data.read(Path({str(p)!r})).records) == 2; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('datasets', 'pyarrow')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 # ---- the real command, in a subprocess ----
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
