@@ -1,13 +1,15 @@
 """`ktmoe finetune`: LoRA SFT of a transformers v5 MoE model whose routed experts run in ktmoe.
 
     ktmoe finetune                                  # built-in tiny Qwen3-MoE + shipped data set
-    ktmoe finetune --model DIR --data FILE.jsonl --out DIR
+    ktmoe finetune --model DIR --data FILE --out DIR
 
 Modules (torch and transformers are imported only when a job runs):
 - cli.py: the command line (flags, defaults, error reporting).
 - (reading the checkpoint is the library's: ktmoe.torch.checkpoint, whose CheckpointError
   train.py and merge.py report as this command's input errors)
-- data.py: JSON-lines chat / prompt-response data -> token ids, labels, token-budget batches.
+- readers.py: --data (JSON lines, JSON array, Parquet, Arrow, save_to_disk directory) -> rows.
+- data.py: example layouts (chat, ShareGPT, prompt-completion, Alpaca, text) -> token ids,
+  labels, token-budget batches.
 - tiny.py: the built-in tiny model and tokenizer (fixed seed, built locally, no download).
 - train.py: the training loop, checkpoints / --resume, logs, loss plot and summary.
 - output.py: atomic writes into --out.

@@ -56,8 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, tokenizer, "
                    "safetensors single-file or sharded with an index; experts fused or per expert). "
                    "Default: the built-in tiny Qwen3-MoE, written to OUT/base-model")
-    g.add_argument("--data", metavar="FILE", help="JSON lines: {\"messages\": [{\"role\", \"content\"}, ...]} or "
-                   "{\"prompt\", \"response\"}; trained on assistant turns. Default: the shipped tiny instruction "
+    g.add_argument("--data", metavar="FILE", help="JSON lines, a JSON array, Parquet, Arrow or a datasets "
+                   "save_to_disk directory of examples: \"messages\", ShareGPT \"conversations\", \"prompt\" + "
+                   "\"completion\", Alpaca \"instruction\" + \"output\" (trained on the answers) or \"text\" "
+                   "(every token trained); see the README's Data formats. Default: the shipped tiny instruction "
                    "set (with --model, --data is required)")
     g.add_argument("--max-seq-len", type=_positive(int), metavar="N", help="longer examples are truncated to N tokens "
                    "(with a warning). Default: the model's max_position_embeddings, at most 4096")

@@ -1,20 +1,32 @@
-"""Training data: JSON lines of chat messages or prompt / response pairs -> token batches.
+"""Training data: examples (readers.py: JSON lines, JSON array, Parquet, Arrow, save_to_disk) -> token batches.
 
-Accepted lines (blank lines are skipped):
+Layouts of an example (TRL's names; the first that matches its keys is used, other keys are
+ignored; "text" does not mix with the others in one data set):
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-    {"prompt": "...", "response": "..."}            # "completion" is accepted for "response";
+    {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}    # ShareGPT
+    {"prompt": "...", "completion": "..."}          # "response" is accepted for "completion";
                                                     # an optional "system" adds a system turn
-Each example is rendered with the tokenizer's chat template (a plain "<|role|>" template when
-the tokenizer has none) and trained on its assistant turns only: the label of every other
-token is -100. A conversation must end with an assistant turn. When a template renders
-earlier assistant turns differently once later turns follow (e.g. templates that drop
-reasoning from history), only the final assistant turn of such examples is trained (one
-warning).
+    {"prompt": [turns], "completion": [assistant turns]}   # TRL's conversational prompt-completion
+    {"instruction": "...", "input": "...", "output": "..."}   # Alpaca; "input" and "system" optional
+    {"text": "..."}                                 # language modelling
+
+ShareGPT maps human -> user, gpt -> assistant (user / assistant also accepted). Alpaca's user
+turn is the instruction, then a blank line and the input when there is one. Every layout but
+"text" is rendered with the tokenizer's chat template (a plain "<|role|>" template when the
+tokenizer has none; unlike TRL, which joins plain-string prompt and completion without one)
+and trained on its assistant turns only (for conversational prompt-completion: those of the
+completion): the label of every other token is -100. A conversation must end with an
+assistant turn. When a template renders earlier assistant turns differently once later turns
+follow (e.g. templates that drop reasoning from history), only the final assistant turn of
+such examples is trained (one warning). "text" is tokenized as it is (with the tokenizer's
+special tokens, e.g. BOS), EOS appended unless the text ends with it (as TRL does), and every
+token is trained.
 
 Too long: an example longer than --max-seq-len tokens is TRUNCATED to its first
 --max-seq-len tokens (one warning with the count and the first line number); if nothing
-trainable is left it is dropped. Every problem in the file is reported as FILE:LINE.
+trainable is left it is dropped. Every problem is reported as FILE:LINE (FILE: row N for the
+binary formats).
 
 Batches: each optimizer step takes a list of whole examples, shuffled per epoch from
 --seed, whose padded size (examples x longest) stays within --batch-tokens (an example
@@ -22,13 +34,12 @@ longer than that forms a batch of its own).
 """
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import FinetuneError
+from . import FinetuneError, readers
 
 FALLBACK_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -46,57 +57,113 @@ class Example:
         return sum(1 for x in self.labels if x != -100)
 
 
-def read_jsonl(path: Path) -> list:
-    """[(line number, messages)] of a JSON-lines file; FinetuneError naming FILE:LINE."""
-    if not path.exists():
-        raise FinetuneError(f"--data {path}: no such file")
-    if not path.is_file():
-        raise FinetuneError(f"--data {path}: not a file")
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FinetuneError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-                out.append((n, _messages(obj, f"{path}:{n}")))
-    except UnicodeDecodeError as e:
-        raise FinetuneError(f"{path}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise FinetuneError(f"--data {path}: cannot read ({e.strerror or e})") from None
-    if not out:
-        raise FinetuneError(f"--data {path}: the data set is empty (no JSON lines)")
-    return out
+@dataclass
+class Source:
+    rows: readers.Rows
+    layout: str         # the layouts found, in order: "messages", "messages + prompt-completion", ...
+    records: list       # [(number, {"messages": [...], "train_from": i} | {"text": str})]
+
+    def describe(self) -> str:
+        return f"{self.layout}, {self.rows.kind}"
 
 
-def _messages(obj, where: str) -> list:
+def read(path: Path) -> Source:
+    """The examples of --data in any accepted file format and layout; FinetuneError naming FILE:LINE."""
+    rows = readers.read(path)
+    records, layouts = [], {}    # layout: the first example in it
+    for n, obj in rows.rows:
+        where = rows.where(n)
+        name, record = _record(obj, where)
+        layouts.setdefault(name, n)
+        if len(layouts) > 1 and "text" in layouts:
+            other, first = next((k, m) for k, m in layouts.items() if k != name)
+            raise FinetuneError(f"{where}: a {name} example in a data set of {other} examples (the first at "
+                                f"{rows.unit} {first}); \"text\" (every token trained) does not mix with the "
+                                f"layouts trained on answers")
+        records.append((n, record))
+    return Source(rows, " + ".join(layouts), records)
+
+
+LAYOUTS = ('"messages" (chat: role / content turns), "conversations" (ShareGPT: from / value turns), '
+           '"prompt" + "completion" (or "response"), "instruction" + "output" (+ "input", Alpaca), '
+           '"text" (language modelling)')
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+def _record(obj, where: str):
+    """(layout name, record) of one example, in the first layout whose keys it has: {"messages": turns,
+    "train_from": i} (the assistant turns from index i on are trained) or {"text": str}."""
     if not isinstance(obj, dict):
-        raise FinetuneError(f"{where}: expected a JSON object with \"messages\" or \"prompt\"/\"response\", "
-                            f"got {type(obj).__name__}")
+        raise FinetuneError(f"{where}: expected a JSON object with one of {LAYOUTS}; got {type(obj).__name__}")
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise FinetuneError(f"{where}: \"messages\" must be a non-empty list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise FinetuneError(f"{where}: messages[{i}] must be {{\"role\": str, \"content\": str}}")
-            if m["role"] not in ROLES:
-                raise FinetuneError(f"{where}: messages[{i}] has role {m['role']!r} (expected one of {ROLES})")
-        if msgs[-1]["role"] != "assistant":
-            raise FinetuneError(f"{where}: the last message must be the assistant's (the text to learn)")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    response = obj.get("response", obj.get("completion"))
-    if "prompt" in obj and response is not None:
-        if not isinstance(obj["prompt"], str) or not isinstance(response, str):
-            raise FinetuneError(f"{where}: \"prompt\" and \"response\" must be strings")
-        msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": response}]
-        if isinstance(obj.get("system"), str):
-            msgs.insert(0, {"role": "system", "content": obj["system"]})
-        return msgs
-    raise FinetuneError(f"{where}: expected \"messages\" or \"prompt\" + \"response\", got keys {sorted(obj)}")
+        return "messages", _chat(obj["messages"], "messages", where)
+    if "conversations" in obj:
+        return "ShareGPT", _sharegpt(obj["conversations"], where)
+    completion = "completion" if "completion" in obj else "response"
+    if "prompt" in obj and completion in obj:
+        prompt, answer = obj["prompt"], obj[completion]
+        if isinstance(prompt, list) and isinstance(answer, list):   # TRL's conversational prompt-completion
+            msgs = _chat(prompt + answer, f"prompt + {completion}", where, first_trained=len(prompt))
+            if not answer or any(m["role"] != "assistant" for m in answer):
+                raise FinetuneError(f"{where}: a conversational \"{completion}\" must hold assistant turns only")
+            return "prompt-completion (conversational)", msgs
+        _strings(obj, ("prompt", completion), where)
+        return "prompt-completion", _turns(obj.get("system"), prompt, answer, where)
+    if "instruction" in obj and "output" in obj:
+        _strings(obj, ("instruction", "input", "output"), where)
+        user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+        return "Alpaca", _turns(obj.get("system"), user, obj["output"], where)
+    if "text" in obj:
+        _strings(obj, ("text",), where)
+        if not obj["text"]:
+            raise FinetuneError(f"{where}: \"text\" is empty")
+        return "text", {"text": obj["text"]}
+    raise FinetuneError(f"{where}: no known example layout in keys {sorted(obj)}; expected one of {LAYOUTS}")
+
+
+def _strings(obj, keys, where: str) -> None:
+    bad = [k for k in keys if k in obj and not isinstance(obj[k], str)]
+    if bad:
+        raise FinetuneError(f"{where}: {' and '.join(chr(34) + k + chr(34) for k in bad)} must be "
+                            f"{'a string' if len(bad) == 1 else 'strings'} (got {type(obj[bad[0]]).__name__})")
+
+
+def _turns(system, user: str, assistant: str, where: str) -> dict:
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    if system is not None:
+        if not isinstance(system, str):
+            raise FinetuneError(f"{where}: \"system\" must be a string")
+        if system:
+            msgs.insert(0, {"role": "system", "content": system})
+    return {"messages": msgs, "train_from": 0}
+
+
+def _chat(msgs, key: str, where: str, first_trained: int = 0) -> dict:
+    if not isinstance(msgs, list) or not msgs:
+        raise FinetuneError(f"{where}: \"{key}\" must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise FinetuneError(f"{where}: {key}[{i}] must be {{\"role\": str, \"content\": str}}")
+        if m["role"] not in ROLES:
+            raise FinetuneError(f"{where}: {key}[{i}] has role {m['role']!r} (expected one of {ROLES})")
+    if msgs[-1]["role"] != "assistant":
+        raise FinetuneError(f"{where}: the last message must be the assistant's (the text to learn)")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "train_from": first_trained}
+
+
+def _sharegpt(turns, where: str) -> dict:
+    if not isinstance(turns, list) or not turns:
+        raise FinetuneError(f"{where}: \"conversations\" must be a non-empty list")
+    msgs = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
+            raise FinetuneError(f"{where}: conversations[{i}] must be {{\"from\": str, \"value\": str}}")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise FinetuneError(f"{where}: conversations[{i}] is from {t['from']!r} (expected one of "
+                                f"{tuple(SHAREGPT_ROLES)})")
+        msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return _chat(msgs, "conversations", where)
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> str:
@@ -105,12 +172,12 @@ def _render(tokenizer, messages, generation_prompt: bool) -> str:
                                          add_generation_prompt=generation_prompt)
 
 
-def _assistant_spans(tokenizer, messages, where: str):
+def _assistant_spans(tokenizer, messages, train_from: int, where: str):
     """(full text, [(start, end) character spans of trained assistant turns], whether a turn was skipped)."""
     full = _render(tokenizer, messages, False)
     spans, skipped = [], False
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         prefix = _render(tokenizer, messages[:i], True) if i else ""
         last = i == len(messages) - 1
@@ -125,19 +192,31 @@ def _assistant_spans(tokenizer, messages, where: str):
     return full, spans, skipped
 
 
-def tokenize(records: list, tokenizer, max_len: int, path: Path) -> list:
-    """Examples with labels on assistant tokens; truncation and drops are warned about once."""
+def _tokens(tokenizer, record: dict, where: str):
+    """(token ids, labels, whether an earlier assistant turn was skipped) of one record."""
+    if "text" in record:   # language modelling: every token, then EOS as TRL adds it
+        ids = list(tokenizer(record["text"])["input_ids"])
+        eos = tokenizer.eos_token
+        if eos is not None and not record["text"].endswith(eos):
+            ids.append(tokenizer.eos_token_id)
+        return ids, list(ids), False
+    text, spans, skipped = _assistant_spans(tokenizer, record["messages"], record["train_from"], where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tok if any(s <= a < e for s, e in spans) else -100 for tok, (a, _) in zip(ids, offsets)]
+    return ids, labels, skipped
+
+
+def tokenize(source: Source, tokenizer, max_len: int) -> list:
+    """Examples with labels on the trained tokens; truncation and drops are warned about once."""
     if not getattr(tokenizer, "is_fast", False):
         raise FinetuneError("the tokenizer is not a fast (tokenizers-backed) tokenizer; ktmoe finetune needs "
                             "character offsets to find the assistant tokens")
+    path, unit = source.rows.path, source.rows.unit
     examples, truncated, dropped, skipped_turns = [], [], [], 0
-    for n, messages in records:
-        where = f"{path}:{n}"
-        text, spans, skipped = _assistant_spans(tokenizer, messages, where)
+    for n, record in source.records:
+        ids, labels, skipped = _tokens(tokenizer, record, source.rows.where(n))
         skipped_turns += skipped
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        labels = [tok if any(s <= a < e for s, e in spans) else -100 for tok, (a, _) in zip(ids, offsets)]
         if len(ids) > max_len:
             truncated.append(n)
             ids, labels = ids[:max_len], labels[:max_len]
@@ -152,17 +231,20 @@ def tokenize(records: list, tokenizer, max_len: int, path: Path) -> list:
                       f"is trained", stacklevel=2)
     if truncated:
         warnings.warn(f"{path}: {len(truncated)} example(s) longer than --max-seq-len {max_len} tokens were "
-                      f"truncated (first at line {truncated[0]})", stacklevel=2)
+                      f"truncated (first at {unit} {truncated[0]})", stacklevel=2)
+    what = "token" if source.layout == "text" else "assistant token"
     if dropped:
-        warnings.warn(f"{path}: {len(dropped)} example(s) have no assistant token to train on after "
-                      f"truncation and were dropped (first at line {dropped[0]})", stacklevel=2)
+        warnings.warn(f"{path}: {len(dropped)} example(s) have no {what} to train on after "
+                      f"truncation and were dropped (first at {unit} {dropped[0]})", stacklevel=2)
     if not examples:
-        raise FinetuneError(f"--data {path}: no example has any assistant token to train on")
+        raise FinetuneError(f"--data {path}: no example has any {what} to train on")
     return examples
 
 
-def load(path: Path, tokenizer, max_len: int) -> list:
-    return tokenize(read_jsonl(path), tokenizer, max_len, path)
+def load(path: Path, tokenizer, max_len: int):
+    """(examples, a description of the data: its layout and file format)."""
+    source = read(path)
+    return tokenize(source, tokenizer, max_len), source.describe()
 
 
 def epoch_batches(examples: list, batch_tokens: int, seed: int, epoch: int) -> list:

@@ -156,7 +156,7 @@ def _main(args, t_start) -> int:
         raise FinetuneError(f"--max-seq-len {args.max_seq_len}: longer than the model's maximum of {max_pos} "
                             f"positions (max_position_embeddings)")
     max_len = args.max_seq_len or min(max_pos or 4096, 4096)
-    examples = data.load(data_path, tokenizer, max_len)
+    examples, data_kind = data.load(data_path, tokenizer, max_len)
     schedule = data.Schedule(examples, opt["batch_tokens"], args.seed)
     total = args.steps if args.steps else schedule.steps_for_epochs(opt["epochs"])
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.05 * total))
@@ -189,7 +189,8 @@ def _main(args, t_start) -> int:
     n_trained = sum(e.trained_tokens for e in examples)
     what = "built-in tiny Qwen3-MoE (random weights)" if builtin else ckpt.config.get("model_type")
     print(f"ktmoe finetune: model {model_dir} ({what})")
-    print(f"  data {data_path}: {len(examples)} examples, {n_tokens:,} tokens ({n_trained:,} trained)")
+    print(f"  data {data_path} ({data_kind}): {len(examples)} examples, {n_tokens:,} tokens "
+          f"({n_trained:,} trained)")
     if ranks.world > 1:
         print(f"  {ranks.world} data-parallel ranks ({'one GPU each' if device.type == 'cuda' else 'CPU, gloo'}): "
               f"each batch split over them, one packed copy of the experts per host, rank 0 writes {out}")
@@ -415,10 +416,15 @@ def _device(choice: str, torch, ranks):
 
 
 def _sha256(path: Path) -> str:
+    """Of the data file; of a directory (datasets' save_to_disk): of its files' relative paths and contents."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
