@@ -164,7 +164,16 @@ def test_ctrl_c_leaves_out_continuable(base, uninterrupted, tmp_path, capsys, mo
     true: a plain rerun refuses (pass --resume), --resume continues. A second Ctrl-C (between
     steps 4 and 5 of the resumed run) again leaves a checkpoint; the run then finishes with
     the same losses and adapter as an uninterrupted one, bit for bit."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # else the hold-back is not installed
+    # Python's own Ctrl-C handler, as in a terminal (a shell's background job, `pytest &`, starts
+    # with SIGINT ignored, and the job rightly leaves an ignored SIGINT alone)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ctrl_c_run(base, uninterrupted, tmp_path, capsys, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c_run(base, uninterrupted, tmp_path, capsys, monkeypatch):
     common, out = eight_steps(base), tmp_path / "out"
     real_step, calls = torch.optim.AdamW.step, []
 
