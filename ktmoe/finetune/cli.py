@@ -3,12 +3,15 @@
 With no flags it fine-tunes the built-in tiny Qwen3-MoE (tiny.py) on the shipped data set
 into ./ktmoe-finetune. Problems with the user's input (model directory, data file, flags,
 --out) end with one "ktmoe finetune: error: ..." line and exit status 2; torch and
-transformers are imported only when the job runs.
+transformers are imported only when the job runs. Ctrl-C, SIGTERM and SIGHUP stop the run
+with a checkpoint and a line saying how to continue, exit status 128 + the signal's number
+(130, 143, 129).
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 
 from .. import formats
@@ -135,13 +138,15 @@ def run(args) -> int:
         if main_rank:
             print(f"ktmoe finetune: error: {where}{why}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:   # the advice is true of --out as the interrupted run left it
-        advice = getattr(e, "advice", None)
+    except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (train.Terminated): the advice is true of --out
+        advice = getattr(e, "advice", None)   # as the stopped run left it
         if advice is None:
             from pathlib import Path
 
             from .train import interrupt_advice
             advice = interrupt_advice(Path(args.out).expanduser())
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
         if main_rank:
-            print(f"ktmoe finetune: interrupted: {advice}", file=sys.stderr)
-        return 130
+            print(f"ktmoe finetune: {what}: {advice}", file=sys.stderr)
+        return 128 + signum   # as a shell reports a command the signal ended: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP

@@ -63,7 +63,7 @@ SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".',
 def main(args) -> int:
     t_start = time.perf_counter()
     try:
-        with relayed_warnings():
+        with relayed_warnings(), terminate_as_interrupt():
             return _main(args, t_start)
     finally:   # whatever ended the job: a rank that exits with gloo's threads still running aborts
         _close_process_group()
@@ -251,7 +251,7 @@ def _main(args, t_start) -> int:
     rng = _rng_state(torch)
     try:
         with open(log_path if ranks.main else os.devnull, "a", encoding="utf-8") as logf, \
-                _sigint_held_back() as whole:
+                _signals_held_back() as whole:
             for step in range(start, stop_at):
                 epoch, epoch_f, indices = schedule.at(step)
                 mine, counts = ranks.shard(indices)
@@ -269,7 +269,7 @@ def _main(args, t_start) -> int:
                 loss.backward()
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
-                with whole:   # a Ctrl-C from here on waits until the step is complete
+                with whole:   # a Ctrl-C / SIGTERM from here on waits until the step is complete
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -292,13 +292,14 @@ def _main(args, t_start) -> int:
                 if bar is not None:
                     bar.set_postfix_str(f"loss {value:.3f}, {tps:,.0f} tok/s, epoch {epoch_f:.2f}", refresh=False)
                     bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # Ctrl-C, or Terminated (SIGTERM / SIGHUP)
         if bar is not None:
             bar.close()
         if not ranks.main:
             raise
         raise Interrupted(_after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler,
-                                           settings, args.keep_checkpoints, torch, rng)) from None
+                                           settings, args.keep_checkpoints, torch, rng),
+                          getattr(e, "signum", signal.SIGINT)) from None
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - t_train
@@ -556,21 +557,62 @@ def _restore(path: Path, model, params, optimizer, scheduler, torch) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
-# ---- Ctrl-C ----
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after --out was left continuable; `advice` says how (cli.py prints it)."""
+# ---- Ctrl-C, SIGTERM, SIGHUP ----
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self, advice: str):
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's preemption: Slurm, Kubernetes) or SIGHUP (the terminal went
+    away), raised where Ctrl-C's KeyboardInterrupt would be, so the run stops the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM / SIGHUP during training, after --out was left continuable; `advice`
+    says how (cli.py prints it), `signum` which signal it was."""
+
+    def __init__(self, advice: str, signum: int = signal.SIGINT):
         super().__init__(advice)
         self.advice = advice
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM and SIGHUP raise Terminated while the block runs (where their handler is the
+    default one: an ignored SIGHUP, as under nohup, stays ignored). Main thread only."""
+    mine = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _raise_terminated)
+                mine.append(sig)
+    try:
+        yield
+    finally:
+        for sig in mine:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 class _HeldBack:
-    """`with held:` SIGINT inside the block is raised as KeyboardInterrupt only when it ends, so a
-    step's optimizer update, log line and checkpoint are done all together or not at all."""
+    """`with held:` a stop signal (STOP_SIGNALS) inside the block is raised (KeyboardInterrupt,
+    or Terminated) only when it ends, so a step's optimizer update, log line and checkpoint are
+    done all together or not at all."""
 
     def __init__(self):
-        self.inside = self.pending = False
+        self.inside = False
+        self.pending = None   # the first stop signal that arrived inside the block
 
     def __enter__(self):
         self.inside = True
@@ -578,32 +620,41 @@ class _HeldBack:
 
     def __exit__(self, kind, value, tb):
         self.inside = False
-        if self.pending and kind is None:
-            self.pending = False
-            raise KeyboardInterrupt
+        if self.pending is not None and kind is None:
+            signum, self.pending = self.pending, None
+            raise _stop(signum)
         return False
 
     def handler(self, signum, frame):
         if self.inside:
-            self.pending = True
+            self.pending = self.pending or signum
         else:
-            raise KeyboardInterrupt
+            raise _stop(signum)
+
+
+# the handlers _signals_held_back replaces: Python's own for SIGINT, terminate_as_interrupt's for the others
+_DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated,
+                     signal.SIGHUP: _raise_terminated}
 
 
 @contextlib.contextmanager
-def _sigint_held_back():
-    """A _HeldBack whose SIGINT handler is installed while the block runs (main thread, default
-    handler only: elsewhere the block is not held back, and Ctrl-C interrupts anywhere)."""
+def _signals_held_back():
+    """A _HeldBack whose handler takes the stop signals while the block runs (main thread, and
+    only signals with the handler _DEFAULT_HANDLERS names: elsewhere the block is not held
+    back, and the signal acts as it would anywhere)."""
     held = _HeldBack()
-    mine = (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if mine:
-        signal.signal(signal.SIGINT, held.handler)
+    mine = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is _DEFAULT_HANDLERS[sig]:
+                signal.signal(sig, held.handler)
+                mine.append((sig, previous))
     try:
         yield held
     finally:
-        if mine:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, previous in mine:
+            signal.signal(sig, previous)
 
 
 def _after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler, settings, keep, torch,
