@@ -22,10 +22,12 @@ Several ranks (WORLD_SIZE > 1: torchrun, --nproc): ranks.py says who does what; 
 wrapped in DDP, each step's batch is split over the ranks, the loss is normalised by the whole
 batch's token count, and rank 0 alone writes --out.
 
-Ctrl-C: a step's optimizer update, log line and checkpoint are done together (SIGINT is held
-back until they are); an interrupt anywhere else ends the run with a checkpoint of the last
-complete step, or, before the first step, with no trace of the run in --out, and the message
-says what works next (--resume, or the same command again).
+Ctrl-C, SIGTERM (a batch scheduler's preemption) and SIGHUP: a step's optimizer update, log
+line and checkpoint are done together (the signal is held back until they are); the signal
+anywhere else ends the run with a checkpoint of the last complete step, or, before the first
+step, with no trace of the run in --out, and the message says what works next (--resume, or
+the same command again). An error (FinetuneError, OSError) that leaves no checkpoint takes
+away what the run added to --out (_Traces), so the command the message suggests runs.
 Warnings: ktmoe's own print as "ktmoe finetune: warning: ..."; third-party deprecation
 notices are dropped; other third-party warnings are shown as Python shows them.
 """
@@ -62,11 +64,48 @@ SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".',
 
 def main(args) -> int:
     t_start = time.perf_counter()
+    traces = _Traces(Path(args.out).expanduser())
     try:
         with relayed_warnings(), terminate_as_interrupt():
-            return _main(args, t_start)
+            return _main(args, t_start, traces)
+    except (FinetuneError, OSError):   # cli.py reports it; --out goes back to how it was, unless --resume can use it
+        if os.environ.get("RANK", "0") == "0":
+            traces.remove()
+        raise
     finally:   # whatever ended the job: a rank that exits with gloo's threads still running aborts
         _close_process_group()
+
+
+class _Traces:
+    """What this run adds to --out, taken away again when the run ends with an error and leaves
+    no checkpoint to --resume from (the error contract: nothing left behind, so the command the
+    message suggests runs): --out itself and the directories above it that this run creates, or,
+    in an --out that was there, base-model/ and the run files (RUN_FILES) that this run made."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.top = None   # the outermost directory of out (itself included) that does not exist yet
+        for d in (out, *out.parents):
+            if os.path.lexists(d):
+                break
+            self.top = d
+        self.kept = {n for n in ("base-model", *RUN_FILES) if os.path.lexists(out / n)}
+
+    def cleared(self) -> None:
+        """--overwrite removed the earlier run's files: those present from now on are this run's."""
+        self.kept -= set(RUN_FILES)
+
+    def remove(self) -> None:
+        if _latest_checkpoint(self.out) is not None:
+            return
+        if self.top is not None:
+            shutil.rmtree(self.top, ignore_errors=True)
+            return
+        for n in ("base-model", *RUN_FILES):
+            p = self.out / n
+            if n not in self.kept and os.path.lexists(p):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _close_process_group() -> None:
@@ -99,6 +138,17 @@ def relayed_warnings():
         yield
 
 
+def _check_environment(args) -> None:
+    """$KTMOE_ISA, and $KTMOE_NUM_THREADS where --threads does not override it, before --out is touched."""
+    from .. import _cpu
+    try:
+        _cpu.select_isa()
+        if args.threads is None:
+            _cpu.default_num_threads()
+    except ValueError as e:
+        raise FinetuneError(str(e).removeprefix("isa: ")) from None
+
+
 def _check_format_flags(weights: str, args) -> None:
     """--group-size / --activations against the expert format in effect (given, or the checkpoint's)."""
     if not formats.grouped(weights) and args.group_size is not None:
@@ -108,7 +158,8 @@ def _check_format_flags(weights: str, args) -> None:
         raise FinetuneError("--activations int8 (W8A8): needs quantized expert weights, --weights int8 or int4")
 
 
-def _main(args, t_start) -> int:
+def _main(args, t_start, traces) -> int:
+    _check_environment(args)
     if args.weights or not args.model:   # else the checkpoint's format decides, checked once it is read
         _check_format_flags(args.weights or "bf16", args)
     if args.model and not args.data:
@@ -182,6 +233,7 @@ def _main(args, t_start) -> int:
         _check_resume(resume_from, settings)
     elif args.overwrite:
         ranks.on_main(_clear_earlier_run, out)
+        traces.cleared()
     n_tokens = sum(len(e.ids) for e in examples)
     n_trained = sum(e.trained_tokens for e in examples)
     what = "built-in tiny Qwen3-MoE (random weights)" if builtin else ckpt.config.get("model_type")
@@ -265,7 +317,9 @@ def _main(args, t_start) -> int:
                 loss = engine(**batch, num_items_in_batch=n_items).loss * (ranks.world if counts else 0.0)
                 value = ranks.sum(loss.item(), device) / ranks.world
                 if not math.isfinite(value):   # checked before backward: a non-finite step is never applied
-                    raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
+                    again = "" if _latest_checkpoint(out) is None else \
+                        f" and --overwrite: --resume from the checkpoints in {out} would repeat this"
+                    raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr{again})")
                 loss.backward()
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
