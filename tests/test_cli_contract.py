@@ -24,7 +24,7 @@ import cli_subprocess
 
 FAST = ["--quiet", "--batch-tokens", "1024", "--torch-threads", "1"]
 BAD_FINETUNE = {
-    "threads 1000": ([ "--threads", "1000"], {}, ["--threads", "at most 256", "1000"]),
+    "threads 1000": (["--threads", "1000"], {}, ["--threads", "at most 256", "1000"]),
     "KTMOE_NUM_THREADS=abc": ([], {"KTMOE_NUM_THREADS": "abc"}, ["$KTMOE_NUM_THREADS", "'abc'"]),
     "KTMOE_ISA=bogus": ([], {"KTMOE_ISA": "bogus"}, ["$KTMOE_ISA", "'bogus'"]),
     "lr nan": (["--lr", "nan"], {}, ["--lr", "finite", "nan"]),
