@@ -13,7 +13,9 @@ What is measured (design.md 10), all in one process, one run:
              down_proj])`, which materialises W + BA for every expert on every call;
     grouped: a hand-written torch loop over experts (tokens sorted by expert, bf16 F.linear,
              LoRA factors cast to bf16 in the graph, SiLU gate, fp32 scatter-add).
-Routing: uniform random top-k without replacement per token, softmax-normalised weights, a
+The table ends with a legend (its columns, what each row is) and a line per row saying how far
+its output is from the bf16 ktmoe row's and what is expected (quantization error for the
+quantized formats). Routing: uniform random top-k without replacement per token, softmax-normalised weights, a
 fixed seed. Forward-only runs are inference (ktmoe keep_for_backward=False, torch no_grad);
 forward+backward differentiates x, topk_weights and the LoRA factors.
 
@@ -53,6 +55,7 @@ FP8_BLOCK = formats.FP8_BLOCK
 WEIGHT_ROWS = {w: tuple(m.bench_row for m in formats.MODES if m.weights == w) + (("ktmoe-wT",) if w == "bf16" else ())
                for w in formats.WEIGHT_FORMATS}
 BASELINES = ("eager", "grouped")
+BUDGET_S = 10.0   # seconds one case (impl, shape, pass) may take before its calls stop: time_calls
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -560,12 +563,50 @@ def format_table(roof: Roofline, results: list) -> list[str]:
         lines.append(f"{r.shape:<11} {r.passes:<6} {r.impl:<{IMPL_WIDTH}} {1e3 * r.seconds:9.1f} {r.tokens_per_s:9.0f} "
                      f"{r.tflops:8.3f} {r.gbs:7.1f} {1e3 * r.bound:9.1f} {by:>3} "
                      f"{100 * r.roofline_fraction:5.1f}% {sp[0]:>8} {sp[1]:>9}")
+    lines += legend(list(dict.fromkeys(r.impl for r in results)))
     for impl in OURS:
         ratios = {r.shape: r.weight_ratio for r in results if r.impl == impl and r.weight_ratio is not None}
         if ratios:
             lines.append(f"{impl} packed weights / raw bf16 bytes: "
                          + ", ".join(f"{s} {x:.3f}" for s, x in ratios.items()))
     return lines
+
+
+def impl_text(impl: str) -> str:
+    """What one impl row is, for the legend under the table."""
+    if impl == "ktmoe":
+        return "ktmoe's kernel, bf16 weights"
+    if impl == "ktmoe-wT":
+        return "the same with the opt-in transposed weight copy (2x weight memory, for the backward)"
+    if impl in QUANTIZED:
+        weights, acts = QUANTIZED[impl]
+        return f"{weights} weights, " + ("W8A8 (activations rounded to int8)" if acts == "int8" else "weight-only")
+    if impl == "eager":
+        return "transformers' experts module with PEFT target_parameters LoRA (W + BA made every call)"
+    return "a torch loop over experts, bf16 matmuls"
+
+
+def legend(impls) -> list[str]:
+    """The lines under the table that say what its columns and rows are."""
+    lines = ["columns: ms = median time of one call; tok/s = T / time; TFLOP/s, GB/s = the call's FLOPs and "
+             "least bytes moved (layer_flops / layer_bytes) per second;",
+             "  bound ms = the roofline's time for the call, max(FLOPs / peak, bytes / read bandwidth); by = "
+             "which of the two sets it (cmp: compute, mem: memory); %roof = bound / time, the share of the "
+             "roofline reached;",
+             "  x eager, x grouped = that torch baseline's time / this row's (speed-up; ktmoe rows)",
+             "rows:"]
+    return lines + [f"  {i:<{IMPL_WIDTH}} {impl_text(i)}" for i in impls]
+
+
+def accuracy_note(shape: str, impl: str, err: float) -> str:
+    """One line comparing a row's output y with the bf16 ktmoe row's, saying what error is expected."""
+    if impl in QUANTIZED:
+        weights, acts = QUANTIZED[impl]
+        why = (f"{weights}'s quantization error" + (" plus int8 activation rounding" if acts == "int8" else "")
+               + ", as expected (README: Numerics; `ktmoe verify` checks the kernel against the quantized reference)")
+    else:
+        why = "bf16 rounding in another order only: expected below 1e-2"
+    return f"{shape} {impl}: y differs from ktmoe's (bf16 weights) by {err:.1e} (relative Frobenius): {why}"
 
 
 def roofline_line(roof: Roofline) -> str:
@@ -589,19 +630,24 @@ def format_bytes_ratio(shape: Shape, weights: str) -> float:
 
 # ---------------------------------------------------------------- timing (the CLI's own)
 
-def time_calls(fn, repeat: int, budget_s: float) -> tuple[float, int, object]:
-    """One warm-up call, then up to `repeat` timed calls (fewer once `budget_s` is spent,
-    at least 1). Returns (median seconds, calls timed, last output)."""
-    out = fn()
-    times = []
+def time_calls(fn, repeat: int, budget_s: float) -> tuple[float, int, object, bool]:
+    """One warm-up call, then up to `repeat` timed calls, fewer once `budget_s` is spent counting
+    the warm-up (at least 1). A warm-up that alone takes longer than `budget_s` is the measurement
+    (a call that slow gains nothing from warming up, and a second one would double the wait).
+    Returns (median seconds, calls timed, last output, whether the warm-up was the measurement)."""
     start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    if first > budget_s:
+        return first, 1, out, True
+    times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > budget_s:
             break
-    return statistics.median(times), len(times), out
+    return statistics.median(times), len(times), out, False
 
 
 def profile_case(runner, passes: str, repeat: int, roof: Roofline, title: str) -> dict:
@@ -640,8 +686,11 @@ def add_arguments(parser) -> None:
                         help="threads for ktmoe, torch and the roofline (default: $KTMOE_NUM_THREADS, else all "
                              "usable cores)")
     parser.add_argument("--repeat", type=positive_int, default=5,
-                        help="timed calls per case after one warm-up (default 5; slow cases stop "
-                             "early after ~10 s)")
+                        help=f"timed calls per case after one warm-up (default 5). A case stops once ~{BUDGET_S:g} s "
+                             "are spent, its warm-up included; a call slower than that is made once, and timed. "
+                             "The eager baseline's forward + backward at the qwen3 shapes is such a call: about a "
+                             "minute on 2 cores (PEFT materialises W + BA of every expert, and its gradient); "
+                             "--baselines grouped leaves eager out")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--profile", action="store_true",
                         help="after timing each ktmoe case, run it again --repeat times and print where the "
@@ -700,15 +749,16 @@ def run(args) -> int:
             runner = make_runner(impl, p, threads)
             ratio = runner.weight_bytes / p.raw_weight_bytes if impl in OURS else None
             for ps in passes:
-                sec, n, y = time_calls(getattr(runner, ps), args.repeat, budget_s=10.0)
+                print(f"  {impl:<{IMPL_WIDTH}} {ps:<6} ", end="", flush=True)   # the wait shows what it is for
+                sec, n, y, warm_only = time_calls(getattr(runner, ps), args.repeat, budget_s=BUDGET_S)
                 r = make_result(roof, p, ps, impl, sec, n, ratio)
                 results.append(r)
                 if ps == passes[0] and impl == "ktmoe":
                     ktmoe_y = y.float().clone()   # ktmoe runs first: the baselines are compared to it
                 elif ps == passes[0]:
-                    notes.append(f"{name} {impl}: y differs from ktmoe's by {rel_error(y.float(), ktmoe_y):.1e} "
-                                 f"(relative Frobenius)")
-                print(f"  {impl:<{IMPL_WIDTH}} {ps:<6} {1e3 * sec:9.1f} ms  ({n} timed)", flush=True)
+                    notes.append(accuracy_note(name, impl, rel_error(y.float(), ktmoe_y)))
+                how = f"one call, over the {BUDGET_S:g} s budget: timed once" if warm_only else f"{n} timed"
+                print(f"{1e3 * sec:9.1f} ms  ({how})", flush=True)
                 if args.profile and impl in OURS:
                     profiles.append(profile_case(runner, ps, args.repeat, roof, f"{name} {ps} {impl}"))
             runner.close()

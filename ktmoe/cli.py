@@ -7,13 +7,16 @@ path chosen) and `verify` (each kernel path on this CPU against the numpy refere
 and run(args) -> exit code; they import torch only inside run(). Bad input of any
 subcommand ends with one "ktmoe CMD: error: ..." line and exit status 2: flag values are
 checked by the argparse types below (argparse's usage errors exit 2 too), what can only be
-checked when the command runs ($KTMOE_ISA, $KTMOE_NUM_THREADS) raises UsageError.
+checked when the command runs ($KTMOE_ISA, $KTMOE_NUM_THREADS) raises UsageError. `verify`
+without --isa checks $KTMOE_ISA's path alone when it is set. When stdout's reader goes away
+(`ktmoe verify | head -1`) the command stops without a word, exit status 141 (BROKEN_PIPE).
 The text `ktmoe --help` shows is DESCRIPTION, not this note.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -28,6 +31,9 @@ DESCRIPTION = """\
 ktmoe: LoRA fine-tuning of Mixture-of-Experts LLMs whose routed experts run in CPU kernels
 (Intel AMX / AVX-512 / portable C), with the rest of the model in torch."""
 EPILOG = "Run `ktmoe COMMAND --help` for a command's options."
+
+
+BROKEN_PIPE = 141   # exit status when stdout's reader went away: 128 + SIGPIPE, as a shell reports `yes | head -1`
 
 
 class UsageError(Exception):
@@ -142,11 +148,22 @@ def _verify_layer(testing, rng, weights, fmt, group, acts, checkpoint, E, H, I) 
     return dict(weights, weights=fmt, group_size=group, activations=acts)
 
 
+def _verify_paths() -> list:
+    """The paths verify checks without --isa: $KTMOE_ISA's alone when it is set (a value that is
+    not a path this CPU runs is a UsageError), else every path this CPU runs."""
+    if not os.environ.get(_cpu.ENV_VAR):
+        return _cpu.available_isas()
+    try:
+        return [_cpu.select_isa()[0]]
+    except ValueError as e:
+        raise UsageError(str(e).removeprefix("isa: ")) from None
+
+
 def cmd_verify(args) -> int:
+    isas = [args.isa] if args.isa else _verify_paths()
+    threads = args.threads if args.threads is not None else _env_threads()
     from . import testing   # imported here: it loads torch where installed
     rng = np.random.default_rng(0)
-    isas = [args.isa] if args.isa else _cpu.available_isas()
-    threads = args.threads if args.threads is not None else _env_threads()
     rows = [f for f in VERIFY_FORMATS if args.weights in ("all", f[0])]
     worst = 0.0
     print(f"relative Frobenius error against the numpy reference (tolerance {TOLERANCE:g}) of: y = output, "
@@ -231,10 +248,15 @@ def main(argv=None) -> int:
     del args.cmd_parser
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]   # the subcommand's own arguments, as given
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()   # here, not at exit: a reader gone by then is handled below
+        return rc
     except UsageError as e:
         print(f"ktmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # stdout's reader went away (`ktmoe verify | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush goes nowhere
+        return BROKEN_PIPE
 
 
 if __name__ == "__main__":

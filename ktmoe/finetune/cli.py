@@ -2,13 +2,17 @@
 
 With no flags it fine-tunes the built-in tiny Qwen3-MoE (tiny.py) on the shipped data set
 into ./ktmoe-finetune. Problems with the user's input (model directory, data file, flags,
---out) end with one "ktmoe finetune: error: ..." line and exit status 2; torch and
-transformers are imported only when the job runs.
+--out, $KTMOE_ISA / $KTMOE_NUM_THREADS) end with one "ktmoe finetune: error: ..." line and
+exit status 2, with --out as it was (train.py); torch and transformers are imported only when
+the job runs. Ctrl-C, SIGTERM and SIGHUP stop the run with a checkpoint and a line saying how
+to continue, exit status 128 + the signal's number (130, 143, 129).
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import math
+import signal
 import sys
 
 from .. import formats
@@ -26,14 +30,17 @@ def _targets(text: str) -> list:
     return sorted(set(parts), key=TARGETS.index)
 
 
-def _positive(kind):
+def _positive(kind, zero: str = ""):
+    """A type: a number of `kind` > 0 (>= 0 when `zero` says what 0 means); floats must be finite."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if v < 0 or v == 0 and not zero:
+            raise argparse.ArgumentTypeError(f"must be {'>= 0 (0: ' + zero + ')' if zero else '> 0'}, got {text}")
         return v
     return parse
 
@@ -48,6 +55,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import thread_count
     p.formatter_class = _Help
     p.description = ("LoRA fine-tuning (SFT) of a Mixture-of-Experts model whose routed experts run in ktmoe's "
                      "CPU kernels; attention, router and the rest run in torch (on the GPU when one is present). "
@@ -79,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what to train, comma-separated: attention (LoRA on the attention projections), "
                    "experts (LoRA on the routed experts, in the kernel), router (the router weights, saved in "
                    "the adapter as modules_to_save). Default: attention,experts")
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    t.add_argument("--max-grad-norm", type=_positive(float, zero="off"), default=1.0,
+                   help="gradient clipping (0: off)")
     t.add_argument("--seed", type=int, default=0, help="LoRA initialisation and data order")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward "
                    "(less memory; the experts kernel then keeps nothing between passes)")
@@ -100,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--activations", choices=("bf16", "int8"), default="bf16",
                    help="with int8/int4 weights: bf16 = weight-only (default), int8 = W8A8 (activations quantized "
                    "per row on the fly; faster when compute-bound, less accurate)")
-    h.add_argument("--threads", type=_positive(int), help="CPU threads for the experts kernel and torch "
+    h.add_argument("--threads", type=thread_count, help="CPU threads for the experts kernel and torch "
                    "(default: every core this process may use)")
     h.add_argument("--torch-threads", type=_positive(int), help="intra-op threads of torch's CPU work (attention "
                    "etc. when there is no GPU). Default: --threads; 1 for the built-in tiny model, whose small "
@@ -137,13 +146,15 @@ def run(args) -> int:
         if main_rank:
             print(f"ktmoe finetune: error: {where}{why}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:   # the advice is true of --out as the interrupted run left it
-        advice = getattr(e, "advice", None)
+    except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (train.Terminated): the advice is true of --out
+        advice = getattr(e, "advice", None)   # as the stopped run left it
         if advice is None:
             from pathlib import Path
 
             from .train import interrupt_advice
             advice = interrupt_advice(Path(args.out).expanduser())
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
         if main_rank:
-            print(f"ktmoe finetune: interrupted: {advice}", file=sys.stderr)
-        return 130
+            print(f"ktmoe finetune: {what}: {advice}", file=sys.stderr)
+        return 128 + signum   # as a shell reports a command the signal ended: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP

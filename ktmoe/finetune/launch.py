@@ -4,8 +4,9 @@ elastic launcher (what `torchrun --standalone --nproc-per-node N -m ktmoe.finetu
 Each rank is `python -c RANK_ENTRY ARGS` (the job of `python -m ktmoe.finetune ARGS`, without
 --nproc) with the launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
 MASTER_ADDR / MASTER_PORT): train.py sees WORLD_SIZE > 1 and runs data-parallel. If one rank fails, the launcher stops the others and
-this returns: 2 when a rank reported an input error (rank 0 printed it), 130 after Ctrl-C,
-else 1 with one line naming the rank and how it ended.
+this returns: 2 when a rank reported an input error (rank 0 printed it), 130 / 143 / 129 after
+Ctrl-C / SIGTERM / SIGHUP (the launcher passes SIGTERM and SIGHUP on to the ranks), else 1
+with one line naming the rank and how it ended.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ RANK_ENTRY = ("import sys\n"
 def launch(argv: list, nproc: int) -> int:
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # the failure report is ours
@@ -51,8 +53,9 @@ def launch(argv: list, nproc: int) -> int:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
         if 2 in codes.values():
             return 2
-        if any(c == -signal.SIGINT or c == 130 for c in codes.values()):
-            return 130
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # stopped as Ctrl-C stops (rank 0 said how)
+            if any(c in (-sig, 128 + sig) for c in codes.values()):
+                return 128 + sig
         rank, first = e.get_first_failure()
         code = first.exitcode
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
@@ -61,4 +64,6 @@ def launch(argv: list, nproc: int) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except SignalException as e:   # SIGTERM / SIGHUP to the launcher: it passed the signal on to the ranks
+        return 128 + int(e.sigval)
     return 0

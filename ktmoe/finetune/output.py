@@ -5,6 +5,11 @@ then renamed into place (`os.replace`, atomic on one file system); a directory t
 exists under the final name is moved aside first and removed only after the new one is in
 place. A crash therefore leaves either the old complete result or the new one, plus at
 worst a `.tmp-*` entry that the next run removes.
+
+Permissions: the temporary names are made owner-only (mkdtemp 0700, mkstemp 0600, and
+safetensors writes its files 0600), so the result gets the modes a plain write would give
+(0777 / 0666 less the umask, as `save_pretrained` gives) before it is renamed into place:
+under umask 022 other users can read the adapter, checkpoints, plot and summary.
 """
 from __future__ import annotations
 
@@ -18,6 +23,35 @@ from pathlib import Path
 from . import FinetuneError
 
 TMP_PREFIX = ".tmp-"
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux >= 4.7: /proc/self/status); else
+    set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(root: Path) -> None:
+    """Gives `root` and everything under it the modes a plain write gives: directories (and
+    files with an execute bit) 0777, other files 0666, less the umask."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            os.chmod(os.path.join(d, n), 0o777 & ~mask)
+        for n in files:
+            p = os.path.join(d, n)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if os.stat(p).st_mode & 0o111 else 0o666) & ~mask)
 
 
 def check_writable(out: Path) -> None:
@@ -47,6 +81,7 @@ def atomic_dir(final: Path):
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + "-", dir=final.parent))
     try:
         yield tmp
+        plain_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -62,6 +97,7 @@ def atomic_dir(final: Path):
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())   # mkstemp's 0600 -> a plain write's mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

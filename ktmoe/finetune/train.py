@@ -22,10 +22,12 @@ Several ranks (WORLD_SIZE > 1: torchrun, --nproc): ranks.py says who does what; 
 wrapped in DDP, each step's batch is split over the ranks, the loss is normalised by the whole
 batch's token count, and rank 0 alone writes --out.
 
-Ctrl-C: a step's optimizer update, log line and checkpoint are done together (SIGINT is held
-back until they are); an interrupt anywhere else ends the run with a checkpoint of the last
-complete step, or, before the first step, with no trace of the run in --out, and the message
-says what works next (--resume, or the same command again).
+Ctrl-C, SIGTERM (a batch scheduler's preemption) and SIGHUP: a step's optimizer update, log
+line and checkpoint are done together (the signal is held back until they are); the signal
+anywhere else ends the run with a checkpoint of the last complete step, or, before the first
+step, with no trace of the run in --out, and the message says what works next (--resume, or
+the same command again). An error (FinetuneError, OSError) that leaves no checkpoint takes
+away what the run added to --out (_Traces), so the command the message suggests runs.
 Warnings: ktmoe's own print as "ktmoe finetune: warning: ..."; third-party deprecation
 notices are dropped; other third-party warnings are shown as Python shows them.
 """
@@ -63,13 +65,50 @@ SAMPLE_PROMPTS = ["What is the capital of France?", 'Reverse the word "apple".',
 
 def main(args) -> int:
     t_start = time.perf_counter()
+    traces = _Traces(Path(args.out).expanduser())
     try:
-        with relayed_warnings():
-            return _main(args, t_start)
-    except CheckpointError as e:   # the checkpoint reader's input errors are this command's input errors
-        raise FinetuneError(str(e)) from None
+        with relayed_warnings(), terminate_as_interrupt():
+            return _main(args, t_start, traces)
+    except (FinetuneError, CheckpointError, OSError) as e:   # cli.py reports it; --out goes back to how it
+        if os.environ.get("RANK", "0") == "0":                # was, unless --resume can use it
+            traces.remove()
+        if isinstance(e, CheckpointError):   # the checkpoint reader's input errors are this command's input errors
+            raise FinetuneError(str(e)) from None
+        raise
     finally:   # whatever ended the job: a rank that exits with gloo's threads still running aborts
         _close_process_group()
+
+
+class _Traces:
+    """What this run adds to --out, taken away again when the run ends with an error and leaves
+    no checkpoint to --resume from (the error contract: nothing left behind, so the command the
+    message suggests runs): --out itself and the directories above it that this run creates, or,
+    in an --out that was there, base-model/ and the run files (RUN_FILES) that this run made."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.top = None   # the outermost directory of out (itself included) that does not exist yet
+        for d in (out, *out.parents):
+            if os.path.lexists(d):
+                break
+            self.top = d
+        self.kept = {n for n in ("base-model", *RUN_FILES) if os.path.lexists(out / n)}
+
+    def cleared(self) -> None:
+        """--overwrite removed the earlier run's files: those present from now on are this run's."""
+        self.kept -= set(RUN_FILES)
+
+    def remove(self) -> None:
+        if _latest_checkpoint(self.out) is not None:
+            return
+        if self.top is not None:
+            shutil.rmtree(self.top, ignore_errors=True)
+            return
+        for n in ("base-model", *RUN_FILES):
+            p = self.out / n
+            if n not in self.kept and os.path.lexists(p):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _close_process_group() -> None:
@@ -102,6 +141,17 @@ def relayed_warnings():
         yield
 
 
+def _check_environment(args) -> None:
+    """$KTMOE_ISA, and $KTMOE_NUM_THREADS where --threads does not override it, before --out is touched."""
+    from .. import _cpu
+    try:
+        _cpu.select_isa()
+        if args.threads is None:
+            _cpu.default_num_threads()
+    except ValueError as e:
+        raise FinetuneError(str(e).removeprefix("isa: ")) from None
+
+
 def _check_format_flags(weights: str, args) -> None:
     """--group-size / --activations against the expert format in effect (given, or the checkpoint's)."""
     if not formats.grouped(weights) and args.group_size is not None:
@@ -111,7 +161,8 @@ def _check_format_flags(weights: str, args) -> None:
         raise FinetuneError("--activations int8 (W8A8): needs quantized expert weights, --weights int8 or int4")
 
 
-def _main(args, t_start) -> int:
+def _main(args, t_start, traces) -> int:
+    _check_environment(args)
     if args.weights or not args.model:   # else the checkpoint's format decides, checked once it is read
         _check_format_flags(args.weights or "bf16", args)
     if args.model and not args.data:
@@ -185,6 +236,7 @@ def _main(args, t_start) -> int:
         _check_resume(resume_from, settings)
     elif args.overwrite:
         ranks.on_main(_clear_earlier_run, out)
+        traces.cleared()
     n_tokens = sum(len(e.ids) for e in examples)
     n_trained = sum(e.trained_tokens for e in examples)
     what = "built-in tiny Qwen3-MoE (random weights)" if builtin else ckpt.config.get("model_type")
@@ -255,7 +307,7 @@ def _main(args, t_start) -> int:
     rng = _rng_state(torch)
     try:
         with open(log_path if ranks.main else os.devnull, "a", encoding="utf-8") as logf, \
-                _sigint_held_back() as whole:
+                _signals_held_back() as whole:
             for step in range(start, stop_at):
                 epoch, epoch_f, indices = schedule.at(step)
                 mine, counts = ranks.shard(indices)
@@ -269,11 +321,13 @@ def _main(args, t_start) -> int:
                 loss = engine(**batch, num_items_in_batch=n_items).loss * (ranks.world if counts else 0.0)
                 value = ranks.sum(loss.item(), device) / ranks.world
                 if not math.isfinite(value):   # checked before backward: a non-finite step is never applied
-                    raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr)")
+                    again = "" if _latest_checkpoint(out) is None else \
+                        f" and --overwrite: --resume from the checkpoints in {out} would repeat this"
+                    raise FinetuneError(f"step {step + 1}: the loss is {value} (try a lower --lr{again})")
                 loss.backward()
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], args.max_grad_norm)
-                with whole:   # a Ctrl-C from here on waits until the step is complete
+                with whole:   # a Ctrl-C / SIGTERM from here on waits until the step is complete
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -296,13 +350,14 @@ def _main(args, t_start) -> int:
                 if bar is not None:
                     bar.set_postfix_str(f"loss {value:.3f}, {tps:,.0f} tok/s, epoch {epoch_f:.2f}", refresh=False)
                     bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # Ctrl-C, or Terminated (SIGTERM / SIGHUP)
         if bar is not None:
             bar.close()
         if not ranks.main:
             raise
         raise Interrupted(_after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler,
-                                           settings, args.keep_checkpoints, torch, rng)) from None
+                                           settings, args.keep_checkpoints, torch, rng),
+                          getattr(e, "signum", signal.SIGINT)) from None
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - t_train
@@ -565,21 +620,62 @@ def _restore(path: Path, model, params, optimizer, scheduler, torch) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
-# ---- Ctrl-C ----
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after --out was left continuable; `advice` says how (cli.py prints it)."""
+# ---- Ctrl-C, SIGTERM, SIGHUP ----
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self, advice: str):
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's preemption: Slurm, Kubernetes) or SIGHUP (the terminal went
+    away), raised where Ctrl-C's KeyboardInterrupt would be, so the run stops the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM / SIGHUP during training, after --out was left continuable; `advice`
+    says how (cli.py prints it), `signum` which signal it was."""
+
+    def __init__(self, advice: str, signum: int = signal.SIGINT):
         super().__init__(advice)
         self.advice = advice
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM and SIGHUP raise Terminated while the block runs (where their handler is the
+    default one: an ignored SIGHUP, as under nohup, stays ignored). Main thread only."""
+    mine = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _raise_terminated)
+                mine.append(sig)
+    try:
+        yield
+    finally:
+        for sig in mine:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 class _HeldBack:
-    """`with held:` SIGINT inside the block is raised as KeyboardInterrupt only when it ends, so a
-    step's optimizer update, log line and checkpoint are done all together or not at all."""
+    """`with held:` a stop signal (STOP_SIGNALS) inside the block is raised (KeyboardInterrupt,
+    or Terminated) only when it ends, so a step's optimizer update, log line and checkpoint are
+    done all together or not at all."""
 
     def __init__(self):
-        self.inside = self.pending = False
+        self.inside = False
+        self.pending = None   # the first stop signal that arrived inside the block
 
     def __enter__(self):
         self.inside = True
@@ -587,32 +683,41 @@ class _HeldBack:
 
     def __exit__(self, kind, value, tb):
         self.inside = False
-        if self.pending and kind is None:
-            self.pending = False
-            raise KeyboardInterrupt
+        if self.pending is not None and kind is None:
+            signum, self.pending = self.pending, None
+            raise _stop(signum)
         return False
 
     def handler(self, signum, frame):
         if self.inside:
-            self.pending = True
+            self.pending = self.pending or signum
         else:
-            raise KeyboardInterrupt
+            raise _stop(signum)
+
+
+# the handlers _signals_held_back replaces: Python's own for SIGINT, terminate_as_interrupt's for the others
+_DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated,
+                     signal.SIGHUP: _raise_terminated}
 
 
 @contextlib.contextmanager
-def _sigint_held_back():
-    """A _HeldBack whose SIGINT handler is installed while the block runs (main thread, default
-    handler only: elsewhere the block is not held back, and Ctrl-C interrupts anywhere)."""
+def _signals_held_back():
+    """A _HeldBack whose handler takes the stop signals while the block runs (main thread, and
+    only signals with the handler _DEFAULT_HANDLERS names: elsewhere the block is not held
+    back, and the signal acts as it would anywhere)."""
     held = _HeldBack()
-    mine = (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if mine:
-        signal.signal(signal.SIGINT, held.handler)
+    mine = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous is _DEFAULT_HANDLERS[sig]:
+                signal.signal(sig, held.handler)
+                mine.append((sig, previous))
     try:
         yield held
     finally:
-        if mine:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, previous in mine:
+            signal.signal(sig, previous)
 
 
 def _after_interrupt(out, completed, total, log_path, model, params, optimizer, scheduler, settings, keep, torch,
