@@ -53,9 +53,17 @@ def write(case, d, **more):
     return qc.make(d, arch, scheme, **opts, **{**overrides, **more})
 
 
-def load(d, **kernel_format):
-    return loading.load(checkpoint.Checkpoint(d, require_tokenizer=False), device=CPU, dtype=torch.float32,
-                        max_tokens=256, kernel_format=kernel_format or None)
+def load(d, **request):
+    """loading.load of checkpoint d, its experts in the format `request` resolves to (as finetune
+    and from_pretrained resolve it once: quantized.target_format); none: the checkpoint's own."""
+    ckpt = checkpoint.Checkpoint(d, require_tokenizer=False)
+    fmt = None
+    if request:
+        try:
+            fmt = quantized.target_format(quantized.checkpoint_scheme(ckpt), **request)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.label}: {e}") from None
+    return loading.load(ckpt, device=CPU, dtype=torch.float32, max_tokens=256, kernel_format=fmt)
 
 
 def assert_same_logits(loaded, model, seed=4):
@@ -119,15 +127,19 @@ def test_scheme_of_refuses(case):
 
 def test_target_format():
     fp8, int4 = quantized.Scheme("fp8", block=(128, 128)), quantized.Scheme("int4", group_size=32)
-    assert quantized.target_format(fp8, None, None, "bf16") == (
-        {"weights": "fp8", "group_size": None, "activations": "bf16", "block": (128, 128)}, None)
-    assert quantized.target_format(int4, None, None, "bf16")[1] is None
-    assert quantized.target_format(int4, "int4", 32, "bf16")[1] is None
-    fmt, say = quantized.target_format(int4, "int4", 128, "bf16")
-    assert fmt["group_size"] == 128 and "to int4 group 128" in say
-    fmt, say = quantized.target_format(fp8, "int4", None, "bf16")
-    assert fmt["group_size"] == 128 and say.startswith("converting the checkpoint's experts (FP8 e4m3")
-    assert quantized.target_format(quantized.Scheme(), "int8", None, "bf16")[1] is None
+    own = quantized.target_format(fp8)
+    assert own == quantized.ExpertFormat(fp8, "fp8", "bf16", None, as_published=True, conversion=None)
+    assert own.published_options() == {"activations": "bf16", "block": (128, 128)}
+    assert quantized.target_format(int4).as_published and quantized.target_format(int4).conversion is None
+    assert quantized.target_format(int4, "int4", 32, "bf16").conversion is None
+    fmt = quantized.target_format(int4, "int4", 128, "bf16")
+    assert fmt.group_size == 128 and not fmt.as_published and "to int4 group 128" in fmt.conversion
+    fmt = quantized.target_format(fp8, "int4", None, "bf16", isa="portable")
+    assert fmt.group_size == 128 and fmt.conversion.startswith("converting the checkpoint's experts (FP8 e4m3")
+    assert fmt.packing_options() == {"weights": "int4", "activations": "bf16", "group_size": 128, "isa": "portable"}
+    assert quantized.target_format(quantized.Scheme(), "int8", None, "bf16").conversion is None
+    with pytest.raises(ValueError, match=r"group_size: must be one of \[32, 64, 128\], got 100"):
+        quantized.target_format(fp8, "int4", 100)   # checked once, here, not per layer
     with pytest.raises(ValueError, match="ktmoe does not quantize to fp8"):
         quantized.target_format(int4, "fp8", None, "bf16")
     with pytest.raises(ValueError, match="W8A8.*fp8"):
@@ -439,8 +451,9 @@ def test_int4_bf16_scales_formats(tmp_path):
     assert st8.as_published and all(m._ktmoe.layer.weights == "int4" and m._ktmoe.layer.activations == "int8"
                                      for _, m in loading.experts_modules(a8))
     scheme = stats.scheme
-    assert quantized.target_format(scheme, None, None, "int8") == (
-        {"weights": "int4", "group_size": 32, "activations": "int8"}, None)
+    w8a8 = quantized.target_format(scheme, None, None, "int8")
+    assert (w8a8.weights, w8a8.group_size, w8a8.activations, w8a8.as_published, w8a8.conversion) == \
+        ("int4", 32, "int8", True, None)
     with pytest.raises(ValueError, match=r"activations: 'int8' \(W8A8\) is not available for int4bs weights"):
         quantized.target_format(scheme, "int4bs", None, "int8")
     # the same checkpoint with fp32 scales
@@ -451,8 +464,8 @@ def test_int4_bf16_scales_formats(tmp_path):
     loaded32, s32 = load(tmp_path / "c")
     assert s32.as_published and s32.scheme.scale_dtype == "float32"
     assert all(m._ktmoe.layer.weights == "int4" for _, m in loading.experts_modules(loaded32))
-    fmt, say = quantized.target_format(s32.scheme, "int4bs", None, "bf16")
-    assert fmt["group_size"] == 32 and "to int4bs group 32" in say and "not the checkpoint's codes" in say
+    fmt = quantized.target_format(s32.scheme, "int4bs", None, "bf16")
+    assert fmt.group_size == 32 and "to int4bs group 32" in fmt.conversion and "not the checkpoint's codes" in fmt.conversion
     conv, sc = load(tmp_path / "c", weights="int4bs")
     assert not sc.as_published and all(m._ktmoe.layer.weights == "int4bs" for _, m in loading.experts_modules(conv))
 
@@ -592,7 +605,7 @@ def test_shared_between_ranks_converted_or_refused(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         shared, stats = loading.load(ckpt, device=CPU, dtype=torch.float32, max_tokens=256,
-                                     kernel_format={"weights": "int4", "group_size": 64}, shared=True)
+                                     kernel_format=quantized.target_format(quantized.checkpoint_scheme(ckpt), "int4", 64), shared=True)
         mods = loading.experts_modules(shared)
         assert stats.packed_bytes == sum(m._ktmoe.layer.weight_bytes for _, m in mods) > 0
         for (_, a), (_, b) in zip(loading.experts_modules(alone), mods):

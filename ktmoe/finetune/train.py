@@ -152,6 +152,15 @@ def _check_environment(args) -> None:
         raise FinetuneError(str(e).removeprefix("isa: ")) from None
 
 
+def _as_flag(error: ValueError, args) -> str:
+    """A format error naming a keyword argument ("group_size: ...") as the flag it came from."""
+    text = str(error)
+    for name in ("weights", "group_size", "activations"):
+        if text.startswith(name + ": "):
+            return f"--{name.replace('_', '-')} {getattr(args, name)}: {text.removeprefix(name + ': ')}"
+    return text
+
+
 def _check_format_flags(weights: str, args) -> None:
     """--group-size / --activations against the expert format in effect (given, or the checkpoint's)."""
     if not formats.grouped(weights) and args.group_size is not None:
@@ -192,11 +201,12 @@ def _main(args, t_start, traces) -> int:
     model_dir = out / "base-model" if builtin else Path(args.model).expanduser()
     ckpt = Checkpoint(model_dir)
     scheme = quantized.checkpoint_scheme(ckpt)
-    _check_format_flags(args.weights or scheme.own_format, args)
-    try:
-        kernel_format, conversion = quantized.target_format(scheme, args.weights, args.group_size, args.activations)
+    if not args.weights:   # the checkpoint's own format: the flags are checked against it now
+        _check_format_flags(scheme.own_format, args)
+    try:   # the experts' format, resolved once and carried down as it is (quantized.ExpertFormat)
+        kernel_format = quantized.target_format(scheme, args.weights, args.group_size, args.activations)
     except ValueError as e:
-        raise FinetuneError(f"--weights {args.weights}: {str(e).removeprefix('weights: ')}") from None
+        raise FinetuneError(_as_flag(e, args)) from None
     data_path = Path(args.data).expanduser() if args.data else tiny.dataset_path()
     defaults = dict(tiny.DEFAULTS) if builtin else dict(lr=2e-4, batch_tokens=4096, epochs=1, lora_r=16,
                                                         lora_alpha=32, save_every=100)
@@ -226,8 +236,8 @@ def _main(args, t_start, traces) -> int:
                 "data_sha256": _sha256(data_path), "lr": opt["lr"], "warmup_steps": warmup, "total_steps": total,
                 "batch_tokens": opt["batch_tokens"], "lora_r": opt["lora_r"], "lora_alpha": opt["lora_alpha"],
                 "targets": args.targets, "seed": args.seed, "max_seq_len": max_len,
-                "max_grad_norm": args.max_grad_norm, "weights": kernel_format["weights"],
-                "group_size": kernel_format["group_size"] if formats.grouped(kernel_format["weights"]) else None,
+                "max_grad_norm": args.max_grad_norm, "weights": kernel_format.weights,
+                "group_size": kernel_format.group_size,
                 "activations": args.activations, "dtype": str(dtype).split(".")[-1],
                 "grad_checkpointing": args.grad_checkpointing,
                 "quantization": scheme.describe() if scheme.quantized else None}
@@ -254,8 +264,8 @@ def _main(args, t_start, traces) -> int:
     max_tokens = max(opt["batch_tokens"], max_len)
     if scheme.quantized:
         print(f"  checkpoint quantized: {scheme.describe()}")
-    if conversion:
-        print(f"ktmoe finetune: {conversion}", file=sys.stderr)
+    if kernel_format.conversion:
+        print(f"ktmoe finetune: {kernel_format.conversion}", file=sys.stderr)
     model, ls = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=args.threads,
                              progress=load_progress, kernel_format=kernel_format, shared=ranks.world > 1)
     rss_loaded = _rss_now()

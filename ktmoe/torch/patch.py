@@ -218,21 +218,15 @@ def _from_quantized_checkpoint(path, *, weights, group_size, activations, max_to
         ckpt = Checkpoint(path, what="from_pretrained", require_tokenizer=False)
         scheme = quantized.checkpoint_scheme(ckpt)
         try:
-            fmt, conversion = quantized.target_format(scheme, weights, group_size, activations)
+            fmt = quantized.target_format(scheme, weights, group_size, activations, isa)   # resolved once, here
         except ValueError as e:
             raise CheckpointError(str(e)) from None
-        if not quantized.as_published(scheme, fmt):
-            from ..formats import check_layer_format
-            try:
-                check_layer_format(fmt["weights"], fmt["group_size"], activations, False, 0, 0)
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-        if conversion:
-            logging.getLogger("ktmoe").warning("ktmoe.torch.from_pretrained: %s", conversion)
+        if fmt.conversion:
+            logging.getLogger("ktmoe").warning("ktmoe.torch.from_pretrained: %s", fmt.conversion)
         register()
         host = host_sharing(share, "from_pretrained")
         model, _ = loading.load(ckpt, device=device, dtype=dtype, max_tokens=max_tokens, num_threads=num_threads,
-                                kernel_format={**fmt, "isa": isa}, shared=host is not None)
+                                kernel_format=fmt, shared=host is not None)
     except CheckpointError as e:
         raise ValueError(str(e)) from None   # the message alone, without the loader's frames
     return model

@@ -9,7 +9,7 @@ linear layer stored as the checkpoint's Scheme says: `.weight`, or fp8 `.weight`
 
 `load(...)` reads one layer into one anonymous mapping (returned to the OS as soon as the
 layer is packed) and packs it:
-- as published (the kernel format is the checkpoint's own, quantized.as_published: fp8, int4bs for
+- as published (the kernel format is the checkpoint's own, ExpertFormat.as_published: fp8, int4bs for
   bf16 scales, int4): the codes and scales go to
   `ktmoe.MoEExperts.from_quantized` as they are (int4: the int32 words' bytes XOR 0x88 in
   place, which is exactly the kernel's signed-nibble layout); the buffer holds one layer's
@@ -144,10 +144,10 @@ def _check_slot(ckpt, scheme, slot: dict, shape: tuple, name: str) -> None:
 
 
 # ---- reading one layer ----
-def load(ckpt, name: str, module, p: dict, *, max_tokens, num_threads, kernel_format: dict) -> int:
-    """Reads one layer's experts, packs them into `module` (ktmoe.torch.experts.convert), frees the
-    read buffer; returns its size in bytes."""
-    if q.as_published(p["scheme"], kernel_format):
+def load(ckpt, name: str, module, p: dict, *, max_tokens, num_threads, kernel_format) -> int:
+    """Reads one layer's experts, packs them into `module` (ktmoe.torch.experts.convert) in
+    `kernel_format` (a quantized.ExpertFormat), frees the read buffer; returns its size in bytes."""
+    if kernel_format.as_published:
         return _load_as_published(ckpt, name, module, p, max_tokens=max_tokens, num_threads=num_threads,
                                   kernel_format=kernel_format)
     return _load_weights(ckpt, name, module, p, max_tokens=max_tokens, num_threads=num_threads,
@@ -241,11 +241,9 @@ def _load_as_published(ckpt, name, module, p, *, max_tokens, num_threads, kernel
     if scheme.method == "int4":
         for pr, _ in projs:
             bufs[pr][0].bitwise_xor_(q.INT4_XOR)
-    extra = {"group_size": scheme.group_size} if scheme.method == "int4" else {"block": scheme.block}
-    opts = {k: v for k, v in kernel_format.items() if k in ("isa", "activations")}
     try:
-        layer = ktmoe.MoEExperts.from_quantized(kernel_format["weights"], **bufs, **extra, max_tokens=max_tokens,
-                                                **opts)
+        layer = ktmoe.MoEExperts.from_quantized(kernel_format.weights, **bufs, max_tokens=max_tokens,
+                                                **kernel_format.published_options())
     except ValueError as e:
         raise CheckpointError(f"{ckpt.label}: {name}: {_culprit(p, bufs, e)}") from None
     convert(module, name, layer=layer, num_threads=num_threads, dtype=torch.bfloat16)
@@ -322,7 +320,6 @@ def _load_weights(ckpt, name, module, p, *, max_tokens, num_threads, kernel_form
     module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
     module.down_proj = nn.Parameter(down, requires_grad=False)
     del gate_up, down
-    opts = {k: v for k, v in kernel_format.items() if k in ("weights", "group_size", "activations", "isa")}
-    convert(module, name, max_tokens=max_tokens, num_threads=num_threads, **opts)
+    convert(module, name, max_tokens=max_tokens, num_threads=num_threads, **kernel_format.packing_options())
     arena.close()
     return nbytes

@@ -164,9 +164,9 @@ def _expected_unused(model, key: str) -> bool:
 def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int | None = None,
          progress=None, kernel_format: dict | None = None, shared: bool = False):
     """(model, LoadStats): the model of `ckpt` with experts packed in ktmoe, the rest on `device`.
-    kernel_format: the experts' weights / group_size / activations / isa (ktmoe.MoEExperts);
-    default (None, or weights None): the checkpoint's own format (bf16, or fp8 / int4 / int4bs as
-    published: quantized.Scheme.own_format).
+    kernel_format: the experts' quantized.ExpertFormat, resolved for this checkpoint by
+    quantized.target_format (carried down as it is); default None: the checkpoint's own format (bf16,
+    or fp8 / int4 / int4bs as published: quantized.Scheme.own_format).
     shared: one of several torch.distributed ranks (collective): the first rank of each host reads
     and packs the experts into memory the host's ranks share; the others read no expert tensor.
     Codes kept as published (fp8 / int4 checkpoints in their own format) cannot be shared yet:
@@ -176,13 +176,11 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     t0 = time.perf_counter()
     where = ckpt.label
     scheme = quant.checkpoint_scheme(ckpt)
-    kernel_format = dict(kernel_format or {})
-    try:
-        fmt, _ = quant.target_format(scheme, kernel_format.get("weights"), kernel_format.get("group_size"),
-                                     kernel_format.get("activations", "bf16"))
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    kernel_format.update(fmt)
+    if kernel_format is None:
+        kernel_format = quant.target_format(scheme)   # the checkpoint's own format
+    elif kernel_format.scheme != scheme:
+        raise ValueError(f"kernel_format: resolved for a {kernel_format.scheme.describe()} checkpoint, "
+                         f"{where} is {scheme.describe()}")
     config = load_config(ckpt)
     config.use_cache = False
     if scheme.quantized:   # the model built here holds dequantized non-expert weights: not a transformers-quantized model
@@ -198,13 +196,13 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
     for key in ckpt.tensors:
         by_model_key.setdefault(_canonical(key, state), key)
     expert_plans = [(name, m, expert_layers.plan(name, m, by_model_key, ckpt, scheme)) for name, m in found]
-    stats.as_published = scheme.quantized and quant.as_published(scheme, kernel_format)
-    if not stats.as_published:   # the weight format must fit every layer before a byte of weights is read
+    stats.as_published = kernel_format.as_published
+    if not stats.as_published:   # the layers' sizes must fit the format before a byte of weights is read
         from ktmoe.formats import check_layer_format
         for name, _, plan in expert_plans:
             try:
-                check_layer_format(kernel_format["weights"], kernel_format.get("group_size"),
-                                   kernel_format.get("activations", "bf16"), False, plan["H"], plan["I"])
+                check_layer_format(kernel_format.weights, kernel_format.group_size, kernel_format.activations, False,
+                                   plan["H"], plan["I"])
             except ValueError as e:
                 raise CheckpointError(f"{where}: {name}: {e} (--weights / --group-size / --activations)") from None
     if shared and stats.as_published:
@@ -255,7 +253,7 @@ def load(ckpt: Checkpoint, *, device, dtype, max_tokens: int, num_threads: int |
                 stats.largest_layer_bytes = max(stats.largest_layer_bytes, arena.nbytes)
                 return gate_up, down
             return read
-        opts = {k: v for k, v in kernel_format.items() if k in ("weights", "group_size", "activations", "isa")}
+        opts = kernel_format.packing_options()
         convert_shared([(name, m, reader(plan)) for name, m, plan in expert_plans], host_group(), progress,
                        max_tokens=max_tokens, num_threads=num_threads, **opts)
         stats.packed_bytes = sum(m._ktmoe.layer.weight_bytes for _, m, _ in expert_plans)

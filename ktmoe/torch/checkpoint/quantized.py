@@ -175,47 +175,86 @@ def checkpoint_scheme(ckpt) -> Scheme:
     return with_scale_dtype(scheme_of(ckpt.config, ckpt.label), ckpt.tensors)
 
 
-def target_format(scheme: Scheme, weights: str | None, group_size: int | None, activations: str) -> tuple:
-    """(kernel format dict, conversion sentence or None) for the requested `weights` (None: the
-    checkpoint's own format, Scheme.own_format; int4 for W8A8 on bf16 scales) and `group_size`;
-    ValueError if the request cannot be met."""
+@dataclass(frozen=True)
+class ExpertFormat:
+    """The experts' kernel format for one checkpoint, resolved once by target_format() from the
+    user's request and the checkpoint's Scheme, then carried down to every layer as it is:
+    nothing below re-reads the request or re-decides the format."""
+    scheme: Scheme                    # the checkpoint's scheme this was resolved against
+    weights: str                      # a ktmoe/formats.py WEIGHT_FORMATS name
+    activations: str = "bf16"         # formats.ACTIVATIONS
+    group_size: int | None = None     # grouped formats (int4 / int4bs)
+    as_published: bool = False        # the checkpoint's codes and scales kept as they are (no conversion)
+    conversion: str | None = None     # what loading does to a quantized checkpoint's experts, else None
+    isa: str | None = None            # kernel path; None: ktmoe's choice
+
+    @property
+    def row(self) -> formats.WeightFormat:
+        return formats.WEIGHT_FORMATS[self.weights]
+
+    def packing_options(self) -> dict:
+        """Keyword arguments of MoEExperts(...) / ktmoe.torch.experts.convert packing weights into it."""
+        opts = {"weights": self.weights, "activations": self.activations}
+        if self.group_size is not None:
+            opts["group_size"] = self.group_size
+        if self.isa is not None:
+            opts["isa"] = self.isa
+        return opts
+
+    def published_options(self) -> dict:
+        """Keyword arguments of MoEExperts.from_quantized(self.weights, ...) taking the checkpoint's codes."""
+        opts = {"activations": self.activations, **({"isa": self.isa} if self.isa is not None else {})}
+        if self.scheme.method == "int4":
+            opts["group_size"] = self.scheme.group_size
+        else:
+            opts["block"] = self.scheme.block
+        return opts
+
+
+def target_format(scheme: Scheme, weights: str | None = None, group_size: int | None = None,
+                  activations: str = "bf16", isa: str | None = None) -> ExpertFormat:
+    """The ExpertFormat for the requested `weights` (None: the checkpoint's own format,
+    Scheme.own_format; int4 for W8A8 on bf16 scales), `group_size`, `activations` and kernel path
+    `isa`; ValueError naming the argument if the request cannot be met. The format is checked
+    here once (formats.check_layer_format); what remains per layer is whether its sizes fit."""
     if weights is None:
         weights = scheme.own_format
         if activations != "bf16" and "int8" not in formats.WEIGHT_FORMATS[weights].activations \
                 and scheme.method == "int4":
             weights = "int4"   # W8A8 takes the same codes with the bf16 scales widened exactly
-    if weights in formats.WEIGHT_FORMATS and activations not in formats.WEIGHT_FORMATS[weights].activations \
-            and weights not in ("bf16", "fp8"):
+    row = formats.WEIGHT_FORMATS.get(weights)
+    if row is not None and activations not in row.activations and row.bits < 16 and row.quantized_here:
         raise ValueError(f"activations: {activations!r} (W8A8) is not available for {weights} weights (weight-only); "
                          f"use weights 'int4' (the same codes, the bf16 scales widened exactly) or activations 'bf16'")
-    if weights == "fp8" and scheme.method != "fp8":
-        raise ValueError(f"weights: 'fp8' is the format of FP8 checkpoints as published; this checkpoint is "
-                         f"{scheme.describe()} and ktmoe does not quantize to fp8 (use 'int8' or 'int4')")
-    if weights == "fp8" and activations != "bf16":
-        raise ValueError(f"activations: {activations!r} (W8A8) is not available for fp8 weights (weight-only); "
+    if row is not None and not row.quantized_here and scheme.own_format != weights:
+        raise ValueError(f"weights: {weights!r} is the format of {weights.upper()} checkpoints as published; this "
+                         f"checkpoint is {scheme.describe()} and ktmoe does not quantize to {weights} (use 'int8' or "
+                         f"'int4')")
+    if row is not None and not row.quantized_here and activations not in row.activations:
+        raise ValueError(f"activations: {activations!r} (W8A8) is not available for {weights} weights (weight-only); "
                          f"use activations 'bf16', or convert the experts to int8 / int4")
-    grouped = weights in formats.WEIGHT_FORMATS and formats.grouped(weights)
-    if grouped and group_size is None:
-        group_size = scheme.group_size if scheme.method == "int4" else formats.WEIGHT_FORMATS[weights].default_group
-    fmt = {"weights": weights, "group_size": group_size, "activations": activations}
-    if weights == "fp8":
-        fmt["block"] = scheme.block
-    if as_published(scheme, fmt) or not scheme.quantized:
-        return fmt, None
-    to = "bf16" if weights == "bf16" else f"{weights}" + (f" group {group_size}" if grouped else "")
-    then = "" if weights == "bf16" else ", then quantized"
-    return fmt, (f"converting the checkpoint's experts ({scheme.describe()}) to {to} layer by layer as they are "
-                 f"loaded: dequantized to bf16{then} (not the checkpoint's codes)")
+    if row is not None and row.group_sizes and group_size is None:
+        group_size = scheme.group_size if scheme.method == "int4" else row.default_group
+    published = _published(scheme, weights, group_size)
+    if not published:
+        formats.check_layer_format(weights, group_size, activations, False, 0, 0)   # sizes: per layer, at load
+    grouped = row is not None and bool(row.group_sizes)
+    conversion = None
+    if scheme.quantized and not published:
+        to = "bf16" if weights == "bf16" else f"{weights}" + (f" group {group_size}" if grouped else "")
+        then = "" if weights == "bf16" else ", then quantized"
+        conversion = (f"converting the checkpoint's experts ({scheme.describe()}) to {to} layer by layer as they "
+                      f"are loaded: dequantized to bf16{then} (not the checkpoint's codes)")
+    return ExpertFormat(scheme, weights, activations, group_size if grouped else None, published, conversion, isa)
 
 
-def as_published(scheme: Scheme, kernel_format: dict) -> bool:
+def _published(scheme: Scheme, weights: str, group_size: int | None) -> bool:
     """True when the kernel format holds the quantized checkpoint's codes and scales as they are:
     its own format (Scheme.own_format), or int4 for an INT4 checkpoint with bf16 scales (widened
     exactly), at the checkpoint's group size."""
-    weights = kernel_format.get("weights")
     if not scheme.quantized or weights not in (scheme.method, scheme.own_format):
         return False
-    return scheme.method != "int4" or kernel_format.get("group_size") == scheme.group_size
+    return scheme.method != "int4" or group_size == scheme.group_size
 
 
 # ---- one tensor (non-expert weights: dequantized for torch) ----
