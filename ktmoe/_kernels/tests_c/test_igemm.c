@@ -26,7 +26,7 @@
  * pad before it filled with a sentinel that must stay untouched.
  */
 #define _GNU_SOURCE
-#include "gemm_int8.h"
+#include "gemm/gemm_int8.h"
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

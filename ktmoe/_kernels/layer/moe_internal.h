@@ -4,8 +4,8 @@
 #ifndef KTMOE_MOE_INTERNAL_H
 #define KTMOE_MOE_INTERNAL_H
 #include "ktmoe.h"
-#include "gemm.h"
-#include "fmt.h"
+#include "gemm/gemm.h"
+#include "formats/fmt.h"
 #include <pthread.h>
 #include <stddef.h>
 

@@ -54,7 +54,7 @@
  * kt_igemm_nt_amx and kt_igemm_nn_amx.
  */
 #include "gemm_int8.h"
-#include "amx_gemm.h"
+#include "amx.h"
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>

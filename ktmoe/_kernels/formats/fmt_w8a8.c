@@ -6,7 +6,7 @@
  *       the incoming gradient): C = sa'[i] (A' q Wq)[i, j], A' = A diag(sw).
  * Both fold and quantize A's rows once per call for all column chunks (cache_fwd / cache_bwd).
  * No transposed or re-quantized copy of W is made. */
-#include "pass.h"
+#include "layer/pass.h"
 
 static void base_nt(const kt_pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda, long p0,
                     float *C, long ldc) {

@@ -8,7 +8,7 @@
  *       quantized once per group (each group of a row block is handled by exactly one task:
  *       no repetition; cache_bwd 0).
  * No transposed or re-quantized copy of W is made. */
-#include "pass.h"
+#include "layer/pass.h"
 #include <string.h>
 
 enum { KP = 512 }; /* K panel of unpacked codes: a multiple of every int4 group size */

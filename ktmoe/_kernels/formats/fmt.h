@@ -11,7 +11,7 @@
  * where the layout does (bf16 on the amx path keeps the AMX tile layout). */
 #ifndef KTMOE_FMT_H
 #define KTMOE_FMT_H
-#include "gemm.h"
+#include "gemm/gemm.h"
 #include <stddef.h>
 
 /* blocks of up to this many rows are small-M products (fmt_weight_only.h: QSMALL) */

@@ -12,8 +12,8 @@
 #ifndef KTMOE_PASS_H
 #define KTMOE_PASS_H
 #include "moe_internal.h"
-#include "gemm_int8.h"
-#include "threadpool.h"
+#include "gemm/gemm_int8.h"
+#include "runtime/threadpool.h"
 #include "vec.h"
 
 #define CAT2(a, b) a##b

@@ -3,7 +3,7 @@
  * submit/wait plumbing onto the thread pool. The passes (pass_forward.c, pass_backward.c) and
  * the format rows are compiled once per ISA and picked here by the layer's ISA. */
 #include "moe_internal.h"
-#include "threadpool.h"
+#include "runtime/threadpool.h"
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>

@@ -1,7 +1,7 @@
 /* fmt_table.c: the format table, one row per (weight format, activation mode) pair (fmt.h);
  * each row is defined in its own fmt_*.c. Compiled once per ISA: kt_fmt_lookup_<isa>. Adding a
  * format: its fmt_*.c and one KT_FORMATS entry here (design.md: "Adding a weight format"). */
-#include "pass.h"
+#include "layer/pass.h"
 #include <stddef.h>
 
 #define KT_FORMATS(X) X(bf16) X(int8) X(int4) X(fp8) X(w8a8) X(w4a8) X(int4bs)

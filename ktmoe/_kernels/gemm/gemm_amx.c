@@ -18,7 +18,7 @@
  * W went to the AVX-512 kernels without packing, now convert tiles: dx 3.4 -> 5.7 ms.
  *
  * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048;
- * the helpers shared with gemm_int8_amx.c are in amx_gemm.h):
+ * the helpers shared with gemm_int8_amx.c are in amx.h):
  *  1. Small M: nt with M < KT_AMX_MSMALL_NT (2), nn with M < KT_AMX_MSMALL_NN (6) call
  *     kt_gemm_*_avx512 (gemm_avx512.c): for 1 row (nt) or 1..5 rows (nn, whose W must be packed)
  *     the AVX-512 BF16 kernels are as fast or faster.

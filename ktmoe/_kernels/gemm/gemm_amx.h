@@ -1,11 +1,11 @@
 /* gemm_amx.h: what the two files of the bf16 AMX GEMMs share: gemm_amx.c (the entry points,
  * packing, the packed path and the prepacked weights) and gemm_amx_ct.c (the transposed-output
  * path for nt with small M). The design and the paths are described atop gemm_amx.c; the
- * tuning constants (KT_AMX_*) are in amx_gemm.h. */
+ * tuning constants (KT_AMX_*) are in amx.h. */
 #ifndef KTMOE_GEMM_AMX_H
 #define KTMOE_GEMM_AMX_H
 #include "gemm.h"
-#include "amx_gemm.h"
+#include "amx.h"
 
 enum {
     KT_KP = KT_AMX_KP,
