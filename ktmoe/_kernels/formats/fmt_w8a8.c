@@ -1,5 +1,5 @@
 /* fmt_w8a8.c: the int8 row with int8 activations (W8A8; design.md 5): the int8 codes and
- * per-row scales of fmt_int8.c (quantize.c), A's rows quantized to int8 (act_int8.c) and the
+ * per-row scales of fmt_int8.c (qmat.c), A's rows quantized to int8 (act_int8.c) and the
  * int8 GEMMs of gemm_int8.h, whose exact int32 sums are scaled afterwards in fp32.
  *   nt: C = sa[i] sw[j] (Aq Wq^T)[i, j]
  *   nn: the W row scales multiply A's columns before A is quantized (per-row scales fold into

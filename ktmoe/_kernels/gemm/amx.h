@@ -1,4 +1,4 @@
-/* amx.h: what the AMX GEMMs (gemm_amx.c, gemm_amx_ct.c for bf16; gemm_int8_amx.c for
+/* amx.h: what the AMX GEMMs (gemm_amx.c for bf16, gemm_int8_amx.c for
  * int8) share: the tile configuration (amx_tiles.h), masks and small integer helpers, the
  * in-register 16x16 transpose of 32-bit words (a bf16 pair and an int8 quad are both one word),
  * loading / storing the C accumulator tiles, and the per-thread scratch area.
@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Tuning of the AMX GEMMs (each may be overridden with -D): bf16 (gemm_amx.c, gemm_amx_ct.c) */
+/* Tuning of the AMX GEMMs (each may be overridden with -D): bf16 (gemm_amx.c) */
 #ifndef KT_AMX_KP
 #define KT_AMX_KP 512   /* K panel, a multiple of 32 */
 #endif
