@@ -1,6 +1,6 @@
 /* fmt.h: the weight format table (llama.cpp's type_traits idea): one kt_fmt_ops row per
- * (weight format, activation mode) pair, each defined in its own fmt_*.c and listed once in
- * fmt_table.c. A layer looks its row up once, when it is created (kt_layer.fmt; no row: the
+ * (weight format, activation mode) pair, each defined in its own fmt_<row>.c and listed once, in
+ * meson.build's fmt_rows (the table: fmt_table.c). A layer looks its row up once, when it is created (kt_layer.fmt; no row: the
  * format is refused with KT_ERR_FORMAT); from then on nothing branches on the format: the
  * creation, region and export code (layer/: moe_layer.c, moe_region.c, quantized.c) calls the row's
  * storage entries and the passes (pass_*.c) its products. design.md 5 defines the formats;
