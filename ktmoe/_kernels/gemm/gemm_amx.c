@@ -12,13 +12,11 @@
  * are multiples of 32): kt_gemm_nt_pre_amx reads its B tiles in place, and kt_gemm_nn_pre_amx
  * makes the backward's row-pair tiles from it in registers (kt_unit_nn_pre: an 8x8 transpose of
  * 64-bit elements and a bf16 swap per 8 rows, about the shuffle work of the plain nn pack, from
- * contiguous 2 KiB blocks instead of strided rows). Measured on the 16-core device machine
- * (Qwen3 layer, T = 4096, 16 threads, `ktmoe bench --profile`): the four base GEMM phases
- * 115 -> 87 ms per forward + backward; at T = 16 the backward's small-M products, which on plain
- * W went to the AVX-512 kernels without packing, now convert tiles: dx 3.4 -> 5.7 ms.
+ * contiguous 2 KiB blocks instead of strided rows). What the prepacked layout gained and cost,
+ * and the measurements behind the constants below: docs/performance-history.md.
  *
- * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048;
- * the helpers shared with gemm_int8_amx.c are in amx.h):
+ * Three paths, by shape (the crossovers were measured: docs/performance-history.md; the helpers
+ * shared with gemm_int8_amx.c are in amx.h):
  *  1. Small M: nt with M < KT_AMX_MSMALL_NT (2), nn with M < KT_AMX_MSMALL_NN (6) call
  *     kt_gemm_*_avx512 (gemm_avx512.c): for 1 row (nt) or 1..5 rows (nn, whose W must be packed)
  *     the AVX-512 BF16 kernels are as fast or faster.
@@ -41,8 +39,8 @@
  *     (full 16x16 C tiles straight from/to C, edge ones through a zero-padded fp32 staging tile
  *     and masked AVX-512 loads/stores); later K panels add into C. A tiles are loaded straight
  *     from A when all 16 rows and 32 k are valid, else (M edge, K tail) through a zero-padded
- *     staging tile. (Copying A blocks into contiguous tiles was tried, also overlapped with the
- *     multiplies: on this machine the copy cost more than the strided tile loads it saves.)
+ *     staging tile (strided tile loads: copying A blocks into contiguous tiles cost more,
+ *     docs/performance-history.md).
  * Packed layout ("pairs"): for every two 16-row/16-column tiles, per K step, tile 0 then tile 1
  * (2 KiB per step, read sequentially). K beyond the panel and rows/columns beyond M or N are
  * zero in packed tiles.
