@@ -408,11 +408,11 @@ static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_amx_scratch *S, const k
     }
 }
 
-/* ---- transposed-output path (path 2 above) ---------------------------------------------------
- * nt with
- * M <= KT_AMX_MCT computes C^T = W * A^T, W tile-loaded straight from memory (never packed),
- * A^T packed once per K panel into VNNI tiles; blocks of 32 W rows x 32 A rows use all 8
+/* ---- transposed-output path (path 2 above) ----------------------------------------------------
+ * nt with M <= KT_AMX_MCT computes C^T = W * A^T, W tile-loaded straight from memory (never
+ * packed), A^T packed once per K panel into VNNI tiles; blocks of 32 W rows x 32 A rows use all 8
  * tiles, and each 16x16 C^T accumulator is transposed in AVX-512 registers into C. */
+
 /* C^T output tile (16 n x 16 m, fp32, in buf) -> C[m, n] for m < mv, n < nv, (+)=. */
 KT_AI void kt_ct_store(float *C, long ldc, float *buf, int mv, int nv, int acc) {
     __m512i r[16];
@@ -489,7 +489,6 @@ void kt_gemm_nt_ct_amx(KT_GEMM_ARGS, kt_amx_scratch *S) {
                              kt_min(32, M - m0), C + (long)m0 * ldc + n0, ldc, acc, S, m0 == 0);
     }
 }
-
 
 /* ---- entry points ----------------------------------------------------------------------- */
 
