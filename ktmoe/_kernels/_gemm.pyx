@@ -21,7 +21,7 @@ from libc.stdint cimport uint16_t
 
 from libc.stdint cimport int8_t, int32_t
 
-cdef extern from "isa_table.h":
+cdef extern from "runtime/isa_table.h":
     ctypedef uint16_t kt_bf16
     ctypedef void (*kt_gemm_fn)(int M, int N, int K, const kt_bf16 *A, long lda,
                                 const kt_bf16 *W, long ldw, float *C, long ldc, int accumulate) nogil

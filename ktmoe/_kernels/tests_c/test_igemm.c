@@ -4,11 +4,11 @@
  * Build (each .c with its target's flags and -DKT_ISA, as meson.build does), from ktmoe/_kernels,
  * with kt_isas.h from a meson build directory (B=../../build/cp311/ktmoe/_kernels):
  *   F="-mavx2 -mfma -mavx512f -mavx512bw -mavx512vl -mavx512dq"; V="$F -mavx512bf16 -mavx512vnni"
- *   gcc -O2 -I$B -DKT_ISA=portable -c gemm_int8_portable.c -o /tmp/p.o
- *   gcc -O2 -I$B -DKT_ISA=avx2 -mavx2 -mfma -c gemm_int8_avx2.c -o /tmp/a.o
- *   gcc -O2 -I$B -DKT_ISA=avx512f $F -c gemm_int8_avx512.c -o /tmp/f.o
- *   gcc -O2 -I$B -DKT_ISA=avx512 $V -c gemm_int8_avx512.c -o /tmp/v.o
- *   gcc -O2 -I$B -DKT_ISA=amx $V -mamx-tile -mamx-bf16 -mamx-int8 -c gemm_int8_amx.c -o /tmp/x.o
+ *   gcc -O2 -I$B -DKT_ISA=portable -c gemm/gemm_int8_portable.c -o /tmp/p.o
+ *   gcc -O2 -I$B -DKT_ISA=avx2 -mavx2 -mfma -c gemm/gemm_int8_avx2.c -o /tmp/a.o
+ *   gcc -O2 -I$B -DKT_ISA=avx512f $F -c gemm/gemm_int8_avx512.c -o /tmp/f.o
+ *   gcc -O2 -I$B -DKT_ISA=avx512 $V -c gemm/gemm_int8_avx512.c -o /tmp/v.o
+ *   gcc -O2 -I$B -DKT_ISA=amx $V -mamx-tile -mamx-bf16 -mamx-int8 -c gemm/gemm_int8_amx.c -o /tmp/x.o
  *   gcc -O2 -I$B -I. tests_c/test_igemm.c /tmp/[pafvx].o -o /tmp/test_igemm
  * Run:
  *   /tmp/test_igemm            correctness of every function against a naive loop
@@ -26,7 +26,7 @@
  * pad before it filled with a sentinel that must stay untouched.
  */
 #define _GNU_SOURCE
-#include "gemm_int8.h"
+#include "gemm/gemm_int8.h"
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

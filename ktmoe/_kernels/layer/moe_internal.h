@@ -1,11 +1,12 @@
-/* moe_internal.h: the layer object shared by moe_layer.c (life cycle, routing, buffers,
- * job plumbing), the format rows (fmt_*.c, fmt.h) and the passes (pass_*.c, pass.h), which
- * are compiled once per ISA. */
+/* moe_internal.h: the layer object shared by the layer files (moe_layer.c: life cycle and jobs;
+ * routing.c, weights.c, moe_region.c, quantized.c), the format rows (formats/: fmt_*.c, fmt.h,
+ * qmat.c) and the passes (pass_*.c, pass.h), which are compiled once per ISA. */
 #ifndef KTMOE_MOE_INTERNAL_H
 #define KTMOE_MOE_INTERNAL_H
 #include "ktmoe.h"
-#include "gemm.h"
-#include "fmt.h"
+#include "gemm/gemm.h"
+#include "formats/fmt.h"
+#include "runtime/memory.h"
 #include <pthread.h>
 #include <stddef.h>
 
@@ -52,7 +53,7 @@ typedef struct {
 } kt_routing;
 
 /* Quantized base weights of one kind (gate/up or down) for all experts (design.md 5,
- * quantize.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row),
+ * formats/qmat.c): per expert a [rows, cols] matrix of symmetric int8 (one scale per row),
  * int4 (one scale per row and group of `group` columns; fp32, or bf16 for int4bs) or fp8 e4m3fn codes (fp8.h; the
  * block scales copied to every row of their block, group = the block's columns). Rows are
  * in the same order as the bf16 copies (gate/up chunk-interleaved). The format's row
@@ -68,6 +69,9 @@ typedef struct {
     kt_bf16 *scale_bf16; /* [E, rows, ngroups] bf16 scales (the row's scale_bf16: int4bs), else NULL */
 } kt_qmat;
 
+/* bytes of one stored row of `cols` codes */
+static inline long kt_qmat_row_bytes(const kt_qmat *W) { return (long)W->cols * W->bits / 8; }
+
 /* Scale i (= stored row * ngroups + group) of W as fp32, from either storage (bf16 widens
  * exactly). The one place the weight-only loops (fmt_weight_only.h) read a scale. */
 static inline float kt_qscale(const kt_qmat *W, long i) {
@@ -81,34 +85,31 @@ kt_layer *kt_layer_new_quantized(int E, int H, int I, int isa, int num_threads, 
                                  int act_int8, int *status);
 
 /* The storage entries every quantized row (fmt_int8.c, fmt_int4.c, fmt_fp8.c, the W8A8 rows)
- * shares (quantize.c): q_gate_up / q_down as the row's code_bits / per_row_scale say, rows
+ * shares (formats/qmat.c): q_gate_up / q_down as the row's code_bits / per_row_scale say, rows
  * quantized by ktmoe's quantizer (the row's qmax; 0, 1 on NaN / Inf, KT_ERR_NOMEM), their bytes. */
 int kt_qmat_alloc(kt_layer *L, int transposed, int group_size);
 int kt_qmat_pack_rows(kt_layer *L, int e, int dst_row0, int n, const void *src, long ld, int dtype);
 size_t kt_qmat_weight_bytes(const kt_layer *L);
-
-/* A buffer that is reused between calls and only grows. */
-typedef struct { void *p; size_t n; } kt_buf;
-void *kt_buf_get(kt_buf *b, size_t bytes); /* NULL on OOM */
-void kt_buf_free(kt_buf *b);
 
 /* What one thread's GEMM calls took during the running phase (the profile, ktmoe.h). */
 typedef struct {
     _Alignas(64) double base_s, base_flops, lora_s, lora_flops;
 } kt_prof_thread;
 
-/* Where a layer's packed weight arrays live (moe_region.c): KT_REGION_NONE, the layer's own
+/* Where a layer's packed weight arrays live (weights.c, moe_region.c): KT_REGION_NONE, the layer's own
  * allocations; KT_REGION_IN, consecutive page-aligned pieces of base[0, size); KT_REGION_MEASURE,
  * nothing allocated, only the layout's size counted. `used` is the end of the last piece,
  * `requested` the bytes asked for (padding excluded). */
 enum { KT_REGION_NONE = 0, KT_REGION_IN = 1, KT_REGION_MEASURE = 2 };
 typedef struct { int mode; char *base; size_t size, used, requested; } kt_region;
+#define KT_REGION_ALIGN 4096 /* every piece of a region starts on a page */
+static inline size_t kt_region_align_up(size_t n) { return (n + KT_REGION_ALIGN - 1) & ~(size_t)(KT_REGION_ALIGN - 1); }
 
 struct kt_layer {
     int E, H, I, isa, num_threads;
     /* Every packed weight array below (w_*, wt_*, q_*.q / .scale, and any new format's) is
      * allocated in kt_layer_alloc_weights through kt_weight_alloc and freed with
-     * kt_weight_free: the shared-region layout (moe_region.c) is derived from that one place. */
+     * kt_weight_free (weights.c): the shared-region layout (moe_region.c) follows from that one place. */
     kt_region region;
     kt_bf16 *w_gate_up; /* [E, 2I, H], chunk-interleaved rows (see above) */
     kt_bf16 *w_down;    /* [E, H, I] */
@@ -157,13 +158,7 @@ struct kt_layer {
 /* What a submitted job runs (the index of kt_profile.passes too). */
 enum kt_job { KT_JOB_FORWARD = 0, KT_JOB_BACKWARD = 1 };
 
-/* Process-wide scratch for the transient buffers of the running job (jobs run one at a
- * time on the pool's worker 0, so one set serves every layer). */
-enum { KT_WS_ROWS, KT_WS_HH, KT_WS_DGU, KT_WS_Q, KT_WS_DW, KT_WS_DYB, KT_WS_BLOCKS, KT_WS_AQ, KT_WS_SA,
-       KT_WS_GRAD0, KT_WS_COUNT = KT_WS_GRAD0 + 6 };
-void *kt_workspace(int slot, size_t bytes);
-
-/* Weight arrays (see struct kt_layer): kt_alloc'ed, or pieces of L->region (moe_region.c). */
+/* Weight arrays (see struct kt_layer): kt_alloc'ed, or pieces of L->region (weights.c). */
 void *kt_weight_alloc(kt_layer *L, size_t bytes);
 void kt_weight_free(kt_layer *L, void *p);
 int kt_layer_alloc_weights(kt_layer *L, int transposed, int group_size);
@@ -178,33 +173,10 @@ kt_layer *kt_layer_create_ex(int E, int H, int I, int isa, int num_threads,
                              int wformat, int group_size, int act_int8, const kt_region *region, int attach,
                              int *status);
 
-/* moe_layer.c helpers used by the passes */
+/* The routing of a call (routing.c) */
 int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int ids_dtype,
                      const void *weights, int w_dtype);
 void kt_routing_free(kt_routing *rt);
-void *kt_alloc(size_t bytes); /* 64-byte aligned, NULL on failure */
-/* Per-thread scratch that grows as needed and lives as long as the thread: one slot per role,
- * so that the buffers one task holds at the same time never share a slot. */
-enum kt_scratch_slot {
-    KT_SCR_OUT,        /* a task's fp32 GEMM result; combine's fp32 row sums */
-    KT_SCR_ROW,        /* combine: one row as fp32 */
-    KT_SCR_IACC,       /* W8A8: the int32 sums of an int8 GEMM */
-    KT_SCR_RWEIGHT,    /* the router weights of an expert's rows */
-    KT_SCR_SPLIT_T,    /* a split-bf16 transpose of LoRA product rows */
-    KT_SCR_LORA_OUT,   /* fp32 LoRA products before they are split */
-    KT_SCR_SILU,       /* dHh: Hh of one chunk as fp32 */
-    KT_SCR_XROWS,      /* LoRA gradients: an expert's x rows */
-    KT_SCR_GRAD_OUT,   /* fp32 result of a LoRA gradient GEMM before it is folded */
-    KT_SCR_FACTOR,     /* LoRA factor or gradient rows on their way in or out */
-    KT_SCR_PANEL,      /* a weight panel expanded from quantized codes (bf16 or int8) */
-    KT_SCR_SMALL,      /* small-M weight-only kernels: A's rows as fp32, or their accumulators */
-    KT_SCR_ACT_Q,      /* W8A8: int8 codes of activation rows */
-    KT_SCR_ACT_SCALE,  /* W8A8: their per-row scales */
-    KT_SCR_ACT_F32,    /* W8A8: one activation row as fp32 while it is quantized */
-    KT_SCR_COUNT
-};
-void *kt_scratch(int slot, size_t bytes);
-
 /* The passes, one set per kernel target of kt_isas.h (pass_forward.c, pass_backward.c).
  * Return 0 or KT_ERR_NOMEM. */
 #define KT_PASS_PROTO(name, NAME, needs, flags) int kt_forward_##name(kt_layer *L); int kt_backward_##name(kt_layer *L);

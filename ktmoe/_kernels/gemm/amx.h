@@ -1,4 +1,4 @@
-/* amx_gemm.h: what the AMX GEMMs (gemm_amx.c, gemm_amx_ct.c for bf16; gemm_int8_amx.c for
+/* amx.h: what the AMX GEMMs (gemm_amx.c for bf16, gemm_int8_amx.c for
  * int8) share: the tile configuration (amx_tiles.h), masks and small integer helpers, the
  * in-register 16x16 transpose of 32-bit words (a bf16 pair and an int8 quad are both one word),
  * loading / storing the C accumulator tiles, and the per-thread scratch area.
@@ -7,8 +7,8 @@
  * plain register operand, declaring no memory access, so KT_MEM_BARRIER (an empty asm that
  * takes the buffer's address and clobbers memory) sits between filling any buffer and the tile
  * load that reads it, and between a tile store and plain reads of what it wrote. */
-#ifndef KTMOE_AMX_GEMM_H
-#define KTMOE_AMX_GEMM_H
+#ifndef KTMOE_AMX_H
+#define KTMOE_AMX_H
 #include "amx_tiles.h"
 #include <immintrin.h>
 #include <pthread.h>
@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Tuning of the AMX GEMMs (each may be overridden with -D): bf16 (gemm_amx.c, gemm_amx_ct.c) */
+/* Tuning of the AMX GEMMs (each may be overridden with -D): bf16 (gemm_amx.c) */
 #ifndef KT_AMX_KP
 #define KT_AMX_KP 512   /* K panel, a multiple of 32 */
 #endif

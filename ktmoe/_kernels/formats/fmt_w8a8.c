@@ -1,12 +1,12 @@
 /* fmt_w8a8.c: the int8 row with int8 activations (W8A8; design.md 5): the int8 codes and
- * per-row scales of fmt_int8.c (quantize.c), A's rows quantized to int8 (act_int8.c) and the
+ * per-row scales of fmt_int8.c (qmat.c), A's rows quantized to int8 (act_int8.c) and the
  * int8 GEMMs of gemm_int8.h, whose exact int32 sums are scaled afterwards in fp32.
  *   nt: C = sa[i] sw[j] (Aq Wq^T)[i, j]
  *   nn: the W row scales multiply A's columns before A is quantized (per-row scales fold into
  *       the incoming gradient): C = sa'[i] (A' q Wq)[i, j], A' = A diag(sw).
  * Both fold and quantize A's rows once per call for all column chunks (cache_fwd / cache_bwd).
  * No transposed or re-quantized copy of W is made. */
-#include "pass.h"
+#include "layer/pass.h"
 
 static void base_nt(const kt_pass *c, int which, int e, int m, int row0, int n, const kt_bf16 *A, long lda, long p0,
                     float *C, long ldc) {

@@ -12,17 +12,15 @@
  * are multiples of 32): kt_gemm_nt_pre_amx reads its B tiles in place, and kt_gemm_nn_pre_amx
  * makes the backward's row-pair tiles from it in registers (kt_unit_nn_pre: an 8x8 transpose of
  * 64-bit elements and a bf16 swap per 8 rows, about the shuffle work of the plain nn pack, from
- * contiguous 2 KiB blocks instead of strided rows). Measured on the 16-core device machine
- * (Qwen3 layer, T = 4096, 16 threads, `ktmoe bench --profile`): the four base GEMM phases
- * 115 -> 87 ms per forward + backward; at T = 16 the backward's small-M products, which on plain
- * W went to the AVX-512 kernels without packing, now convert tiles: dx 3.4 -> 5.7 ms.
+ * contiguous 2 KiB blocks instead of strided rows). What the prepacked layout gained and cost,
+ * and the measurements behind the constants below: docs/performance-history.md.
  *
- * Three paths, by shape (crossovers measured on the 2-core AMX machine, N = 128, K = 768/2048;
- * the helpers shared with gemm_int8_amx.c are in amx_gemm.h):
+ * Three paths, by shape (the crossovers were measured: docs/performance-history.md; the helpers
+ * shared with gemm_int8_amx.c are in amx.h):
  *  1. Small M: nt with M < KT_AMX_MSMALL_NT (2), nn with M < KT_AMX_MSMALL_NN (6) call
  *     kt_gemm_*_avx512 (gemm_avx512.c): for 1 row (nt) or 1..5 rows (nn, whose W must be packed)
  *     the AVX-512 BF16 kernels are as fast or faster.
- *  2. nt with M <= KT_AMX_MCT (64), "transposed output" (gemm_amx_ct.c): compute C^T = W * A^T.
+ *  2. nt with M <= KT_AMX_MCT (64), "transposed output": compute C^T = W * A^T.
  *     The At operand is then W itself, tile-loaded straight from W with stride ldw, so W is
  *     never packed; the Bt operand is A^T in VNNI layout, i.e. 16x16 transposes (in 32-bit
  *     words = k pairs) of 16 rows of A, packed once per K panel (M x KT_AMX_KP). Blocks of 32
@@ -41,8 +39,8 @@
  *     (full 16x16 C tiles straight from/to C, edge ones through a zero-padded fp32 staging tile
  *     and masked AVX-512 loads/stores); later K panels add into C. A tiles are loaded straight
  *     from A when all 16 rows and 32 k are valid, else (M edge, K tail) through a zero-padded
- *     staging tile. (Copying A blocks into contiguous tiles was tried, also overlapped with the
- *     multiplies: on this machine the copy cost more than the strided tile loads it saves.)
+ *     staging tile (strided tile loads: copying A blocks into contiguous tiles cost more,
+ *     docs/performance-history.md).
  * Packed layout ("pairs"): for every two 16-row/16-column tiles, per K step, tile 0 then tile 1
  * (2 KiB per step, read sequentially). K beyond the panel and rows/columns beyond M or N are
  * zero in packed tiles.
@@ -68,12 +66,46 @@
  * falls back to the AVX-512 kernels.
  */
 #include "gemm.h"
-#include "gemm_amx.h"
+#include "amx.h"
 #include <string.h>
 
-KT_AMX_THREAD_SCRATCH(kt_scratch, kt_get_scratch)
+enum {
+    KT_KP = KT_AMX_KP,
+    KT_NC = KT_AMX_NC,
+    KT_MCT = KT_AMX_MCT,
+    KT_TILE = 16 * 32,            /* bf16 values in one 16 x 64-byte tile */
+    KT_PAIR = 2 * KT_TILE,        /* one K step of a packed tile pair */
+    KT_AROWS = KT_MCT > 64 ? (KT_MCT + 31) / 32 * 32 : 64, /* rows of the A^T scratch */
+};
+_Static_assert(KT_KP % 32 == 0 && KT_KP > 0 && KT_NC % 32 == 0 && KT_NC > 0, "KT_AMX_KP, KT_AMX_NC: multiples of 32");
+_Static_assert(KT_AMX_MSMALL_NT >= 1 && KT_AMX_MSMALL_NN >= 1 && KT_MCT >= 0, "KT_AMX_MSMALL_*: >= 1");
 
+/* Per-thread scratch. b: packed W of one (chunk, panel); a: packed A block (packed path) or
+ * A^T (transposed path); wst: W edge staging; cst: fp32 C staging / C^T output tiles. */
+typedef struct {
+    _Alignas(64) kt_bf16 b[2][KT_NC * KT_KP];
+    _Alignas(64) kt_bf16 a[KT_AROWS * KT_KP]; /* A^T, up to KT_AMX_MCT rows */
+    _Alignas(64) kt_bf16 wst[2][KT_TILE];
+    _Alignas(64) float cst[4][16 * 16];
+} kt_amx_scratch;
 
+static inline __mmask32 kt_mask32(int n) { return n >= 32 ? 0xffffffffu : n <= 0 ? 0u : ((1u << n) - 1u); }
+
+/* Copy rows [0, rows) x k [0, kv) of X (stride ld) into staging tile buf (rows >= rows stay zero). */
+KT_AI void kt_stage_rows(kt_bf16 *buf, const kt_bf16 *X, long ld, int rows, int kv) {
+    const __mmask32 km = kt_mask32(kv);
+    for (int r = 0; r < rows; r++)
+        _mm512_store_si512((void *)(buf + 32 * r), _mm512_maskz_loadu_epi16(km, X + (long)r * ld));
+}
+
+/* Declared here, defined below; both keep external linkage, as when the transposed-output path
+ * was a file of its own. VNNI pack of S (rows x kp, row-major, stride ld, contraction along the
+ * row) into ks K steps of the pair layout at dst; rows beyond `rows` and k beyond kp are zero. */
+void kt_pack_rows_vnni_amx(const kt_bf16 *S, long ld, int rows, int kp, kt_bf16 *dst, int ks);
+/* the transposed-output path (below): nt with M <= KT_AMX_MCT, tiles configured */
+void kt_gemm_nt_ct_amx(KT_GEMM_ARGS, kt_amx_scratch *S);
+
+KT_AMX_THREAD_SCRATCH(kt_amx_scratch, kt_get_amx_scratch)
 
 /* ---- packing (pair layout: tile t, K step s at dst + (t / 2) * ks * KT_PAIR + s * KT_PAIR +
  * (t % 2) * KT_TILE) ---------------------------------------------------------------------- */
@@ -241,7 +273,7 @@ static __attribute__((noinline)) void kt_side_work(kt_side *j, int nb) {
  * A when all 16 rows and 32 k values are valid, else through the zero-padded staging tiles.
  * Per K step, nb units of side work (the next B panel) when nb > 0. */
 KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, long lda, int kp, const kt_bf16 *bp,
-                                 int ks, float *C, long ldc, int rows, int cols, int acc, kt_scratch *S,
+                                 int ks, float *C, long ldc, int rows, int cols, int acc, kt_amx_scratch *S,
                                  kt_side *side, int nb, int first, int pfd) {
     const long sc = ldc * (long)sizeof(float), sa = lda * (long)sizeof(kt_bf16);
     const int r0 = kt_min(rows, 16), r1 = rows - r0, c0 = kt_min(cols, 16), c1 = cols - c0;
@@ -297,7 +329,7 @@ KT_AI void kt_kernel_packed_body(const int tm, const int tn, const kt_bf16 *A, l
 }
 
 static void kt_kernel_packed(const kt_bf16 *A, long lda, int kp, const kt_bf16 *bp, int ks, float *C, long ldc,
-                             int rows, int cols, int acc, kt_scratch *S, kt_side *side, int nb, int first, int pfd) {
+                             int rows, int cols, int acc, kt_amx_scratch *S, kt_side *side, int nb, int first, int pfd) {
     if (rows > 16) {
         if (cols > 16) kt_kernel_packed_body(1, 1, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb, first, pfd);
         else kt_kernel_packed_body(1, 0, A, lda, kp, bp, ks, C, ldc, rows, cols, acc, S, side, nb, first, pfd);
@@ -328,7 +360,7 @@ static void kt_side_set_b(kt_side *j, const kt_bf16 *W, long ldw, int w_is_kn, i
  * the first of the next) is packed into the other buffer a few units per K step, spread evenly
  * over the M blocks. With a prepacked W (pre != NULL): nt reads its B tiles straight from it
  * (nothing is packed); nn converts its units from it (kt_unit_nn_pre) instead of plain rows. */
-static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S, const kt_pre *pre) {
+static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_amx_scratch *S, const kt_pre *pre) {
     const int nmb = kt_cdiv(M, 32), npan = kt_cdiv(K, KT_KP);
     const int direct = pre && !w_is_kn; /* B tiles read in place */
     kt_side bj;
@@ -376,11 +408,93 @@ static void kt_gemm_packed(KT_GEMM_ARGS, int w_is_kn, kt_scratch *S, const kt_pr
     }
 }
 
+/* ---- transposed-output path (path 2 above) ----------------------------------------------------
+ * nt with M <= KT_AMX_MCT computes C^T = W * A^T, W tile-loaded straight from memory (never
+ * packed), A^T packed once per K panel into VNNI tiles; blocks of 32 W rows x 32 A rows use all 8
+ * tiles, and each 16x16 C^T accumulator is transposed in AVX-512 registers into C. */
+
+/* C^T output tile (16 n x 16 m, fp32, in buf) -> C[m, n] for m < mv, n < nv, (+)=. */
+KT_AI void kt_ct_store(float *C, long ldc, float *buf, int mv, int nv, int acc) {
+    __m512i r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512((const void *)(buf + 16 * i));
+    kt_transpose16x16_epi32(r);
+    const __mmask16 m = kt_mask16(nv);
+    for (int i = 0; i < mv; i++) {
+        __m512 v = _mm512_castsi512_ps(r[i]);
+        if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, C + (long)i * ldc));
+        _mm512_mask_storeu_ps(C + (long)i * ldc, m, v);
+    }
+}
+
+#define KT_CT_OUT(t, cc, mv, nv)                                                        \
+    do {                                                                                \
+        _tile_stored(t, S->cst[t], 64);                                                 \
+        KT_MEM_BARRIER(S->cst[t]);                                                      \
+        kt_ct_store((cc), ldc, S->cst[t], (mv), (nv), acc);                             \
+    } while (0)
+
+/* C[m, n] (+)= sum_k W[n, k] A[m, k] for n < nr (1..32), m < mr (1..32), k < kp, with W at
+ * W[n0, k0] and A^T packed (pair layout, ks steps) at atp; tn = nr > 16, tm = mr > 16. */
+enum { KT_PF_STEPS = 6 }; /* ct path: K steps of W prefetched ahead */
+
+KT_AI void kt_kernel_ct_body(const int tn, const int tm, const kt_bf16 *W, long ldw, int nr, int kp, int ks,
+                             const kt_bf16 *atp, int mr, float *C, long ldc, int acc, kt_amx_scratch *S, int pf) {
+    const long sw = ldw * (long)sizeof(kt_bf16);
+    const int r0 = kt_min(nr, 16), r1 = nr - r0, m0v = kt_min(mr, 16), m1v = mr - m0v;
+    const int kfull = kp / 32; /* K steps whose 32 values are all valid */
+    const kt_bf16 *W1 = W + 16 * ldw;
+    _tile_zero(0);
+    if (tm) _tile_zero(1);
+    if (tn) _tile_zero(2);
+    if (tn && tm) _tile_zero(3);
+    /* edge W tiles go through staging: zero their padding rows once */
+    if (r0 < 16 || kfull < ks) memset(S->wst[0] + 32 * r0, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r0));
+    if (tn && (r1 < 16 || kfull < ks)) memset(S->wst[1] + 32 * r1, 0, sizeof(kt_bf16) * 32 * (size_t)(16 - r1));
+    const int d0 = r0 == 16 ? kfull : 0, d1 = r1 == 16 ? kfull : 0; /* steps loaded straight from W */
+    for (int s = 0; s < ks; s++) {
+        const kt_bf16 *b = atp + (long)s * KT_PAIR;
+        if (pf && s + KT_PF_STEPS < ks) /* the W lines KT_PF_STEPS steps ahead (W streams from memory) */
+            for (int i = 0; i < nr; i++) _mm_prefetch((const char *)(W + (long)i * ldw + 32 * (s + KT_PF_STEPS)), _MM_HINT_T0);
+        KT_STEP_2X2(_tile_dpbf16ps, tn, tm, b,
+                    KT_LOAD_OPERAND(4, s < d0, W + 32 * s, sw, kt_stage_rows, S->wst[0], ldw, r0, kp - 32 * s),
+                    KT_LOAD_OPERAND(5, s < d1, W1 + 32 * s, sw, kt_stage_rows, S->wst[1], ldw, r1, kp - 32 * s));
+    }
+    KT_MEM_BARRIER(C);
+    KT_CT_OUT(0, C, m0v, r0);
+    if (tm) KT_CT_OUT(1, C + 16 * ldc, m1v, r0);
+    if (tn) KT_CT_OUT(2, C + 16, m0v, r1);
+    if (tn && tm) KT_CT_OUT(3, C + 16 * ldc + 16, m1v, r1);
+}
+
+static void kt_kernel_ct(const kt_bf16 *W, long ldw, int nr, int kp, int ks, const kt_bf16 *atp, int mr, float *C,
+                         long ldc, int acc, kt_amx_scratch *S, int pf) {
+    if (nr > 16) {
+        if (mr > 16) kt_kernel_ct_body(1, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
+        else kt_kernel_ct_body(1, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
+    } else {
+        if (mr > 16) kt_kernel_ct_body(0, 1, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
+        else kt_kernel_ct_body(0, 0, W, ldw, nr, kp, ks, atp, mr, C, ldc, acc, S, pf);
+    }
+}
+
+void kt_gemm_nt_ct_amx(KT_GEMM_ARGS, kt_amx_scratch *S) {
+    for (int k0 = 0; k0 < K; k0 += KT_KP) {
+        const int kp = kt_min(KT_KP, K - k0), ks = (kp + 31) / 32;
+        const int acc = accumulate || k0 > 0;
+        kt_pack_rows_vnni_amx(A + k0, lda, M, kp, S->a, ks);
+        KT_MEM_BARRIER(S);
+        for (int n0 = 0; n0 < N; n0 += 32)
+            for (int m0 = 0; m0 < M; m0 += 32)
+                kt_kernel_ct(W + (long)n0 * ldw + k0, ldw, kt_min(32, N - n0), kp, ks, S->a + (long)(m0 / 32) * ks * KT_PAIR,
+                             kt_min(32, M - m0), C + (long)m0 * ldc + n0, ldc, acc, S, m0 == 0);
+    }
+}
+
 /* ---- entry points ----------------------------------------------------------------------- */
 
 static void kt_gemm_amx(KT_GEMM_ARGS, int w_is_kn) {
     if (kt_gemm_degenerate(M, N, K, C, ldc, accumulate)) return;
-    kt_scratch *S = M < (w_is_kn ? KT_AMX_MSMALL_NN : KT_AMX_MSMALL_NT) ? NULL : kt_get_scratch();
+    kt_amx_scratch *S = M < (w_is_kn ? KT_AMX_MSMALL_NN : KT_AMX_MSMALL_NT) ? NULL : kt_get_amx_scratch();
     if (!S) {
         (w_is_kn ? kt_gemm_nn_avx512 : kt_gemm_nt_avx512)(M, N, K, A, lda, W, ldw, C, ldc, accumulate);
         return;
@@ -411,7 +525,7 @@ static int kt_gemm_pre(int M, int N, const kt_bf16 *A, long lda, const kt_bf16 *
                        float *C, long ldc, int w_is_kn) {
     const int K = w_is_kn ? rows : cols;
     if (kt_gemm_degenerate(M, N, K, C, ldc, 0)) return 0;
-    kt_scratch *S = kt_get_scratch();
+    kt_amx_scratch *S = kt_get_amx_scratch();
     if (!S) return -2;
     kt_amx_configure();
     const kt_pre pre = {Wp, kt_cdiv(cols, 32), off};

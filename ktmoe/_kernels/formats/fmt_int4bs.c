@@ -2,7 +2,7 @@
  * 4-bit codes and nibble layout of fmt_int4.c, one bf16 scale per row and group of `group`
  * columns kept as bf16 (kt_qmat.scale_bf16), so that a published INT4 checkpoint with bf16
  * scales (compressed-tensors pack-quantized, Kimi K2) is stored in its own bytes: codes +
- * bf16 scales. Stored by quantize.c (ktmoe's quantizer rounds the scale to bf16 before it
+ * bf16 scales. Stored by qmat.c (ktmoe's quantizer rounds the scale to bf16 before it
  * makes the codes). The codes decode as int4's, so the products are int4's weight-only
  * kernels (kt_wo_int4), whose loops read the scales through kt_qscale. No W8A8 row: int8
  * activations take int4 (fp32 scales, the bf16 ones widened exactly). */

@@ -1,6 +1,6 @@
 /* fmt_fp8.c: the fp8 row (e4m3fn codes, weight-only; design.md 5): one byte per code, block
  * scales copied to every row of their block (group = the block's columns, a multiple of 32),
- * stored by quantize.c (kt_qmat, 8-bit codes) from pre-quantized checkpoints only (no
+ * stored by qmat.c (kt_qmat, 8-bit codes) from pre-quantized checkpoints only (no
  * quantizer: pack_rows NULL; no W8A8 row). Codes decode exactly (fp8.h). Its products are the
  * weight-only ones (fmt_weight_only.h); the FP8 small-M and panel-expansion kernels live here. */
 #include "fmt_weight_only.h"

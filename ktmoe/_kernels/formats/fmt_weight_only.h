@@ -20,7 +20,7 @@
  * These loops are ISA code: their AVX-512 forms hold intrinsics (prefetches, vectors). */
 #ifndef KTMOE_FMT_WEIGHT_ONLY_H
 #define KTMOE_FMT_WEIGHT_ONLY_H
-#include "pass.h"
+#include "layer/pass.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif

@@ -6,7 +6,7 @@
  * (kt_prepack_amx, read in place by the forward and turned into the backward's tiles in
  * registers), made from a plain staging copy of one expert (L->stage). Opt-in (transposed):
  * copies [E, H, 2I] and [E, I, H] that the backward streams like the forward streams W. */
-#include "pass.h"
+#include "layer/pass.h"
 #include <stdlib.h>
 #include <string.h>
 

@@ -54,7 +54,7 @@ double kt_rf_fma_peak(int threads, double seconds, int width);
 
 #ifdef KT_ROOFLINE_SIMD
 /* ------------------------------------------------------------------ SIMD build */
-#include "amx_tiles.h"
+#include "gemm/amx_tiles.h"
 #include <string.h>
 #include <time.h>
 

@@ -1,10 +1,10 @@
 /* fmt_table.c: the format table, one row per (weight format, activation mode) pair (fmt.h);
- * each row is defined in its own fmt_*.c. Compiled once per ISA: kt_fmt_lookup_<isa>. Adding a
- * format: its fmt_*.c and one KT_FORMATS entry here (design.md: "Adding a weight format"). */
-#include "pass.h"
+ * each row is defined in its own fmt_<row>.c and listed once, in meson.build's fmt_rows, from which
+ * meson writes KT_FORMATS (kt_formats.h). Compiled once per ISA: kt_fmt_lookup_<isa>. Adding a
+ * format: design.md 5, "Adding a weight format". */
+#include "layer/pass.h"
+#include "kt_formats.h"
 #include <stddef.h>
-
-#define KT_FORMATS(X) X(bf16) X(int8) X(int4) X(fp8) X(w8a8) X(w4a8) X(int4bs)
 
 #define KT_DECLARE(name) extern const kt_fmt_ops KT_FN(kt_fmt_##name);
 #define KT_ROW(name) &KT_FN(kt_fmt_##name),

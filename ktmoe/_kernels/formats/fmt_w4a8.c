@@ -1,5 +1,5 @@
 /* fmt_w4a8.c: the int4 row with int8 activations (W8A8 on int4 weights; design.md 5): the
- * int4 codes and group scales of fmt_int4.c (quantize.c), A's rows quantized to int8
+ * int4 codes and group scales of fmt_int4.c (qmat.c), A's rows quantized to int8
  * (act_int8.c) and the int8 GEMMs of gemm_int8.h on the codes unpacked to int8, exact int32
  * sums scaled afterwards in fp32.
  *   nt: one GEMM per group of K, C += sa[i] sw[j, g] (Aq Wq_g^T)[i, j]; A's rows are
@@ -8,7 +8,7 @@
  *       quantized once per group (each group of a row block is handled by exactly one task:
  *       no repetition; cache_bwd 0).
  * No transposed or re-quantized copy of W is made. */
-#include "pass.h"
+#include "layer/pass.h"
 #include <string.h>
 
 enum { KP = 512 }; /* K panel of unpacked codes: a multiple of every int4 group size */

@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define KT_REGION_ALIGN 4096
 #define KT_REGION_MAGIC 0x4e4f4947455254ebULL /* arbitrary */
 #define KT_REGION_VERSION 1
 
@@ -24,24 +23,6 @@ typedef struct {
     int32_t ready;   /* 1 once every weight is packed (written last, release order) */
 } kt_region_header;
 
-static _Alignas(64) char measure_dummy[64]; /* what a measured (not allocated) piece points to */
-
-static size_t align_up(size_t n) { return (n + KT_REGION_ALIGN - 1) & ~(size_t)(KT_REGION_ALIGN - 1); }
-
-void *kt_weight_alloc(kt_layer *L, size_t bytes) {
-    kt_region *r = &L->region;
-    if (r->mode == KT_REGION_NONE) return kt_alloc(bytes);
-    size_t at = align_up(r->used);
-    r->used = at + bytes;
-    r->requested += bytes;
-    if (r->mode == KT_REGION_MEASURE) return measure_dummy;
-    return r->used <= r->size ? r->base + at : NULL;
-}
-
-void kt_weight_free(kt_layer *L, void *p) {
-    if (L->region.mode == KT_REGION_NONE) free(p);
-}
-
 size_t kt_layer_region_bytes(int E, int H, int I, int isa, int transposed, int wformat, int group_size) {
     kt_layer L;
     memset(&L, 0, sizeof L);
@@ -51,7 +32,7 @@ size_t kt_layer_region_bytes(int E, int H, int I, int isa, int transposed, int w
     L.region.mode = KT_REGION_MEASURE;
     L.region.used = KT_REGION_ALIGN; /* the header page */
     kt_layer_alloc_weights(&L, transposed, group_size);
-    return align_up(L.region.used);
+    return kt_region_align_up(L.region.used);
 }
 
 static void header_fill(kt_region_header *h, int E, int H, int I, int isa, int transposed, int wformat,

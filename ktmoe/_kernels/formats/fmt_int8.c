@@ -1,5 +1,5 @@
 /* fmt_int8.c: the int8 row with bf16 activations (weight-only; design.md 5): symmetric int8
- * codes, one fp32 scale per row, stored by quantize.c (kt_qmat, 8-bit codes). Its products are
+ * codes, one fp32 scale per row, stored by qmat.c (kt_qmat, 8-bit codes). Its products are
  * the weight-only ones (fmt_weight_only.h) with int8 decoding: the code's value as fp32. */
 #include "fmt_weight_only.h"
 

@@ -1,8 +1,8 @@
 /* fmt.h: the weight format table (llama.cpp's type_traits idea): one kt_fmt_ops row per
- * (weight format, activation mode) pair, each defined in its own fmt_*.c and listed once in
- * fmt_table.c. A layer looks its row up once, when it is created (kt_layer.fmt; no row: the
+ * (weight format, activation mode) pair, each defined in its own fmt_<row>.c and listed once, in
+ * meson.build's fmt_rows (the table: fmt_table.c). A layer looks its row up once, when it is created (kt_layer.fmt; no row: the
  * format is refused with KT_ERR_FORMAT); from then on nothing branches on the format: the
- * creation, region and export code (moe_layer.c, moe_region.c, quantize.c) calls the row's
+ * creation, region and export code (layer/: moe_layer.c, moe_region.c, quantized.c) calls the row's
  * storage entries and the passes (pass_*.c) its products. design.md 5 defines the formats;
  * design.md "Adding a weight format" lists the files to touch.
  *
@@ -11,7 +11,7 @@
  * where the layout does (bf16 on the amx path keeps the AMX tile layout). */
 #ifndef KTMOE_FMT_H
 #define KTMOE_FMT_H
-#include "gemm.h"
+#include "gemm/gemm.h"
 #include <stddef.h>
 
 /* blocks of up to this many rows are small-M products (fmt_weight_only.h: QSMALL) */
@@ -37,7 +37,7 @@ typedef struct kt_fmt_ops {
     int wformat, act_int8;     /* the pair: KT_W_*, and 1 for int8 activations (W8A8) */
     /* ---- storage ---- */
     int code_bits;             /* quantized (kt_qmat): bits per stored code (8 or 4); 0: bf16 */
-    float qmax;                /* largest code ktmoe's own quantizer makes (quantize.c); 0: none */
+    float qmax;                /* largest code ktmoe's own quantizer makes (qmat.c); 0: none */
     int per_row_scale;         /* one scale per row (group = the row), else per `group` columns */
     int scale_bf16;            /* scales stored as bf16 (kt_qmat.scale_bf16), else fp32 (kt_qmat.scale);
                                   the weight-only loops read either through kt_qscale */

@@ -1,54 +1,12 @@
 /* moe_layer.c: life cycle of a kt_layer (its format row looked up once, weights packed at
- * creation through that row: fmt.h), routing of a call (slots grouped by expert), and the
+ * creation through that row: fmt.h; the arrays placed by weights.c), the profile's names, and the
  * submit/wait plumbing onto the thread pool. The passes (pass_forward.c, pass_backward.c) and
- * the format rows are compiled once per ISA and picked here by the layer's ISA. */
+ * the format rows are compiled once per ISA and picked here by the layer's ISA; the routing of a
+ * call is routing.c's. */
 #include "moe_internal.h"
-#include "threadpool.h"
+#include "runtime/threadpool.h"
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-
-#define KT_HUGE (2u << 20)
-
-void *kt_alloc(size_t bytes) {
-    if (bytes == 0) bytes = 64;
-    void *p = NULL;
-    size_t align = bytes >= 4 * (size_t)KT_HUGE ? KT_HUGE : 64;
-    if (posix_memalign(&p, align, (bytes + 63) & ~(size_t)63)) return NULL;
-    /* big buffers: ask for transparent huge pages (fewer page faults and TLB misses) */
-    if (align == KT_HUGE) madvise(p, bytes, MADV_HUGEPAGE);
-    return p;
-}
-
-void *kt_buf_get(kt_buf *b, size_t bytes) {
-    if (b->n < bytes || !b->p) {
-        free(b->p);
-        b->p = kt_alloc(bytes);
-        b->n = b->p ? bytes : 0;
-    }
-    return b->p;
-}
-
-void kt_buf_free(kt_buf *b) {
-    free(b->p);
-    b->p = NULL;
-    b->n = 0;
-}
-
-static kt_buf workspace[KT_WS_COUNT];
-
-void *kt_workspace(int slot, size_t bytes) { return kt_buf_get(&workspace[slot], bytes); }
-
-static __thread struct { void *p; size_t n; } scratch[KT_SCR_COUNT];
-
-void *kt_scratch(int slot, size_t bytes) {
-    if (scratch[slot].n < bytes) {
-        free(scratch[slot].p);
-        scratch[slot].p = kt_alloc(bytes);
-        scratch[slot].n = scratch[slot].p ? bytes : 0;
-    }
-    return scratch[slot].p;
-}
 
 /* The row of (wformat, act_int8) on this ISA's path (fmt_table.c), or NULL. */
 typedef const kt_fmt_ops *(*fmt_lookup_fn)(int wformat, int act_int8);
@@ -166,12 +124,6 @@ int kt_layer_set_threads(kt_layer *L, int num_threads) {
     return 0;
 }
 
-/* Forgets the kept forward; its buffers stay with the layer for the next call. */
-void kt_layer_release_saved(kt_layer *L) {
-    kt_routing_free(&L->rt);
-    L->has_saved = 0;
-}
-
 void kt_layer_destroy(kt_layer *L) {
     if (!L) return;
     kt_wait(L);
@@ -192,63 +144,6 @@ void kt_layer_destroy(kt_layer *L) {
 size_t kt_saved_bytes_per_token(int H, int I, int k, int lora_ranks) {
     return sizeof(kt_bf16) * ((size_t)H + (size_t)k * (2 * (size_t)I + 3 * (size_t)lora_ranks)) /* x, gate/up, LoRA products */
            + (size_t)k * (sizeof(int) + sizeof(long) + sizeof(float));              /* routing */
-}
-
-/* ---- routing ---- */
-
-static long id_at(const void *ids, int dtype, long i) {
-    return dtype == KT_I64 ? (long)((const int64_t *)ids)[i] : (long)((const int32_t *)ids)[i];
-}
-
-long kt_find_bad_id(const void *ids, int ids_dtype, long n, int E) {
-    for (long i = 0; i < n; i++) {
-        long v = id_at(ids, ids_dtype, i);
-        if (v < -1 || v >= E) return i;
-    }
-    return -1;
-}
-
-void kt_routing_free(kt_routing *rt) {
-    free(rt->offset); free(rt->slot_of_pos); free(rt->pos_of_slot); free(rt->hit); free(rt->w);
-    memset(rt, 0, sizeof *rt);
-}
-
-int kt_routing_build(kt_routing *rt, int E, int T, int k, const void *ids, int ids_dtype,
-                     const void *weights, int w_dtype) {
-    long n = (long)T * k;
-    rt->T = T; rt->k = k;
-    rt->offset = calloc((size_t)E + 1, sizeof(long));
-    rt->pos_of_slot = kt_alloc(sizeof(long) * n);
-    rt->slot_of_pos = kt_alloc(sizeof(int) * n);
-    rt->hit = kt_alloc(sizeof(int) * E);
-    rt->w = kt_alloc(sizeof(float) * n);
-    if (!rt->offset || !rt->pos_of_slot || !rt->slot_of_pos || !rt->hit || !rt->w) {
-        kt_routing_free(rt);
-        return KT_ERR_NOMEM;
-    }
-    for (long s = 0; s < n; s++) {
-        long e = id_at(ids, ids_dtype, s);
-        if (e >= 0) rt->offset[e + 1]++;
-        rt->w[s] = w_dtype == KT_BF16 ? kt_bf16_to_f32(((const kt_bf16 *)weights)[s])
-                                      : ((const float *)weights)[s];
-    }
-    rt->nhit = 0;
-    for (int e = 0; e < E; e++) {
-        if (rt->offset[e + 1]) rt->hit[rt->nhit++] = e;
-        rt->offset[e + 1] += rt->offset[e];
-    }
-    rt->npos = rt->offset[E];
-    long *fill = calloc((size_t)E, sizeof(long));
-    if (!fill) { kt_routing_free(rt); return KT_ERR_NOMEM; }
-    for (long s = 0; s < n; s++) {
-        long e = id_at(ids, ids_dtype, s);
-        if (e < 0) { rt->pos_of_slot[s] = -1; continue; }
-        long p = rt->offset[e] + fill[e]++;
-        rt->pos_of_slot[s] = p;
-        rt->slot_of_pos[p] = (int)s;
-    }
-    free(fill);
-    return 0;
 }
 
 /* ---- profile (ktmoe.h) ---- */

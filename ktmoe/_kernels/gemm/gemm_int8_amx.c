@@ -9,10 +9,9 @@
  * (a bf16 pair and an int8 quad are both one word), and this file follows that file's design:
  *
  *  1. Small M: nt with M < KT_IAMX_MSMALL_NT (4), nn with M < KT_IAMX_MSMALL_NN (12) call
- *     kt_igemm_*_avx512 (gemm_int8_avx512.c), which is faster there (measured single-thread on
- *     the 2-core AMX machine, N = 256, K = 2048 / 1536, GOP/s avx512-VNNI vs AMX: nt M = 3: 418
- *     vs 355, M = 4: 385 vs 475; nn M = 8: 348 vs 285, M = 12: ~360 vs 405, M = 16: 378 vs 625;
- *     the nn AMX path must pack all of W, the transposed nt path none of it).
+ *     kt_igemm_*_avx512 (gemm_int8_avx512.c), which is faster there (the nn AMX path must pack
+ *     all of W, the transposed nt path none of it; the measured crossovers:
+ *     docs/performance-history.md).
  *  2. nt with M <= KT_IAMX_MCT (64), "transposed output": C^T = W * A^T. The At operand is W itself,
  *     tile-loaded straight from W with stride ldw (W is never packed); the Bt operand is A^T in
  *     VNNI layout, i.e. 16x16 transposes (in 32-bit words = k quads) of 16 rows of A, packed once
@@ -54,7 +53,7 @@
  * kt_igemm_nt_amx and kt_igemm_nn_amx.
  */
 #include "gemm_int8.h"
-#include "amx_gemm.h"
+#include "amx.h"
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>

@@ -7,13 +7,13 @@
  * A pass is a short sequence of phases; a phase is a parallel loop over tasks, a task being
  * one expert (gathers, LoRA products and gradients) or one block of an expert's rows (all of
  * them, unless it has more than KT_ROW_BLOCK) x one chunk of output columns (the big GEMMs).
- * Rows of one expert are contiguous "positions" (moe_layer.c routing), so each GEMM reads an
+ * Rows of one expert are contiguous "positions" (routing.c), so each GEMM reads an
  * expert's weights once per pass. Math: design.md 2-4. */
 #ifndef KTMOE_PASS_H
 #define KTMOE_PASS_H
 #include "moe_internal.h"
-#include "gemm_int8.h"
-#include "threadpool.h"
+#include "gemm/gemm_int8.h"
+#include "runtime/threadpool.h"
 #include "vec.h"
 
 #define CAT2(a, b) a##b

@@ -4,7 +4,7 @@
  * fp32 value into two bf16 numbers hi + lo that the LoRA products use (pass_lora.c). */
 #ifndef KTMOE_VEC_H
 #define KTMOE_VEC_H
-#include "gemm.h"
+#include "gemm/gemm.h"
 #include "ktmoe.h"
 #include <stdint.h>
 #include <string.h>

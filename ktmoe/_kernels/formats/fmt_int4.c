@@ -1,6 +1,6 @@
 /* fmt_int4.c: the int4 row with bf16 activations (weight-only; design.md 5): signed 4-bit
  * codes, two per byte (column 2j in the low nibble, 2j + 1 in the high one), one fp32 scale
- * per row and group of `group` columns (a multiple of 32), stored by quantize.c (kt_qmat,
+ * per row and group of `group` columns (a multiple of 32), stored by qmat.c (kt_qmat,
  * 4-bit codes). fmt_int4bs.c's row (bf16 scales) shares these kernels (kt_wo_int4). Its products are the weight-only ones (fmt_weight_only.h) with nibble
  * decoding; the small-M loops read a byte's two codes into an even and an odd vector. */
 #include "fmt_weight_only.h"

@@ -3,7 +3,7 @@
  * by the task that multiplies them or once per call into the pass's cache (pass.h: c->aq),
  * optionally folded first with the weights' per-row scales (the nn products of the backward,
  * where those scales multiply A's columns). */
-#include "pass.h"
+#include "layer/pass.h"
 #include <string.h>
 
 /* Rows of A [m, K] (bf16, times fold[k * fstride] when fold is given) -> int8 aq [m, K] and

@@ -2,8 +2,8 @@
 #ifndef KTMOE_ISA_TABLE_H
 #define KTMOE_ISA_TABLE_H
 #include "ktmoe.h"
-#include "gemm.h"
-#include "gemm_int8.h"
+#include "gemm/gemm.h"
+#include "gemm/gemm_int8.h"
 
 typedef struct {
     kt_gemm_fn nt, nn;      /* bf16, gemm.h */
