@@ -27,12 +27,17 @@ HEADROOM = 0.2   # "auto" on a GPU without gpu_memory: leave this fraction of it
 @contextlib.contextmanager
 def count_routing(model: torch.nn.Module):
     """Yields a RoutingCounts ({experts module name: tokens per expert}) that every forward of
-    `model` inside the block adds to."""
+    `model` inside the block adds to. Under PEFT the name is the outermost wrapper's (the
+    experts module's path without PEFT's `.base_layer`s)."""
     counts = RoutingCounts()
     handles = []
     for name, m in model.named_modules():
-        if _experts.is_experts_module(m):
-            E = m._ktmoe.layer.num_experts if _experts.is_converted(m) else m.down_proj.shape[0]
+        inner = m   # a PEFT ParamWrapper calls its experts module's forward directly: hook the outermost wrapper
+        while not _experts.is_experts_module(inner) and isinstance(getattr(inner, "base_layer", None),
+                                                                    torch.nn.Module):
+            inner = inner.base_layer
+        if _experts.is_experts_module(inner) and not name.endswith(".base_layer"):
+            E = inner._ktmoe.layer.num_experts if _experts.is_converted(inner) else inner.down_proj.shape[0]
 
             def hook(mod, args, name=name, E=E):
                 ids = args[1].detach().reshape(-1)
