@@ -348,3 +348,15 @@ def test_already_converted_bf16_refused():
     with pytest.raises(ValueError, match="gpu_experts: .* already in the kernel as bf16"):
         ktmoe.torch.patch(model, gpu_experts=[0], **CPU)
     assert not any(hasattr(m, "_ktmoe_device") for m in tm.experts_modules(model))
+
+
+def test_load_state_dict_refreshes_the_device_copies():
+    old, new = tm.make_model("olmoe", seed=0), tm.make_model("olmoe", seed=3)
+    sp = ktmoe.torch.patch(copy.deepcopy(old), gpu_experts=[0, 4], **CPU)
+    want = ktmoe.torch.patch(copy.deepcopy(new), gpu_experts=[0, 4], **CPU)
+    sp.load_state_dict(new.state_dict())   # real expert weights: kernel repacked, device copies follow
+    for a, b in zip(tm.experts_modules(sp), tm.experts_modules(want)):
+        assert torch.equal(a._ktmoe_device.gate_up, b._ktmoe_device.gate_up)
+        assert torch.equal(a._ktmoe_device.down, b._ktmoe_device.down)
+    with torch.no_grad():
+        assert_close("reloaded split logits", sp(**tm.batch()).logits, want(**tm.batch()).logits)   # rel <= 1e-2
