@@ -465,3 +465,23 @@ def test_disk_full_while_writing_the_summary(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"ktmoe finetune: error: {out / 'summary.json'}: No space left on device; is the disk full?"
     assert sum(line.startswith("ktmoe finetune: error:") for line in err) == 1
+
+
+@pytest.mark.parametrize("value", ["auto", "2"])
+def test_gpu_experts_without_a_gpu_says_so(value, base, tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # as on CI, also where a GPU is present
+    argv = ["--model", base, "--data", tiny.dataset_path(), "--out", tmp_path / "out", "--gpu-experts", value]
+    assert finetune(*argv, *FAST, "--steps", 1) == 2
+    err = capsys.readouterr().err
+    assert f"ktmoe finetune: error: --gpu-experts {value}: there is no GPU" in err, err
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("value,why", [("-1", "must be auto or >= 0"), ("most", "expected auto, 0 or a number")])
+def test_gpu_experts_flag_values(value, why, capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune("--gpu-experts", value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--gpu-experts" in err and why in err, err

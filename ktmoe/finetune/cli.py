@@ -45,6 +45,19 @@ def _positive(kind, zero: str = ""):
     return parse
 
 
+def _gpu_experts(text):
+    """--gpu-experts: 'auto' or an int >= 0 (0 = off)."""
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or a number of experts per layer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be auto or >= 0, got {text}")
+    return v
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only where it has a plain one (None / False / lists say it in the text)."""
 
@@ -123,6 +136,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "weights: auto = bf16 on a GPU, fp32 on the CPU")
     h.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the non-expert part runs (auto: the GPU when there is one)")
+    h.add_argument("--gpu-experts", type=_gpu_experts, default=0, metavar="auto|N|0",
+                   help="keep experts on the GPU too, computed there while the kernel runs the rest (issue 24; "
+                        "0: off). Without a GPU, auto / N are refused. In ktmoe finetune itself not yet "
+                        "available on a GPU either (its loader packs the experts straight into the kernel): "
+                        "use ktmoe.torch.patch(model, gpu_experts=...) meanwhile")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

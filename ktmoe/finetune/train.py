@@ -224,6 +224,7 @@ def _main(args, t_start, traces) -> int:
     if not 0 <= warmup <= total:
         raise FinetuneError(f"--warmup-steps {warmup}: must be between 0 and the {total} training steps")
     device = _device(args.device, torch, ranks)
+    _check_gpu_experts(getattr(args, "gpu_experts", 0), device, torch)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch_threads = args.torch_threads or (1 if builtin else args.threads)
@@ -466,6 +467,22 @@ def _max_positions(ckpt: Checkpoint):
 
 def _wants_cuda(choice: str, torch) -> bool:
     return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
+def _check_gpu_experts(value, device, torch) -> None:
+    """--gpu-experts (design.md 13): 0 is off; auto / N need a GPU, and are refused here with the
+    reason rather than silently ignored."""
+    if value == 0:
+        return
+    if not torch.cuda.is_available():
+        raise FinetuneError(f"--gpu-experts {value}: there is no GPU (torch sees no CUDA device), so no expert can "
+                            f"be kept on one; leave it at 0")
+    if device.type != "cuda":
+        raise FinetuneError(f"--gpu-experts {value}: the rest of the model runs on the CPU (--device cpu); resident "
+                            f"experts need it on the GPU")
+    raise FinetuneError(f"--gpu-experts {value}: not available in ktmoe finetune yet: its loader packs the "
+                        f"checkpoint's experts straight into the kernel, and the GPU copies are taken before that "
+                        f"only by ktmoe.torch.patch / from_pretrained(..., gpu_experts=...) (docs/api.md)")
 
 
 def _device(choice: str, torch, ranks):

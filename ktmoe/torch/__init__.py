@@ -9,7 +9,10 @@
 Modules: function.py (autograd bridge, the torch.library custom ops), experts.py (the
 converted experts module), lora.py (PEFT factors -> one kernel ktmoe.LoRA), peft.py (LoRA
 factors from PEFT's ParamWrapper), patch.py (registry and patch()), distributed.py
-(torch.distributed ranks of a host: one shared packed copy, cores split), guards.py (refusals
+(torch.distributed ranks of a host: one shared packed copy, cores split), device.py (resident
+experts: some experts computed in torch on a GPU beside the kernel), placement.py (which experts
+go there: counts, budget, cost model; pure Python), resident.py (placing them at patch time,
+count_routing), guards.py (refusals
 at the transformers boundary: "ktmoe" on a model without experts modules, save_pretrained of a
 patched model). Imports run one way: patch -> peft / guards -> experts -> lora / function.
 
@@ -35,7 +38,8 @@ register_fake / register_autograd.
 """
 from .function import experts_apply
 from .patch import from_pretrained, patch, register
+from .resident import count_routing
 
 register()
 
-__all__ = ["patch", "from_pretrained", "register", "experts_apply"]
+__all__ = ["patch", "from_pretrained", "register", "experts_apply", "count_routing"]

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import formats
+from .device import DeviceExperts, split_apply
 from .function import PICKLE_MESSAGE, KernelExperts, experts_apply
 from .lora import combine
 
@@ -212,6 +213,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                                   f"kernel; training them (requires_grad=True) is not supported, use LoRA")
     if lora is None:
         lora = merged_lora(self)
+    dev = self.__dict__.get("_ktmoe_device")
+    if dev is not None:   # resident experts computed in torch beside the kernel (device.py)
+        return split_apply(self._ktmoe, dev, hidden_states, top_k_index, top_k_weights, lora,
+                           cost=self.__dict__.get("_ktmoe_cost"))
     return experts_apply(self._ktmoe, hidden_states, top_k_index, top_k_weights, lora)
 
 
@@ -251,6 +256,15 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
                                  max_tokens=old.max_tokens, num_threads=old.num_threads, isa=old.isa,
                                  weights=old.weights, group_size=old.group_size or None, activations=old.activations)
         self._ktmoe = KernelExperts(layer, auto_threads=self._ktmoe.auto_threads)
+        dev = self.__dict__.get("_ktmoe_device")
+        if dev is not None:   # the resident experts follow the new weights (as the kernel would compute them)
+            idx = torch.tensor(dev.ids, dtype=torch.int64)
+            if layer.weights == "bf16":
+                gu, dn = (_kernel_copy(real[n]).index_select(0, idx).to(torch.bfloat16) for n in PARAMS)
+            else:
+                from .resident import kernel_weights
+                gu, dn = kernel_weights(layer, list(dev.ids), dev.device)
+            self._ktmoe_device = DeviceExperts(dev.ids, gu.to(dev.device), dn.to(dev.device), layer.num_experts)
     # the placeholders themselves are never overwritten
     rest = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in PARAMS}}
     nn.Module._load_from_state_dict(self, rest, prefix, local_metadata, False, missing_keys, unexpected_keys,
@@ -266,8 +280,10 @@ def _extra_repr(self) -> str:
     fmt = k.weights + (f"/g{k.group_size}" if formats.grouped(k.weights) else "") + \
         (f"/{block[0]}x{block[1]}" if k.weights == "fp8" and block else "") + \
         (f", activations={k.activations}" if k.weights != "bf16" else "")
+    dev = self.__dict__.get("_ktmoe_device")
     return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \
-           f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU"
+           f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU" + \
+           (f", {len(dev.ids)} experts also on {dev.device} ({dev.nbytes / 2**20:.1f} MiB bf16)" if dev else "")
 
 
 def _deepcopy(self, memo):

@@ -105,26 +105,37 @@ class KernelExperts:
             if n != self.layer.num_threads:
                 self.layer.num_threads = n
 
-    def forward(self, x, ids, w, lora, keep: bool) -> tuple:
-        """(y on the host, generation of the kept state or 0)."""
+    def forward(self, x, ids, w, lora, keep: bool, during=None) -> tuple:
+        """(y on the host, generation of the kept state or 0). during: called while the kernel
+        runs (after its submit, before its wait), e.g. to compute other experts in torch."""
         with self.lock:
             out = torch.empty(x.shape, dtype=x.dtype, pin_memory=_pin())
             self._slot.owner = None
             self.layer.submit_forward(x, ids, w, lora, keep_for_backward=keep, out=out)
-            self.layer.wait()
+            _overlap(self.layer, during)
             gen = next(_GENERATIONS) if keep else 0
             self._slot.owner = gen or None
             return out, gen
 
-    def backward(self, dy, lora_grads, k: int, w_dtype):
+    def backward(self, dy, lora_grads, k: int, w_dtype, during=None):
         with self.lock:
             T = dy.shape[0]
             dx = torch.empty(dy.shape, dtype=dy.dtype, pin_memory=_pin())
             dw = torch.empty((T, k), dtype=w_dtype, pin_memory=_pin())
             self._slot.owner = None
             self.layer.submit_backward(dy, lora_grads, dx_out=dx, dw_out=dw)
-            self.layer.wait()
+            _overlap(self.layer, during)
             return dx, dw
+
+
+def _overlap(layer, during) -> None:
+    """Runs during() (if any) while the submitted kernel call runs, then waits for the kernel;
+    the kernel is waited for even when during() raises."""
+    try:
+        if during is not None:
+            during()
+    finally:
+        layer.wait()
 
 
 def _kernel(handle: int) -> KernelExperts:
@@ -194,12 +205,19 @@ def _experts_op(handle: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
                 gu_a: Optional[torch.Tensor], gu_b: Optional[torch.Tensor], dn_a: Optional[torch.Tensor],
                 dn_b: Optional[torch.Tensor], scale: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [T, H] in x's device and dtype, state [1] int64 CPU: the kept forward's generation or 0)."""
-    kernel = _kernel(handle)
-    hosts = [None if f is None else _host(f) for f in (gu_a, gu_b, dn_a, dn_b)]
+    y, gen = kernel_forward(_kernel(handle), x, ids, w, (gu_a, gu_b, dn_a, dn_b), scale, keep)
+    return y, torch.tensor([gen], dtype=torch.int64)
+
+
+def kernel_forward(kernel: KernelExperts, x, ids, w, factors, scale: float, keep: bool, during=None) -> tuple:
+    """(y in x's device and dtype, generation of the kept state or 0): the kernel's forward on
+    host copies; during() runs while the kernel computes (KernelExperts.forward)."""
+    hosts = [None if f is None else _host(f) for f in factors]
     with kernel.lock:
         kernel.pick_threads(x.device)
-        y, gen = kernel.forward(_host(x), _host(ids, False), _host(w), _kernel_lora(hosts, scale), keep=keep)
-    return y.to(x.device, x.dtype, non_blocking=True), torch.tensor([gen], dtype=torch.int64)
+        y, gen = kernel.forward(_host(x), _host(ids, False), _host(w), _kernel_lora(hosts, scale), keep=keep,
+                                during=during)
+    return y.to(x.device, x.dtype, non_blocking=True), gen
 
 
 @_experts_op.register_fake
@@ -214,18 +232,25 @@ def _experts_backward_op(handle: int, state: torch.Tensor, dy: torch.Tensor, x: 
                          lora_grads: bool) -> list[torch.Tensor]:
     """[dx, dw] then, when lora_grads, the gradient of every given factor (gate_up A, B, down A, B
     order), each in its input's device and dtype."""
-    kernel = _kernel(handle)
-    given = [f for f in (gu_a, gu_b, dn_a, dn_b) if f is not None]
-    hosts = [None if f is None else _host(f) for f in (gu_a, gu_b, dn_a, dn_b)]
+    return kernel_backward(_kernel(handle), int(state.reshape(-1)[0]), dy, x, ids, w, (gu_a, gu_b, dn_a, dn_b),
+                           scale, lora_grads)
+
+
+def kernel_backward(kernel: KernelExperts, gen: int, dy, x, ids, w, factors, scale: float, lora_grads: bool,
+                    during=None) -> list:
+    """The kernel's backward of the forward kept as generation `gen` (run again when that state
+    is gone): [dx, dw] and, when lora_grads, fresh gradients of the given factors; during() runs
+    while the kernel's backward computes."""
+    given = [f for f in factors if f is not None]
+    hosts = [None if f is None else _host(f) for f in factors]
     xh, idh, wh = _host(x), _host(ids, False), _host(w)
     with kernel.lock:
-        gen = int(state.reshape(-1)[0])
         if gen == 0 or kernel.owner != gen:   # state replaced or never kept: run the forward again
             kernel.pick_threads(x.device)
             kernel.forward(xh, idh, wh, _kernel_lora(hosts, scale), keep=True)
         bufs = [None if h is None else torch.zeros_like(h) for h in hosts] if lora_grads else None
         dx, dw = kernel.backward(_host(dy).to(xh.dtype), _kernel_lora(bufs, None) if bufs else None,
-                                 ids.shape[1], wh.dtype)
+                                 ids.shape[1], wh.dtype, during=during)
     out = [dx.to(x.device, x.dtype, non_blocking=True), dw.to(w.device, w.dtype, non_blocking=True)]
     if lora_grads:
         out += [g.to(f.device, f.dtype) for g, f in zip([b for b in bufs if b is not None], given)]

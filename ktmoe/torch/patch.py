@@ -55,10 +55,20 @@ def register() -> None:
 
 def patch(model: nn.Module, *, max_tokens: int = 65536, num_threads: int | None = None,
           isa: str | None = None, weights: str = "bf16", group_size: int | None = None,
-          activations: str = "bf16", share: bool | None = None) -> nn.Module:
+          activations: str = "bf16", share: bool | None = None, gpu_experts=0, expert_counts=None,
+          gpu_device=None, gpu_memory: int | None = None, cost_model=None) -> nn.Module:
     """Runs every routed-experts module of `model` in the ktmoe kernel; returns `model`.
     share: one packed copy per host for the ranks of torch.distributed (see the module
-    docstring); None = when torch.distributed is initialized with several ranks on this host."""
+    docstring); None = when torch.distributed is initialized with several ranks on this host.
+
+    Resident experts (design.md 13): gpu_experts=0 (off, default) | N (the N hottest experts of
+    each layer) | "auto" (the hottest over all layers while their bf16 bytes fit gpu_memory, by
+    default what the GPU has free minus 20 % of its memory, at least 2 GiB) | a list of expert ids
+    (the same in every layer) also keep those experts' weights as bf16 on gpu_device (default
+    "cuda"; a missing GPU raises) and compute their tokens there in torch while the kernel runs
+    the rest. expert_counts {module name: tokens per expert} (ktmoe.torch.count_routing) picks
+    the hottest; needed unless every expert is kept. cost_model: a ktmoe.torch.placement.CostModel
+    choosing per call which resident experts' tokens run on the GPU (None: all of them)."""
     register()
     found = [(name, m) for name, m in model.named_modules() if _experts.is_experts_module(m)]
     what = type(model).__name__
@@ -75,16 +85,29 @@ def patch(model: nn.Module, *, max_tokens: int = 65536, num_threads: int | None 
         if not _experts.is_converted(m):
             E, H, I = m.down_proj.shape
             check_layer_format(weights, group_size, activations, False, H, I)
+    from . import resident
+    device, chosen = resident.plan(found, gpu_experts, expert_counts=expert_counts, gpu_device=gpu_device,
+                                   gpu_memory=gpu_memory, weights=weights)
+    from .placement import CostModel
+    if cost_model is not None and not isinstance(cost_model, CostModel):
+        raise ValueError(f"cost_model: expected a ktmoe.torch.placement.CostModel or None, got {cost_model!r}")
+    if cost_model is not None and not chosen:
+        raise ValueError("cost_model: only used with resident experts (gpu_experts), which are off")
     host = host_sharing(share, "ktmoe.torch.patch")
     options = dict(max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights, group_size=group_size,
                    activations=activations)
     todo = [(name, m) for name, m in found if not _experts.is_converted(m)]
+    taken = {name: resident.take_weights(m, chosen[name], device, weights) for name, m in found if name in chosen}
     if host is None:
         for name, m in todo:
             _experts.convert(m, name, **options)
     else:
         from .distributed import convert_shared
         convert_shared([(name, m, lambda m=m: (m.gate_up_proj, m.down_proj)) for name, m in todo], host, **options)
+    for name, m in found:
+        if name in chosen:
+            resident.attach(m, chosen[name], device, taken.pop(name))
+            m._ktmoe_cost = cost_model
     return model
 
 
@@ -113,10 +136,12 @@ def host_sharing(share: bool | None, what: str):
 
 def from_pretrained(path, *, weights: str | None = None, group_size: int | None = None, activations: str = "bf16",
                     max_tokens: int = 65536, num_threads: int | None = None, isa: str | None = None,
-                    auto_class=None, share: bool | None = None, **kwargs) -> nn.Module:
+                    auto_class=None, share: bool | None = None, gpu_experts=0, expert_counts=None,
+                    gpu_device=None, gpu_memory: int | None = None, cost_model=None, **kwargs) -> nn.Module:
     """`auto_class.from_pretrained(path, experts_implementation="ktmoe", **kwargs)` (default
     AutoModelForCausalLM), then every experts module converted with the kernel options
-    (share: see patch).
+    (share, gpu_experts, expert_counts, gpu_device, gpu_memory, cost_model: see patch; with a
+    quantized checkpoint the resident experts are its stored values dequantized to bf16).
 
     weights None (default): the checkpoint's own format, bf16 for an unquantized checkpoint.
     A local checkpoint whose config.json declares a quantization (FP8 block-scaled, INT4
@@ -129,11 +154,16 @@ def from_pretrained(path, *, weights: str | None = None, group_size: int | None 
     torch.distributed the ranks of a host share one packed copy there too (share as in patch),
     except for codes kept as published, which raise (convert them with `weights`)."""
     from ..formats import check_layer_format
+    from .placement import check_gpu_experts
+    resident_options = dict(gpu_experts=gpu_experts, expert_counts=expert_counts, gpu_device=gpu_device,
+                            gpu_memory=gpu_memory, cost_model=cost_model)
+    check_gpu_experts(gpu_experts)   # the value itself, before anything is read
     local = _local_config(path)
     if local is not None and "quantization_config" in local:
-        return _from_quantized_checkpoint(path, weights=weights, group_size=group_size, activations=activations,
-                                          max_tokens=max_tokens, num_threads=num_threads, isa=isa,
-                                          auto_class=auto_class, share=share, **kwargs)
+        model = _from_quantized_checkpoint(path, weights=weights, group_size=group_size, activations=activations,
+                                           max_tokens=max_tokens, num_threads=num_threads, isa=isa,
+                                           auto_class=auto_class, share=share, **kwargs)
+        return patch(model, **resident_options) if check_gpu_experts(gpu_experts) != "off" else model
     weights = weights or "bf16"
     check_layer_format(weights, group_size, activations, False, 0, 0)   # names and values; sizes in patch()
     if auto_class is None:
@@ -143,7 +173,7 @@ def from_pretrained(path, *, weights: str | None = None, group_size: int | None 
         _check_sizes_before_loading(path, auto_class, weights, group_size, activations, kwargs)
     model = auto_class.from_pretrained(path, experts_implementation=NAME, **kwargs)
     return patch(model, max_tokens=max_tokens, num_threads=num_threads, isa=isa, weights=weights,
-                 group_size=group_size, activations=activations, share=share)
+                 group_size=group_size, activations=activations, share=share, **resident_options)
 
 
 def _check_sizes_before_loading(path, auto_class, weights, group_size, activations, kwargs) -> None:
