@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 
-from . import formats
+from . import formats, lora_layout
 
 LORA_R = 16
 LORA_ALPHA = 32          # scale s = alpha / r = 2
@@ -385,13 +385,13 @@ class GroupedRunner(_TorchRunner):
         E, I, k, r, scale = s.E, s.I, s.k, p.r, p.scale
         bf16 = torch.bfloat16
         (a_gu, b_gu), (a_d, b_d) = self.params["gate_up"], self.params["down"]
-        # PEFT layout -> per expert: A [E, r, in], B [E, out, r] (column j*E + e of B), split
+        # PEFT layout -> per expert: A [E, r, in], B [E, out, r] (ktmoe/lora_layout.py), split
         # with unbind so backward stacks the per-expert gradients once (indexing [e] would
         # scatter each one into a full-size zero tensor)
-        A_gu = a_gu.to(bf16).view(E, r, -1).unbind(0)
-        B_gu = b_gu.to(bf16).view(-1, r, E).permute(2, 0, 1).unbind(0)
-        A_d = a_d.to(bf16).view(E, r, -1).unbind(0)
-        B_d = b_d.to(bf16).view(-1, r, E).permute(2, 0, 1).unbind(0)
+        A_gu = lora_layout.per_expert_A(a_gu.to(bf16), E).unbind(0)
+        B_gu = lora_layout.per_expert_B(b_gu.to(bf16), E).unbind(0)
+        A_d = lora_layout.per_expert_A(a_d.to(bf16), E).unbind(0)
+        B_d = lora_layout.per_expert_B(b_d.to(bf16), E).unbind(0)
         flat = p.ids.reshape(-1)
         valid = (flat >= 0).nonzero().squeeze(1)
         order = valid[torch.argsort(flat[valid], stable=True)]

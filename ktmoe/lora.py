@@ -4,9 +4,9 @@
 - `LoRA(gate=(A, B), up=(A, B), down=(A, B), scale=s)`: one factor pair per projection,
   A [E, r, in], B [E, out, r] (per-expert nn.Linear LoRA, kt-kernel's layout).
 - `LoRA.peft(gate_up=(A, B), down=(A, B), scale=s)`: PEFT `target_parameters` on
-  transformers v5 fused experts: gate_up A [E*r, H] (expert-major, shared by gate and
-  up), B [2I, E*r] (column j*E + e is rank j of expert e; gate rows first); down A
-  [E*r, I], B [H, E*r]. ktmoe.torch hands PEFT's lora_A / lora_B weights over in this form.
+  transformers v5 fused experts: gate_up A [E*r, H], B [2I, E*r]; down A [E*r, I], B
+  [H, E*r], laid out as ktmoe/lora_layout.py describes (the one description of it).
+  ktmoe.torch hands PEFT's lora_A / lora_B weights over in this form.
 - `LoRAGrads(...)` / `LoRAGrads.peft(...)`: the buffers backward ADDS the LoRA gradients into,
   in the same layouts and shapes as the forward's LoRA (no scale: the forward's is used).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import lora_layout
 from ._buffers import Buffer, as_buffer, checked
 
 PROJECTIONS = ("gate", "up", "down")
@@ -148,8 +149,7 @@ def _resolve_peft(lora: _Factors, scale, E, H, I, name, writable) -> ResolvedLoR
         if b.shape != (fout, E * r):
             raise ValueError(f"{name}.{key} B: expected shape [{fout}, E*r={E * r}] to match A, got {b.shape}")
         sig = (a.shape, a.dtype, b.shape, b.dtype)
-        a_strides = (r * fin, fin, 1)          # A.reshape(E, r, in)
-        b_strides = (1, E * r, E)              # B.reshape(out, r, E).permute(2, 0, 1)
+        a_strides, b_strides = lora_layout.strides(E, r, fin)   # the views of lora_layout.per_expert_A / _B
         if key == "down":
             res.proj["down"] = ProjView(r, a.addr, a.dtype, a_strides, b.addr, b.dtype, b_strides, sig)
         else:  # gate and up share A; up's B starts at row I

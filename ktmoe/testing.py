@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 import ktmoe
-from ktmoe import formats, reference
+from ktmoe import formats, lora_layout, reference
 
 BF16 = ml_dtypes.bfloat16
 WORST = {}   # (isa, tensor name) -> (largest relative error, smallest cosine, test with the largest error)
@@ -212,7 +212,7 @@ def expert_slices(layout, name, E, shape_A):
     """For each expert e, index expressions selecting its part of (A, B) in this layout."""
     if layout == "peft":
         r = shape_A[0] // E
-        return {e: ((slice(e * r, (e + 1) * r),), (slice(None), slice(e, None, E))) for e in range(E)}
+        return {e: lora_layout.expert_parts(E, r, e) for e in range(E)}
     return {e: ((e,), (e,)) for e in range(E)}
 
 

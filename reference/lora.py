@@ -8,9 +8,9 @@ that layout and the per-expert factors the math of moe.py uses:
     PEFT target_parameters on v5 fused experts (ParamWrapper):
         LoRA.peft(gate_up=(lora_A.weight [E*r, H], lora_B.weight [2I, E*r]),
                   down=(lora_A.weight [E*r, I], lora_B.weight [H, E*r]), scale=s)
-        A_e = A.reshape(E, r, in)[e]                       expert-major rows
-        B_e = B.reshape(out, r, E).permute(2, 0, 1)[e]     expert-minor columns:
-              B_e[o, j] = B[o, j*E + e]
+        A_e[j, i] = A[e*r + j, i]                           expert-major rows
+        B_e[o, j] = B[o, j*E + e]                           expert-minor columns
+        (ktmoe/lora_layout.py: per_expert_A, per_expert_B, the one description of it)
         gate_up: ONE A_e shared by gate and up; rows [:I] of B_e are gate, rows [I:] are up.
 
 In both layouts the weight delta of expert e is s * B_e @ A_e (never materialised here
@@ -19,6 +19,8 @@ Gradients come back in the layout (and shapes) of the parameters, as float64.
 """
 import numpy as np
 
+from .. import lora_layout   # the PEFT layout, described once (ktmoe/lora_layout.py)
+
 
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
@@ -26,17 +28,17 @@ def _f64(a):
 
 def peft_A(A, num_experts):
     """PEFT lora_A.weight [E*r, in] -> per-expert A [E, r, in]."""
-    return _f64(A).reshape(num_experts, -1, A.shape[-1])
+    return lora_layout.per_expert_A(_f64(A), num_experts)
 
 
 def peft_B(B, num_experts):
     """PEFT lora_B.weight [out, E*r] -> per-expert B [E, out, r] (B_e[o, j] = B[o, j*E + e])."""
-    return _f64(B).reshape(B.shape[0], -1, num_experts).transpose(2, 0, 1)
+    return lora_layout.per_expert_B(_f64(B), num_experts)
 
 
 def peft_B_grad(dB, num_experts):
     """Inverse of peft_B: per-expert [E, out, r] -> [out, E*r]."""
-    return dB.transpose(1, 2, 0).reshape(dB.shape[1], -1)
+    return lora_layout.from_per_expert_B(dB)
 
 
 class LoRA:
@@ -84,8 +86,8 @@ class LoRA:
             dAu, dBu = grads["up"]
             dA = dAg + dAu                                   # the shared A collects both
             dB = np.concatenate([dBg, dBu], axis=1)          # [E, 2I, r], gate rows first
-            out["gate_up"] = (dA.reshape(-1, dA.shape[-1]), peft_B_grad(dB, num_experts))
+            out["gate_up"] = (lora_layout.from_per_expert_A(dA), peft_B_grad(dB, num_experts))
         if "down" in self.params:
             dA, dB = grads["down"]
-            out["down"] = (dA.reshape(-1, dA.shape[-1]), peft_B_grad(dB, num_experts))
+            out["down"] = (lora_layout.from_per_expert_A(dA), peft_B_grad(dB, num_experts))
         return out

@@ -34,6 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .. import lora_layout
 from . import FinetuneError
 
 EXPERT = re.compile(r"^(?P<x>.*\.experts)\.(?P<e>\d+)\.(?P<p>gate_proj|w1|up_proj|w3|down_proj|w2)\.weight$")
@@ -270,6 +271,7 @@ def _expert_targets(path, pairs, names, ckpt, plan, targets, scale) -> None:
         if A.shape[0] % E:
             raise FinetuneError(f"--adapter: {path} lora_A has {A.shape[0]} rows, not a multiple of {E} experts")
         r = A.shape[0] // E
+        A_e, B_e = lora_layout.per_expert_A(A, E), lora_layout.per_expert_B(B, E)   # [E, r, in], [E, out, r]
         # which parameter the wrapper adapts: gate_up ([E*r, H] x [2I, E*r]) or down ([E*r, I] x [H, E*r])
         if "fused" in names:
             proj = "gate_up_proj" if gu and _fits(_shape(ckpt, plan, gu)[1:], A, B) else "down_proj"
@@ -279,20 +281,20 @@ def _expert_targets(path, pairs, names, ckpt, plan, targets, scale) -> None:
                                     f"gate_up_proj nor down_proj of {E} experts")
             s = scale(f"{path}.{proj}")
             for e in range(E):
-                targets.setdefault(name, []).append((A[e * r:(e + 1) * r], B[:, e::E], s, e))
+                targets.setdefault(name, []).append((A_e[e], B_e[e], s, e))
             continue
         g0, d0 = _shape(ckpt, plan, names["gate"][0]), _shape(ckpt, plan, names["down"][0])
         I, H = g0
         if _fits((2 * I, H), A, B):
             s = scale(f"{path}.gate_up_proj")
             for e in range(E):
-                a, b = A[e * r:(e + 1) * r], B[:, e::E]
+                a, b = A_e[e], B_e[e]
                 targets.setdefault(names["gate"][e], []).append((a, b[:I], s, None))
                 targets.setdefault(names["up"][e], []).append((a, b[I:], s, None))
         elif _fits(tuple(d0), A, B):
             s = scale(f"{path}.down_proj")
             for e in range(E):
-                targets.setdefault(names["down"][e], []).append((A[e * r:(e + 1) * r], B[:, e::E], s, None))
+                targets.setdefault(names["down"][e], []).append((A_e[e], B_e[e], s, None))
         else:
             raise FinetuneError(f"--adapter: {path} factors A {list(A.shape)}, B {list(B.shape)} fit neither "
                                 f"gate_up ({2 * I}x{H}) nor down ({d0[0]}x{d0[1]}) of {E} experts")

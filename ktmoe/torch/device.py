@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ktmoe import lora_layout
+
 from .function import KernelExperts, _hooks_active, kernel_backward, kernel_forward
 from .placement import split
 
@@ -106,12 +108,12 @@ def device_part(dev: DeviceExperts, routes: _Routes, x, w, factors, scale: float
     xb, xf = xs.to(torch.bfloat16), xs.to(torch.float32)
     ws = w.to(dev.device).reshape(-1)[routes.pos].to(torch.float32)
     gu_a, gu_b, dn_a, dn_b = (None if f is None else f.to(dev.device) for f in factors)
-    if gu_a is not None:   # PEFT layout (design.md 4): A [E*r, in] expert-major, B [out, E*r] expert-minor
-        A_gu = gu_a.reshape(E, -1, H)[dev.index].to(torch.float32)            # [n, r, H]
-        B_gu = gu_b.reshape(2 * I, -1, E)[:, :, dev.index].to(torch.float32)  # [2I, r, n]
+    if gu_a is not None:   # the PEFT layout, per expert (ktmoe/lora_layout.py)
+        A_gu = lora_layout.per_expert_A(gu_a, E)[dev.index].to(torch.float32)   # [n, r, H]
+        B_gu = lora_layout.per_expert_B(gu_b, E)[dev.index].to(torch.float32)   # [n, 2I, r]
     if dn_a is not None:
-        A_dn = dn_a.reshape(E, -1, I)[dev.index].to(torch.float32)            # [n, r, I]
-        B_dn = dn_b.reshape(H, -1, E)[:, :, dev.index].to(torch.float32)      # [H, r, n]
+        A_dn = lora_layout.per_expert_A(dn_a, E)[dev.index].to(torch.float32)   # [n, r, I]
+        B_dn = lora_layout.per_expert_B(dn_b, E)[dev.index].to(torch.float32)   # [n, H, r]
     outs, start = [], 0
     for i, c in enumerate(routes.counts):
         if c == 0:
@@ -120,11 +122,11 @@ def device_part(dev: DeviceExperts, routes: _Routes, x, w, factors, scale: float
         start += c
         gu = (xb[rows] @ dev.gate_up[i].t()).to(torch.float32)
         if gu_a is not None:
-            gu = gu + scale * ((xf[rows] @ A_gu[i].t()) @ B_gu[:, :, i].t())
+            gu = gu + scale * ((xf[rows] @ A_gu[i].t()) @ B_gu[i].t())
         hh = F.silu(gu[:, :I]) * gu[:, I:]
         d = (hh.to(torch.bfloat16) @ dev.down[i].t()).to(torch.float32)
         if dn_a is not None:
-            d = d + scale * ((hh @ A_dn[i].t()) @ B_dn[:, :, i].t())
+            d = d + scale * ((hh @ A_dn[i].t()) @ B_dn[i].t())
         outs.append(d)
     D = torch.cat(outs) * ws[:, None]
     return y.index_add(0, tok, D)

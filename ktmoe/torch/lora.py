@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 import ktmoe
+from ktmoe import lora_layout
 
 
 def combine(sources: dict, E: int) -> ktmoe.LoRA | None:
@@ -42,8 +43,7 @@ def combine(sources: dict, E: int) -> ktmoe.LoRA | None:
 
 
 def _concat(pairs, E: int):
-    """Stacks PEFT-layout factors along the rank: A [E*r, in] is expert-major, B [out, E*r] has
-    column j*E + e for rank j of expert e."""
-    A = torch.cat([a.float().reshape(E, -1, a.shape[-1]) for a, _ in pairs], dim=1)
-    B = torch.cat([b.float().reshape(b.shape[0], -1, E) for _, b in pairs], dim=1)
-    return A.reshape(-1, A.shape[-1]).contiguous(), B.reshape(B.shape[0], -1).contiguous()
+    """Stacks PEFT-layout factors (ktmoe/lora_layout.py) along the rank, expert by expert."""
+    A = torch.cat([lora_layout.per_expert_A(a.float(), E) for a, _ in pairs], dim=1)   # [E, r1 + r2 ..., in]
+    B = torch.cat([lora_layout.per_expert_B(b.float(), E) for _, b in pairs], dim=2)   # [E, out, r1 + r2 ...]
+    return lora_layout.from_per_expert_A(A).contiguous(), lora_layout.from_per_expert_B(B).contiguous()
