@@ -46,3 +46,21 @@ def test_readme_says_which_torch_build_is_installed():
     assert "never pulls a CUDA" not in readme
     assert "CUDA build" in readme
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+def slug(heading):
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/api.md", "docs/testing.md", "docs/benchmarks.md",
+                                  "docs/design.md", "docs/performance-history.md"])
+def test_relative_links_resolve(name):
+    """Every relative link of the README and docs/ names a file that exists, and a heading in it."""
+    here = (ROOT / name).parent
+    for target, anchor in re.findall(r"\]\((?!https?:|mailto:)([^)#\s]*)(?:#([^)\s]+))?\)", read(name)):
+        path = (here / target).resolve() if target else ROOT / name
+        assert path.exists(), f"{name}: link to {target} (missing)"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+            assert anchor in {slug(h) for h in headings}, f"{name}: no heading #{anchor} in {target or name}"
