@@ -178,7 +178,8 @@ def cmd_verify(args) -> int:
         ids[0, -1] = -1
         lora = testing.make_lora(rng, "peft", E, H, I, {"gate_up": r, "down": r}, scale=2.0)
         for label, fmt, group, acts, checkpoint in rows:
-            if group and (H % group or I % group) or fmt == "fp8" and (H % FP8_BLOCK[1] or I % FP8_BLOCK[1]):
+            block_scaled = formats.WEIGHT_FORMATS[fmt].scaling == "block"
+            if group and (H % group or I % group) or block_scaled and (H % FP8_BLOCK[1] or I % FP8_BLOCK[1]):
                 continue
             layer_kwargs = _verify_layer(testing, rng, weights, fmt, group, acts, checkpoint, E, H, I)
             for isa in isas:

@@ -248,17 +248,19 @@ class MoEExperts:
         block's; every row of a block holds the same). Raises for bf16 weights."""
         if proj not in ("gate", "up", "down"):
             raise ValueError(f"proj: must be 'gate', 'up' or 'down', got {proj!r}")
-        if self.weights == "bf16":
-            raise ValueError("quantized_weights: this layer holds bf16 weights (weights='bf16')")
+        row = formats.WEIGHT_FORMATS[self.weights]
+        if not row.quantized:
+            raise ValueError(f"quantized_weights: this layer holds {self.weights} weights (weights={self.weights!r})")
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         rows, cols = (H, I) if proj == "down" else (I, H)
-        groups = 1 if self.weights == "int8" else cols // (self.block[1] if self.weights == "fp8" else self.group_size)
-        q = np.empty((E, rows, cols), np.uint8 if self.weights == "fp8" else np.int8)
+        per = {"row": cols, "group": self.group_size, "block": self.block and self.block[1]}[row.scaling]
+        groups = cols // per
+        q = np.empty((E, rows, cols), np.dtype(row.code_dtype))
         scale = np.empty((E, rows, groups), np.float32)
         self._layer.export_quantized(proj, q.ctypes.data, scale.ctypes.data)
-        if self.weights == "fp8":
+        if row.scaling == "block":   # one scale per block of rows: the first row's copy
             scale = np.ascontiguousarray(scale[:, ::self.block[0]])
-        if formats.WEIGHT_FORMATS[self.weights].scale_dtype == "bfloat16":
+        if row.scale_dtype == "bfloat16":
             scale = scale.astype(ml_dtypes.bfloat16)   # exported widened to fp32: back to the stored bf16, exactly
         return q, scale
 
@@ -268,9 +270,10 @@ class MoEExperts:
         return _core.saved_bytes_per_token(self.hidden_size, self.intermediate_size, k, 3 * lora_rank)
 
     def __repr__(self) -> str:
-        fmt = "" if self.weights == "bf16" else (
-            f", weights={self.weights!r}" + (f", group_size={self.group_size}" if formats.grouped(self.weights) else "")
-            + (f", block={self.block}" if self.weights == "fp8" else "") + f", activations={self.activations!r}")
+        row = formats.WEIGHT_FORMATS[self.weights]
+        fmt = "" if not row.quantized else (
+            f", weights={self.weights!r}" + (f", group_size={self.group_size}" if row.scaling == "group" else "")
+            + (f", block={self.block}" if row.scaling == "block" else "") + f", activations={self.activations!r}")
         return (f"MoEExperts(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}{fmt}, "
                 f"isa={self.isa!r}, num_threads={self.num_threads})")
 

@@ -37,6 +37,12 @@ class WeightFormat:
     default_block: tuple | None = None   # fp8: (rows, cols) of one scale block
     transposed_copy: bool = False        # transposed_weights=True exists for it
     scale_dtype: str = "float32"         # how the kernel stores the scales ("float32" or "bfloat16")
+    code_dtype: str = "int8"             # numpy dtype of its exported codes (fp8: the e4m3 bytes as uint8)
+
+    @property
+    def quantized(self) -> bool:
+        """Codes plus scales (every format but bf16)."""
+        return self.scaling != "none"
 
     @property
     def scale_bytes(self) -> int:
@@ -60,7 +66,7 @@ WEIGHT_FORMATS = {f.name: f for f in (
     WeightFormat("int8", 1, 8, "row", True, True, ("bf16", "int8"), qmax=127),
     WeightFormat("int4", 2, 4, "group", True, True, ("bf16", "int8"), qmax=7, group_sizes=(32, 64, 128),
                  default_group=128),
-    WeightFormat("fp8", 3, 8, "block", False, True, ("bf16",), default_block=(128, 128)),
+    WeightFormat("fp8", 3, 8, "block", False, True, ("bf16",), default_block=(128, 128), code_dtype="uint8"),
     # int4 with bf16 scales kept as bf16: a published INT4 checkpoint with bf16 scales in its own bytes
     WeightFormat("int4bs", 4, 4, "group", True, True, ("bf16",), qmax=7, group_sizes=(32, 64, 128),
                  default_group=128, scale_dtype="bfloat16"),
@@ -123,11 +129,12 @@ def mode_by_row(bench_row: str) -> Mode:
 def path_label(weights: str, activations: str, group_size: int | None = None, block: tuple | None = None,
                checkpoint: bool = False) -> str:
     """A format's name in reports: "int4/g32 w8a8", "fp8/b128x128", "int8 ckpt" ("" for bf16)."""
-    if weights == "bf16":
+    row = WEIGHT_FORMATS[weights]
+    if not row.quantized:
         return ""
-    fmt = weights + (f"/g{group_size}" if WEIGHT_FORMATS[weights].scaling == "group" else "")
-    fmt += f"/b{block[0]}x{block[1]}" if weights == "fp8" else ""
-    fmt += " ckpt" if checkpoint and weights != "fp8" else ""
+    fmt = weights + (f"/g{group_size}" if row.scaling == "group" else "")
+    fmt += f"/b{block[0]}x{block[1]}" if row.scaling == "block" else ""
+    fmt += " ckpt" if checkpoint and row.quantized_here else ""   # codes from a checkpoint, not ktmoe's quantizer
     return fmt + (" w8a8" if activations == "int8" else "")
 
 

@@ -568,11 +568,11 @@ def _latest_checkpoint(out: Path):
 
 def _format(kernel, ls) -> str:
     """The kernel's weight format as the command line spells it."""
-    if kernel.weights == "bf16":
-        return "bf16 weights"
-    group = f" group {kernel.group_size}" if formats.grouped(kernel.weights) else ""
-    if kernel.weights == "fp8":
-        group = f" {ls.scheme.block[0]}x{ls.scheme.block[1]} blocks"
+    row = formats.WEIGHT_FORMATS[kernel.weights]
+    if not row.quantized:
+        return f"{kernel.weights} weights"
+    group = {"group": f" group {kernel.group_size}", "row": "",
+             "block": f" {kernel.block[0]}x{kernel.block[1]} blocks" if row.scaling == "block" else ""}[row.scaling]
     mode = "W8A8" if kernel.activations == "int8" else "weight-only"
     published = ", the checkpoint's codes" if ls.as_published else ""
     return f"{kernel.weights}{group} weights{published}, {mode}"

@@ -247,9 +247,9 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
             return
         import ktmoe
         old = self._ktmoe.layer
-        if old.weights == "fp8":
-            error_msgs.append(f"{prefix}: ktmoe experts holding a checkpoint's fp8 codes cannot be repacked from "
-                              f"weights (ktmoe does not quantize to fp8); load the checkpoint again "
+        if not formats.WEIGHT_FORMATS[old.weights].quantized_here:
+            error_msgs.append(f"{prefix}: ktmoe experts holding a checkpoint's {old.weights} codes cannot be repacked "
+                              f"from weights (ktmoe does not quantize to {old.weights}); load the checkpoint again "
                               f"(ktmoe.torch.from_pretrained)")
             return
         layer = ktmoe.MoEExperts(gate_up=_kernel_copy(real["gate_up_proj"]), down=_kernel_copy(real["down_proj"]),
@@ -259,7 +259,7 @@ def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, miss
         dev = self.__dict__.get("_ktmoe_device")
         if dev is not None:   # the resident experts follow the new weights (as the kernel would compute them)
             idx = torch.tensor(dev.ids, dtype=torch.int64)
-            if layer.weights == "bf16":
+            if not formats.WEIGHT_FORMATS[layer.weights].quantized:
                 gu, dn = (_kernel_copy(real[n]).index_select(0, idx).to(torch.bfloat16) for n in PARAMS)
             else:
                 from .resident import kernel_weights
@@ -278,7 +278,7 @@ def _extra_repr(self) -> str:
     k = self._ktmoe.layer
     block = getattr(k, "block", None)
     fmt = k.weights + (f"/g{k.group_size}" if formats.grouped(k.weights) else "") + \
-        (f"/{block[0]}x{block[1]}" if k.weights == "fp8" and block else "") + \
+        (f"/{block[0]}x{block[1]}" if formats.WEIGHT_FORMATS[k.weights].scaling == "block" and block else "") + \
         (f", activations={k.activations}" if k.weights != "bf16" else "")
     dev = self.__dict__.get("_ktmoe_device")
     return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \

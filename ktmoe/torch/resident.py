@@ -17,6 +17,7 @@ import contextlib
 import numpy as np
 import torch
 
+from .. import formats
 from . import experts as _experts
 from .device import DeviceExperts
 from .placement import RoutingCounts, check_gpu_experts, expert_bytes, resident
@@ -108,7 +109,8 @@ def plan(found: list, gpu_experts, *, expert_counts=None, gpu_device=None, gpu_m
                          f"ktmoe.torch.count_routing), got {type(expert_counts).__name__}")
     chosen = resident(layers, choice, budget=budget, counts=expert_counts)
     for name, m in found:
-        if name in chosen and _experts.is_converted(m) and m._ktmoe.layer.weights == "bf16":
+        if name in chosen and _experts.is_converted(m) \
+                and not formats.WEIGHT_FORMATS[m._ktmoe.layer.weights].quantized:
             raise ValueError(f"gpu_experts: {name} is already in the kernel as bf16 and its torch weights were "
                              f"released; choose the resident experts when converting (patch / from_pretrained "
                              f"with gpu_experts=) or with a quantized kernel format (its values can be read back)")
