@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ktmoe import lora_layout
 
-from .function import KernelExperts, _hooks_active, kernel_backward, kernel_forward
+from .function import KernelExperts, _hooks_active, kernel_backward, kernel_forward, lora_parts
 from .placement import split
 
 
@@ -220,13 +220,7 @@ def split_apply(kernel: KernelExperts, dev: DeviceExperts, x, ids, w, lora=None,
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
         raise ValueError(f"topk_ids: expert ids must be in [-1, {E}), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
-    if lora is not None and getattr(lora, "layout", None) != "peft":
-        raise TypeError(f"lora: expected a ktmoe.LoRA.peft(...) (PEFT target_parameters layout) or None, "
-                        f"got {lora!r}")
-    gu = lora.factors["gate_up"] if lora is not None and lora.factors["gate_up"] is not None else (None, None)
-    dn = lora.factors["down"] if lora is not None and lora.factors["down"] is not None else (None, None)
-    scale = float(lora.scale) if lora is not None else 1.0
-    factors = [t for t in (*gu, *dn) if t is not None]
+    gu, dn, scale, factors = lora_parts(lora)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *factors])
     keep = needs_grad and not _hooks_active()
     use_device = None

@@ -179,18 +179,24 @@ def _hooks_active() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
-def experts_apply(kernel: KernelExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                  lora=None) -> torch.Tensor:
-    """y [T, H] = sum_j w_tj * expert_{ids_tj}(x_t) (+ LoRA), differentiable in x, w and the
-    LoRA factors; the base expert weights are frozen. lora: a ktmoe.LoRA in the PEFT layout
-    (LoRA.peft: PEFT's lora_A / lora_B weights as they are, any device), or None."""
+def lora_parts(lora) -> tuple:
+    """((A, B) of gate_up, (A, B) of down, scale, the factors given) of a ktmoe.LoRA.peft or None;
+    a missing projection is (None, None). TypeError for any other LoRA."""
     if lora is not None and getattr(lora, "layout", None) != "peft":
         raise TypeError(f"lora: expected a ktmoe.LoRA.peft(...) (PEFT target_parameters layout) or None, "
                         f"got {lora!r}")
     gu = lora.factors["gate_up"] if lora is not None and lora.factors["gate_up"] is not None else (None, None)
     dn = lora.factors["down"] if lora is not None and lora.factors["down"] is not None else (None, None)
     scale = float(lora.scale) if lora is not None else 1.0
-    factors = [t for t in (*gu, *dn) if t is not None]
+    return gu, dn, scale, [t for t in (*gu, *dn) if t is not None]
+
+
+def experts_apply(kernel: KernelExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                  lora=None) -> torch.Tensor:
+    """y [T, H] = sum_j w_tj * expert_{ids_tj}(x_t) (+ LoRA), differentiable in x, w and the
+    LoRA factors; the base expert weights are frozen. lora: a ktmoe.LoRA in the PEFT layout
+    (LoRA.peft: PEFT's lora_A / lora_B weights as they are, any device), or None."""
+    gu, dn, scale, factors = lora_parts(lora)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *factors])
     if torch.compiler.is_compiling():
         keep = needs_grad   # saved-tensor hooks cannot be inspected while tracing; the state check covers it
