@@ -70,18 +70,7 @@ def test_logits_loss_grads_match_eager(arch):
 @pytest.mark.parametrize("arch", list(tm.ARCHS))
 def test_adamw_trajectory(arch):
     ref, kt = tm.peft_pair(arch)
-    losses = []
-    for model in (ref, kt):
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        traj = []
-        for step in range(3):
-            loss = model(**tm.batch(seed=step)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            traj.append(loss.item())
-        losses.append(traj)
+    losses = [tm.adamw_trajectory(model) for model in (ref, kt)]
     for lr, lk in zip(*losses):
         assert abs(lk - lr) <= RTOL * abs(lr), f"loss trajectory {losses[1]} vs eager {losses[0]} (rel <= 1e-2)"
     assert losses[1][0] != losses[1][2]   # the steps changed the model (LoRA updates reach the kernel)

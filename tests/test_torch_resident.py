@@ -129,17 +129,8 @@ def test_optimizer_step_reaches_both_sides():
     cpu_ids = [e for e in range(8) if e not in ids]
     trajectories = []
     for model in (ref, kt, sp):
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         before = {n: p.detach().clone() for n, p in expert_lora(model).items()}
-        traj = []
-        for step in range(3):
-            loss = model(**tm.batch(seed=step)).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            traj.append(loss.item())
-        trajectories.append(traj)
+        trajectories.append(tm.adamw_trajectory(model))
         if model is sp:   # the step moved the LoRA slices of device experts and of kernel experts
             for n, p in expert_lora(sp).items():
                 for which in (ids, cpu_ids):

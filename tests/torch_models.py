@@ -159,6 +159,20 @@ def same_routing(a, b):
     return len(a)
 
 
+def adamw_trajectory(model, steps=3, lr=1e-2):
+    """The losses of `steps` AdamW steps of `model`'s trainable parameters on batches 0, 1, ..."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    traj = []
+    for step in range(steps):
+        loss = model(**batch(seed=step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        traj.append(loss.item())
+    return traj
+
+
 def batch(seed=0, batch_size=4, seq=16):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, COMMON["vocab_size"], (batch_size, seq), generator=g)
