@@ -106,5 +106,8 @@ def test_torch_adapter_loads_a_checkpoint_without_finetune(tmp_path):
     pytest.importorskip("torch")
     from ktmoe.finetune import tiny
     path = tiny.ensure(tmp_path / "tiny")   # the built-in tiny checkpoint, written by the job's module
-    r = subprocess.run([sys.executable, "-c", BLOCKED, str(path)], capture_output=True, text=True, timeout=600)
+    # run from tmp_path: `python -c` puts the current directory first on sys.path, and the repository
+    # root's uncompiled ktmoe/ must not shadow the installed package
+    r = subprocess.run([sys.executable, "-c", BLOCKED, str(path)], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

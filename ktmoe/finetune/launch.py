@@ -53,11 +53,11 @@ def launch(argv: list, nproc: int) -> int:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
         if 2 in codes.values():
             return 2
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # stopped as Ctrl-C stops (rank 0 said how)
-            if any(c in (-sig, 128 + sig) for c in codes.values()):
-                return 128 + sig
-        rank, first = e.get_first_failure()
+        rank, first = e.get_first_failure()   # the rank that ended first: the others were stopped after it
         code = first.exitcode
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # stopped as Ctrl-C stops (rank 0 said how)
+            if code in (-sig, 128 + sig):   # (a rank the launcher stopped with SIGTERM says 143 too: not first)
+                return 128 + sig
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         print(f"ktmoe finetune: error: rank {rank} of {nproc} ended with {how}; the other ranks were stopped "
               f"(--out keeps the last checkpoint: continue with --resume)", file=sys.stderr)
