@@ -603,7 +603,7 @@ def accuracy_note(shape: str, impl: str, err: float) -> str:
     if impl in QUANTIZED:
         weights, acts = QUANTIZED[impl]
         why = (f"{weights}'s quantization error" + (" plus int8 activation rounding" if acts == "int8" else "")
-               + ", as expected (README: Numerics; `ktmoe verify` checks the kernel against the quantized reference)")
+               + ", as expected (docs/benchmarks.md: Quantization error of the formats; `ktmoe verify` checks the kernel against the quantized reference)")
     else:
         why = "bf16 rounding in another order only: expected below 1e-2"
     return f"{shape} {impl}: y differs from ktmoe's (bf16 weights) by {err:.1e} (relative Frobenius): {why}"
