@@ -279,7 +279,7 @@ def _extra_repr(self) -> str:
     block = getattr(k, "block", None)
     fmt = k.weights + (f"/g{k.group_size}" if formats.grouped(k.weights) else "") + \
         (f"/{block[0]}x{block[1]}" if formats.WEIGHT_FORMATS[k.weights].scaling == "block" and block else "") + \
-        (f", activations={k.activations}" if k.weights != "bf16" else "")
+        (f", activations={k.activations}" if formats.WEIGHT_FORMATS[k.weights].quantized else "")
     dev = self.__dict__.get("_ktmoe_device")
     return f"ktmoe: E={k.num_experts}, H={k.hidden_size}, I={k.intermediate_size}, weights={fmt}, isa={k.isa}, " \
            f"threads={k.num_threads}, packed {k.weight_bytes / 2**20:.1f} MiB on CPU" + \

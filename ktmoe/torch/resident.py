@@ -120,7 +120,7 @@ def plan(found: list, gpu_experts, *, expert_counts=None, gpu_device=None, gpu_m
 def take_weights(module, ids, device: torch.device, weights: str):
     """(gate_up [n, 2I, H], down [n, H, I]) bf16 on `device` from a module not converted yet,
     for a bf16 kernel (None for a quantized one: its stored values are read after packing)."""
-    if weights != "bf16" or _experts.is_converted(module):
+    if formats.WEIGHT_FORMATS[weights].quantized or _experts.is_converted(module):
         return None
     idx = torch.tensor(ids, dtype=torch.int64)
     out = []
@@ -145,14 +145,14 @@ def _dequantized(layer, proj: str, ids) -> torch.Tensor:
     q, scale = q[ids], np.asarray(scale[ids], dtype=np.float32)
     rows, cols = q.shape[1:]
     s = torch.from_numpy(scale)
-    if layer.weights == "fp8":
-        codes = torch.from_numpy(q).view(torch.float8_e4m3fn).to(torch.float32)
-        br, bc = layer.block
-        s = s.repeat_interleave(br, dim=1)[:, :rows].repeat_interleave(bc, dim=2)
-    else:
-        codes = torch.from_numpy(q.astype(np.float32))
-        s = s.repeat_interleave(cols // s.shape[2], dim=2)
-    return (codes * s).to(torch.bfloat16)
+    if formats.WEIGHT_FORMATS[layer.weights].scaling == "block":   # fp8: the checkpoint reader's dequantizer
+        from .checkpoint.quantized import dequantize_fp8
+        out = torch.empty((len(ids), rows, cols), dtype=torch.float32)
+        for i, e in enumerate(ids):
+            dequantize_fp8(torch.from_numpy(q[i]), s[i], layer.block, out[i], f"{proj}[{e}]")
+        return out.to(torch.bfloat16)
+    codes = torch.from_numpy(q.astype(np.float32))   # row / group scales: each repeated over its columns
+    return (codes * s.repeat_interleave(cols // s.shape[2], dim=2)).to(torch.bfloat16)
 
 
 def attach(module, ids, device: torch.device, taken=None) -> None:
